@@ -1,0 +1,318 @@
+//! Caller authentication: a Kubernetes service-account JWT becomes an [`Identity`].
+
+mod claims;
+pub mod dev;
+mod fetch;
+mod jwks;
+
+use std::fmt;
+use std::sync::Arc;
+
+use base64::Engine;
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use jsonwebtoken::Validation;
+use zeroize::Zeroizing;
+
+pub use claims::{ClaimPolicy, Claims, LEEWAY_SECS, ServiceAccount};
+pub use fetch::Fetcher;
+pub use jwks::{ALLOWED_ALGORITHMS, IssuerKeys, KeySet};
+
+use crate::spiffe::{SpiffeId, TrustDomain};
+
+/// Why a token was refused. Every message says what is wrong in terms a person can act on,
+/// and none includes the token.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum AuthError {
+    /// No `authorization: Bearer` header.
+    #[error(
+        "no bearer token: send the pod's service-account token as `authorization: Bearer <token>`"
+    )]
+    NoToken,
+    /// The header is not `Bearer <token>`.
+    #[error("the authorization header is not `Bearer <token>`")]
+    NotBearer,
+    /// The token is too large to be a service-account token.
+    #[error("the token is larger than {0} bytes")]
+    TooLarge(usize),
+    /// The token is not a well-formed JWT.
+    #[error("the token is not a well-formed JWT: {0}")]
+    Malformed(String),
+    /// The token's `alg` is not on the allowed list.
+    #[error(
+        "token algorithm {0:?} is not accepted (only RS256/384/512, PS256/384/512 and ES256/384)"
+    )]
+    AlgorithmNotAllowed(String),
+    /// The token's `alg` does not fit the key its `kid` names.
+    #[error("token algorithm {alg} does not match its key (kid {kid:?}), which allows {allowed}")]
+    AlgorithmMismatch {
+        /// The token's `alg`.
+        alg: String,
+        /// The token's `kid`.
+        kid: String,
+        /// What the key allows.
+        allowed: String,
+    },
+    /// No key with that `kid`.
+    #[error("no key with kid {0:?} in the issuer's JWKS")]
+    UnknownKid(String),
+    /// No `kid`, and the issuer has several keys (or none).
+    #[error("the token has no kid and the issuer has {0} keys to choose from")]
+    NoKid(usize),
+    /// The signature does not verify.
+    #[error("the token's signature does not verify with the issuer's key (kid {0:?})")]
+    BadSignature(String),
+    /// The issuer's keys could not be fetched.
+    #[error("the issuer's keys are unavailable: {0}")]
+    KeysUnavailable(String),
+    /// `iss` is not the configured issuer.
+    #[error("token issuer {got:?} is not the configured issuer {want:?}")]
+    WrongIssuer {
+        /// The token's `iss`.
+        got: String,
+        /// What we accept.
+        want: String,
+    },
+    /// `aud` does not contain a configured audience.
+    #[error("audience [{}] does not include {}", got.join(", "), want.join(" or "))]
+    WrongAudience {
+        /// The token's audiences.
+        got: Vec<String>,
+        /// What we accept.
+        want: Vec<String>,
+    },
+    /// No `exp`.
+    #[error(
+        "the token has no exp claim; legacy service-account secrets are refused: use a projected \
+         token (serviceAccountToken volume) with audience istio-ca"
+    )]
+    NoExpiry,
+    /// `exp` is past.
+    #[error("token expired at {at}")]
+    Expired {
+        /// When, RFC 3339.
+        at: String,
+    },
+    /// `nbf` or `iat` is in the future (beyond the leeway).
+    #[error("token is not valid before {at} ({claim} is in the future; check the clocks)")]
+    NotYetValid {
+        /// `nbf` or `iat`.
+        claim: &'static str,
+        /// When, RFC 3339.
+        at: String,
+    },
+    /// A required claim is missing.
+    #[error("the token has no {0} claim")]
+    MissingClaim(&'static str),
+    /// A time claim is not a number.
+    #[error("the token's {0} claim is not a number")]
+    BadClaim(&'static str),
+    /// `sub` is not a service account.
+    #[error("sub {0:?} is not system:serviceaccount:<namespace>:<name>")]
+    BadSubject(String),
+    /// `sub` and the `kubernetes.io` claim disagree.
+    #[error("sub {sub:?} disagrees with the kubernetes.io claim, which names {kubernetes}")]
+    SubjectMismatch {
+        /// The token's `sub`.
+        sub: String,
+        /// `<namespace>/<service account>` from the `kubernetes.io` claim.
+        kubernetes: String,
+    },
+    /// The namespace or service account cannot form a SPIFFE ID.
+    #[error("namespace/service account {0:?} cannot form a SPIFFE ID")]
+    BadIdentity(String),
+}
+
+impl AuthError {
+    /// Whether the fault is on our side (the caller should retry), not the caller's.
+    pub fn is_unavailable(&self) -> bool {
+        matches!(self, Self::KeysUnavailable(_))
+    }
+}
+
+/// Largest token accepted (Kubernetes tokens are around 1 KiB).
+pub const MAX_TOKEN_BYTES: usize = 16 * 1024;
+
+/// A bearer token. Zeroized on drop; its `Debug` never shows it.
+pub struct BearerToken(Zeroizing<String>);
+
+impl BearerToken {
+    /// Parses an `authorization` header value.
+    pub fn from_header(value: &str) -> Result<Self, AuthError> {
+        let token = value
+            .strip_prefix("Bearer ")
+            .or_else(|| value.strip_prefix("bearer "))
+            .ok_or(AuthError::NotBearer)?
+            .trim();
+        Self::new(token)
+    }
+
+    /// Wraps a bare token.
+    pub fn new(token: &str) -> Result<Self, AuthError> {
+        if token.len() > MAX_TOKEN_BYTES {
+            return Err(AuthError::TooLarge(MAX_TOKEN_BYTES));
+        }
+        Ok(Self(Zeroizing::new(token.to_owned())))
+    }
+
+    /// The token text, for verification.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for BearerToken {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("BearerToken([redacted])")
+    }
+}
+
+/// Who the caller is, once its token checks out.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Identity {
+    /// `spiffe://<trust-domain>/ns/<ns>/sa/<sa>`.
+    pub spiffe_id: SpiffeId,
+    /// The service account's namespace.
+    pub namespace: String,
+    /// The service account's name.
+    pub service_account: String,
+    /// The pod, if the token names one.
+    pub pod_name: Option<String>,
+    /// The pod's uid.
+    pub pod_uid: Option<String>,
+    /// The token's issuer.
+    pub issuer: String,
+}
+
+/// One accepted token issuer: its `iss`, audiences and keys.
+pub struct TokenIssuer {
+    policy: ClaimPolicy,
+    keys: IssuerKeys,
+}
+
+impl TokenIssuer {
+    /// An issuer accepting `audiences`, with keys from `keys`.
+    pub fn new(issuer: String, audiences: Vec<String>, keys: IssuerKeys) -> Self {
+        Self {
+            policy: ClaimPolicy { issuer, audiences },
+            keys,
+        }
+    }
+
+    /// Its `iss`.
+    pub fn name(&self) -> &str {
+        &self.policy.issuer
+    }
+}
+
+/// Verifies tokens against the configured issuers.
+pub struct Authenticator {
+    trust_domain: TrustDomain,
+    issuers: Vec<Arc<TokenIssuer>>,
+    fetcher: Fetcher,
+}
+
+#[derive(serde::Deserialize)]
+struct Header {
+    alg: Option<String>,
+    kid: Option<String>,
+}
+
+fn decode_part<T: serde::de::DeserializeOwned>(part: &str, what: &str) -> Result<T, AuthError> {
+    let bytes = URL_SAFE_NO_PAD
+        .decode(part.trim_end_matches('='))
+        .map_err(|_| AuthError::Malformed(format!("the {what} is not base64url")))?;
+    serde_json::from_slice(&bytes)
+        .map_err(|e| AuthError::Malformed(format!("the {what} is not the expected JSON: {e}")))
+}
+
+impl Authenticator {
+    /// An authenticator for `issuers`; identities are in `trust_domain`.
+    pub fn new(trust_domain: TrustDomain, issuers: Vec<TokenIssuer>, fetcher: Fetcher) -> Self {
+        Self {
+            trust_domain,
+            issuers: issuers.into_iter().map(Arc::new).collect(),
+            fetcher,
+        }
+    }
+
+    /// The configured issuers' names.
+    pub fn issuer_names(&self) -> Vec<&str> {
+        self.issuers.iter().map(|i| i.name()).collect()
+    }
+
+    /// Checks `token` and returns the caller's identity. `now` is unix seconds.
+    pub async fn authenticate(&self, token: &BearerToken, now: i64) -> Result<Identity, AuthError> {
+        let text = token.expose();
+        let mut parts = text.split('.');
+        let (Some(header), Some(payload), Some(_sig), None) =
+            (parts.next(), parts.next(), parts.next(), parts.next())
+        else {
+            return Err(AuthError::Malformed(
+                "expected three dot-separated parts".into(),
+            ));
+        };
+        let header: Header = decode_part(header, "header")?;
+        let alg = header.alg.unwrap_or_default();
+        if !ALLOWED_ALGORITHMS.contains(&alg.as_str()) {
+            return Err(AuthError::AlgorithmNotAllowed(alg));
+        }
+        // Pick the issuer by the (not yet verified) `iss`; the verified claims are checked
+        // against that issuer's policy below.
+        let unverified: Claims = decode_part(payload, "payload")?;
+        let issuer = self.select_issuer(unverified.issuer())?;
+        let key = issuer.keys.find(header.kid.as_deref(), &self.fetcher).await?;
+        let kid = header.kid.unwrap_or_default();
+
+        let mut validation = Validation::new(key.algorithms[0]);
+        validation.algorithms = key.algorithms.clone();
+        validation.required_spec_claims.clear();
+        validation.validate_exp = false;
+        validation.validate_nbf = false;
+        validation.validate_aud = false;
+        let claims = match jsonwebtoken::decode::<Claims>(text, &key.key, &validation) {
+            Ok(data) => data.claims,
+            Err(e) => {
+                use jsonwebtoken::errors::ErrorKind;
+                return Err(match e.kind() {
+                    ErrorKind::InvalidSignature => AuthError::BadSignature(kid),
+                    ErrorKind::InvalidAlgorithm => AuthError::AlgorithmMismatch {
+                        alg,
+                        kid,
+                        allowed: format!("{:?}", key.algorithms),
+                    },
+                    _ => AuthError::Malformed(e.to_string()),
+                });
+            }
+        };
+        let account = claims.check(&issuer.policy, now)?;
+        let spiffe_id =
+            SpiffeId::for_service_account(&self.trust_domain, &account.namespace, &account.name)
+                .map_err(|_| {
+                    AuthError::BadIdentity(format!("{}/{}", account.namespace, account.name))
+                })?;
+        Ok(Identity {
+            spiffe_id,
+            namespace: account.namespace,
+            service_account: account.name,
+            pod_name: account.pod_name,
+            pod_uid: account.pod_uid,
+            issuer: issuer.policy.issuer.clone(),
+        })
+    }
+
+    fn select_issuer(&self, iss: Option<&str>) -> Result<&TokenIssuer, AuthError> {
+        if let [only] = self.issuers.as_slice() {
+            // Its policy names the mismatch, if any.
+            return Ok(only);
+        }
+        let iss = iss.ok_or(AuthError::MissingClaim("iss"))?;
+        self.issuers
+            .iter()
+            .find(|i| i.name() == iss)
+            .map(|i| &**i)
+            .ok_or_else(|| AuthError::WrongIssuer {
+                got: iss.to_owned(),
+                want: self.issuer_names().join("\" or \""),
+            })
+    }
+}

@@ -1,0 +1,325 @@
+//! Authorities: a signing certificate, its private key and its chain up to a root. This module
+//! is the only one that touches CA keys; it signs what `issuance` decided to issue.
+
+mod key;
+
+use std::path::{Path, PathBuf};
+
+use rcgen::{CertificateParams, DnType, IsCa, KeyUsagePurpose, SanType, SerialNumber};
+use rustls_pki_types::CertificateDer;
+use sha2::{Digest, Sha256};
+use time::{Duration, OffsetDateTime};
+
+pub use key::{CaKey, KeyError, KeyType, check_private};
+
+use crate::spiffe::TrustDomain;
+use crate::store::{AuthorityKind, AuthorityRecord, AuthorityState, NewAuthority, Store, StoreError};
+
+/// How long a generated root is valid.
+pub const ROOT_VALIDITY: Duration = Duration::days(3650);
+
+/// What went wrong loading, creating or using an authority.
+#[derive(Debug, thiserror::Error)]
+pub enum AuthorityError {
+    /// The store failed.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// The key could not be read, written or generated.
+    #[error(transparent)]
+    Key(#[from] KeyError),
+    /// No authority is active.
+    #[error("no authority is active: activate one with `ca-server root activate ID`")]
+    NoneActive,
+    /// A stored certificate could not be read.
+    #[error("authority {id}: stored certificate is unreadable: {detail}")]
+    BadCertificate {
+        /// The authority.
+        id: i64,
+        /// What the parser said.
+        detail: String,
+    },
+    /// The key reference names a key store this build does not have.
+    #[error("authority {id}: unsupported key reference {key_ref:?}")]
+    UnsupportedKeyRef {
+        /// The authority.
+        id: i64,
+        /// The reference.
+        key_ref: String,
+    },
+    /// Building or signing a certificate failed.
+    #[error("signing failed: {0}")]
+    Sign(String),
+}
+
+/// A loaded authority, able to sign.
+pub struct Authority {
+    id: i64,
+    subject: String,
+    cert_pem: String,
+    /// Certificates above the signing certificate, up to and including the root (PEM).
+    chain_pems: Vec<String>,
+    root_pem: String,
+    root_der: CertificateDer<'static>,
+    not_before: OffsetDateTime,
+    not_after: OffsetDateTime,
+    issuer: rcgen::Issuer<'static, rcgen::KeyPair>,
+}
+
+impl std::fmt::Debug for Authority {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Authority")
+            .field("id", &self.id)
+            .field("subject", &self.subject)
+            .field("not_after", &self.not_after)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Authority {
+    /// Loads a stored authority and its key.
+    pub fn load(record: &AuthorityRecord, data_dir: &Path) -> Result<Self, AuthorityError> {
+        let key_path = key_path(record, data_dir)?;
+        let key = CaKey::read_file(&key_path)?;
+        let bad = |detail: String| AuthorityError::BadCertificate {
+            id: record.id,
+            detail,
+        };
+        let cert_der = pem_to_der(&record.cert_pem).map_err(bad)?;
+        let root_der = pem_to_der(&record.root_pem).map_err(bad)?;
+        let issuer = rcgen::Issuer::from_ca_cert_der(&cert_der, key.into_pair())
+            .map_err(|e| bad(e.to_string()))?;
+        Ok(Self {
+            id: record.id,
+            subject: record.subject.clone(),
+            cert_pem: record.cert_pem.clone(),
+            chain_pems: split_pem(&record.chain_pem),
+            root_pem: record.root_pem.clone(),
+            root_der,
+            not_before: unix(record.not_before),
+            not_after: unix(record.not_after),
+            issuer,
+        })
+    }
+
+    /// Its id.
+    pub fn id(&self) -> i64 {
+        self.id
+    }
+
+    /// The signing certificate's subject.
+    pub fn subject(&self) -> &str {
+        &self.subject
+    }
+
+    /// The signing certificate's validity.
+    pub fn not_before(&self) -> OffsetDateTime {
+        self.not_before
+    }
+
+    /// The signing certificate's validity.
+    pub fn not_after(&self) -> OffsetDateTime {
+        self.not_after
+    }
+
+    /// The root its leaves chain to (PEM).
+    pub fn root_pem(&self) -> &str {
+        &self.root_pem
+    }
+
+    /// The root its leaves chain to (DER).
+    pub fn root_der(&self) -> &CertificateDer<'static> {
+        &self.root_der
+    }
+
+    /// What follows a leaf in a chain: the signing certificate and everything above it, root
+    /// last. For a root authority, just the root.
+    pub fn chain_above_leaf(&self) -> impl Iterator<Item = &str> {
+        std::iter::once(self.cert_pem.as_str()).chain(self.chain_pems.iter().map(String::as_str))
+    }
+
+    /// Signs `params` for `public_key`.
+    pub fn sign(
+        &self,
+        params: &CertificateParams,
+        public_key: &impl rcgen::PublicKeyData,
+    ) -> Result<rcgen::Certificate, AuthorityError> {
+        params
+            .signed_by(public_key, &self.issuer)
+            .map_err(|e| AuthorityError::Sign(e.to_string()))
+    }
+}
+
+fn key_path(record: &AuthorityRecord, data_dir: &Path) -> Result<PathBuf, AuthorityError> {
+    match record.key_ref.strip_prefix("file:") {
+        Some(rel) => Ok(data_dir.join(rel)),
+        None => Err(AuthorityError::UnsupportedKeyRef {
+            id: record.id,
+            key_ref: record.key_ref.clone(),
+        }),
+    }
+}
+
+fn unix(secs: i64) -> OffsetDateTime {
+    OffsetDateTime::from_unix_timestamp(secs).unwrap_or(OffsetDateTime::UNIX_EPOCH)
+}
+
+/// Decodes the first certificate of a PEM text.
+pub fn pem_to_der(pem: &str) -> Result<CertificateDer<'static>, String> {
+    let mut reader = pem.as_bytes();
+    match rustls_pemfile::certs(&mut reader).next() {
+        Some(Ok(der)) => Ok(der),
+        Some(Err(e)) => Err(e.to_string()),
+        None => Err("no certificate in PEM".into()),
+    }
+}
+
+/// Splits concatenated PEM certificates into one string each.
+pub fn split_pem(pem: &str) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut current = String::new();
+    for line in pem.lines() {
+        let line = line.trim_end();
+        if line.starts_with("-----BEGIN ") {
+            current.clear();
+        }
+        current.push_str(line);
+        current.push('\n');
+        if line.starts_with("-----END ") {
+            out.push(std::mem::take(&mut current));
+        }
+    }
+    out
+}
+
+/// 128 random bits, positive and non-zero: the first byte is never zero, so the DER integer
+/// is 16 or 17 bytes and its hex is always 32 digits.
+pub fn random_serial() -> (SerialNumber, String) {
+    let mut bytes = [0u8; 16];
+    loop {
+        rand::fill(&mut bytes);
+        if bytes[0] != 0 {
+            break;
+        }
+    }
+    (SerialNumber::from_slice(&bytes), hex::encode(bytes))
+}
+
+/// SHA-256 of `bytes`, lowercase hex.
+pub fn sha256_hex(bytes: &[u8]) -> String {
+    hex::encode(Sha256::digest(bytes))
+}
+
+/// The parameters of a self-signed root: subject `O=<td>, CN=<td> root <n>` (so that no two
+/// roots share a subject), URI SAN `spiffe://<td>`, CA true, keyCertSign + cRLSign.
+pub fn root_params(trust_domain: &TrustDomain, id: i64, now: OffsetDateTime) -> CertificateParams {
+    let mut params = CertificateParams::default();
+    params.distinguished_name = rcgen::DistinguishedName::new();
+    params
+        .distinguished_name
+        .push(DnType::OrganizationName, trust_domain.as_str());
+    params
+        .distinguished_name
+        .push(DnType::CommonName, format!("{trust_domain} root {id}"));
+    if let Ok(uri) = rcgen::string::Ia5String::try_from(trust_domain.id_string()) {
+        params.subject_alt_names = vec![SanType::URI(uri)];
+    }
+    params.is_ca = IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
+    params.serial_number = Some(random_serial().0);
+    // A little slack for peers whose clocks run behind.
+    params.not_before = now - Duration::hours(1);
+    params.not_after = now + ROOT_VALIDITY;
+    params
+}
+
+/// Generates a self-signed root, writes its key 0600 under `<data-dir>/keys/`, and records it
+/// in `state`. Returns the new authority's id.
+pub async fn create_self_signed_root(
+    store: &Store,
+    data_dir: &Path,
+    trust_domain: &TrustDomain,
+    key_type: KeyType,
+    state: AuthorityState,
+) -> Result<i64, AuthorityError> {
+    let id = store.next_authority_id().await?;
+    let key = CaKey::generate(key_type)?;
+    let params = root_params(trust_domain, id, OffsetDateTime::now_utc());
+    let cert = params
+        .self_signed(key.pair())
+        .map_err(|e| AuthorityError::Sign(e.to_string()))?;
+    let key_ref = format!("keys/{id}.key.pem");
+    key.write_new_file(&data_dir.join(&key_ref))?;
+    let (_, parsed) = x509_parser::parse_x509_certificate(cert.der()).map_err(|e| {
+        AuthorityError::BadCertificate {
+            id,
+            detail: e.to_string(),
+        }
+    })?;
+    let pem = cert.pem();
+    store
+        .insert_authority(
+            id,
+            &NewAuthority {
+                state,
+                kind: AuthorityKind::SelfSigned,
+                subject: parsed.subject().to_string(),
+                cert_pem: pem.clone(),
+                chain_pem: String::new(),
+                root_pem: pem,
+                key_ref: format!("file:{key_ref}"),
+                not_before: parsed.validity().not_before.timestamp(),
+                not_after: parsed.validity().not_after.timestamp(),
+                fingerprint_sha256: sha256_hex(cert.der()),
+            },
+        )
+        .await?;
+    Ok(id)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn serials_are_positive_128_bit_and_distinct() {
+        let mut seen = std::collections::HashSet::new();
+        for _ in 0..1000 {
+            let (serial, hex) = random_serial();
+            assert_eq!(serial.len(), 16);
+            assert_eq!(hex.len(), 32);
+            assert_ne!(&hex[..2], "00");
+            assert!(seen.insert(hex));
+        }
+    }
+
+    #[test]
+    fn root_profile() {
+        let td = TrustDomain::new("example.org").unwrap();
+        let key = CaKey::generate(KeyType::EcP256).unwrap();
+        let now = OffsetDateTime::now_utc();
+        let cert = root_params(&td, 7, now).self_signed(key.pair()).unwrap();
+        let (_, c) = x509_parser::parse_x509_certificate(cert.der()).unwrap();
+        assert_eq!(c.subject().to_string(), "O=example.org, CN=example.org root 7");
+        let bc = c.basic_constraints().unwrap().unwrap();
+        assert!(bc.critical && bc.value.ca);
+        let ku = c.key_usage().unwrap().unwrap();
+        assert!(ku.value.key_cert_sign() && ku.value.crl_sign());
+        assert!(!ku.value.digital_signature());
+        let san = c.subject_alternative_name().unwrap().unwrap();
+        assert_eq!(
+            format!("{:?}", san.value.general_names),
+            r#"[URI("spiffe://example.org")]"#
+        );
+        let years = (c.validity().not_after.timestamp() - now.unix_timestamp()) / 86400 / 365;
+        assert_eq!(years, 10);
+    }
+
+    #[test]
+    fn splits_pem_chains() {
+        let text = "-----BEGIN CERTIFICATE-----\nAA==\n-----END CERTIFICATE-----\n\
+                    -----BEGIN CERTIFICATE-----\nBB==\n-----END CERTIFICATE-----\n";
+        let parts = split_pem(text);
+        assert_eq!(parts.len(), 2);
+        assert!(parts[1].contains("BB=="));
+    }
+}

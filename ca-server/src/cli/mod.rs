@@ -1,0 +1,170 @@
+//! The command line: one binary, subcommands as `spire-server` and `istioctl` have them.
+//! Logs go to stderr; stdout carries only a command's output.
+
+mod audit;
+mod request;
+mod run;
+mod token;
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use anyhow::Context;
+use clap::{Args, Parser, Subcommand};
+
+/// A certificate authority for service meshes: SPIFFE certificates for Kubernetes workloads
+/// over Istio's CSR API, with a durable, hash-chained audit log.
+#[derive(Debug, Parser)]
+#[command(name = "ca-server", version, about)]
+pub struct Cli {
+    #[command(flatten)]
+    global: GlobalArgs,
+    #[command(subcommand)]
+    command: Command,
+}
+
+/// Flags every subcommand takes.
+#[derive(Debug, Args)]
+struct GlobalArgs {
+    /// Directory for keys, the bundle file and the default database [default: ./ca-data]
+    #[arg(long, global = true, env = "CA_DATA_DIR")]
+    data_dir: Option<PathBuf>,
+    /// Database URL [default: sqlite://<data-dir>/ca.db]
+    #[arg(long, global = true, env = "CA_DATABASE_URL")]
+    database_url: Option<String>,
+    /// TOML config file; flags override it
+    #[arg(long, global = true, env = "CA_CONFIG")]
+    config: Option<PathBuf>,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run the server
+    Run(run::RunArgs),
+    /// Development tokens
+    #[command(subcommand)]
+    Token(token::TokenCommand),
+    /// Request a certificate, as a proxy would (the reference client)
+    Request(request::RequestArgs),
+    /// Read the audit log
+    #[command(subcommand)]
+    Audit(audit::AuditCommand),
+}
+
+/// The config file: the same names as the flags, with `_` for `-`.
+#[derive(Debug, Default, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileConfig {
+    data_dir: Option<PathBuf>,
+    database_url: Option<String>,
+    #[serde(flatten)]
+    run: run::FileRunConfig,
+}
+
+/// Flags and the config file, merged.
+struct Common {
+    data_dir: PathBuf,
+    database_url: String,
+    file: FileConfig,
+}
+
+impl GlobalArgs {
+    fn resolve(&self) -> anyhow::Result<Common> {
+        let file = match &self.config {
+            Some(path) => {
+                let text = std::fs::read_to_string(path)
+                    .with_context(|| format!("reading config file {}", path.display()))?;
+                toml::from_str(&text)
+                    .with_context(|| format!("config file {}", path.display()))?
+            }
+            None => FileConfig::default(),
+        };
+        let data_dir = self
+            .data_dir
+            .clone()
+            .or_else(|| file.data_dir.clone())
+            .unwrap_or_else(|| PathBuf::from("./ca-data"));
+        let database_url = self
+            .database_url
+            .clone()
+            .or_else(|| file.database_url.clone())
+            .unwrap_or_else(|| crate::store::default_url(&data_dir));
+        Ok(Common {
+            data_dir,
+            database_url,
+            file,
+        })
+    }
+}
+
+/// Logs to stderr, filtered by `RUST_LOG` (default `info`).
+pub fn init_tracing() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+}
+
+/// Runs the command.
+pub fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
+    let common = cli.global.resolve()?;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?;
+    runtime.block_on(async move {
+        match cli.command {
+            Command::Run(args) => run::run(args, common).await,
+            Command::Token(cmd) => token::token(cmd, &common),
+            Command::Request(args) => request::request(args).await,
+            Command::Audit(cmd) => audit::audit(cmd, &common).await,
+        }
+    })
+}
+
+/// Parses `90s`, `15m`, `1h`, `24h`, `7d` (or bare seconds).
+pub fn parse_duration(text: &str) -> Result<time::Duration, String> {
+    let text = text.trim();
+    let split = text
+        .find(|c: char| !c.is_ascii_digit())
+        .unwrap_or(text.len());
+    let (digits, unit) = text.split_at(split);
+    let n: i64 = digits
+        .parse()
+        .map_err(|_| format!("{text:?} is not a duration (examples: 90s, 15m, 1h, 24h)"))?;
+    let secs = match unit {
+        "" | "s" => 1,
+        "m" => 60,
+        "h" => 3600,
+        "d" => 86_400,
+        _ => return Err(format!("{text:?}: unknown unit {unit:?} (use s, m, h or d)")),
+    };
+    n.checked_mul(secs)
+        .map(time::Duration::seconds)
+        .ok_or_else(|| format!("{text:?} is too long"))
+}
+
+/// Reads a small text file, naming it in the error.
+fn read_text(path: &Path, what: &str) -> anyhow::Result<String> {
+    std::fs::read_to_string(path).with_context(|| format!("reading {what} {}", path.display()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("90s"), Ok(time::Duration::seconds(90)));
+        assert_eq!(parse_duration("15m"), Ok(time::Duration::minutes(15)));
+        assert_eq!(parse_duration("24h"), Ok(time::Duration::hours(24)));
+        assert_eq!(parse_duration("2d"), Ok(time::Duration::days(2)));
+        assert_eq!(parse_duration("30"), Ok(time::Duration::seconds(30)));
+        assert!(parse_duration("1y").is_err());
+        assert!(parse_duration("h").is_err());
+        assert!(parse_duration("-5s").is_err());
+        assert!(parse_duration("99999999999999999h").is_err());
+    }
+}

@@ -1,0 +1,182 @@
+//! `ca-server run`.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::{Context, bail};
+use clap::Args;
+use tracing::info;
+
+use super::{Common, parse_duration};
+use crate::issuance::LeafPolicy;
+use crate::server::{self, IssuerKeysFrom, IssuerSettings, Settings};
+use crate::spiffe::TrustDomain;
+
+/// Flags of `run`. Each may also be set in the config file (same name, `_` for `-`).
+#[derive(Debug, Args)]
+pub struct RunArgs {
+    /// gRPC and HTTPS listener (TLS) [default: 127.0.0.1:15012]
+    #[arg(long)]
+    grpc_listen: Option<SocketAddr>,
+    /// Plain HTTP listener for /healthz and /readyz [default: 127.0.0.1:15014]
+    #[arg(long)]
+    http_listen: Option<SocketAddr>,
+    /// The mesh's trust domain [default: cluster.local]
+    #[arg(long)]
+    trust_domain: Option<String>,
+    /// DNS name or IP of this server, for its own certificate (repeatable)
+    /// [default: localhost, 127.0.0.1]
+    #[arg(long = "server-name")]
+    server_names: Vec<String>,
+    /// The `iss` of accepted service-account tokens
+    #[arg(long)]
+    token_issuer: Option<String>,
+    /// The issuer's JWKS, as the API server serves it at /openid/v1/jwks
+    #[arg(long)]
+    token_jwks_file: Option<PathBuf>,
+    /// URL of the issuer's JWKS (fetched, cached, refetched on an unknown kid)
+    #[arg(long)]
+    token_jwks_url: Option<String>,
+    /// Extra CA certificate (PEM) trusted when fetching --token-jwks-url
+    #[arg(long)]
+    token_jwks_ca: Option<PathBuf>,
+    /// Accepted token audience (repeatable) [default: istio-ca]
+    #[arg(long = "token-audience")]
+    token_audiences: Vec<String>,
+    /// TTL of a certificate when the request asks for none [default: 1h]
+    #[arg(long)]
+    default_ttl: Option<String>,
+    /// Largest TTL a request may ask for [default: 24h]
+    #[arg(long)]
+    max_ttl: Option<String>,
+    /// Add a local development token issuer (see `ca-server token issue`)
+    #[arg(long)]
+    dev: bool,
+}
+
+/// The `run` keys of the config file.
+#[derive(Debug, Default, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileRunConfig {
+    grpc_listen: Option<SocketAddr>,
+    http_listen: Option<SocketAddr>,
+    trust_domain: Option<String>,
+    server_name: Option<Vec<String>>,
+    token_issuer: Option<String>,
+    token_jwks_file: Option<PathBuf>,
+    token_jwks_url: Option<String>,
+    token_jwks_ca: Option<PathBuf>,
+    token_audience: Option<Vec<String>>,
+    default_ttl: Option<String>,
+    max_ttl: Option<String>,
+    dev: Option<bool>,
+}
+
+fn or_list(flag: Vec<String>, file: Option<Vec<String>>, default: &[&str]) -> Vec<String> {
+    if !flag.is_empty() {
+        flag
+    } else {
+        file.unwrap_or_else(|| default.iter().map(|s| s.to_string()).collect())
+    }
+}
+
+fn settings(args: RunArgs, common: Common) -> anyhow::Result<Settings> {
+    let file = common.file.run;
+    let trust_domain = args
+        .trust_domain
+        .or(file.trust_domain)
+        .unwrap_or_else(|| "cluster.local".to_owned());
+    let trust_domain = TrustDomain::new(&trust_domain)
+        .map_err(|e| anyhow::anyhow!("--trust-domain {trust_domain:?} {e}"))?;
+
+    let issuer = args.token_issuer.or(file.token_issuer);
+    let jwks_file = args.token_jwks_file.or(file.token_jwks_file);
+    let jwks_url = args.token_jwks_url.or(file.token_jwks_url);
+    let issuers = match (issuer, jwks_file, jwks_url) {
+        (None, None, None) => Vec::new(),
+        (Some(_), Some(_), Some(_)) => {
+            bail!("give --token-jwks-file or --token-jwks-url, not both")
+        }
+        (Some(issuer), Some(file), None) => vec![IssuerSettings {
+            issuer,
+            keys: IssuerKeysFrom::File(file),
+        }],
+        (Some(issuer), None, Some(url)) => vec![IssuerSettings {
+            issuer,
+            keys: IssuerKeysFrom::Url(url),
+        }],
+        (Some(_), None, None) => {
+            bail!("--token-issuer needs the issuer's keys: add --token-jwks-file or --token-jwks-url")
+        }
+        (None, _, _) => bail!(
+            "--token-jwks-file/--token-jwks-url need --token-issuer (the tokens' iss, e.g. \
+             https://kubernetes.default.svc.cluster.local)"
+        ),
+    };
+
+    let ttl = |flag: &str, value: Option<String>, default: time::Duration| match value {
+        Some(text) => parse_duration(&text).map_err(|e| anyhow::anyhow!("{flag}: {e}")),
+        None => Ok(default),
+    };
+    let defaults = LeafPolicy::default();
+    let leaf_policy = LeafPolicy {
+        default_ttl: ttl("--default-ttl", args.default_ttl.or(file.default_ttl), defaults.default_ttl)?,
+        max_ttl: ttl("--max-ttl", args.max_ttl.or(file.max_ttl), defaults.max_ttl)?,
+        clock_skew: defaults.clock_skew,
+    };
+    if leaf_policy.default_ttl <= time::Duration::ZERO || leaf_policy.max_ttl <= time::Duration::ZERO {
+        bail!("--default-ttl and --max-ttl must be positive");
+    }
+    if leaf_policy.default_ttl > leaf_policy.max_ttl {
+        bail!(
+            "--default-ttl ({}) is above --max-ttl ({})",
+            leaf_policy.default_ttl,
+            leaf_policy.max_ttl
+        );
+    }
+
+    Ok(Settings {
+        data_dir: common.data_dir,
+        database_url: common.database_url,
+        grpc_listen: args
+            .grpc_listen
+            .or(file.grpc_listen)
+            .unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 15012))),
+        http_listen: args
+            .http_listen
+            .or(file.http_listen)
+            .unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 15014))),
+        trust_domain,
+        server_names: or_list(args.server_names, file.server_name, &["localhost", "127.0.0.1"]),
+        issuers,
+        audiences: or_list(args.token_audiences, file.token_audience, &["istio-ca"]),
+        jwks_ca_file: args.token_jwks_ca.or(file.token_jwks_ca),
+        dev: args.dev || file.dev.unwrap_or(false),
+        leaf_policy,
+    })
+}
+
+/// Runs the server until SIGINT or SIGTERM.
+pub async fn run(args: RunArgs, common: Common) -> anyhow::Result<ExitCode> {
+    let settings = settings(args, common)?;
+    let running = server::start(settings).await?;
+    wait_for_signal().await.context("waiting for a signal")?;
+    info!("Shutting down");
+    running.shutdown().await;
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn wait_for_signal() -> std::io::Result<()> {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        let mut term = signal(SignalKind::terminate())?;
+        tokio::select! {
+            r = tokio::signal::ctrl_c() => r,
+            _ = term.recv() => Ok(()),
+        }
+    }
+    #[cfg(not(unix))]
+    tokio::signal::ctrl_c().await
+}

@@ -1,0 +1,98 @@
+//! Issuance: CSR checks, the leaf profile, and the `issue` pipeline that signs with the
+//! active authority.
+
+pub mod csr;
+pub mod profile;
+
+use time::OffsetDateTime;
+
+pub use csr::{CheckedCsr, CsrError, KeyKind, MAX_CSR_BYTES, check_csr};
+pub use profile::{LeafPolicy, Validity, ValidityError, leaf_validity, resolve_ttl};
+
+use crate::auth::Identity;
+use crate::authority::{Authority, AuthorityError, random_serial};
+
+/// Why a certificate was not issued.
+#[derive(Debug, thiserror::Error)]
+pub enum IssueError {
+    /// The CSR failed a check.
+    #[error(transparent)]
+    Csr(#[from] CsrError),
+    /// The TTL or the authority's validity.
+    #[error(transparent)]
+    Validity(#[from] ValidityError),
+    /// The CSR names SANs other than the caller's identity.
+    #[error(
+        "the CSR asks for [{}] but the caller's identity is {identity}; a certificate can only \
+         name the caller's own SPIFFE ID (leave the SANs out or set exactly that one)",
+        requested.join(", ")
+    )]
+    SanMismatch {
+        /// What the CSR asks for.
+        requested: Vec<String>,
+        /// Who the caller is.
+        identity: String,
+    },
+    /// Signing failed (a bug or a broken key, not the caller's fault).
+    #[error(transparent)]
+    Authority(#[from] AuthorityError),
+}
+
+/// A certificate that was issued (but not yet returned: that waits for its audit record).
+#[derive(Debug, Clone)]
+pub struct Issued {
+    /// PEM certificates: the leaf first, the root last.
+    pub chain: Vec<String>,
+    /// The leaf's serial, lowercase hex.
+    pub serial: String,
+    /// The leaf's validity.
+    pub validity: Validity,
+    /// The signing authority.
+    pub authority_id: i64,
+    /// The CSR, as checked.
+    pub csr: CheckedCsr,
+}
+
+/// Checks `csr_pem` against `identity` and the policy, then signs a leaf with `authority`.
+/// CPU-bound (signature check and signing): call it off the async reactor.
+pub fn issue(
+    authority: &Authority,
+    policy: &LeafPolicy,
+    identity: &Identity,
+    csr_pem: &str,
+    validity_secs: i64,
+    now: OffsetDateTime,
+) -> Result<Issued, IssueError> {
+    let ttl = resolve_ttl(validity_secs, policy)?;
+    let csr = check_csr(csr_pem)?;
+    let id = identity.spiffe_id.to_string();
+    if !csr.requested_sans.is_empty() && csr.requested_sans != [id.as_str()] {
+        return Err(IssueError::SanMismatch {
+            requested: csr.requested_sans.clone(),
+            identity: id,
+        });
+    }
+    let validity = leaf_validity(
+        now,
+        ttl,
+        policy.clock_skew,
+        authority.not_before(),
+        authority.not_after(),
+    )?;
+    let (serial, serial_hex) = random_serial();
+    let params = profile::leaf_params(&identity.spiffe_id, csr.key, validity, serial)
+        .map_err(|e| AuthorityError::Sign(e.to_string()))?;
+    let public_key = rcgen::SubjectPublicKeyInfo::from_der(&csr.spki_der)
+        .map_err(|e| CsrError::UnsupportedKey(e.to_string()))?;
+    let leaf = authority.sign(&params, &public_key)?;
+    let chain = std::iter::once(leaf.pem())
+        .chain(authority.chain_above_leaf().map(str::to_owned))
+        .collect();
+    Ok(Issued {
+        chain,
+        serial: serial_hex,
+        validity,
+        authority_id: authority.id(),
+        csr,
+    })
+}

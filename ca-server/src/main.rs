@@ -1,0 +1,20 @@
+//! The `ca-server` binary: parse the command line, set up logging, dispatch.
+
+use std::process::ExitCode;
+
+use clap::Parser;
+
+fn main() -> ExitCode {
+    // One crypto provider for everything (rustls, tonic, the JWKS client).
+    let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
+    let cli = ca_server::cli::Cli::parse();
+    ca_server::cli::init_tracing();
+    match ca_server::cli::dispatch(cli) {
+        Ok(code) => code,
+        Err(e) => {
+            // A user's mistake gets one clear line, not a backtrace.
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

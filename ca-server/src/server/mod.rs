@@ -1,0 +1,454 @@
+//! The running server: start-up, the TLS listener (gRPC and HTTPS on one port), the plain
+//! HTTP health listener, certificate renewal, and shutdown.
+
+mod ca;
+mod grpc;
+mod http;
+pub mod status;
+mod tls;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use ca_proto::istio::v1::auth::istio_certificate_service_server::IstioCertificateServiceServer;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::server::graceful::GracefulShutdown;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tokio::task::JoinSet;
+use tower::Service;
+use tracing::{Instrument, debug, error, info, info_span, warn};
+
+pub use ca::{Active, CertificateAuthority, CsrRequest};
+pub use grpc::PeerAddr;
+pub use http::Readiness;
+pub use tls::{SERVER_CERT_TTL, renew_in};
+
+use crate::audit::{AuditLog, operator_name};
+use crate::auth::dev::{DEV_ISSUER, DevIssuer};
+use crate::auth::{Authenticator, Fetcher, IssuerKeys, TokenIssuer};
+use crate::authority::{self, Authority, AuthorityError, KeyType};
+use crate::bundle::{self, Bundle};
+use crate::issuance::LeafPolicy;
+use crate::spiffe::TrustDomain;
+use crate::store::{AuthorityState, EventKind, EventRow, Store, StoreError};
+
+/// Where an issuer's keys come from.
+#[derive(Debug, Clone)]
+pub enum IssuerKeysFrom {
+    /// A JWKS file, read at start.
+    File(PathBuf),
+    /// A JWKS URL, fetched and refreshed.
+    Url(String),
+}
+
+/// A configured token issuer.
+#[derive(Debug, Clone)]
+pub struct IssuerSettings {
+    /// The `iss` it signs with.
+    pub issuer: String,
+    /// Where its keys come from.
+    pub keys: IssuerKeysFrom,
+}
+
+/// Everything `run` needs, resolved from flags, the config file and defaults.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    /// Keys, the bundle file and (by default) the database live here.
+    pub data_dir: PathBuf,
+    /// The database.
+    pub database_url: String,
+    /// gRPC + HTTPS (TLS).
+    pub grpc_listen: SocketAddr,
+    /// Plain HTTP: health.
+    pub http_listen: SocketAddr,
+    /// The mesh's trust domain.
+    pub trust_domain: TrustDomain,
+    /// DNS names and IPs of the server's own certificate.
+    pub server_names: Vec<String>,
+    /// Accepted token issuers (besides the development one).
+    pub issuers: Vec<IssuerSettings>,
+    /// Accepted token audiences.
+    pub audiences: Vec<String>,
+    /// Extra CA (PEM file) trusted when fetching JWKS URLs.
+    pub jwks_ca_file: Option<PathBuf>,
+    /// Enables the development issuer.
+    pub dev: bool,
+    /// TTL rules.
+    pub leaf_policy: LeafPolicy,
+}
+
+/// Why the server did not start. Each message says what to do.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    /// No issuer and no `--dev`.
+    #[error(
+        "no token issuer is configured, so no caller could be authenticated: pass \
+         --token-issuer ISS with --token-jwks-file FILE or --token-jwks-url URL (the cluster's \
+         service-account issuer), or --dev for a local development issuer"
+    )]
+    NoIssuer,
+    /// The issuer configuration is wrong.
+    #[error("token issuer configuration: {0}")]
+    Issuer(String),
+    /// The data dir could not be created.
+    #[error("data dir {path}: {source}")]
+    DataDir {
+        /// The directory.
+        path: PathBuf,
+        /// The OS error.
+        source: std::io::Error,
+    },
+    /// The database.
+    #[error("{0}")]
+    Store(#[from] StoreError),
+    /// The authority.
+    #[error("{0}")]
+    Authority(#[from] AuthorityError),
+    /// The server's certificate.
+    #[error("{0}")]
+    ServerCert(#[from] tls::ServerCertError),
+    /// The bundle file.
+    #[error("writing {path}: {source}")]
+    BundleFile {
+        /// The file.
+        path: PathBuf,
+        /// The OS error.
+        source: std::io::Error,
+    },
+    /// A listener could not bind.
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        /// The address.
+        addr: SocketAddr,
+        /// The OS error.
+        source: std::io::Error,
+    },
+}
+
+/// A started server.
+pub struct RunningServer {
+    /// Where gRPC/HTTPS listens.
+    pub grpc_addr: SocketAddr,
+    /// Where health listens.
+    pub http_addr: SocketAddr,
+    shutdown: watch::Sender<bool>,
+    tasks: JoinSet<()>,
+    store: Store,
+}
+
+impl RunningServer {
+    /// Stops accepting, lets in-flight requests finish (up to 10 s), and closes the store.
+    pub async fn shutdown(mut self) {
+        let _ = self.shutdown.send(true);
+        let drain = async { while self.tasks.join_next().await.is_some() {} };
+        if tokio::time::timeout(Duration::from_secs(10), drain).await.is_err() {
+            warn!("Shutdown timed out; dropping remaining connections");
+        }
+        self.store.close().await;
+    }
+}
+
+/// Loads the active authority, creating the first root if the store has none.
+async fn active_authority(
+    store: &Store,
+    settings: &Settings,
+    audit: &AuditLog,
+) -> Result<Authority, StartError> {
+    if store.active_authority().await?.is_none() {
+        if !store.authorities().await?.is_empty() {
+            return Err(AuthorityError::NoneActive.into());
+        }
+        let id = authority::create_self_signed_root(
+            store,
+            &settings.data_dir,
+            &settings.trust_domain,
+            KeyType::EcP256,
+            AuthorityState::Active,
+        )
+        .await?;
+        let mut event = EventRow::new(EventKind::Authority);
+        event.authority_id = Some(id);
+        event.operator = Some(operator_name());
+        event.reason = Some(format!(
+            "created self-signed root for {} on first start and activated it",
+            settings.trust_domain
+        ));
+        audit
+            .record(event)
+            .await
+            .map_err(|e| AuthorityError::Sign(e.to_string()))?;
+        info!(authority_id = id, "Created the first root");
+    }
+    let record = store
+        .active_authority()
+        .await?
+        .ok_or(AuthorityError::NoneActive)?;
+    Ok(Authority::load(&record, &settings.data_dir)?)
+}
+
+/// The current bundle: roots of every authority not retired.
+async fn current_bundle(store: &Store) -> Result<Bundle, StoreError> {
+    let roots = store
+        .authorities()
+        .await?
+        .into_iter()
+        .filter(|a| a.state != AuthorityState::Retired)
+        .map(|a| a.root_pem)
+        .fold(Vec::<String>::new(), |mut acc, pem| {
+            // Two intermediates under one root publish that root once.
+            if !acc.contains(&pem) {
+                acc.push(pem);
+            }
+            acc
+        });
+    Ok(Bundle {
+        sequence: store.bundle_sequence().await?,
+        roots_pem: roots,
+    })
+}
+
+fn build_authenticator(settings: &Settings) -> Result<Authenticator, StartError> {
+    let mut issuers = Vec::new();
+    for issuer in &settings.issuers {
+        let keys = match &issuer.keys {
+            IssuerKeysFrom::File(path) => IssuerKeys::from_file(path).map_err(StartError::Issuer)?,
+            IssuerKeysFrom::Url(url) => IssuerKeys::from_url(url.clone()),
+        };
+        issuers.push(TokenIssuer::new(
+            issuer.issuer.clone(),
+            settings.audiences.clone(),
+            keys,
+        ));
+    }
+    if settings.dev {
+        let dev = DevIssuer::load_or_create(&settings.data_dir)
+            .map_err(|e| StartError::Issuer(e.to_string()))?;
+        warn!(issuer = DEV_ISSUER, "Development issuer enabled: anyone who can read the data dir can mint tokens");
+        issuers.push(TokenIssuer::new(
+            DEV_ISSUER.to_owned(),
+            settings.audiences.clone(),
+            IssuerKeys::fixed(dev.key_set()),
+        ));
+    }
+    if issuers.is_empty() {
+        return Err(StartError::NoIssuer);
+    }
+    let extra_ca = match &settings.jwks_ca_file {
+        Some(path) => Some(std::fs::read_to_string(path).map_err(|e| {
+            StartError::Issuer(format!("--token-jwks-ca {}: {e}", path.display()))
+        })?),
+        None => None,
+    };
+    let fetcher = Fetcher::new(extra_ca.as_deref()).map_err(StartError::Issuer)?;
+    Ok(Authenticator::new(
+        settings.trust_domain.clone(),
+        issuers,
+        fetcher,
+    ))
+}
+
+/// Starts the server: opens the store, loads (or creates) the authority, mints the server's
+/// certificate, writes the bundle file, binds both listeners.
+pub async fn start(settings: Settings) -> Result<RunningServer, StartError> {
+    create_data_dir(&settings.data_dir)?;
+    let authn = build_authenticator(&settings)?;
+    let store = Store::open(&settings.database_url).await?;
+    let audit = AuditLog::start(store.clone(), 16 * 1024);
+    let readiness = Arc::new(Readiness::default());
+
+    let authority = Arc::new(active_authority(&store, &settings, &audit).await?);
+    readiness.authority.store(true, Ordering::Release);
+    info!(authority_id = authority.id(), subject = authority.subject(), not_after = %authority.not_after(), "Loaded the active authority");
+
+    let bundle = current_bundle(&store).await?;
+    bundle::write_bundle_file(&settings.data_dir, &bundle).map_err(|source| {
+        StartError::BundleFile {
+            path: bundle::bundle_file(&settings.data_dir),
+            source,
+        }
+    })?;
+    readiness.bundle_file.store(true, Ordering::Release);
+
+    let server_cert = tls::mint_server_cert(&authority, &settings.server_names, &audit).await?;
+    let (cert_tx, cert_rx) = watch::channel(Arc::clone(&server_cert.certified));
+    let tls_config = tls::server_config(cert_rx);
+
+    let (_active_tx, active_rx) = watch::channel(Arc::new(Active {
+        authority: Arc::clone(&authority),
+        bundle,
+    }));
+    let ca = Arc::new(CertificateAuthority::new(
+        authn,
+        audit.clone(),
+        settings.leaf_policy,
+        active_rx.clone(),
+    ));
+
+    let grpc_listener = bind(settings.grpc_listen).await?;
+    let http_listener = bind(settings.http_listen).await?;
+    let grpc_addr = grpc_listener.local_addr().map_err(|source| StartError::Bind {
+        addr: settings.grpc_listen,
+        source,
+    })?;
+    let http_addr = http_listener.local_addr().map_err(|source| StartError::Bind {
+        addr: settings.http_listen,
+        source,
+    })?;
+
+    let app = tonic::service::Routes::new(IstioCertificateServiceServer::new(
+        grpc::CertificateService::new(ca),
+    ))
+    .into_axum_router();
+
+    let (shutdown, shutdown_rx) = watch::channel(false);
+    let mut tasks = JoinSet::new();
+    tasks.spawn(
+        serve_tls(grpc_listener, tls_config, app, shutdown_rx.clone())
+            .instrument(info_span!("grpc", addr = %grpc_addr)),
+    );
+    readiness.grpc.store(true, Ordering::Release);
+    let health = http::health_routes(Arc::clone(&readiness), store.clone());
+    let mut health_shutdown = shutdown_rx.clone();
+    tasks.spawn(async move {
+        let result = axum::serve(http_listener, health)
+            .with_graceful_shutdown(async move {
+                let _ = health_shutdown.wait_for(|stop| *stop).await;
+            })
+            .await;
+        if let Err(e) = result {
+            error!(error = %e, "Health listener failed");
+        }
+    });
+    tasks.spawn(renew_server_cert(
+        server_cert.validity,
+        active_rx,
+        settings.server_names.clone(),
+        audit,
+        cert_tx,
+        shutdown_rx,
+    ));
+
+    info!(grpc = %grpc_addr, http = %http_addr, trust_domain = %settings.trust_domain, "Listening");
+    Ok(RunningServer {
+        grpc_addr,
+        http_addr,
+        shutdown,
+        tasks,
+        store,
+    })
+}
+
+fn create_data_dir(path: &std::path::Path) -> Result<(), StartError> {
+    let err = |source| StartError::DataDir {
+        path: path.to_owned(),
+        source,
+    };
+    std::fs::create_dir_all(path).map_err(err)?;
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o700)).map_err(err)?;
+    }
+    Ok(())
+}
+
+async fn bind(addr: SocketAddr) -> Result<TcpListener, StartError> {
+    TcpListener::bind(addr)
+        .await
+        .map_err(|source| StartError::Bind { addr, source })
+}
+
+/// Accepts TLS connections and serves gRPC (HTTP/2) and HTTPS on them.
+async fn serve_tls(
+    listener: TcpListener,
+    tls_config: Arc<rustls::ServerConfig>,
+    app: axum::Router,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let acceptor = tokio_rustls::TlsAcceptor::from(tls_config);
+    let graceful = GracefulShutdown::new();
+    let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+    loop {
+        let accepted = tokio::select! {
+            accepted = listener.accept() => accepted,
+            _ = shutdown.wait_for(|stop| *stop) => break,
+        };
+        let (tcp, peer) = match accepted {
+            Ok(conn) => conn,
+            Err(e) => {
+                // Out of file descriptors, say: back off rather than spin.
+                warn!(error = %e, "Accept failed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let _ = tcp.set_nodelay(true);
+        let acceptor = acceptor.clone();
+        let app = app.clone();
+        let builder = builder.clone();
+        let watcher = graceful.watcher();
+        tokio::spawn(async move {
+            let tls = match tokio::time::timeout(Duration::from_secs(10), acceptor.accept(tcp)).await {
+                Ok(Ok(tls)) => tls,
+                Ok(Err(e)) => {
+                    debug!(%peer, error = %e, "TLS handshake failed");
+                    return;
+                }
+                Err(_) => {
+                    debug!(%peer, "TLS handshake timed out");
+                    return;
+                }
+            };
+            let service = hyper::service::service_fn(move |mut request: ::http::Request<hyper::body::Incoming>| {
+                request.extensions_mut().insert(PeerAddr(peer));
+                let mut app = app.clone();
+                async move { app.call(request).await }
+            });
+            let conn = builder.serve_connection_with_upgrades(TokioIo::new(tls), service);
+            if let Err(e) = watcher.watch(conn.into_owned()).await {
+                debug!(%peer, error = %e, "Connection ended with an error");
+            }
+        });
+    }
+    if tokio::time::timeout(Duration::from_secs(5), graceful.shutdown())
+        .await
+        .is_err()
+    {
+        warn!("Connections still open after 5 s; closing them");
+    }
+}
+
+/// Renews the server's certificate at half its life (retrying every 30 s on failure).
+async fn renew_server_cert(
+    mut validity: crate::issuance::Validity,
+    active: watch::Receiver<Arc<Active>>,
+    names: Vec<String>,
+    audit: AuditLog,
+    certs: watch::Sender<Arc<rustls::sign::CertifiedKey>>,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let mut wait = renew_in(&validity, time::OffsetDateTime::now_utc());
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(wait) => {}
+            _ = shutdown.wait_for(|stop| *stop) => return,
+        }
+        let authority = Arc::clone(&active.borrow().authority);
+        match tls::mint_server_cert(&authority, &names, &audit).await {
+            Ok(cert) => {
+                info!(not_after = %cert.validity.not_after, "Renewed the server certificate");
+                validity = cert.validity;
+                certs.send_replace(cert.certified);
+                wait = renew_in(&validity, time::OffsetDateTime::now_utc());
+            }
+            Err(e) => {
+                error!(error = %e, "Renewing the server certificate failed; retrying in 30 s");
+                wait = Duration::from_secs(30);
+            }
+        }
+    }
+}

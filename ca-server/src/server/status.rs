@@ -1,0 +1,92 @@
+//! The one place where domain errors become gRPC statuses.
+
+use tonic::{Code, Status};
+
+use crate::audit::AuditError;
+use crate::auth::AuthError;
+use crate::issuance::{IssueError, ValidityError};
+
+/// Why a certificate request was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum Refusal {
+    /// The caller's token.
+    #[error(transparent)]
+    Auth(#[from] AuthError),
+    /// The CSR, TTL, SANs or the authority.
+    #[error(transparent)]
+    Issue(#[from] IssueError),
+    /// The audit log could not record the issuance.
+    #[error(transparent)]
+    Audit(#[from] AuditError),
+    /// The caller asked for an identity not its own.
+    #[error(
+        "caller {caller} asked for identity {requested} through ImpersonatedIdentity; only \
+         trusted node accounts may do that (--trusted-node-account NS/SA)"
+    )]
+    Impersonation {
+        /// The caller's own identity.
+        caller: String,
+        /// What it asked for.
+        requested: String,
+    },
+    /// The request itself is malformed.
+    #[error("{0}")]
+    BadRequest(String),
+    /// Nothing can be issued right now.
+    #[error("{0}")]
+    Unavailable(String),
+    /// A bug: something that cannot fail did.
+    #[error("internal error: {0}")]
+    Internal(String),
+}
+
+impl Refusal {
+    /// The gRPC code, per DESIGN.md's table.
+    pub fn code(&self) -> Code {
+        match self {
+            Self::Auth(e) if e.is_unavailable() => Code::Unavailable,
+            Self::Auth(_) => Code::Unauthenticated,
+            Self::Issue(IssueError::SanMismatch { .. }) | Self::Impersonation { .. } => {
+                Code::PermissionDenied
+            }
+            Self::Issue(IssueError::Csr(_))
+            | Self::Issue(IssueError::Validity(
+                ValidityError::Negative(_) | ValidityError::AboveMax { .. },
+            ))
+            | Self::BadRequest(_) => Code::InvalidArgument,
+            Self::Issue(IssueError::Validity(ValidityError::IssuerNotValid { .. }))
+            | Self::Audit(AuditError::Unavailable(_))
+            | Self::Unavailable(_) => Code::Unavailable,
+            Self::Audit(AuditError::Overloaded) => Code::ResourceExhausted,
+            Self::Issue(IssueError::Authority(_)) | Self::Internal(_) => Code::Internal,
+        }
+    }
+
+    /// The status sent to the caller: the code and the message, nothing secret.
+    pub fn to_status(&self) -> Status {
+        Status::new(self.code(), self.to_string())
+    }
+}
+
+/// The name of a code as stored in the audit log, e.g. `UNAUTHENTICATED`.
+pub fn code_name(code: Code) -> &'static str {
+    match code {
+        Code::Ok => "OK",
+        Code::Cancelled => "CANCELLED",
+        Code::Unknown => "UNKNOWN",
+        Code::InvalidArgument => "INVALID_ARGUMENT",
+        Code::DeadlineExceeded => "DEADLINE_EXCEEDED",
+        Code::NotFound => "NOT_FOUND",
+        Code::AlreadyExists => "ALREADY_EXISTS",
+        Code::PermissionDenied => "PERMISSION_DENIED",
+        Code::ResourceExhausted => "RESOURCE_EXHAUSTED",
+        Code::FailedPrecondition => "FAILED_PRECONDITION",
+        Code::Aborted => "ABORTED",
+        Code::OutOfRange => "OUT_OF_RANGE",
+        Code::Unimplemented => "UNIMPLEMENTED",
+        Code::Internal => "INTERNAL",
+        Code::Unavailable => "UNAVAILABLE",
+        Code::DataLoss => "DATA_LOSS",
+        Code::Unauthenticated => "UNAUTHENTICATED",
+    }
+}

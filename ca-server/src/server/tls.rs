@@ -1,0 +1,144 @@
+//! The server's own TLS: a certificate minted by the active authority (recorded in the audit
+//! log like any other), renewed before half its life, served through a resolver that always
+//! hands out the latest one.
+
+use std::sync::Arc;
+
+use rcgen::PublicKeyData;
+use rustls::crypto::aws_lc_rs;
+use rustls::server::{ClientHello, ResolvesServerCert};
+use rustls::sign::CertifiedKey;
+use rustls_pki_types::{PrivateKeyDer, PrivatePkcs8KeyDer};
+use time::{Duration, OffsetDateTime};
+use tokio::sync::watch;
+
+use crate::audit::AuditLog;
+use crate::authority::{Authority, AuthorityError, pem_to_der, random_serial, sha256_hex};
+use crate::issuance::{Validity, leaf_validity, profile};
+use crate::store::{EventKind, EventRow};
+
+/// How long the server's own certificate lives.
+pub const SERVER_CERT_TTL: Duration = Duration::hours(24);
+
+/// What went wrong minting the server's certificate.
+#[derive(Debug, thiserror::Error)]
+pub enum ServerCertError {
+    /// Key generation or signing.
+    #[error("minting the server certificate failed: {0}")]
+    Mint(String),
+    /// The authority cannot sign now.
+    #[error(transparent)]
+    Authority(#[from] AuthorityError),
+    /// Its audit record was not committed.
+    #[error("the server certificate's audit record was not committed: {0}")]
+    Audit(#[from] crate::audit::AuditError),
+}
+
+/// A minted server certificate.
+#[derive(Debug, Clone)]
+pub struct ServerCert {
+    /// What rustls serves.
+    pub certified: Arc<CertifiedKey>,
+    /// Its validity, for renewal.
+    pub validity: Validity,
+}
+
+/// Mints a certificate for `names` (DNS names or IP addresses) with a fresh P-256 key, signed
+/// by `authority`, and records it in the audit log before returning it.
+pub async fn mint_server_cert(
+    authority: &Authority,
+    names: &[String],
+    audit: &AuditLog,
+) -> Result<ServerCert, ServerCertError> {
+    let now = OffsetDateTime::now_utc();
+    let validity = leaf_validity(
+        now,
+        SERVER_CERT_TTL,
+        Duration::minutes(2),
+        authority.not_before(),
+        authority.not_after(),
+    )
+    .map_err(|e| ServerCertError::Mint(e.to_string()))?;
+    let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)
+        .map_err(|e| ServerCertError::Mint(e.to_string()))?;
+    let (serial, serial_hex) = random_serial();
+    let params = profile::server_params(names, validity, serial)
+        .map_err(|e| ServerCertError::Mint(format!("bad --server-name: {e}")))?;
+    let cert = authority.sign(&params, &key)?;
+
+    let mut chain = vec![cert.der().clone()];
+    for pem in authority.chain_above_leaf() {
+        chain.push(pem_to_der(pem).map_err(ServerCertError::Mint)?);
+    }
+    let key_der = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der()));
+    let signing_key = aws_lc_rs::sign::any_supported_type(&key_der)
+        .map_err(|e| ServerCertError::Mint(e.to_string()))?;
+
+    let mut event = EventRow::new(EventKind::Issued);
+    event.serial = Some(serial_hex);
+    event.not_before = Some(validity.not_before.unix_timestamp());
+    event.not_after = Some(validity.not_after.unix_timestamp());
+    event.authority_id = Some(authority.id());
+    event.public_key_sha256 = Some(sha256_hex(key.subject_public_key_info().as_ref()));
+    event.reason = Some(format!("server TLS certificate for {}", names.join(", ")));
+    audit.record(event).await?;
+
+    Ok(ServerCert {
+        certified: Arc::new(CertifiedKey::new(chain, signing_key)),
+        validity,
+    })
+}
+
+/// When to renew a certificate: at half its life, measured from `now` (never negative).
+pub fn renew_in(validity: &Validity, now: OffsetDateTime) -> std::time::Duration {
+    let half = (validity.not_after - validity.not_before) / 2;
+    let at = validity.not_before + half;
+    let wait: Duration = at - now;
+    if wait.is_negative() {
+        std::time::Duration::ZERO
+    } else {
+        wait.unsigned_abs()
+    }
+}
+
+/// Serves whatever certificate is current.
+#[derive(Debug)]
+pub struct CurrentCert(pub watch::Receiver<Arc<CertifiedKey>>);
+
+impl ResolvesServerCert for CurrentCert {
+    fn resolve(&self, _hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        Some(Arc::clone(&self.0.borrow()))
+    }
+}
+
+/// The TLS configuration of the gRPC/HTTPS listener: TLS 1.2+, ALPN `h2` then `http/1.1`.
+pub fn server_config(current: watch::Receiver<Arc<CertifiedKey>>) -> Arc<rustls::ServerConfig> {
+    let mut config = rustls::ServerConfig::builder()
+        .with_no_client_auth()
+        .with_cert_resolver(Arc::new(CurrentCert(current)));
+    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    Arc::new(config)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use time::macros::datetime;
+
+    #[test]
+    fn renews_at_half_life() {
+        let v = Validity {
+            not_before: datetime!(2026-01-01 0:00 UTC),
+            not_after: datetime!(2026-01-02 0:00 UTC),
+        };
+        assert_eq!(
+            renew_in(&v, datetime!(2026-01-01 0:00 UTC)),
+            std::time::Duration::from_secs(12 * 3600)
+        );
+        assert_eq!(
+            renew_in(&v, datetime!(2026-01-01 11:00 UTC)),
+            std::time::Duration::from_secs(3600)
+        );
+        assert_eq!(renew_in(&v, datetime!(2026-01-01 13:00 UTC)), std::time::Duration::ZERO);
+    }
+}

@@ -1,0 +1,338 @@
+//! Queries behind the audit log.
+
+use std::fmt;
+use std::str::FromStr;
+
+use sqlx::sqlite::SqliteRow;
+use sqlx::{AssertSqlSafe, Row};
+
+use super::{Store, StoreError};
+
+/// What kind of decision an event records.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum EventKind {
+    /// A certificate was issued.
+    Issued,
+    /// A request was refused.
+    Denied,
+    /// An authority changed state.
+    Authority,
+    /// The start of a pruned log: records the hash the chain continues from.
+    Anchor,
+}
+
+impl EventKind {
+    /// The name stored and shown.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Issued => "issued",
+            Self::Denied => "denied",
+            Self::Authority => "authority",
+            Self::Anchor => "anchor",
+        }
+    }
+}
+
+impl fmt::Display for EventKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl FromStr for EventKind {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "issued" => Ok(Self::Issued),
+            "denied" => Ok(Self::Denied),
+            "authority" => Ok(Self::Authority),
+            "anchor" => Ok(Self::Anchor),
+            other => Err(format!(
+                "unknown event kind {other:?} (expected issued, denied or authority)"
+            )),
+        }
+    }
+}
+
+/// One audit event as stored. Field order is the canonical encoding's order (see
+/// `audit::chain`), so do not reorder fields.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct EventRow {
+    /// Position in the log, from 1.
+    pub seq: i64,
+    /// When the decision was made, unix milliseconds.
+    pub time_ms: i64,
+    /// What kind of decision.
+    pub kind: EventKind,
+    /// The identity issued or asked for.
+    pub spiffe_id: Option<String>,
+    /// The caller's namespace.
+    pub namespace: Option<String>,
+    /// The caller's service account.
+    pub service_account: Option<String>,
+    /// The caller's pod, from the token's `kubernetes.io` claim.
+    pub pod_name: Option<String>,
+    /// The caller's pod uid.
+    pub pod_uid: Option<String>,
+    /// The issuer (`iss`) of the caller's token.
+    pub token_issuer: Option<String>,
+    /// The certificate's serial, lowercase hex.
+    pub serial: Option<String>,
+    /// The certificate's notBefore, unix seconds.
+    pub not_before: Option<i64>,
+    /// The certificate's notAfter, unix seconds.
+    pub not_after: Option<i64>,
+    /// The authority that signed (or changed).
+    pub authority_id: Option<i64>,
+    /// SHA-256 of the certified public key (SubjectPublicKeyInfo DER), hex.
+    pub public_key_sha256: Option<String>,
+    /// SHA-256 of the CSR's DER, hex.
+    pub csr_sha256: Option<String>,
+    /// The caller's address.
+    pub peer: Option<String>,
+    /// The gRPC code of a refusal, e.g. `UNAUTHENTICATED`.
+    pub code: Option<String>,
+    /// Why: the refusal's message, or what an authority event did.
+    pub reason: Option<String>,
+    /// How many refusals this event stands for, when aggregated.
+    pub count: Option<i64>,
+    /// The OS user behind an authority change.
+    pub operator: Option<String>,
+    /// The hash of the previous event (or of the anchor), hex.
+    #[serde(skip)]
+    pub prev_hash: String,
+    /// SHA-256 over `prev_hash` and this event's canonical encoding, hex.
+    #[serde(skip)]
+    pub hash: String,
+}
+
+/// Filters of `audit list` (and of the gRPC audit service, later). Every field narrows.
+#[derive(Debug, Clone, Default)]
+pub struct AuditQuery {
+    /// Exact SPIFFE ID.
+    pub spiffe_id: Option<String>,
+    /// Exact namespace.
+    pub namespace: Option<String>,
+    /// Exact service account.
+    pub service_account: Option<String>,
+    /// Exact serial, lowercase hex.
+    pub serial: Option<String>,
+    /// Kind of event.
+    pub kind: Option<EventKind>,
+    /// Events at or after, unix milliseconds.
+    pub since_ms: Option<i64>,
+    /// Events at or before, unix milliseconds.
+    pub until_ms: Option<i64>,
+    /// Events with a sequence number below this (for paging backwards).
+    pub before_seq: Option<i64>,
+    /// At most this many events.
+    pub limit: Option<i64>,
+}
+
+const COLUMNS: &str = "seq, time_ms, kind, spiffe_id, namespace, service_account, pod_name, \
+     pod_uid, token_issuer, serial, not_before, not_after, authority_id, public_key_sha256, \
+     csr_sha256, peer, code, reason, count, operator, prev_hash, hash";
+
+fn event_from_row(row: &SqliteRow) -> Result<EventRow, StoreError> {
+    let kind: String = row.try_get("kind")?;
+    Ok(EventRow {
+        seq: row.try_get("seq")?,
+        time_ms: row.try_get("time_ms")?,
+        kind: kind.parse().map_err(|detail| StoreError::Corrupt {
+            table: "audit_events",
+            detail,
+        })?,
+        spiffe_id: row.try_get("spiffe_id")?,
+        namespace: row.try_get("namespace")?,
+        service_account: row.try_get("service_account")?,
+        pod_name: row.try_get("pod_name")?,
+        pod_uid: row.try_get("pod_uid")?,
+        token_issuer: row.try_get("token_issuer")?,
+        serial: row.try_get("serial")?,
+        not_before: row.try_get("not_before")?,
+        not_after: row.try_get("not_after")?,
+        authority_id: row.try_get("authority_id")?,
+        public_key_sha256: row.try_get("public_key_sha256")?,
+        csr_sha256: row.try_get("csr_sha256")?,
+        peer: row.try_get("peer")?,
+        code: row.try_get("code")?,
+        reason: row.try_get("reason")?,
+        count: row.try_get("count")?,
+        operator: row.try_get("operator")?,
+        prev_hash: row.try_get("prev_hash")?,
+        hash: row.try_get("hash")?,
+    })
+}
+
+/// The `prev_hash` of the first event of a log.
+pub const GENESIS_HASH: &str = "0000000000000000000000000000000000000000000000000000000000000000";
+
+impl EventRow {
+    /// An event of `kind` made now, every optional field empty; the log fills in `seq` and
+    /// the hashes when it commits.
+    pub fn new(kind: EventKind) -> Self {
+        let time_ms = i64::try_from(
+            time::OffsetDateTime::now_utc().unix_timestamp_nanos() / 1_000_000,
+        )
+        .unwrap_or(i64::MAX);
+        Self {
+            seq: 0,
+            time_ms,
+            kind,
+            spiffe_id: None,
+            namespace: None,
+            service_account: None,
+            pod_name: None,
+            pod_uid: None,
+            token_issuer: None,
+            serial: None,
+            not_before: None,
+            not_after: None,
+            authority_id: None,
+            public_key_sha256: None,
+            csr_sha256: None,
+            peer: None,
+            code: None,
+            reason: None,
+            count: None,
+            operator: None,
+            prev_hash: String::new(),
+            hash: String::new(),
+        }
+    }
+}
+
+/// A value bound to a dynamically built query.
+enum Bind {
+    Text(String),
+    Int(i64),
+}
+
+impl Store {
+    /// Appends events in one transaction, all or none. Each event is chained onto the log's
+    /// head as read inside that (immediate, so exclusive) transaction: `seq`, `prev_hash` and
+    /// `hash` are filled in here, `hash` by `link`. Several writers (a server and the CLI)
+    /// therefore never fork the chain.
+    pub async fn append_events(
+        &self,
+        events: &mut [EventRow],
+        link: fn(&EventRow) -> String,
+    ) -> Result<(), StoreError> {
+        let mut tx = self.pool().begin_with("BEGIN IMMEDIATE").await?;
+        let head = sqlx::query("SELECT seq, hash FROM audit_events ORDER BY seq DESC LIMIT 1")
+            .fetch_optional(&mut *tx)
+            .await?;
+        let (mut seq, mut prev_hash) = match head {
+            Some(row) => (row.try_get::<i64, _>("seq")?, row.try_get::<String, _>("hash")?),
+            None => (0, GENESIS_HASH.to_owned()),
+        };
+        for e in events.iter_mut() {
+            seq += 1;
+            e.seq = seq;
+            e.prev_hash = prev_hash;
+            e.hash = link(e);
+            prev_hash = e.hash.clone();
+            sqlx::query(
+                "INSERT INTO audit_events (seq, time_ms, kind, spiffe_id, namespace, \
+                 service_account, pod_name, pod_uid, token_issuer, serial, not_before, not_after, \
+                 authority_id, public_key_sha256, csr_sha256, peer, code, reason, count, operator, \
+                 prev_hash, hash) \
+                 VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            )
+            .bind(e.seq)
+            .bind(e.time_ms)
+            .bind(e.kind.as_str())
+            .bind(&e.spiffe_id)
+            .bind(&e.namespace)
+            .bind(&e.service_account)
+            .bind(&e.pod_name)
+            .bind(&e.pod_uid)
+            .bind(&e.token_issuer)
+            .bind(&e.serial)
+            .bind(e.not_before)
+            .bind(e.not_after)
+            .bind(e.authority_id)
+            .bind(&e.public_key_sha256)
+            .bind(&e.csr_sha256)
+            .bind(&e.peer)
+            .bind(&e.code)
+            .bind(&e.reason)
+            .bind(e.count)
+            .bind(&e.operator)
+            .bind(&e.prev_hash)
+            .bind(&e.hash)
+            .execute(&mut *tx)
+            .await?;
+        }
+        tx.commit().await?;
+        Ok(())
+    }
+
+    /// The last event's sequence number and hash, if the log is not empty.
+    pub async fn audit_head(&self) -> Result<Option<(i64, String)>, StoreError> {
+        let row = sqlx::query("SELECT seq, hash FROM audit_events ORDER BY seq DESC LIMIT 1")
+            .fetch_optional(self.pool())
+            .await?;
+        row.map(|r| Ok((r.try_get("seq")?, r.try_get("hash")?)))
+            .transpose()
+    }
+
+    /// Events matching `query`, newest first.
+    pub async fn audit_events(&self, query: &AuditQuery) -> Result<Vec<EventRow>, StoreError> {
+        let mut sql = format!("SELECT {COLUMNS} FROM audit_events WHERE 1 = 1");
+        let mut binds = Vec::new();
+        let mut text = |sql: &mut String, column: &str, value: &Option<String>| {
+            if let Some(v) = value {
+                sql.push_str(&format!(" AND {column} = ?"));
+                binds.push(Bind::Text(v.clone()));
+            }
+        };
+        text(&mut sql, "spiffe_id", &query.spiffe_id);
+        text(&mut sql, "namespace", &query.namespace);
+        text(&mut sql, "service_account", &query.service_account);
+        text(&mut sql, "serial", &query.serial);
+        text(&mut sql, "kind", &query.kind.map(|k| k.as_str().to_owned()));
+        for (clause, value) in [
+            (" AND time_ms >= ?", query.since_ms),
+            (" AND time_ms <= ?", query.until_ms),
+            (" AND seq < ?", query.before_seq),
+        ] {
+            if let Some(v) = value {
+                sql.push_str(clause);
+                binds.push(Bind::Int(v));
+            }
+        }
+        sql.push_str(" ORDER BY seq DESC");
+        if let Some(limit) = query.limit {
+            sql.push_str(" LIMIT ?");
+            binds.push(Bind::Int(limit));
+        }
+        // The SQL text is built only from the fixed fragments above; values are bound.
+        let mut q = sqlx::query(AssertSqlSafe(sql));
+        for b in binds {
+            q = match b {
+                Bind::Text(s) => q.bind(s),
+                Bind::Int(i) => q.bind(i),
+            };
+        }
+        let rows = q.fetch_all(self.pool()).await?;
+        rows.iter().map(event_from_row).collect()
+    }
+
+    /// Up to `limit` events after `after_seq`, oldest first (for walking the whole chain).
+    pub async fn audit_events_after(
+        &self,
+        after_seq: i64,
+        limit: i64,
+    ) -> Result<Vec<EventRow>, StoreError> {
+        let sql = format!("SELECT {COLUMNS} FROM audit_events WHERE seq > ? ORDER BY seq LIMIT ?");
+        // Fixed text: COLUMNS is a constant.
+        let rows = sqlx::query(AssertSqlSafe(sql))
+        .bind(after_seq)
+        .bind(limit)
+        .fetch_all(self.pool())
+        .await?;
+        rows.iter().map(event_from_row).collect()
+    }
+}

@@ -1,0 +1,10 @@
+//! The gRPC wire formats of ca-server, generated from `proto/` at build time.
+
+/// `istio.v1.auth`: Istio's certificate service, field for field.
+pub mod istio {
+    pub mod v1 {
+        pub mod auth {
+            tonic::include_proto!("istio.v1.auth");
+        }
+    }
+}
