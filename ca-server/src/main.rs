@@ -11,6 +11,13 @@ fn main() -> ExitCode {
     ca_server::cli::init_tracing();
     match ca_server::cli::dispatch(cli) {
         Ok(code) => code,
+        // `ca-server audit list | head`: a closed pipe ends the output, it is not an error.
+        Err(e)
+            if e.downcast_ref::<std::io::Error>()
+                .is_some_and(|io| io.kind() == std::io::ErrorKind::BrokenPipe) =>
+        {
+            ExitCode::SUCCESS
+        }
         Err(e) => {
             // A user's mistake gets one clear line, not a backtrace.
             eprintln!("error: {e:#}");

@@ -48,10 +48,9 @@ impl TrustDomain {
         if name.len() > 255 {
             return Err(SpiffeIdError::TrustDomainTooLong);
         }
-        if !name
-            .bytes()
-            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || matches!(b, b'.' | b'-' | b'_'))
-        {
+        if !name.bytes().all(|b| {
+            b.is_ascii_lowercase() || b.is_ascii_digit() || matches!(b, b'.' | b'-' | b'_')
+        }) {
             return Err(SpiffeIdError::BadTrustDomainChar);
         }
         Ok(Self(name.to_owned()))
@@ -98,7 +97,9 @@ impl SpiffeId {
         if id.len() > 2048 {
             return Err(SpiffeIdError::TooLong);
         }
-        let rest = id.strip_prefix("spiffe://").ok_or(SpiffeIdError::WrongScheme)?;
+        let rest = id
+            .strip_prefix("spiffe://")
+            .ok_or(SpiffeIdError::WrongScheme)?;
         let (domain, path) = match rest.find('/') {
             Some(i) => rest.split_at(i),
             None => (rest, ""),
@@ -215,7 +216,10 @@ mod tests {
     fn builds_service_account_ids() {
         let td = TrustDomain::new("cluster.local").unwrap();
         let id = SpiffeId::for_service_account(&td, "istio-system", "ztunnel").unwrap();
-        assert_eq!(id.to_string(), "spiffe://cluster.local/ns/istio-system/sa/ztunnel");
+        assert_eq!(
+            id.to_string(),
+            "spiffe://cluster.local/ns/istio-system/sa/ztunnel"
+        );
         assert_eq!(id.path(), "/ns/istio-system/sa/ztunnel");
         assert!(SpiffeId::for_service_account(&td, "a/b", "c").is_err());
     }

@@ -1,1 +1,421 @@
-//! Helpers for the end-to-end tests.
+//! Helpers for the end-to-end tests: run the real `ca-server` binary on free loopback ports
+//! with a temporary data dir, talk to it over gRPC/TLS trusting only its bundle file, and mint
+//! test tokens with a test issuer whose JWKS the server reads from a file.
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use base64::Engine;
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use ca_proto::istio::v1::auth::IstioCertificateRequest;
+use ca_proto::istio::v1::auth::istio_certificate_service_client::IstioCertificateServiceClient;
+use tonic::transport::{Certificate, Channel, ClientTlsConfig};
+
+/// The `ca-server` binary that `cargo test --workspace` built beside this test.
+pub fn bin() -> PathBuf {
+    if let Ok(path) = std::env::var("CA_SERVER_BIN") {
+        return PathBuf::from(path);
+    }
+    // target/<profile>/deps/<test> → target/<profile>/ca-server
+    let exe = std::env::current_exe().expect("current exe");
+    let dir = exe.parent().and_then(Path::parent).expect("target dir");
+    let path = dir.join("ca-server");
+    assert!(
+        path.exists(),
+        "{} is missing: run `cargo test --workspace` (or `cargo build -p ca-server`) first",
+        path.display()
+    );
+    path
+}
+
+/// Runs `ca-server ARGS` to completion.
+pub fn ca_server(args: &[&str]) -> Output {
+    Command::new(bin())
+        .args(args)
+        .env_remove("RUST_LOG")
+        .output()
+        .expect("run ca-server")
+}
+
+/// A port on 127.0.0.1 that was free a moment ago.
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("free port")
+}
+
+/// A plain HTTP GET on loopback; returns (status, body).
+pub fn http_get(addr: SocketAddr, path: &str) -> std::io::Result<(u16, String)> {
+    let mut stream = TcpStream::connect_timeout(&addr, Duration::from_secs(2))?;
+    stream.set_read_timeout(Some(Duration::from_secs(5)))?;
+    write!(stream, "GET {path} HTTP/1.0\r\nHost: localhost\r\n\r\n")?;
+    let mut response = String::new();
+    stream.read_to_string(&mut response)?;
+    let status = response
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    let body = response
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_owned())
+        .unwrap_or_default();
+    Ok((status, body))
+}
+
+/// A running `ca-server run`, killed on drop.
+pub struct TestServer {
+    /// Its data dir (kept across restarts).
+    pub data_dir: PathBuf,
+    /// gRPC/HTTPS.
+    pub grpc: SocketAddr,
+    /// Health.
+    pub http: SocketAddr,
+    args: Vec<String>,
+    child: Option<Child>,
+    stderr_path: PathBuf,
+}
+
+impl TestServer {
+    /// Starts the server on `data_dir` with `args` (beyond data dir and listeners) and waits
+    /// until `/readyz` answers 200.
+    pub fn start(data_dir: &Path, args: &[&str]) -> Self {
+        let mut server = Self {
+            data_dir: data_dir.to_owned(),
+            grpc: SocketAddr::from(([127, 0, 0, 1], free_port())),
+            http: SocketAddr::from(([127, 0, 0, 1], free_port())),
+            args: args.iter().map(|s| s.to_string()).collect(),
+            child: None,
+            stderr_path: data_dir.with_extension("stderr.log"),
+        };
+        server.spawn();
+        server
+    }
+
+    fn spawn(&mut self) {
+        let stderr = std::fs::File::create(&self.stderr_path).expect("stderr log");
+        let child = Command::new(bin())
+            .arg("run")
+            .arg("--data-dir")
+            .arg(&self.data_dir)
+            .arg("--grpc-listen")
+            .arg(self.grpc.to_string())
+            .arg("--http-listen")
+            .arg(self.http.to_string())
+            .args(&self.args)
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(stderr)
+            .spawn()
+            .expect("spawn ca-server");
+        self.child = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            if let Ok((200, _)) = http_get(self.http, "/readyz") {
+                return;
+            }
+            if let Some(Ok(Some(status))) = self.child.as_mut().map(|c| c.try_wait()) {
+                panic!("ca-server exited with {status}:\n{}", self.stderr());
+            }
+            assert!(
+                Instant::now() < deadline,
+                "ca-server not ready after 60 s:\n{}",
+                self.stderr()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// What the server logged so far.
+    pub fn stderr(&self) -> String {
+        std::fs::read_to_string(&self.stderr_path).unwrap_or_default()
+    }
+
+    /// Kills the server (SIGKILL) and starts it again on the same data dir and ports.
+    pub fn restart(&mut self) {
+        self.kill();
+        self.spawn();
+    }
+
+    /// Kills the server.
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// `<data-dir>/trust-bundle.pem`.
+    pub fn bundle_pem(&self) -> String {
+        std::fs::read_to_string(self.data_dir.join("trust-bundle.pem")).expect("bundle file")
+    }
+
+    /// `sqlite://<data-dir>/ca.db`.
+    pub fn database_url(&self) -> String {
+        format!("sqlite://{}", self.data_dir.join("ca.db").display())
+    }
+
+    /// A gRPC client over TLS trusting only the bundle file, connecting to `https://127.0.0.1:PORT`
+    /// (so the server's IP SAN is what gets verified).
+    pub async fn client(&self) -> IstioCertificateServiceClient<Channel> {
+        let tls = ClientTlsConfig::new().ca_certificate(Certificate::from_pem(self.bundle_pem()));
+        let channel = Channel::from_shared(format!("https://{}", self.grpc))
+            .expect("uri")
+            .tls_config(tls)
+            .expect("tls")
+            .connect()
+            .await
+            .expect("connect");
+        IstioCertificateServiceClient::new(channel)
+    }
+
+    /// Runs a CLI subcommand against this server's data dir.
+    pub fn cli(&self, args: &[&str]) -> Output {
+        let mut full: Vec<&str> = args.to_vec();
+        let dir = self.data_dir.to_str().expect("utf-8 path");
+        full.extend(["--data-dir", dir]);
+        ca_server(&full)
+    }
+}
+
+impl Drop for TestServer {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// Sends `CreateCertificate` with `token` (if any).
+pub async fn create_certificate(
+    client: &mut IstioCertificateServiceClient<Channel>,
+    token: Option<&str>,
+    csr: &str,
+    validity_secs: i64,
+) -> Result<Vec<String>, tonic::Status> {
+    let mut request = tonic::Request::new(IstioCertificateRequest {
+        csr: csr.to_owned(),
+        validity_duration: validity_secs,
+        metadata: None,
+    });
+    if let Some(token) = token {
+        request.metadata_mut().insert(
+            "authorization",
+            format!("Bearer {token}").parse().expect("header"),
+        );
+    }
+    client
+        .create_certificate(request)
+        .await
+        .map(|r| r.into_inner().cert_chain)
+}
+
+/// A CSR for a fresh key of `alg`, with the URI SANs given (none for an empty request).
+pub fn csr(alg: &'static rcgen::SignatureAlgorithm, uri_sans: &[&str]) -> (String, rcgen::KeyPair) {
+    let key = if alg == &rcgen::PKCS_RSA_SHA256 {
+        rcgen::KeyPair::generate_rsa_for(alg, rcgen::RsaKeySize::_2048)
+    } else {
+        rcgen::KeyPair::generate_for(alg)
+    }
+    .expect("key");
+    let mut params = rcgen::CertificateParams::default();
+    params.distinguished_name = rcgen::DistinguishedName::new();
+    params.subject_alt_names = uri_sans
+        .iter()
+        .map(|s| rcgen::SanType::URI((*s).try_into().expect("uri")))
+        .collect();
+    let pem = params
+        .serialize_request(&key)
+        .expect("csr")
+        .pem()
+        .expect("pem");
+    (pem, key)
+}
+
+/// A token issuer for tests: an ES256 key whose JWKS the server reads from a file.
+pub struct TestIssuer {
+    /// Its `iss`.
+    pub iss: String,
+    /// Its `kid`.
+    pub kid: String,
+    key: rcgen::KeyPair,
+    /// Where its JWKS is written.
+    pub jwks_path: PathBuf,
+}
+
+impl TestIssuer {
+    /// A new issuer; writes its JWKS into `dir`.
+    pub fn new(dir: &Path) -> Self {
+        let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).expect("key");
+        let issuer = Self {
+            iss: "https://kubernetes.default.svc.cluster.local".to_owned(),
+            kid: "test-key-1".to_owned(),
+            key,
+            jwks_path: dir.join("jwks.json"),
+        };
+        std::fs::write(&issuer.jwks_path, issuer.jwks()).expect("write jwks");
+        issuer
+    }
+
+    /// Its JWK Set.
+    pub fn jwks(&self) -> String {
+        let raw = self.key.public_key_raw();
+        let (x, y) = raw[1..].split_at(32);
+        serde_json::json!({"keys": [{
+            "kty": "EC", "crv": "P-256", "use": "sig", "alg": "ES256", "kid": self.kid,
+            "x": URL_SAFE_NO_PAD.encode(x), "y": URL_SAFE_NO_PAD.encode(y),
+        }]})
+        .to_string()
+    }
+
+    /// The public key bytes (the uncompressed point), as an attacker would have them.
+    pub fn public_key_bytes(&self) -> Vec<u8> {
+        self.key.public_key_raw().to_vec()
+    }
+
+    /// The server flags that configure this issuer.
+    pub fn flags(&self) -> Vec<String> {
+        vec![
+            "--token-issuer".into(),
+            self.iss.clone(),
+            "--token-jwks-file".into(),
+            self.jwks_path.display().to_string(),
+        ]
+    }
+
+    /// Claims of a good projected token for `ns`/`sa`.
+    pub fn claims(&self, ns: &str, sa: &str) -> serde_json::Value {
+        let now = time::OffsetDateTime::now_utc().unix_timestamp();
+        serde_json::json!({
+            "iss": self.iss,
+            "sub": format!("system:serviceaccount:{ns}:{sa}"),
+            "aud": ["istio-ca"],
+            "exp": now + 600, "iat": now, "nbf": now,
+            "kubernetes.io": {
+                "namespace": ns,
+                "serviceaccount": {"name": sa, "uid": "sa-uid"},
+                "pod": {"name": format!("{sa}-pod"), "uid": "pod-uid"}
+            }
+        })
+    }
+
+    /// Signs `claims` with this issuer's key and kid.
+    pub fn sign(&self, claims: &serde_json::Value) -> String {
+        self.sign_with(&self.key, Some(&self.kid), claims)
+    }
+
+    /// Signs `claims` with `key` under `kid`.
+    pub fn sign_with(
+        &self,
+        key: &rcgen::KeyPair,
+        kid: Option<&str>,
+        claims: &serde_json::Value,
+    ) -> String {
+        let mut header = jsonwebtoken::Header::new(jsonwebtoken::Algorithm::ES256);
+        header.kid = kid.map(str::to_owned);
+        let encoding =
+            jsonwebtoken::EncodingKey::from_ec_pem(key.serialize_pem().as_bytes()).expect("key");
+        jsonwebtoken::encode(&header, claims, &encoding).expect("sign")
+    }
+
+    /// A good token for `ns`/`sa`.
+    pub fn token(&self, ns: &str, sa: &str) -> String {
+        self.sign(&self.claims(ns, sa))
+    }
+}
+
+/// base64url without padding.
+pub fn b64(bytes: &[u8]) -> String {
+    URL_SAFE_NO_PAD.encode(bytes)
+}
+
+/// DER of the first certificate in `pem`.
+pub fn der(pem: &str) -> Vec<u8> {
+    let mut reader = pem.as_bytes();
+    rustls_pemfile_certs(&mut reader).remove(0)
+}
+
+fn rustls_pemfile_certs(reader: &mut &[u8]) -> Vec<Vec<u8>> {
+    use rustls_pki_types::pem::PemObject;
+    rustls_pki_types::CertificateDer::pem_slice_iter(reader)
+        .map(|c| c.expect("pem").as_ref().to_vec())
+        .collect()
+}
+
+/// Checks `chain` (leaf first, root last) with rustls-webpki against `root_pem`, for client
+/// and server use at the current time.
+pub fn webpki_verify(chain: &[String], root_pem: &str) -> Result<(), String> {
+    use rustls_pki_types::{CertificateDer, UnixTime};
+    let root_der = CertificateDer::from(der(root_pem));
+    let anchor = webpki::anchor_from_trusted_cert(&root_der).map_err(|e| e.to_string())?;
+    let leaf_der = CertificateDer::from(der(&chain[0]));
+    let leaf = webpki::EndEntityCert::try_from(&leaf_der).map_err(|e| e.to_string())?;
+    let intermediates: Vec<CertificateDer<'static>> = chain[1..chain.len() - 1]
+        .iter()
+        .map(|p| CertificateDer::from(der(p)))
+        .collect();
+    for usage in [
+        webpki::KeyUsage::client_auth(),
+        webpki::KeyUsage::server_auth(),
+    ] {
+        leaf.verify_for_usage(
+            webpki::ALL_VERIFICATION_ALGS,
+            std::slice::from_ref(&anchor),
+            &intermediates,
+            UnixTime::now(),
+            usage,
+            None,
+            None,
+        )
+        .map_err(|e| e.to_string())?;
+    }
+    Ok(())
+}
+
+/// Runs `openssl verify -x509_strict -purpose PURPOSE` on the leaf of `chain` against its root.
+pub fn openssl_verify(dir: &Path, chain: &[String], purpose: &str) -> Result<(), String> {
+    let root = dir.join("root.pem");
+    let leaf = dir.join("leaf.pem");
+    let untrusted = dir.join("untrusted.pem");
+    std::fs::write(&root, chain.last().expect("root")).expect("write");
+    std::fs::write(&leaf, &chain[0]).expect("write");
+    std::fs::write(&untrusted, chain[1..chain.len() - 1].concat()).expect("write");
+    let mut cmd = Command::new("openssl");
+    cmd.args(["verify", "-x509_strict", "-purpose", purpose, "-CAfile"])
+        .arg(&root);
+    if chain.len() > 2 {
+        cmd.arg("-untrusted").arg(&untrusted);
+    }
+    let out = cmd
+        .arg(&leaf)
+        .output()
+        .expect("openssl is needed for these tests (.ci/run installs it)");
+    if out.status.success() {
+        Ok(())
+    } else {
+        Err(format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        ))
+    }
+}
+
+/// Lines of `audit list --format json`, parsed.
+pub fn audit_json(server: &TestServer, extra: &[&str]) -> Vec<serde_json::Value> {
+    let mut args = vec!["audit", "list", "--format", "json", "--limit", "100000"];
+    args.extend_from_slice(extra);
+    let out = server.cli(&args);
+    assert!(
+        out.status.success(),
+        "audit list failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout)
+        .expect("utf-8")
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("one JSON object per line"))
+        .collect()
+}

@@ -22,7 +22,11 @@ pub fn operator_name() -> String {
             status
                 .lines()
                 .find_map(|l| l.strip_prefix("Uid:"))
-                .and_then(|uids| uids.split_whitespace().next().map(|uid| format!("uid {uid}")))
+                .and_then(|uids| {
+                    uids.split_whitespace()
+                        .next()
+                        .map(|uid| format!("uid {uid}"))
+                })
         })
         .unwrap_or_else(|| "unknown".to_owned())
 }

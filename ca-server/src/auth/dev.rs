@@ -88,7 +88,8 @@ impl DevIssuer {
                 path.display()
             )));
         }
-        let key_pem = Zeroizing::new(std::fs::read_to_string(&path).map_err(|e| err(e.to_string()))?);
+        let key_pem =
+            Zeroizing::new(std::fs::read_to_string(&path).map_err(|e| err(e.to_string()))?);
         let pair = rcgen::KeyPair::from_pem(&key_pem).map_err(|e| err(e.to_string()))?;
         if pair.algorithm() != &rcgen::PKCS_ECDSA_P256_SHA256 {
             return Err(err("not an ECDSA P-256 key".into()));
@@ -159,7 +160,8 @@ impl DevIssuer {
         header.kid = Some(self.kid.clone());
         let key = EncodingKey::from_ec_pem(self.key_pem.as_bytes())
             .map_err(|e| DevIssuerError::Sign(e.to_string()))?;
-        jsonwebtoken::encode(&header, &claims, &key).map_err(|e| DevIssuerError::Sign(e.to_string()))
+        jsonwebtoken::encode(&header, &claims, &key)
+            .map_err(|e| DevIssuerError::Sign(e.to_string()))
     }
 }
 
@@ -167,5 +169,12 @@ impl DevIssuer {
 fn uuid_like(a: &str, b: &str) -> String {
     let d = Sha256::digest(format!("{a}/{b}"));
     let h = hex::encode(&d[..16]);
-    format!("{}-{}-{}-{}-{}", &h[..8], &h[8..12], &h[12..16], &h[16..20], &h[20..])
+    format!(
+        "{}-{}-{}-{}-{}",
+        &h[..8],
+        &h[8..12],
+        &h[12..16],
+        &h[16..20],
+        &h[20..]
+    )
 }

@@ -208,7 +208,11 @@ impl IssuerKeys {
             }
             if last_fetch.is_none_or(|t| t.elapsed() >= REFETCH_INTERVAL) {
                 *last_fetch = Some(Instant::now());
-                match fetcher.get(url).await.and_then(|body| KeySet::from_json(&body)) {
+                match fetcher
+                    .get(url)
+                    .await
+                    .and_then(|body| KeySet::from_json(&body))
+                {
                     Ok(keys) => {
                         info!(url, keys = keys.len(), "Fetched issuer JWKS");
                         let keys = Arc::new(keys);

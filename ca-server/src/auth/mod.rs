@@ -260,7 +260,10 @@ impl Authenticator {
         // against that issuer's policy below.
         let unverified: Claims = decode_part(payload, "payload")?;
         let issuer = self.select_issuer(unverified.issuer())?;
-        let key = issuer.keys.find(header.kid.as_deref(), &self.fetcher).await?;
+        let key = issuer
+            .keys
+            .find(header.kid.as_deref(), &self.fetcher)
+            .await?;
         let kid = header.kid.unwrap_or_default();
 
         let mut validation = Validation::new(key.algorithms[0]);

@@ -76,10 +76,9 @@ impl CaKey {
         let pair = match key_type {
             KeyType::EcP256 => rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256),
             KeyType::EcP384 => rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P384_SHA384),
-            KeyType::Rsa3072 => rcgen::KeyPair::generate_rsa_for(
-                &rcgen::PKCS_RSA_SHA256,
-                rcgen::RsaKeySize::_3072,
-            ),
+            KeyType::Rsa3072 => {
+                rcgen::KeyPair::generate_rsa_for(&rcgen::PKCS_RSA_SHA256, rcgen::RsaKeySize::_3072)
+            }
         }
         .map_err(|e| KeyError::Generate(e.to_string()))?;
         Ok(Self { pair })
@@ -88,10 +87,12 @@ impl CaKey {
     /// Reads a PEM key file, refusing one that group or others can read.
     pub fn read_file(path: &Path) -> Result<Self, KeyError> {
         check_private(path)?;
-        let pem = Zeroizing::new(std::fs::read_to_string(path).map_err(|source| KeyError::Io {
-            path: path.display().to_string(),
-            source,
-        })?);
+        let pem = Zeroizing::new(
+            std::fs::read_to_string(path).map_err(|source| KeyError::Io {
+                path: path.display().to_string(),
+                source,
+            })?,
+        );
         let pair = rcgen::KeyPair::from_pem(&pem).map_err(|e| KeyError::Invalid {
             path: path.display().to_string(),
             detail: e.to_string(),

@@ -13,7 +13,9 @@ use time::{Duration, OffsetDateTime};
 pub use key::{CaKey, KeyError, KeyType, check_private};
 
 use crate::spiffe::TrustDomain;
-use crate::store::{AuthorityKind, AuthorityRecord, AuthorityState, NewAuthority, Store, StoreError};
+use crate::store::{
+    AuthorityKind, AuthorityRecord, AuthorityState, NewAuthority, Store, StoreError,
+};
 
 /// How long a generated root is valid.
 pub const ROOT_VALIDITY: Duration = Duration::days(3650);
@@ -204,6 +206,16 @@ pub fn random_serial() -> (SerialNumber, String) {
     (SerialNumber::from_slice(&bytes), hex::encode(bytes))
 }
 
+/// A certificate serial as the audit log writes it: lowercase hex of its bytes, without the
+/// sign-padding zero byte that DER adds when the top bit is set.
+pub fn serial_hex(der_integer_bytes: &[u8]) -> String {
+    let start = der_integer_bytes
+        .iter()
+        .position(|b| *b != 0)
+        .unwrap_or(der_integer_bytes.len());
+    hex::encode(&der_integer_bytes[start..])
+}
+
 /// SHA-256 of `bytes`, lowercase hex.
 pub fn sha256_hex(bytes: &[u8]) -> String {
     hex::encode(Sha256::digest(bytes))
@@ -299,7 +311,10 @@ mod tests {
         let now = OffsetDateTime::now_utc();
         let cert = root_params(&td, 7, now).self_signed(key.pair()).unwrap();
         let (_, c) = x509_parser::parse_x509_certificate(cert.der()).unwrap();
-        assert_eq!(c.subject().to_string(), "O=example.org, CN=example.org root 7");
+        assert_eq!(
+            c.subject().to_string(),
+            "O=example.org, CN=example.org root 7"
+        );
         let bc = c.basic_constraints().unwrap().unwrap();
         assert!(bc.critical && bc.value.ca);
         let ku = c.key_usage().unwrap().unwrap();

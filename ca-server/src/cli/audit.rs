@@ -164,10 +164,14 @@ fn rfc3339_secs(secs: i64) -> Option<String> {
         .and_then(|t| t.format(&Rfc3339).ok())
 }
 
+/// Event times: RFC 3339, UTC, always three fractional digits.
 fn rfc3339_ms(ms: i64) -> Option<String> {
+    let format = time::macros::format_description!(
+        "[year]-[month]-[day]T[hour]:[minute]:[second].[subsecond digits:3]Z"
+    );
     OffsetDateTime::from_unix_timestamp_nanos(i128::from(ms) * 1_000_000)
         .ok()
-        .and_then(|t| t.format(&Rfc3339).ok())
+        .and_then(|t| t.format(&format).ok())
 }
 
 /// The keys of DESIGN.md, in its order.
@@ -211,8 +215,12 @@ fn values(e: &EventRow) -> [serde_json::Value; 22] {
         s(&e.pod_uid),
         s(&e.token_issuer),
         s(&e.serial),
-        e.not_before.and_then(rfc3339_secs).map_or(Value::Null, Value::String),
-        e.not_after.and_then(rfc3339_secs).map_or(Value::Null, Value::String),
+        e.not_before
+            .and_then(rfc3339_secs)
+            .map_or(Value::Null, Value::String),
+        e.not_after
+            .and_then(rfc3339_secs)
+            .map_or(Value::Null, Value::String),
         i(e.authority_id),
         s(&e.public_key_sha256),
         s(&e.csr_sha256),
@@ -227,11 +235,8 @@ fn values(e: &EventRow) -> [serde_json::Value; 22] {
 }
 
 fn to_json(e: &EventRow) -> String {
-    let map: serde_json::Map<String, serde_json::Value> = KEYS
-        .iter()
-        .map(|k| k.to_string())
-        .zip(values(e))
-        .collect();
+    let map: serde_json::Map<String, serde_json::Value> =
+        KEYS.iter().map(|k| k.to_string()).zip(values(e)).collect();
     serde_json::Value::Object(map).to_string()
 }
 
@@ -263,7 +268,16 @@ fn write_csv(out: &mut impl Write, events: &[EventRow]) -> std::io::Result<()> {
 }
 
 fn write_table(out: &mut impl Write, events: &[EventRow]) -> std::io::Result<()> {
-    let header = ["SEQ", "TIME", "KIND", "SPIFFE ID", "SERIAL", "NOT AFTER", "CODE", "REASON"];
+    let header = [
+        "SEQ",
+        "TIME",
+        "KIND",
+        "SPIFFE ID",
+        "SERIAL",
+        "NOT AFTER",
+        "CODE",
+        "REASON",
+    ];
     let rows: Vec<[String; 8]> = events
         .iter()
         .map(|e| {
@@ -273,7 +287,9 @@ fn write_table(out: &mut impl Write, events: &[EventRow]) -> std::io::Result<()>
                 e.kind.as_str().to_owned(),
                 e.spiffe_id.clone().unwrap_or_else(|| "-".into()),
                 e.serial.clone().unwrap_or_else(|| "-".into()),
-                e.not_after.and_then(rfc3339_secs).unwrap_or_else(|| "-".into()),
+                e.not_after
+                    .and_then(rfc3339_secs)
+                    .unwrap_or_else(|| "-".into()),
                 e.code.clone().unwrap_or_else(|| "-".into()),
                 e.reason.clone().unwrap_or_default(),
             ]
@@ -290,7 +306,13 @@ fn write_table(out: &mut impl Write, events: &[EventRow]) -> std::io::Result<()>
             .iter()
             .zip(widths)
             .enumerate()
-            .map(|(i, (c, w))| if i + 1 == cells.len() { c.clone() } else { format!("{c:<w$}") })
+            .map(|(i, (c, w))| {
+                if i + 1 == cells.len() {
+                    c.clone()
+                } else {
+                    format!("{c:<w$}")
+                }
+            })
             .collect::<Vec<_>>()
             .join("  ")
     };

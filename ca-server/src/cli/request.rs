@@ -13,7 +13,7 @@ use tonic::transport::{Certificate, Channel, ClientTlsConfig};
 use zeroize::Zeroizing;
 
 use super::{parse_duration, read_text};
-use crate::authority::pem_to_der;
+use crate::authority::{pem_to_der, serial_hex};
 
 /// Key types the client can generate.
 #[derive(Debug, Clone, Copy, ValueEnum)]
@@ -71,7 +71,11 @@ fn generate_key(kind: ClientKeyType) -> anyhow::Result<rcgen::KeyPair> {
 /// Requests a certificate and writes the files.
 pub async fn request(args: RequestArgs) -> anyhow::Result<ExitCode> {
     let bundle = read_text(&args.ca_bundle, "--ca-bundle")?;
-    let token = Zeroizing::new(read_text(&args.token_file, "--token-file")?.trim().to_owned());
+    let token = Zeroizing::new(
+        read_text(&args.token_file, "--token-file")?
+            .trim()
+            .to_owned(),
+    );
     if token.is_empty() {
         bail!("--token-file {} is empty", args.token_file.display());
     }
@@ -94,7 +98,11 @@ pub async fn request(args: RequestArgs) -> anyhow::Result<ExitCode> {
         .server
         .parse()
         .with_context(|| format!("--server {:?} is not a URL", args.server))?;
-    let host = uri.host().unwrap_or("localhost").trim_matches(['[', ']']).to_owned();
+    let host = uri
+        .host()
+        .unwrap_or("localhost")
+        .trim_matches(['[', ']'])
+        .to_owned();
     let tls = ClientTlsConfig::new()
         .ca_certificate(Certificate::from_pem(&bundle))
         .domain_name(host);
@@ -115,7 +123,11 @@ pub async fn request(args: RequestArgs) -> anyhow::Result<ExitCode> {
         .context("the token holds characters not allowed in a header")?;
     request.metadata_mut().insert("authorization", header);
     let response = client.create_certificate(request).await.map_err(|status| {
-        anyhow::anyhow!("the server refused: {:?}: {}", status.code(), status.message())
+        anyhow::anyhow!(
+            "the server refused: {:?}: {}",
+            status.code(),
+            status.message()
+        )
     })?;
     let chain = response.into_inner().cert_chain;
     let (Some(leaf), Some(root)) = (chain.first(), chain.last()) else {
@@ -153,12 +165,16 @@ pub async fn request(args: RequestArgs) -> anyhow::Result<ExitCode> {
     };
     let key_pem = Zeroizing::new(key.serialize_pem());
     write("key.pem", key_pem.as_bytes(), 0o600)?;
-    write("cert-chain.pem", chain[..chain.len() - 1].concat().as_bytes(), 0o644)?;
+    write(
+        "cert-chain.pem",
+        chain[..chain.len() - 1].concat().as_bytes(),
+        0o644,
+    )?;
     write("root-cert.pem", root.as_bytes(), 0o644)?;
 
     println!(
         "{spiffe_id} serial {} valid until {} -> {}",
-        parsed.raw_serial_as_string().replace(':', ""),
+        serial_hex(parsed.raw_serial()),
         parsed.validity().not_after,
         args.out_dir.display()
     );

@@ -107,7 +107,9 @@ fn settings(args: RunArgs, common: Common) -> anyhow::Result<Settings> {
             keys: IssuerKeysFrom::Url(url),
         }],
         (Some(_), None, None) => {
-            bail!("--token-issuer needs the issuer's keys: add --token-jwks-file or --token-jwks-url")
+            bail!(
+                "--token-issuer needs the issuer's keys: add --token-jwks-file or --token-jwks-url"
+            )
         }
         (None, _, _) => bail!(
             "--token-jwks-file/--token-jwks-url need --token-issuer (the tokens' iss, e.g. \
@@ -121,11 +123,17 @@ fn settings(args: RunArgs, common: Common) -> anyhow::Result<Settings> {
     };
     let defaults = LeafPolicy::default();
     let leaf_policy = LeafPolicy {
-        default_ttl: ttl("--default-ttl", args.default_ttl.or(file.default_ttl), defaults.default_ttl)?,
+        default_ttl: ttl(
+            "--default-ttl",
+            args.default_ttl.or(file.default_ttl),
+            defaults.default_ttl,
+        )?,
         max_ttl: ttl("--max-ttl", args.max_ttl.or(file.max_ttl), defaults.max_ttl)?,
         clock_skew: defaults.clock_skew,
     };
-    if leaf_policy.default_ttl <= time::Duration::ZERO || leaf_policy.max_ttl <= time::Duration::ZERO {
+    if leaf_policy.default_ttl <= time::Duration::ZERO
+        || leaf_policy.max_ttl <= time::Duration::ZERO
+    {
         bail!("--default-ttl and --max-ttl must be positive");
     }
     if leaf_policy.default_ttl > leaf_policy.max_ttl {
@@ -148,7 +156,11 @@ fn settings(args: RunArgs, common: Common) -> anyhow::Result<Settings> {
             .or(file.http_listen)
             .unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 15014))),
         trust_domain,
-        server_names: or_list(args.server_names, file.server_name, &["localhost", "127.0.0.1"]),
+        server_names: or_list(
+            args.server_names,
+            file.server_name,
+            &["localhost", "127.0.0.1"],
+        ),
         issuers,
         audiences: or_list(args.token_audiences, file.token_audience, &["istio-ca"]),
         jwks_ca_file: args.token_jwks_ca.or(file.token_jwks_ca),

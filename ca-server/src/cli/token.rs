@@ -44,7 +44,10 @@ pub fn token(cmd: TokenCommand, common: &Common) -> anyhow::Result<ExitCode> {
             if ttl <= time::Duration::ZERO {
                 anyhow::bail!("--ttl must be positive");
             }
-            for (flag, value) in [("--namespace", &namespace), ("--service-account", &service_account)] {
+            for (flag, value) in [
+                ("--namespace", &namespace),
+                ("--service-account", &service_account),
+            ] {
                 if value.is_empty() || value.contains(['/', ':']) {
                     anyhow::bail!("{flag} {value:?} is not a Kubernetes name");
                 }

@@ -10,9 +10,8 @@ use x509_parser::certification_request::X509CertificationRequest;
 use x509_parser::extensions::{GeneralName, ParsedExtension};
 use x509_parser::oid_registry::{
     OID_EC_P256, OID_KEY_TYPE_EC_PUBLIC_KEY, OID_NIST_EC_P384, OID_PKCS1_RSAENCRYPTION,
-    OID_PKCS1_RSASSAPSS, OID_PKCS1_SHA256WITHRSA, OID_PKCS1_SHA384WITHRSA,
-    OID_PKCS1_SHA512WITHRSA, OID_SIG_ECDSA_WITH_SHA256, OID_SIG_ECDSA_WITH_SHA384,
-    OID_SIG_ED25519,
+    OID_PKCS1_RSASSAPSS, OID_PKCS1_SHA256WITHRSA, OID_PKCS1_SHA384WITHRSA, OID_PKCS1_SHA512WITHRSA,
+    OID_SIG_ECDSA_WITH_SHA256, OID_SIG_ECDSA_WITH_SHA384, OID_SIG_ED25519,
 };
 use x509_parser::prelude::FromDer;
 use x509_parser::public_key::PublicKey;
@@ -75,7 +74,7 @@ impl KeyKind {
 }
 
 /// A CSR that passed every check.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct CheckedCsr {
     /// The SubjectPublicKeyInfo to certify (DER).
     pub spki_der: Vec<u8>,
@@ -100,7 +99,9 @@ pub fn check_csr(pem: &str) -> Result<CheckedCsr, CsrError> {
     let (rest, csr) = X509CertificationRequest::from_der(der)
         .map_err(|e| CsrError::Unparseable(e.to_string()))?;
     if !rest.is_empty() {
-        return Err(CsrError::Unparseable("trailing bytes after the request".into()));
+        return Err(CsrError::Unparseable(
+            "trailing bytes after the request".into(),
+        ));
     }
 
     let sig_alg = &csr.signature_algorithm.algorithm;
@@ -132,7 +133,10 @@ pub fn check_csr(pem: &str) -> Result<CheckedCsr, CsrError> {
         } else if curve == OID_NIST_EC_P384 {
             KeyKind::EcP384
         } else {
-            return Err(CsrError::UnsupportedKey(format!("EC curve {}", curve.to_id_string())));
+            return Err(CsrError::UnsupportedKey(format!(
+                "EC curve {}",
+                curve.to_id_string()
+            )));
         }
     } else if *key_oid == OID_PKCS1_RSAENCRYPTION {
         let bits = match spki.parsed() {
@@ -146,7 +150,10 @@ pub fn check_csr(pem: &str) -> Result<CheckedCsr, CsrError> {
     } else if *key_oid == OID_SIG_ED25519 {
         KeyKind::Ed25519
     } else {
-        return Err(CsrError::UnsupportedKey(format!("algorithm {}", key_oid.to_id_string())));
+        return Err(CsrError::UnsupportedKey(format!(
+            "algorithm {}",
+            key_oid.to_id_string()
+        )));
     };
 
     // Proof of possession: the request is signed by the key it asks us to certify.
@@ -179,8 +186,14 @@ fn describe(name: &GeneralName<'_>) -> String {
         GeneralName::DNSName(dns) => format!("dns:{dns}"),
         GeneralName::RFC822Name(mail) => format!("email:{mail}"),
         GeneralName::IPAddress(bytes) => match bytes.len() {
-            4 => format!("ip:{}", IpAddr::from(<[u8; 4]>::try_from(*bytes).unwrap_or_default())),
-            16 => format!("ip:{}", IpAddr::from(<[u8; 16]>::try_from(*bytes).unwrap_or_default())),
+            4 => format!(
+                "ip:{}",
+                IpAddr::from(<[u8; 4]>::try_from(*bytes).unwrap_or_default())
+            ),
+            16 => format!(
+                "ip:{}",
+                IpAddr::from(<[u8; 16]>::try_from(*bytes).unwrap_or_default())
+            ),
             _ => "ip:(malformed)".into(),
         },
         other => format!("{other:?}"),
@@ -223,13 +236,14 @@ mod tests {
             check_csr(&"x".repeat(MAX_CSR_BYTES + 1)),
             Err(CsrError::TooLarge(MAX_CSR_BYTES + 1))
         );
-        let garbage = "-----BEGIN CERTIFICATE REQUEST-----\nAAAA\n-----END CERTIFICATE REQUEST-----\n";
+        let garbage =
+            "-----BEGIN CERTIFICATE REQUEST-----\nAAAA\n-----END CERTIFICATE REQUEST-----\n";
         assert!(matches!(check_csr(garbage), Err(CsrError::Unparseable(_))));
 
         // Flip a bit in the signature: proof of possession fails.
         let pem = csr_with(&rcgen::PKCS_ECDSA_P256_SHA256, &[]);
-        let der = rustls_pki_types::CertificateSigningRequestDer::from_pem_slice(pem.as_bytes())
-            .unwrap();
+        let der =
+            rustls_pki_types::CertificateSigningRequestDer::from_pem_slice(pem.as_bytes()).unwrap();
         let mut bytes = der.as_ref().to_vec();
         let n = bytes.len();
         bytes[n - 5] ^= 0x01;

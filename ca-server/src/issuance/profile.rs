@@ -2,8 +2,8 @@
 //! parameters of an X509-SVID. No keys here; `authority` signs what this decides.
 
 use rcgen::{
-    CertificateParams, DistinguishedName, ExtendedKeyUsagePurpose, IsCa, KeyUsagePurpose,
-    SanType, SerialNumber,
+    CertificateParams, DistinguishedName, ExtendedKeyUsagePurpose, IsCa, KeyUsagePurpose, SanType,
+    SerialNumber,
 };
 use time::{Duration, OffsetDateTime};
 
@@ -35,7 +35,9 @@ impl Default for LeafPolicy {
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum ValidityError {
     /// A negative `validity_duration`.
-    #[error("validity_duration {0}s is negative; send 0 for the default or a positive number of seconds")]
+    #[error(
+        "validity_duration {0}s is negative; send 0 for the default or a positive number of seconds"
+    )]
     Negative(i64),
     /// Above the maximum.
     #[error("validity_duration {requested}s is above the maximum of {max}s (--max-ttl)")]
@@ -46,7 +48,9 @@ pub enum ValidityError {
         max: i64,
     },
     /// The issuing authority is not valid now.
-    #[error("the active authority is valid only from {not_before} to {not_after}; rotate it with `ca-server root prepare` and `root activate`")]
+    #[error(
+        "the active authority is valid only from {not_before} to {not_after}; rotate it with `ca-server root prepare` and `root activate`"
+    )]
     IssuerNotValid {
         /// Its notBefore.
         not_before: OffsetDateTime,
@@ -163,7 +167,10 @@ mod tests {
         assert_eq!(resolve_ttl(86_400, &p), Ok(Duration::hours(24)));
         assert_eq!(
             resolve_ttl(86_401, &p),
-            Err(ValidityError::AboveMax { requested: 86_401, max: 86_400 })
+            Err(ValidityError::AboveMax {
+                requested: 86_401,
+                max: 86_400
+            })
         );
         assert_eq!(resolve_ttl(-1, &p), Err(ValidityError::Negative(-1)));
         assert!(resolve_ttl(i64::MIN, &p).is_err());
@@ -209,7 +216,10 @@ mod tests {
         let rsa = leaf_params(&id, KeyKind::Rsa(2048), v, SerialNumber::from_slice(&[1])).unwrap();
         assert_eq!(
             rsa.key_usages,
-            vec![KeyUsagePurpose::DigitalSignature, KeyUsagePurpose::KeyEncipherment]
+            vec![
+                KeyUsagePurpose::DigitalSignature,
+                KeyUsagePurpose::KeyEncipherment
+            ]
         );
         assert!(p.use_authority_key_identifier_extension);
     }

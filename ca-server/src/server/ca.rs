@@ -10,7 +10,7 @@ use tracing::{info, warn};
 
 use super::status::{Refusal, code_name};
 use crate::audit::AuditLog;
-use crate::auth::{Authenticator, AuthError, BearerToken, Identity};
+use crate::auth::{AuthError, Authenticator, BearerToken, Identity};
 use crate::authority::Authority;
 use crate::bundle::Bundle;
 use crate::issuance::{self, Issued, LeafPolicy};
@@ -111,7 +111,12 @@ impl CertificateAuthority {
             }
             Err(refusal) => {
                 let code = refusal.code();
-                let mut event = event_for(EventKind::Denied, now, known.identity.as_ref(), request.peer);
+                let mut event = event_for(
+                    EventKind::Denied,
+                    now,
+                    known.identity.as_ref(),
+                    request.peer,
+                );
                 event.code = Some(code_name(code).to_owned());
                 event.reason = Some(refusal.to_string());
                 event.csr_sha256 = known.csr_sha256;
@@ -136,7 +141,10 @@ impl CertificateAuthority {
     ) -> Result<Issued, Refusal> {
         let header = request.authorization.as_deref().ok_or(AuthError::NoToken)?;
         let token = BearerToken::from_header(header)?;
-        let identity = self.authn.authenticate(&token, now.unix_timestamp()).await?;
+        let identity = self
+            .authn
+            .authenticate(&token, now.unix_timestamp())
+            .await?;
         drop(token);
         known.identity = Some(identity.clone());
 

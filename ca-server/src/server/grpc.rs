@@ -41,10 +41,14 @@ impl IstioCertificateService for CertificateService {
             .map(|v| v.to_str().map(str::to_owned).unwrap_or_default());
         let body = request.into_inner();
         let impersonated_identity = body.metadata.as_ref().and_then(|m| {
-            m.fields.get(IMPERSONATED_IDENTITY).and_then(|v| match &v.kind {
-                Some(prost_types::value::Kind::StringValue(s)) if !s.is_empty() => Some(s.clone()),
-                _ => None,
-            })
+            m.fields
+                .get(IMPERSONATED_IDENTITY)
+                .and_then(|v| match &v.kind {
+                    Some(prost_types::value::Kind::StringValue(s)) if !s.is_empty() => {
+                        Some(s.clone())
+                    }
+                    _ => None,
+                })
         });
         let chain = self
             .ca
@@ -57,6 +61,8 @@ impl IstioCertificateService for CertificateService {
             })
             .await
             .map_err(|r| r.to_status())?;
-        Ok(Response::new(IstioCertificateResponse { cert_chain: chain }))
+        Ok(Response::new(IstioCertificateResponse {
+            cert_chain: chain,
+        }))
     }
 }

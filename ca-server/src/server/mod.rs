@@ -145,7 +145,10 @@ impl RunningServer {
     pub async fn shutdown(mut self) {
         let _ = self.shutdown.send(true);
         let drain = async { while self.tasks.join_next().await.is_some() {} };
-        if tokio::time::timeout(Duration::from_secs(10), drain).await.is_err() {
+        if tokio::time::timeout(Duration::from_secs(10), drain)
+            .await
+            .is_err()
+        {
             warn!("Shutdown timed out; dropping remaining connections");
         }
         self.store.close().await;
@@ -215,7 +218,9 @@ fn build_authenticator(settings: &Settings) -> Result<Authenticator, StartError>
     let mut issuers = Vec::new();
     for issuer in &settings.issuers {
         let keys = match &issuer.keys {
-            IssuerKeysFrom::File(path) => IssuerKeys::from_file(path).map_err(StartError::Issuer)?,
+            IssuerKeysFrom::File(path) => {
+                IssuerKeys::from_file(path).map_err(StartError::Issuer)?
+            }
             IssuerKeysFrom::Url(url) => IssuerKeys::from_url(url.clone()),
         };
         issuers.push(TokenIssuer::new(
@@ -227,7 +232,10 @@ fn build_authenticator(settings: &Settings) -> Result<Authenticator, StartError>
     if settings.dev {
         let dev = DevIssuer::load_or_create(&settings.data_dir)
             .map_err(|e| StartError::Issuer(e.to_string()))?;
-        warn!(issuer = DEV_ISSUER, "Development issuer enabled: anyone who can read the data dir can mint tokens");
+        warn!(
+            issuer = DEV_ISSUER,
+            "Development issuer enabled: anyone who can read the data dir can mint tokens"
+        );
         issuers.push(TokenIssuer::new(
             DEV_ISSUER.to_owned(),
             settings.audiences.clone(),
@@ -237,12 +245,13 @@ fn build_authenticator(settings: &Settings) -> Result<Authenticator, StartError>
     if issuers.is_empty() {
         return Err(StartError::NoIssuer);
     }
-    let extra_ca = match &settings.jwks_ca_file {
-        Some(path) => Some(std::fs::read_to_string(path).map_err(|e| {
-            StartError::Issuer(format!("--token-jwks-ca {}: {e}", path.display()))
-        })?),
-        None => None,
-    };
+    let extra_ca =
+        match &settings.jwks_ca_file {
+            Some(path) => Some(std::fs::read_to_string(path).map_err(|e| {
+                StartError::Issuer(format!("--token-jwks-ca {}: {e}", path.display()))
+            })?),
+            None => None,
+        };
     let fetcher = Fetcher::new(extra_ca.as_deref()).map_err(StartError::Issuer)?;
     Ok(Authenticator::new(
         settings.trust_domain.clone(),
@@ -290,14 +299,18 @@ pub async fn start(settings: Settings) -> Result<RunningServer, StartError> {
 
     let grpc_listener = bind(settings.grpc_listen).await?;
     let http_listener = bind(settings.http_listen).await?;
-    let grpc_addr = grpc_listener.local_addr().map_err(|source| StartError::Bind {
-        addr: settings.grpc_listen,
-        source,
-    })?;
-    let http_addr = http_listener.local_addr().map_err(|source| StartError::Bind {
-        addr: settings.http_listen,
-        source,
-    })?;
+    let grpc_addr = grpc_listener
+        .local_addr()
+        .map_err(|source| StartError::Bind {
+            addr: settings.grpc_listen,
+            source,
+        })?;
+    let http_addr = http_listener
+        .local_addr()
+        .map_err(|source| StartError::Bind {
+            addr: settings.http_listen,
+            source,
+        })?;
 
     let app = tonic::service::Routes::new(IstioCertificateServiceServer::new(
         grpc::CertificateService::new(ca),
@@ -392,22 +405,25 @@ async fn serve_tls(
         let builder = builder.clone();
         let watcher = graceful.watcher();
         tokio::spawn(async move {
-            let tls = match tokio::time::timeout(Duration::from_secs(10), acceptor.accept(tcp)).await {
-                Ok(Ok(tls)) => tls,
-                Ok(Err(e)) => {
-                    debug!(%peer, error = %e, "TLS handshake failed");
-                    return;
-                }
-                Err(_) => {
-                    debug!(%peer, "TLS handshake timed out");
-                    return;
-                }
-            };
-            let service = hyper::service::service_fn(move |mut request: ::http::Request<hyper::body::Incoming>| {
-                request.extensions_mut().insert(PeerAddr(peer));
-                let mut app = app.clone();
-                async move { app.call(request).await }
-            });
+            let tls =
+                match tokio::time::timeout(Duration::from_secs(10), acceptor.accept(tcp)).await {
+                    Ok(Ok(tls)) => tls,
+                    Ok(Err(e)) => {
+                        debug!(%peer, error = %e, "TLS handshake failed");
+                        return;
+                    }
+                    Err(_) => {
+                        debug!(%peer, "TLS handshake timed out");
+                        return;
+                    }
+                };
+            let service = hyper::service::service_fn(
+                move |mut request: ::http::Request<hyper::body::Incoming>| {
+                    request.extensions_mut().insert(PeerAddr(peer));
+                    let mut app = app.clone();
+                    async move { app.call(request).await }
+                },
+            );
             let conn = builder.serve_connection_with_upgrades(TokioIo::new(tls), service);
             if let Err(e) = watcher.watch(conn.into_owned()).await {
                 debug!(%peer, error = %e, "Connection ended with an error");

@@ -139,6 +139,9 @@ mod tests {
             renew_in(&v, datetime!(2026-01-01 11:00 UTC)),
             std::time::Duration::from_secs(3600)
         );
-        assert_eq!(renew_in(&v, datetime!(2026-01-01 13:00 UTC)), std::time::Duration::ZERO);
+        assert_eq!(
+            renew_in(&v, datetime!(2026-01-01 13:00 UTC)),
+            std::time::Duration::ZERO
+        );
     }
 }

@@ -172,10 +172,9 @@ impl EventRow {
     /// An event of `kind` made now, every optional field empty; the log fills in `seq` and
     /// the hashes when it commits.
     pub fn new(kind: EventKind) -> Self {
-        let time_ms = i64::try_from(
-            time::OffsetDateTime::now_utc().unix_timestamp_nanos() / 1_000_000,
-        )
-        .unwrap_or(i64::MAX);
+        let time_ms =
+            i64::try_from(time::OffsetDateTime::now_utc().unix_timestamp_nanos() / 1_000_000)
+                .unwrap_or(i64::MAX);
         Self {
             seq: 0,
             time_ms,
@@ -224,7 +223,10 @@ impl Store {
             .fetch_optional(&mut *tx)
             .await?;
         let (mut seq, mut prev_hash) = match head {
-            Some(row) => (row.try_get::<i64, _>("seq")?, row.try_get::<String, _>("hash")?),
+            Some(row) => (
+                row.try_get::<i64, _>("seq")?,
+                row.try_get::<String, _>("hash")?,
+            ),
             None => (0, GENESIS_HASH.to_owned()),
         };
         for e in events.iter_mut() {
@@ -329,10 +331,10 @@ impl Store {
         let sql = format!("SELECT {COLUMNS} FROM audit_events WHERE seq > ? ORDER BY seq LIMIT ?");
         // Fixed text: COLUMNS is a constant.
         let rows = sqlx::query(AssertSqlSafe(sql))
-        .bind(after_seq)
-        .bind(limit)
-        .fetch_all(self.pool())
-        .await?;
+            .bind(after_seq)
+            .bind(limit)
+            .fetch_all(self.pool())
+            .await?;
         rows.iter().map(event_from_row).collect()
     }
 }

@@ -187,7 +187,9 @@ impl Store {
 
     /// Every authority, oldest first.
     pub async fn authorities(&self) -> Result<Vec<AuthorityRecord>, StoreError> {
-        let rows = sqlx::query(SELECT_AUTHORITIES).fetch_all(self.pool()).await?;
+        let rows = sqlx::query(SELECT_AUTHORITIES)
+            .fetch_all(self.pool())
+            .await?;
         rows.iter().map(record_from_row).collect()
     }
 
