@@ -1,6 +1,8 @@
 //! Issuance end to end: the real binary, a real gRPC client over TLS trusting only
 //! `trust-bundle.pem`, OpenSSL and rustls-webpki checking what comes back.
 
+#![allow(clippy::unwrap_used)] // Tests may unwrap: a panic is a failed assertion.
+
 use ca_tests::*;
 use tonic::Code;
 use x509_parser::prelude::*;

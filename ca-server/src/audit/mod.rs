@@ -10,10 +10,10 @@ pub use log::{AuditError, AuditLog};
 /// The OS user behind a change, for authority events: `$USER`, else `$LOGNAME`, else the uid.
 pub fn operator_name() -> String {
     for var in ["USER", "LOGNAME"] {
-        if let Ok(name) = std::env::var(var) {
-            if !name.is_empty() {
-                return name;
-            }
+        if let Ok(name) = std::env::var(var)
+            && !name.is_empty()
+        {
+            return name;
         }
     }
     std::fs::read_to_string("/proc/self/status")

@@ -77,12 +77,12 @@ fn parse_time(flag: &str, text: &str) -> anyhow::Result<i64> {
 }
 
 async fn open(common: &Common) -> anyhow::Result<Store> {
-    if let Some(path) = common.database_url.strip_prefix("sqlite://") {
-        if !std::path::Path::new(path).exists() {
-            anyhow::bail!(
-                "no database at {path}: point --data-dir or --database-url at a server's store"
-            );
-        }
+    if let Some(path) = common.database_url.strip_prefix("sqlite://")
+        && !std::path::Path::new(path).exists()
+    {
+        anyhow::bail!(
+            "no database at {path}: point --data-dir or --database-url at a server's store"
+        );
     }
     Store::open_read_only(&common.database_url)
         .await

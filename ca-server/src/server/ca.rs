@@ -148,13 +148,13 @@ impl CertificateAuthority {
         drop(token);
         known.identity = Some(identity.clone());
 
-        if let Some(asked) = &request.impersonated_identity {
-            if *asked != identity.spiffe_id.to_string() {
-                return Err(Refusal::Impersonation {
-                    caller: identity.spiffe_id.to_string(),
-                    requested: asked.clone(),
-                });
-            }
+        if let Some(asked) = &request.impersonated_identity
+            && *asked != identity.spiffe_id.to_string()
+        {
+            return Err(Refusal::Impersonation {
+                caller: identity.spiffe_id.to_string(),
+                requested: asked.clone(),
+            });
         }
 
         let authority = Arc::clone(&self.active.borrow().authority);
