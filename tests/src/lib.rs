@@ -249,6 +249,7 @@ impl TestIssuer {
     /// A new issuer; writes its JWKS into `dir`.
     pub fn new(dir: &Path) -> Self {
         let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).expect("key");
+        std::fs::create_dir_all(dir).expect("issuer dir");
         let issuer = Self {
             iss: "https://kubernetes.default.svc.cluster.local".to_owned(),
             kid: "test-key-1".to_owned(),
@@ -405,7 +406,10 @@ pub fn openssl_verify(dir: &Path, chain: &[String], purpose: &str) -> Result<(),
 
 /// Lines of `audit list --format json`, parsed.
 pub fn audit_json(server: &TestServer, extra: &[&str]) -> Vec<serde_json::Value> {
-    let mut args = vec!["audit", "list", "--format", "json", "--limit", "100000"];
+    let mut args = vec!["audit", "list", "--format", "json"];
+    if !extra.contains(&"--limit") {
+        args.extend(["--limit", "100000"]);
+    }
     args.extend_from_slice(extra);
     let out = server.cli(&args);
     assert!(
@@ -417,5 +421,21 @@ pub fn audit_json(server: &TestServer, extra: &[&str]) -> Vec<serde_json::Value>
         .expect("utf-8")
         .lines()
         .map(|l| serde_json::from_str(l).expect("one JSON object per line"))
+        .collect()
+}
+
+/// The serial of the first certificate in `pem`, as the audit log writes it (lowercase hex,
+/// no sign-padding zero).
+pub fn serial_of(pem: &str) -> String {
+    serial_of_der(&der(pem))
+}
+
+/// The serial of a DER certificate, as the audit log writes it.
+pub fn serial_of_der(der: &[u8]) -> String {
+    let (_, cert) = x509_parser::parse_x509_certificate(der).expect("certificate");
+    cert.raw_serial()
+        .iter()
+        .skip_while(|b| **b == 0)
+        .map(|b| format!("{b:02x}"))
         .collect()
 }

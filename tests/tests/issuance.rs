@@ -447,15 +447,7 @@ async fn concurrent_requests_get_distinct_serials_and_survive_a_restart() {
     let mut serials = std::collections::HashSet::new();
     while let Some(result) = tasks.join_next().await {
         let chain = result.unwrap().expect("issued");
-        let leaf_der = der(&chain[0]);
-        let (_, leaf) = X509Certificate::from_der(&leaf_der).unwrap();
-        let hex: String = leaf
-            .raw_serial()
-            .iter()
-            .skip_while(|b| **b == 0)
-            .map(|b| format!("{b:02x}"))
-            .collect();
-        serials.insert(hex);
+        serials.insert(serial_of(&chain[0]));
     }
     assert_eq!(serials.len(), 200, "200 distinct serials");
 

@@ -68,6 +68,40 @@ fn generate_key(kind: ClientKeyType) -> anyhow::Result<rcgen::KeyPair> {
     pair.context("generating the key")
 }
 
+/// The key as PKCS#8 PEM that OpenSSL, BoringSSL and rustls all read. Ed25519 keys come out of
+/// the generator as PKCS#8 v2 (with the public key attached), which OpenSSL 3.0 refuses; they
+/// are written as v1 (the 32-byte seed alone), which every reader accepts.
+fn private_key_pem(key: &rcgen::KeyPair) -> String {
+    const V2_PREFIX: [u8; 16] = [
+        0x30, 0x51, 0x02, 0x01, 0x01, 0x30, 0x05, 0x06, 0x03, 0x2b, 0x65, 0x70, 0x04, 0x22, 0x04,
+        0x20,
+    ];
+    const V1_PREFIX: [u8; 16] = [
+        0x30, 0x2e, 0x02, 0x01, 0x00, 0x30, 0x05, 0x06, 0x03, 0x2b, 0x65, 0x70, 0x04, 0x22, 0x04,
+        0x20,
+    ];
+    let der = key.serialized_der();
+    if der.len() >= 48 && der[..16] == V2_PREFIX {
+        let mut v1 = Zeroizing::new(V1_PREFIX.to_vec());
+        v1.extend_from_slice(&der[16..48]);
+        return pem_encode("PRIVATE KEY", &v1);
+    }
+    key.serialize_pem()
+}
+
+/// PEM with 64-column lines.
+fn pem_encode(label: &str, der: &[u8]) -> String {
+    use base64::Engine;
+    let b64 = Zeroizing::new(base64::engine::general_purpose::STANDARD.encode(der));
+    let mut out = format!("-----BEGIN {label}-----\n");
+    for chunk in b64.as_bytes().chunks(64) {
+        out.push_str(&String::from_utf8_lossy(chunk));
+        out.push('\n');
+    }
+    out.push_str(&format!("-----END {label}-----\n"));
+    out
+}
+
 /// Requests a certificate and writes the files.
 pub async fn request(args: RequestArgs) -> anyhow::Result<ExitCode> {
     let bundle = read_text(&args.ca_bundle, "--ca-bundle")?;
@@ -163,7 +197,7 @@ pub async fn request(args: RequestArgs) -> anyhow::Result<ExitCode> {
         crate::files::write_atomic(&path, contents, mode)
             .with_context(|| format!("writing {}", path.display()))
     };
-    let key_pem = Zeroizing::new(key.serialize_pem());
+    let key_pem = Zeroizing::new(private_key_pem(&key));
     write("key.pem", key_pem.as_bytes(), 0o600)?;
     write(
         "cert-chain.pem",

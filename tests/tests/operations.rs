@@ -1,0 +1,574 @@
+//! The operator's view, end to end: the README's demo with the real binary, health, the TLS
+//! the server offers, the audit commands, the JWKS URL source, and start-up refusals.
+
+#![allow(clippy::unwrap_used)] // Tests may unwrap: a panic is a failed assertion.
+
+use std::io::{Read, Write};
+use std::net::TcpListener;
+use std::sync::{Arc, Mutex};
+
+use ca_tests::*;
+
+fn stdout(out: &std::process::Output) -> String {
+    assert!(
+        out.status.success(),
+        "command failed: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout.clone()).unwrap()
+}
+
+fn openssl(args: &[&str]) -> String {
+    let out = std::process::Command::new("openssl")
+        .args(args)
+        .output()
+        .expect("openssl");
+    stdout(&out)
+}
+
+#[test]
+fn readme_demo_dev_token_then_request_then_openssl() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = TestServer::start(&dir.path().join("data"), &["--dev"]);
+
+    let token = stdout(&server.cli(&[
+        "token",
+        "issue",
+        "--namespace",
+        "default",
+        "--service-account",
+        "web",
+        "--pod-name",
+        "web-0",
+    ]));
+    let token_file = dir.path().join("token");
+    std::fs::write(&token_file, &token).unwrap();
+    let bundle = server.data_dir.join("trust-bundle.pem");
+
+    for key_type in ["ec-p256", "ec-p384", "rsa-2048", "ed25519"] {
+        let out_dir = dir.path().join(key_type);
+        let printed = stdout(&server.cli(&[
+            "request",
+            "--server",
+            &format!("https://{}", server.grpc),
+            "--ca-bundle",
+            bundle.to_str().unwrap(),
+            "--token-file",
+            token_file.to_str().unwrap(),
+            "--out-dir",
+            out_dir.to_str().unwrap(),
+            "--key-type",
+            key_type,
+            "--ttl",
+            "15m",
+        ]));
+        assert!(
+            printed.starts_with("spiffe://cluster.local/ns/default/sa/web serial "),
+            "{printed}"
+        );
+
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(out_dir.join("key.pem"))
+            .unwrap()
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o600, "key.pem must be private");
+
+        let chain = out_dir.join("cert-chain.pem");
+        let root = out_dir.join("root-cert.pem");
+        let text = openssl(&["x509", "-in", chain.to_str().unwrap(), "-noout", "-text"]);
+        assert!(
+            text.contains("URI:spiffe://cluster.local/ns/default/sa/web"),
+            "{text}"
+        );
+        openssl(&[
+            "verify",
+            "-x509_strict",
+            "-purpose",
+            "sslclient",
+            "-CAfile",
+            root.to_str().unwrap(),
+            chain.to_str().unwrap(),
+        ]);
+        // The certificate certifies the key that was written.
+        let cert_key = openssl(&["x509", "-in", chain.to_str().unwrap(), "-noout", "-pubkey"]);
+        let key_pub = openssl(&[
+            "pkey",
+            "-in",
+            out_dir.join("key.pem").to_str().unwrap(),
+            "-pubout",
+        ]);
+        assert_eq!(cert_key, key_pub, "{key_type}");
+    }
+
+    let events = audit_json(
+        &server,
+        &[
+            "--kind",
+            "issued",
+            "--spiffe-id",
+            "spiffe://cluster.local/ns/default/sa/web",
+        ],
+    );
+    assert_eq!(events.len(), 4);
+    assert_eq!(events[0]["pod_name"], "web-0");
+    assert_eq!(events[0]["token_issuer"], "ca-server-dev");
+    let ttl = ::time::OffsetDateTime::parse(
+        events[0]["not_after"].as_str().unwrap(),
+        &::time::format_description::well_known::Rfc3339,
+    )
+    .unwrap()
+        - ::time::OffsetDateTime::now_utc();
+    assert!(
+        ttl.whole_minutes() <= 15 && ttl.whole_minutes() >= 14,
+        "--ttl 15m: {ttl}"
+    );
+
+    // A token for the wrong audience is refused through the same client, with the reason.
+    let other = stdout(&server.cli(&[
+        "token",
+        "issue",
+        "--namespace",
+        "default",
+        "--service-account",
+        "web",
+        "--audience",
+        "api",
+    ]));
+    std::fs::write(&token_file, other).unwrap();
+    let out = server.cli(&[
+        "request",
+        "--server",
+        &format!("https://{}", server.grpc),
+        "--ca-bundle",
+        bundle.to_str().unwrap(),
+        "--token-file",
+        token_file.to_str().unwrap(),
+        "--out-dir",
+        dir.path().join("refused").to_str().unwrap(),
+    ]);
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("Unauthenticated")
+            && stderr.contains("audience [api] does not include istio-ca"),
+        "{stderr}"
+    );
+}
+
+#[test]
+fn health_and_readiness() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = TestServer::start(&dir.path().join("data"), &["--dev"]);
+    assert_eq!(http_get(server.http, "/healthz").unwrap().0, 200);
+    let (status, body) = http_get(server.http, "/readyz").unwrap();
+    assert_eq!((status, body.as_str()), (200, "ready\n"));
+    assert_eq!(http_get(server.http, "/nope").unwrap().0, 404);
+}
+
+#[test]
+fn tls_offers_h2_with_tls13_aes_gcm_and_its_cert_is_audited() {
+    use rustls::crypto::aws_lc_rs::{cipher_suite, default_provider};
+    let dir = tempfile::tempdir().unwrap();
+    let server = TestServer::start(&dir.path().join("data"), &["--dev"]);
+
+    // What ztunnel offers: TLS 1.3, AES-GCM suites only, ALPN h2.
+    let provider = rustls::crypto::CryptoProvider {
+        cipher_suites: vec![
+            cipher_suite::TLS13_AES_256_GCM_SHA384,
+            cipher_suite::TLS13_AES_128_GCM_SHA256,
+        ],
+        ..default_provider()
+    };
+    let mut roots = rustls::RootCertStore::empty();
+    roots
+        .add(rustls_pki_types::CertificateDer::from(der(
+            &server.bundle_pem()
+        )))
+        .unwrap();
+    let mut config = rustls::ClientConfig::builder_with_provider(Arc::new(provider))
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    config.alpn_protocols = vec![b"h2".to_vec()];
+
+    let mut served_serials = Vec::new();
+    for name in ["localhost", "127.0.0.1"] {
+        let server_name = rustls_pki_types::ServerName::try_from(name.to_owned()).unwrap();
+        let mut conn =
+            rustls::ClientConnection::new(Arc::new(config.clone()), server_name).unwrap();
+        let mut tcp = std::net::TcpStream::connect(server.grpc).unwrap();
+        while conn.is_handshaking() {
+            conn.complete_io(&mut tcp)
+                .unwrap_or_else(|e| panic!("{name}: handshake: {e}"));
+        }
+        assert_eq!(conn.alpn_protocol(), Some(&b"h2"[..]));
+        assert_eq!(
+            conn.protocol_version(),
+            Some(rustls::ProtocolVersion::TLSv1_3)
+        );
+        served_serials.push(serial_of_der(&conn.peer_certificates().unwrap()[0]));
+    }
+    // The server's own certificate is an issuance like any other.
+    let issued = audit_json(&server, &["--kind", "issued"]);
+    let event = issued
+        .iter()
+        .find(|e| e["serial"].as_str() == Some(&served_serials[0]))
+        .expect("the served certificate's serial is in the audit log");
+    assert!(
+        event["reason"]
+            .as_str()
+            .unwrap()
+            .contains("server TLS certificate for localhost, 127.0.0.1")
+    );
+}
+
+#[tokio::test]
+async fn audit_list_filters_and_formats() {
+    let dir = tempfile::tempdir().unwrap();
+    let issuer = TestIssuer::new(dir.path());
+    let flags = issuer.flags();
+    let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
+    let server = TestServer::start(&dir.path().join("data"), &flags);
+    let mut client = server.client().await;
+    let start = ::time::OffsetDateTime::now_utc();
+    let mut serials = Vec::new();
+    for (ns, sa) in [("shop", "web"), ("shop", "db"), ("bank", "web")] {
+        let (csr, _) = csr(&rcgen::PKCS_ECDSA_P256_SHA256, &[]);
+        let chain = create_certificate(&mut client, Some(&issuer.token(ns, sa)), &csr, 0)
+            .await
+            .unwrap();
+        serials.push(serial_of(&chain[0]));
+    }
+    let (csr, _) = csr(&rcgen::PKCS_ECDSA_P256_SHA256, &[]);
+    create_certificate(&mut client, None, &csr, 0)
+        .await
+        .unwrap_err();
+
+    let all = audit_json(&server, &[]);
+    // authority creation, server certificate, three issuances, one refusal; newest first.
+    assert_eq!(all.len(), 6);
+    let seqs: Vec<i64> = all.iter().map(|e| e["seq"].as_i64().unwrap()).collect();
+    assert_eq!(seqs, vec![6, 5, 4, 3, 2, 1]);
+    let keys: Vec<&str> = all[0]
+        .as_object()
+        .unwrap()
+        .keys()
+        .map(String::as_str)
+        .collect();
+    assert_eq!(
+        keys,
+        [
+            "seq",
+            "time",
+            "kind",
+            "spiffe_id",
+            "namespace",
+            "service_account",
+            "pod_name",
+            "pod_uid",
+            "token_issuer",
+            "serial",
+            "not_before",
+            "not_after",
+            "authority_id",
+            "public_key_sha256",
+            "csr_sha256",
+            "peer",
+            "code",
+            "reason",
+            "count",
+            "operator",
+            "hash",
+            "prev_hash"
+        ]
+    );
+    assert_eq!(all[0]["kind"], "denied");
+    assert_eq!(all[0]["code"], "UNAUTHENTICATED");
+    assert_eq!(all[5]["kind"], "authority");
+    assert!(all[5]["operator"].is_string());
+
+    let count = |args: &[&str]| audit_json(&server, args).len();
+    assert_eq!(count(&["--namespace", "shop"]), 2);
+    assert_eq!(count(&["--service-account", "web"]), 2);
+    assert_eq!(
+        count(&["--namespace", "shop", "--service-account", "web"]),
+        1
+    );
+    assert_eq!(
+        count(&["--spiffe-id", "spiffe://cluster.local/ns/bank/sa/web"]),
+        1
+    );
+    assert_eq!(count(&["--serial", &serials[1]]), 1);
+    assert_eq!(count(&["--serial", &serials[1].to_uppercase()]), 1);
+    assert_eq!(count(&["--kind", "denied"]), 1);
+    assert_eq!(count(&["--kind", "authority"]), 1);
+    assert_eq!(count(&["--kind", "issued"]), 4);
+    assert_eq!(count(&["--limit", "2"]), 2);
+    let fmt = ::time::format_description::well_known::Rfc3339;
+    let since = (start - ::time::Duration::seconds(1)).format(&fmt).unwrap();
+    let later = (::time::OffsetDateTime::now_utc() + ::time::Duration::hours(1))
+        .format(&fmt)
+        .unwrap();
+    assert_eq!(
+        count(&["--since", &since, "--kind", "issued", "--namespace", "shop"]),
+        2
+    );
+    assert_eq!(count(&["--since", &later]), 0);
+    assert_eq!(count(&["--until", "2000-01-01T00:00:00Z"]), 0);
+
+    let bad = server.cli(&["audit", "list", "--since", "yesterday"]);
+    assert_eq!(bad.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("--since"));
+
+    let csv = stdout(&server.cli(&["audit", "list", "--format", "csv"]));
+    let mut lines = csv.lines();
+    assert!(
+        lines
+            .next()
+            .unwrap()
+            .starts_with("seq,time,kind,spiffe_id,")
+    );
+    assert_eq!(lines.count(), 6);
+    let table = stdout(&server.cli(&["audit", "list"]));
+    assert!(table.lines().next().unwrap().starts_with("SEQ  TIME"));
+    assert!(table.contains("no bearer token"));
+}
+
+#[tokio::test]
+async fn audit_verify_finds_edited_and_removed_events() {
+    use sqlx::Connection;
+    let dir = tempfile::tempdir().unwrap();
+    let mut server = TestServer::start(&dir.path().join("data"), &["--dev"]);
+    let token = stdout(&server.cli(&[
+        "token",
+        "issue",
+        "--namespace",
+        "a",
+        "--service-account",
+        "b",
+    ]));
+    let mut client = server.client().await;
+    for _ in 0..5 {
+        let (csr, _) = csr(&rcgen::PKCS_ECDSA_P256_SHA256, &[]);
+        create_certificate(&mut client, Some(token.trim()), &csr, 0)
+            .await
+            .unwrap();
+    }
+    server.kill();
+    let intact = stdout(&server.cli(&["audit", "verify"]));
+    assert!(intact.starts_with("audit log intact: 7 events"), "{intact}");
+
+    let db_path = server.data_dir.join("ca.db");
+    let copy = dir.path().join("copy.db");
+    // A copy of the database as the killed server left it: the main file and its WAL.
+    let copy_db = || {
+        std::fs::copy(&db_path, &copy).unwrap();
+        let wal = server.data_dir.join("ca.db-wal");
+        if wal.exists() {
+            std::fs::copy(&wal, dir.path().join("copy.db-wal")).unwrap();
+        }
+    };
+    let url = |p: &std::path::Path| format!("sqlite://{}", p.display());
+    let verify = |p: &std::path::Path| {
+        let out = ca_server(&["audit", "verify", "--database-url", &url(p)]);
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+        )
+    };
+
+    // An edited field.
+    copy_db();
+    let mut db = sqlx::SqliteConnection::connect(&url(&copy)).await.unwrap();
+    sqlx::query(
+        "UPDATE audit_events SET spiffe_id = 'spiffe://cluster.local/ns/a/sa/admin' WHERE seq = 4",
+    )
+    .execute(&mut db)
+    .await
+    .unwrap();
+    db.close().await.unwrap();
+    let (code, text) = verify(&copy);
+    assert_eq!(code, Some(1));
+    assert!(
+        text.contains("BROKEN at event 4") && text.contains("altered"),
+        "{text}"
+    );
+
+    // A removed event.
+    copy_db();
+    let mut db = sqlx::SqliteConnection::connect(&url(&copy)).await.unwrap();
+    sqlx::query("DELETE FROM audit_events WHERE seq = 3")
+        .execute(&mut db)
+        .await
+        .unwrap();
+    db.close().await.unwrap();
+    let (code, text) = verify(&copy);
+    assert_eq!(code, Some(1));
+    assert!(
+        text.contains("BROKEN at event 3") && text.contains("missing"),
+        "{text}"
+    );
+
+    // Two events swapped (renumbered to hide it).
+    copy_db();
+    let mut db = sqlx::SqliteConnection::connect(&url(&copy)).await.unwrap();
+    for sql in [
+        "UPDATE audit_events SET seq = 100 WHERE seq = 5",
+        "UPDATE audit_events SET seq = 5 WHERE seq = 6",
+        "UPDATE audit_events SET seq = 6 WHERE seq = 100",
+    ] {
+        sqlx::query(sql).execute(&mut db).await.unwrap();
+    }
+    db.close().await.unwrap();
+    let (code, text) = verify(&copy);
+    assert_eq!(code, Some(1));
+    assert!(text.contains("BROKEN at event 5"), "{text}");
+}
+
+#[test]
+fn a_key_file_others_can_read_is_refused_at_start() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    let mut server = TestServer::start(&dir.path().join("data"), &["--dev"]);
+    server.kill();
+    let key = server.data_dir.join("keys/1.key.pem");
+    assert_eq!(
+        std::fs::metadata(&key).unwrap().permissions().mode() & 0o777,
+        0o600
+    );
+    std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let out = ca_server(&[
+        "run",
+        "--dev",
+        "--data-dir",
+        server.data_dir.to_str().unwrap(),
+        "--grpc-listen",
+        "127.0.0.1:0",
+        "--http-listen",
+        "127.0.0.1:0",
+    ]);
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("readable by group or others") && stderr.contains("chmod 600"),
+        "{stderr}"
+    );
+    assert!(!stderr.contains("BEGIN"), "no key material in the message");
+}
+
+/// A tiny HTTP server that serves whatever JWKS it holds and counts requests.
+struct JwksServer {
+    addr: std::net::SocketAddr,
+    body: Arc<Mutex<String>>,
+    hits: Arc<Mutex<u32>>,
+}
+
+impl JwksServer {
+    fn start(body: String) -> Self {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        let body = Arc::new(Mutex::new(body));
+        let hits = Arc::new(Mutex::new(0));
+        let (b, h) = (Arc::clone(&body), Arc::clone(&hits));
+        std::thread::spawn(move || {
+            for stream in listener.incoming() {
+                let Ok(mut stream) = stream else { return };
+                let mut buf = [0u8; 4096];
+                let _ = stream.read(&mut buf);
+                *h.lock().unwrap() += 1;
+                let body = b.lock().unwrap().clone();
+                let _ = write!(
+                    stream,
+                    "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                    body.len()
+                );
+            }
+        });
+        Self { addr, body, hits }
+    }
+}
+
+#[tokio::test]
+async fn jwks_url_is_fetched_and_refetched_on_an_unknown_kid() {
+    let dir = tempfile::tempdir().unwrap();
+    let first = TestIssuer::new(&dir.path().join("first"));
+    std::fs::create_dir_all(dir.path().join("second")).unwrap();
+    let jwks = JwksServer::start(first.jwks());
+    let url = format!("http://{}/openid/v1/jwks", jwks.addr);
+    let server = TestServer::start(
+        &dir.path().join("data"),
+        &["--token-issuer", &first.iss, "--token-jwks-url", &url],
+    );
+    let mut client = server.client().await;
+    let (csr, _) = csr(&rcgen::PKCS_ECDSA_P256_SHA256, &[]);
+    create_certificate(&mut client, Some(&first.token("a", "b")), &csr, 0)
+        .await
+        .expect("first key");
+    create_certificate(&mut client, Some(&first.token("a", "b")), &csr, 0)
+        .await
+        .expect("cached");
+    assert_eq!(*jwks.hits.lock().unwrap(), 1, "keys are cached");
+
+    // The API server rotates its signing key: a token with the new kid triggers a refetch.
+    std::fs::create_dir_all(dir.path().join("second")).unwrap();
+    let mut second = TestIssuer::new(&dir.path().join("second"));
+    second.kid = "test-key-2".into();
+    let both = {
+        let mut a: serde_json::Value = serde_json::from_str(&first.jwks()).unwrap();
+        let b: serde_json::Value = serde_json::from_str(&second.jwks()).unwrap();
+        a["keys"].as_array_mut().unwrap().push(b["keys"][0].clone());
+        a.to_string()
+    };
+    *jwks.body.lock().unwrap() = both;
+    // Within the refetch interval (10 s) an unknown kid is refused without another fetch...
+    let status = create_certificate(&mut client, Some(&second.token("a", "b")), &csr, 0)
+        .await
+        .unwrap_err();
+    assert!(status.message().contains("no key with kid \"test-key-2\""), "{}", status.message());
+    assert_eq!(*jwks.hits.lock().unwrap(), 1, "refetches are rate-limited");
+    // ...after it, the unknown kid triggers one refetch, and the new key verifies.
+    tokio::time::sleep(std::time::Duration::from_secs(11)).await;
+    create_certificate(&mut client, Some(&second.token("a", "b")), &csr, 0)
+        .await
+        .expect("refetched");
+    assert_eq!(*jwks.hits.lock().unwrap(), 2);
+    // ...and a kid that is nowhere is refused, naming it, with at most one fetch per interval.
+    let status = create_certificate(
+        &mut client,
+        Some(&second.sign_with(
+            &rcgen::KeyPair::generate().unwrap(),
+            Some("nowhere"),
+            &second.claims("a", "b"),
+        )),
+        &csr,
+        0,
+    )
+    .await
+    .unwrap_err();
+    assert_eq!(status.code(), tonic::Code::Unauthenticated);
+    assert!(
+        status.message().contains("no key with kid \"nowhere\""),
+        "{}",
+        status.message()
+    );
+    for _ in 0..5 {
+        let _ = create_certificate(
+            &mut client,
+            Some(&second.sign_with(
+                &rcgen::KeyPair::generate().unwrap(),
+                Some("nowhere"),
+                &second.claims("a", "b"),
+            )),
+            &csr,
+            0,
+        )
+        .await;
+    }
+    assert!(
+        *jwks.hits.lock().unwrap() <= 3,
+        "refetches are rate-limited"
+    );
+}
