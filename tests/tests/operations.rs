@@ -527,7 +527,11 @@ async fn jwks_url_is_fetched_and_refetched_on_an_unknown_kid() {
     let status = create_certificate(&mut client, Some(&second.token("a", "b")), &csr, 0)
         .await
         .unwrap_err();
-    assert!(status.message().contains("no key with kid \"test-key-2\""), "{}", status.message());
+    assert!(
+        status.message().contains("no key with kid \"test-key-2\""),
+        "{}",
+        status.message()
+    );
     assert_eq!(*jwks.hits.lock().unwrap(), 1, "refetches are rate-limited");
     // ...after it, the unknown kid triggers one refetch, and the new key verifies.
     tokio::time::sleep(std::time::Duration::from_secs(11)).await;

@@ -53,22 +53,21 @@ pub struct Issued {
     pub csr: CheckedCsr,
 }
 
-/// Checks `csr_pem` against `identity` and the policy, then signs a leaf with `authority`.
-/// CPU-bound (signature check and signing): call it off the async reactor.
+/// Signs a leaf for `identity` with `authority`, after checking the CSR's SANs against the
+/// identity. `csr` has passed [`check_csr`]; `ttl` comes from [`resolve_ttl`]. CPU-bound
+/// (signing): call it off the async reactor.
 pub fn issue(
     authority: &Authority,
     policy: &LeafPolicy,
     identity: &Identity,
-    csr_pem: &str,
-    validity_secs: i64,
+    csr: CheckedCsr,
+    ttl: time::Duration,
     now: OffsetDateTime,
 ) -> Result<Issued, IssueError> {
-    let ttl = resolve_ttl(validity_secs, policy)?;
-    let csr = check_csr(csr_pem)?;
     let id = identity.spiffe_id.to_string();
     if !csr.requested_sans.is_empty() && csr.requested_sans != [id.as_str()] {
         return Err(IssueError::SanMismatch {
-            requested: csr.requested_sans.clone(),
+            requested: csr.requested_sans,
             identity: id,
         });
     }

@@ -157,21 +157,26 @@ impl CertificateAuthority {
             });
         }
 
+        let ttl = issuance::resolve_ttl(request.validity_secs, &self.policy)
+            .map_err(issuance::IssueError::from)?;
         let authority = Arc::clone(&self.active.borrow().authority);
         let policy = self.policy;
-        let csr = request.csr.clone();
-        let validity = request.validity_secs;
-        let result = tokio::task::spawn_blocking(move || {
-            issuance::issue(&authority, &policy, &identity, &csr, validity, now)
+        let csr_pem = request.csr.clone();
+        // Proof of possession and signing are CPU work: off the reactor.
+        let (csr, result) = tokio::task::spawn_blocking(move || {
+            let csr = match issuance::check_csr(&csr_pem) {
+                Ok(csr) => csr,
+                Err(e) => return (None, Err(e.into())),
+            };
+            let result = issuance::issue(&authority, &policy, &identity, csr.clone(), ttl, now);
+            (Some(csr), result)
         })
         .await
         .map_err(|e| Refusal::Internal(format!("issuance task failed: {e}")))?;
-        if let Err(issuance::IssueError::SanMismatch { .. }) = &result {
-            // Record which CSR asked for the wrong identity.
-            if let Ok(csr) = issuance::check_csr(&request.csr) {
-                known.csr_sha256 = Some(csr.csr_sha256);
-                known.public_key_sha256 = Some(csr.public_key_sha256);
-            }
+        if let Some(csr) = csr {
+            // A refusal after the CSR checked out still records which CSR it was.
+            known.csr_sha256 = Some(csr.csr_sha256);
+            known.public_key_sha256 = Some(csr.public_key_sha256);
         }
         Ok(result?)
     }

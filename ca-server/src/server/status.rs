@@ -29,12 +29,6 @@ pub enum Refusal {
         /// What it asked for.
         requested: String,
     },
-    /// The request itself is malformed.
-    #[error("{0}")]
-    BadRequest(String),
-    /// Nothing can be issued right now.
-    #[error("{0}")]
-    Unavailable(String),
     /// A bug: something that cannot fail did.
     #[error("internal error: {0}")]
     Internal(String),
@@ -52,11 +46,9 @@ impl Refusal {
             Self::Issue(IssueError::Csr(_))
             | Self::Issue(IssueError::Validity(
                 ValidityError::Negative(_) | ValidityError::AboveMax { .. },
-            ))
-            | Self::BadRequest(_) => Code::InvalidArgument,
+            )) => Code::InvalidArgument,
             Self::Issue(IssueError::Validity(ValidityError::IssuerNotValid { .. }))
-            | Self::Audit(AuditError::Unavailable(_))
-            | Self::Unavailable(_) => Code::Unavailable,
+            | Self::Audit(AuditError::Unavailable(_)) => Code::Unavailable,
             Self::Audit(AuditError::Overloaded) => Code::ResourceExhausted,
             Self::Issue(IssueError::Authority(_)) | Self::Internal(_) => Code::Internal,
         }
