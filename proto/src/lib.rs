@@ -8,3 +8,10 @@ pub mod istio {
         }
     }
 }
+
+/// `ca.v1`: ca-server's own services.
+pub mod ca {
+    pub mod v1 {
+        tonic::include_proto!("ca.v1");
+    }
+}

@@ -1,26 +1,7 @@
-//! The hash chain: each event's hash covers the previous event's hash and the event's
-//! canonical encoding.
+//! Verifying the hash chain: each event's hash covers the previous event's hash and the
+//! event's canonical encoding (`store::event_hash`, applied as events are appended).
 
-use sha2::{Digest, Sha256};
-
-use crate::store::{EventRow, GENESIS_HASH, Store, StoreError};
-
-/// The canonical encoding of an event: its fields as JSON, in declaration order, without the
-/// two hashes. The order and names are fixed by [`EventRow`]; changing either breaks every
-/// existing chain, so it needs a new encoding version, not an edit.
-fn canonical_encoding(event: &EventRow) -> Vec<u8> {
-    // Serializing a struct of strings and integers cannot fail.
-    serde_json::to_vec(event).unwrap_or_default()
-}
-
-/// `hex(SHA-256(prev_hash as hex text || canonical encoding))`.
-pub fn event_hash(event: &EventRow) -> String {
-    let mut hasher = Sha256::new();
-    hasher.update(event.prev_hash.as_bytes());
-    hasher.update(b"\n");
-    hasher.update(canonical_encoding(event));
-    hex::encode(hasher.finalize())
-}
+use crate::store::{GENESIS_HASH, Store, StoreError, event_hash};
 
 /// What `audit verify` found.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -99,7 +80,7 @@ pub async fn verify_chain(store: &Store) -> Result<VerifyReport, StoreError> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::store::EventKind;
+    use crate::store::{EventKind, EventRow};
 
     #[test]
     fn hash_covers_every_field_and_the_link() {

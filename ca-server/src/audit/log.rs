@@ -6,7 +6,6 @@ use std::time::Duration;
 use tokio::sync::{mpsc, oneshot};
 use tracing::{error, warn};
 
-use super::event_hash;
 use crate::store::{EventRow, Store};
 
 /// Largest group committed in one transaction.
@@ -76,7 +75,7 @@ async fn write_loop(store: Store, mut rx: mpsc::Receiver<Pending>) {
 async fn commit_with_retry(store: &Store, events: &mut [EventRow]) -> Result<(), AuditError> {
     let mut attempt = 0;
     loop {
-        match store.append_events(events, event_hash).await {
+        match store.append_events(events).await {
             Ok(()) => return Ok(()),
             Err(e) if attempt < 2 => {
                 attempt += 1;

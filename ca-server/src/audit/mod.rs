@@ -4,7 +4,7 @@
 mod chain;
 mod log;
 
-pub use chain::{VerifyReport, event_hash, verify_chain};
+pub use chain::{VerifyReport, verify_chain};
 pub use log::{AuditError, AuditLog};
 
 /// The OS user behind a change, for authority events: `$USER`, else `$LOGNAME`, else the uid.

@@ -1,6 +1,7 @@
 //! Authorities: a signing certificate, its private key and its chain up to a root. This module
 //! is the only one that touches CA keys; it signs what `issuance` decided to issue.
 
+mod import;
 mod key;
 
 use std::path::{Path, PathBuf};
@@ -10,11 +11,12 @@ use rustls_pki_types::CertificateDer;
 use sha2::{Digest, Sha256};
 use time::{Duration, OffsetDateTime};
 
+pub use import::{ImportError, ImportedCa, read_cacerts};
 pub use key::{CaKey, KeyError, KeyType, check_private};
 
 use crate::spiffe::TrustDomain;
 use crate::store::{
-    AuthorityKind, AuthorityRecord, AuthorityState, NewAuthority, Store, StoreError,
+    AuthorityKind, AuthorityRecord, AuthorityState, EventRow, NewAuthority, Store, StoreError,
 };
 
 /// How long a generated root is valid.
@@ -40,6 +42,9 @@ pub enum AuthorityError {
         /// What the parser said.
         detail: String,
     },
+    /// The `cacerts` directory failed a check.
+    #[error(transparent)]
+    Import(#[from] ImportError),
     /// The key reference names a key store this build does not have.
     #[error("authority {id}: unsupported key reference {key_ref:?}")]
     UnsupportedKeyRef {
@@ -245,13 +250,15 @@ pub fn root_params(trust_domain: &TrustDomain, id: i64, now: OffsetDateTime) -> 
 }
 
 /// Generates a self-signed root, writes its key 0600 under `<data-dir>/keys/`, and records it
-/// in `state`. Returns the new authority's id.
+/// in `state` together with `event` (an authority event; its `authority_id` is filled in).
+/// Returns the new authority's id.
 pub async fn create_self_signed_root(
     store: &Store,
     data_dir: &Path,
     trust_domain: &TrustDomain,
     key_type: KeyType,
     state: AuthorityState,
+    event: EventRow,
 ) -> Result<i64, AuthorityError> {
     let id = store.next_authority_id().await?;
     let key = CaKey::generate(key_type)?;
@@ -268,23 +275,53 @@ pub async fn create_self_signed_root(
         }
     })?;
     let pem = cert.pem();
-    store
-        .insert_authority(
-            id,
-            &NewAuthority {
-                state,
-                kind: AuthorityKind::SelfSigned,
-                subject: parsed.subject().to_string(),
-                cert_pem: pem.clone(),
-                chain_pem: String::new(),
-                root_pem: pem,
-                key_ref: format!("file:{key_ref}"),
-                not_before: parsed.validity().not_before.timestamp(),
-                not_after: parsed.validity().not_after.timestamp(),
-                fingerprint_sha256: sha256_hex(cert.der()),
-            },
-        )
-        .await?;
+    let new = NewAuthority {
+        state,
+        kind: AuthorityKind::SelfSigned,
+        subject: parsed.subject().to_string(),
+        cert_pem: pem.clone(),
+        chain_pem: String::new(),
+        root_pem: pem,
+        key_ref: format!("file:{key_ref}"),
+        not_before: parsed.validity().not_before.timestamp(),
+        not_after: parsed.validity().not_after.timestamp(),
+        fingerprint_sha256: sha256_hex(cert.der()),
+    };
+    store.add_authority(id, &new, event).await?;
+    Ok(id)
+}
+
+/// Imports the plug-in CA in `dir` (Istio's `cacerts` layout) as a `prepared` authority: its
+/// key is copied 0600 under `<data-dir>/keys/`. Returns the new authority's id.
+pub async fn import_authority(
+    store: &Store,
+    data_dir: &Path,
+    dir: &Path,
+    event: EventRow,
+) -> Result<i64, AuthorityError> {
+    let ca = read_cacerts(dir)?;
+    let id = store.next_authority_id().await?;
+    let key_ref = format!("keys/{id}.key.pem");
+    let key_path = data_dir.join(&key_ref);
+    crate::files::write_private_new(&key_path, ca.key_pem.as_bytes()).map_err(|source| {
+        KeyError::Io {
+            path: key_path.display().to_string(),
+            source,
+        }
+    })?;
+    let new = NewAuthority {
+        state: AuthorityState::Prepared,
+        kind: AuthorityKind::Imported,
+        subject: ca.subject,
+        cert_pem: ca.cert_pem,
+        chain_pem: ca.chain_pem,
+        root_pem: ca.root_pem,
+        key_ref: format!("file:{key_ref}"),
+        not_before: ca.not_before,
+        not_after: ca.not_after,
+        fingerprint_sha256: ca.fingerprint_sha256,
+    };
+    store.add_authority(id, &new, event).await?;
     Ok(id)
 }
 

@@ -1,12 +1,17 @@
-//! The trust bundle: the roots of every authority in the bundle, with a sequence that goes up
-//! on every change of its contents.
+//! The trust bundle: the roots of every authority not retired, with a sequence that goes up
+//! on every change of its contents; rendered as PEM and as a SPIFFE bundle (a JWK Set).
 
 use std::path::{Path, PathBuf};
+
+use base64::Engine;
+use base64::engine::general_purpose::{STANDARD, URL_SAFE_NO_PAD};
+use x509_parser::oid_registry::{OID_EC_P256, OID_NIST_EC_P384, OID_SIG_ED25519};
+use x509_parser::public_key::PublicKey;
 
 /// The bundle as published.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Bundle {
-    /// Goes up by one on every change of the roots.
+    /// Goes up by one on every change of the roots, and never otherwise.
     pub sequence: i64,
     /// Root certificates, PEM, oldest authority first.
     pub roots_pem: Vec<String>,
@@ -17,6 +22,70 @@ impl Bundle {
     pub fn to_pem(&self) -> String {
         self.roots_pem.concat()
     }
+
+    /// The SPIFFE bundle: a JWK Set with one `x509-svid` key per root (`x5c` holding the
+    /// root's DER, no `kid`), `spiffe_sequence` and `spiffe_refresh_hint`.
+    pub fn to_spiffe_jwks(&self, refresh_hint_secs: i64) -> Result<serde_json::Value, String> {
+        let keys = self
+            .roots_pem
+            .iter()
+            .map(|pem| {
+                let der = crate::authority::pem_to_der(pem)?;
+                root_jwk(&der)
+            })
+            .collect::<Result<Vec<_>, String>>()?;
+        Ok(serde_json::json!({
+            "keys": keys,
+            "spiffe_sequence": self.sequence,
+            "spiffe_refresh_hint": refresh_hint_secs,
+        }))
+    }
+}
+
+/// One root as a JWK: its public key, `use: x509-svid`, and `x5c` with its DER.
+fn root_jwk(der: &[u8]) -> Result<serde_json::Value, String> {
+    let (_, cert) = x509_parser::parse_x509_certificate(der).map_err(|e| e.to_string())?;
+    let spki = cert.public_key();
+    let b64 = |bytes: &[u8]| URL_SAFE_NO_PAD.encode(bytes);
+    let mut jwk = match spki.parsed().map_err(|e| e.to_string())? {
+        PublicKey::EC(point) => {
+            let curve = spki
+                .algorithm
+                .parameters
+                .as_ref()
+                .and_then(|p| p.as_oid().ok())
+                .ok_or("EC key without a named curve")?;
+            let (crv, len) = if curve == OID_EC_P256 {
+                ("P-256", 32)
+            } else if curve == OID_NIST_EC_P384 {
+                ("P-384", 48)
+            } else {
+                return Err(format!("unsupported curve {curve}"));
+            };
+            let data = point.data();
+            if data.len() != 1 + 2 * len || data[0] != 4 {
+                return Err("EC point is not uncompressed".into());
+            }
+            serde_json::json!({
+                "kty": "EC", "crv": crv,
+                "x": b64(&data[1..=len]), "y": b64(&data[1 + len..]),
+            })
+        }
+        PublicKey::RSA(rsa) => {
+            let trim =
+                |b: &[u8]| -> Vec<u8> { b.iter().copied().skip_while(|x| *x == 0).collect() };
+            serde_json::json!({
+                "kty": "RSA", "n": b64(&trim(rsa.modulus)), "e": b64(&trim(rsa.exponent)),
+            })
+        }
+        _ if spki.algorithm.algorithm == OID_SIG_ED25519 => serde_json::json!({
+            "kty": "OKP", "crv": "Ed25519", "x": b64(&spki.subject_public_key.data),
+        }),
+        _ => return Err("unsupported root key type".into()),
+    };
+    jwk["use"] = "x509-svid".into();
+    jwk["x5c"] = serde_json::json!([STANDARD.encode(der)]);
+    Ok(jwk)
 }
 
 /// `<data-dir>/trust-bundle.pem`.
@@ -27,4 +96,41 @@ pub fn bundle_file(data_dir: &Path) -> PathBuf {
 /// Rewrites `<data-dir>/trust-bundle.pem` atomically.
 pub fn write_bundle_file(data_dir: &Path, bundle: &Bundle) -> std::io::Result<()> {
     crate::files::write_atomic(&bundle_file(data_dir), bundle.to_pem().as_bytes(), 0o644)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::authority::{CaKey, KeyType, root_params};
+    use crate::spiffe::TrustDomain;
+
+    #[test]
+    fn spiffe_bundle_has_one_x509_svid_key_per_root() {
+        let td = TrustDomain::new("example.org").unwrap();
+        let mut roots = Vec::new();
+        for (id, key_type) in [(1, KeyType::EcP256), (2, KeyType::EcP384)] {
+            let key = CaKey::generate(key_type).unwrap();
+            let cert = root_params(&td, id, time::OffsetDateTime::now_utc())
+                .self_signed(key.pair())
+                .unwrap();
+            roots.push(cert.pem());
+        }
+        let bundle = Bundle {
+            sequence: 7,
+            roots_pem: roots.clone(),
+        };
+        let jwks = bundle.to_spiffe_jwks(300).unwrap();
+        assert_eq!(jwks["spiffe_sequence"], 7);
+        assert_eq!(jwks["spiffe_refresh_hint"], 300);
+        let keys = jwks["keys"].as_array().unwrap();
+        assert_eq!(keys.len(), 2);
+        assert_eq!(keys[0]["crv"], "P-256");
+        assert_eq!(keys[1]["crv"], "P-384");
+        for (key, pem) in keys.iter().zip(&roots) {
+            assert_eq!(key["use"], "x509-svid");
+            assert!(key.get("kid").is_none());
+            let der = STANDARD.decode(key["x5c"][0].as_str().unwrap()).unwrap();
+            assert_eq!(der, crate::authority::pem_to_der(pem).unwrap().as_ref());
+        }
+    }
 }

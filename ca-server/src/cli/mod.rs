@@ -3,6 +3,7 @@
 
 mod audit;
 mod request;
+mod root;
 mod run;
 mod token;
 
@@ -41,6 +42,9 @@ struct GlobalArgs {
 enum Command {
     /// Run the server
     Run(run::RunArgs),
+    /// Authorities: status, prepare, activate, retire
+    #[command(subcommand)]
+    Root(root::RootCommand),
     /// Development tokens
     #[command(subcommand)]
     Token(token::TokenCommand),
@@ -96,6 +100,15 @@ impl GlobalArgs {
     }
 }
 
+impl Common {
+    /// The trust domain the config file names, else `cluster.local`.
+    fn trust_domain(&self) -> anyhow::Result<crate::spiffe::TrustDomain> {
+        let name = self.file.run.trust_domain().unwrap_or("cluster.local");
+        crate::spiffe::TrustDomain::new(name)
+            .map_err(|e| anyhow::anyhow!("trust_domain {name:?} in the config file {e}"))
+    }
+}
+
 /// Logs to stderr, filtered by `RUST_LOG` (default `info`).
 pub fn init_tracing() {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
@@ -116,6 +129,7 @@ pub fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
     runtime.block_on(async move {
         match cli.command {
             Command::Run(args) => run::run(args, common).await,
+            Command::Root(cmd) => root::root(cmd, &common).await,
             Command::Token(cmd) => token::token(cmd, &common),
             Command::Request(args) => request::request(args).await,
             Command::Audit(cmd) => audit::audit(cmd, &common).await,

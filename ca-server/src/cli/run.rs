@@ -50,6 +50,10 @@ pub struct RunArgs {
     /// Largest TTL a request may ask for [default: 24h]
     #[arg(long)]
     max_ttl: Option<String>,
+    /// How often bundle pollers should check for changes (the SPIFFE refresh hint)
+    /// [default: 5m]
+    #[arg(long)]
+    bundle_refresh_hint: Option<String>,
     /// Add a local development token issuer (see `ca-server token issue`)
     #[arg(long)]
     dev: bool,
@@ -70,7 +74,15 @@ pub struct FileRunConfig {
     token_audience: Option<Vec<String>>,
     default_ttl: Option<String>,
     max_ttl: Option<String>,
+    bundle_refresh_hint: Option<String>,
     dev: Option<bool>,
+}
+
+impl FileRunConfig {
+    /// The config file's trust domain, if it names one.
+    pub fn trust_domain(&self) -> Option<&str> {
+        self.trust_domain.as_deref()
+    }
 }
 
 fn or_list(flag: Vec<String>, file: Option<Vec<String>>, default: &[&str]) -> Vec<String> {
@@ -144,6 +156,15 @@ fn settings(args: RunArgs, common: Common) -> anyhow::Result<Settings> {
         );
     }
 
+    let bundle_refresh_hint = ttl(
+        "--bundle-refresh-hint",
+        args.bundle_refresh_hint.or(file.bundle_refresh_hint),
+        time::Duration::minutes(5),
+    )?;
+    if bundle_refresh_hint < time::Duration::SECOND {
+        bail!("--bundle-refresh-hint must be at least 1s");
+    }
+
     Ok(Settings {
         data_dir: common.data_dir,
         database_url: common.database_url,
@@ -166,6 +187,7 @@ fn settings(args: RunArgs, common: Common) -> anyhow::Result<Settings> {
         jwks_ca_file: args.token_jwks_ca.or(file.token_jwks_ca),
         dev: args.dev || file.dev.unwrap_or(false),
         leaf_policy,
+        bundle_refresh_hint,
     })
 }
 

@@ -3,11 +3,20 @@
 use std::net::SocketAddr;
 use std::sync::Arc;
 
+use std::pin::Pin;
+
+use ca_proto::ca::v1::trust_bundle_service_server::TrustBundleService;
+use ca_proto::ca::v1::{GetTrustBundleRequest, TrustBundle, WatchTrustBundleRequest};
 use ca_proto::istio::v1::auth::istio_certificate_service_server::IstioCertificateService;
 use ca_proto::istio::v1::auth::{IstioCertificateRequest, IstioCertificateResponse};
+use futures_util::Stream;
+use tokio::sync::watch;
+use tokio_stream::StreamExt;
+use tokio_stream::wrappers::WatchStream;
 use tonic::{Request, Response, Status};
 
-use super::ca::{CertificateAuthority, CsrRequest};
+use super::ca::{Active, CertificateAuthority, CsrRequest};
+use crate::spiffe::TrustDomain;
 
 /// The caller's address, put into each request's extensions by the connection handler.
 #[derive(Debug, Clone, Copy)]
@@ -64,5 +73,75 @@ impl IstioCertificateService for CertificateService {
         Ok(Response::new(IstioCertificateResponse {
             cert_chain: chain,
         }))
+    }
+}
+
+/// `ca.v1.TrustBundleService`: roots are public, so no token is needed.
+pub struct BundleService {
+    active: watch::Receiver<Arc<Active>>,
+    trust_domain: TrustDomain,
+    refresh_hint_secs: i64,
+}
+
+impl BundleService {
+    /// The service over the published bundle.
+    pub fn new(
+        active: watch::Receiver<Arc<Active>>,
+        trust_domain: TrustDomain,
+        refresh_hint_secs: i64,
+    ) -> Self {
+        Self {
+            active,
+            trust_domain,
+            refresh_hint_secs,
+        }
+    }
+
+    fn message(&self, active: &Active) -> TrustBundle {
+        TrustBundle {
+            trust_domain: self.trust_domain.to_string(),
+            sequence: active.bundle.sequence,
+            root_certificates: active.bundle.roots_pem.clone(),
+            refresh_hint_seconds: self.refresh_hint_secs,
+        }
+    }
+}
+
+type BundleStream = Pin<Box<dyn Stream<Item = Result<TrustBundle, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl TrustBundleService for BundleService {
+    async fn get_trust_bundle(
+        &self,
+        _request: Request<GetTrustBundleRequest>,
+    ) -> Result<Response<TrustBundle>, Status> {
+        let active = Arc::clone(&self.active.borrow());
+        Ok(Response::new(self.message(&active)))
+    }
+
+    type WatchTrustBundleStream = BundleStream;
+
+    async fn watch_trust_bundle(
+        &self,
+        _request: Request<WatchTrustBundleRequest>,
+    ) -> Result<Response<Self::WatchTrustBundleStream>, Status> {
+        let trust_domain = self.trust_domain.to_string();
+        let hint = self.refresh_hint_secs;
+        let mut last_sequence = None;
+        // The current bundle at once, then each change of its contents (an activation
+        // changes the signer, not the bundle: those updates are skipped).
+        let stream = WatchStream::new(self.active.clone()).filter_map(move |active| {
+            if last_sequence == Some(active.bundle.sequence) {
+                return None;
+            }
+            last_sequence = Some(active.bundle.sequence);
+            Some(Ok(TrustBundle {
+                trust_domain: trust_domain.clone(),
+                sequence: active.bundle.sequence,
+                root_certificates: active.bundle.roots_pem.clone(),
+                refresh_hint_seconds: hint,
+            }))
+        });
+        Ok(Response::new(Box::pin(stream)))
     }
 }

@@ -4,6 +4,7 @@
 mod ca;
 mod grpc;
 mod http;
+mod publish;
 pub mod status;
 mod tls;
 
@@ -13,6 +14,7 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
+use ca_proto::ca::v1::trust_bundle_service_server::TrustBundleServiceServer;
 use ca_proto::istio::v1::auth::istio_certificate_service_server::IstioCertificateServiceServer;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use hyper_util::server::graceful::GracefulShutdown;
@@ -79,7 +81,13 @@ pub struct Settings {
     pub dev: bool,
     /// TTL rules.
     pub leaf_policy: LeafPolicy,
+    /// How often bundle pollers should check again.
+    pub bundle_refresh_hint: time::Duration,
 }
+
+/// How often a server polls the store for authority changes (made by the CLI or another
+/// replica): changes reach every server within two polls.
+pub const STORE_POLL_INTERVAL: Duration = Duration::from_secs(1);
 
 /// Why the server did not start. Each message says what to do.
 #[derive(Debug, thiserror::Error)]
@@ -156,34 +164,26 @@ impl RunningServer {
 }
 
 /// Loads the active authority, creating the first root if the store has none.
-async fn active_authority(
-    store: &Store,
-    settings: &Settings,
-    audit: &AuditLog,
-) -> Result<Authority, StartError> {
+async fn active_authority(store: &Store, settings: &Settings) -> Result<Authority, StartError> {
     if store.active_authority().await?.is_none() {
         if !store.authorities().await?.is_empty() {
             return Err(AuthorityError::NoneActive.into());
         }
+        let mut event = EventRow::new(EventKind::Authority);
+        event.operator = Some(operator_name());
+        event.reason = Some(format!(
+            "created self-signed root for {} on first start and activated it",
+            settings.trust_domain
+        ));
         let id = authority::create_self_signed_root(
             store,
             &settings.data_dir,
             &settings.trust_domain,
             KeyType::EcP256,
             AuthorityState::Active,
+            event,
         )
         .await?;
-        let mut event = EventRow::new(EventKind::Authority);
-        event.authority_id = Some(id);
-        event.operator = Some(operator_name());
-        event.reason = Some(format!(
-            "created self-signed root for {} on first start and activated it",
-            settings.trust_domain
-        ));
-        audit
-            .record(event)
-            .await
-            .map_err(|e| AuthorityError::Sign(e.to_string()))?;
         info!(authority_id = id, "Created the first root");
     }
     let record = store
@@ -269,7 +269,7 @@ pub async fn start(settings: Settings) -> Result<RunningServer, StartError> {
     let audit = AuditLog::start(store.clone(), 16 * 1024);
     let readiness = Arc::new(Readiness::default());
 
-    let authority = Arc::new(active_authority(&store, &settings, &audit).await?);
+    let authority = Arc::new(active_authority(&store, &settings).await?);
     readiness.authority.store(true, Ordering::Release);
     info!(authority_id = authority.id(), subject = authority.subject(), not_after = %authority.not_after(), "Loaded the active authority");
 
@@ -286,7 +286,8 @@ pub async fn start(settings: Settings) -> Result<RunningServer, StartError> {
     let (cert_tx, cert_rx) = watch::channel(Arc::clone(&server_cert.certified));
     let tls_config = tls::server_config(cert_rx);
 
-    let (_active_tx, active_rx) = watch::channel(Arc::new(Active {
+    let version = store.authority_version().await?;
+    let (active_tx, active_rx) = watch::channel(Arc::new(Active {
         authority: Arc::clone(&authority),
         bundle,
     }));
@@ -296,7 +297,6 @@ pub async fn start(settings: Settings) -> Result<RunningServer, StartError> {
         settings.leaf_policy,
         active_rx.clone(),
     ));
-
     let grpc_listener = bind(settings.grpc_listen).await?;
     let http_listener = bind(settings.http_listen).await?;
     let grpc_addr = grpc_listener
@@ -312,10 +312,17 @@ pub async fn start(settings: Settings) -> Result<RunningServer, StartError> {
             source,
         })?;
 
+    let hint = settings.bundle_refresh_hint.whole_seconds();
     let app = tonic::service::Routes::new(IstioCertificateServiceServer::new(
         grpc::CertificateService::new(ca),
     ))
-    .into_axum_router();
+    .add_service(TrustBundleServiceServer::new(grpc::BundleService::new(
+        active_rx.clone(),
+        settings.trust_domain.clone(),
+        hint,
+    )))
+    .into_axum_router()
+    .merge(publish::bundle_routes(active_rx.clone(), hint));
 
     let (shutdown, shutdown_rx) = watch::channel(false);
     let mut tasks = JoinSet::new();
@@ -342,8 +349,19 @@ pub async fn start(settings: Settings) -> Result<RunningServer, StartError> {
         settings.server_names.clone(),
         audit,
         cert_tx,
-        shutdown_rx,
+        shutdown_rx.clone(),
     ));
+    tasks.spawn(
+        follow_store(
+            store.clone(),
+            settings.data_dir.clone(),
+            version,
+            active_tx,
+            Arc::clone(&readiness),
+            shutdown_rx,
+        )
+        .instrument(info_span!("follow_store")),
+    );
 
     info!(grpc = %grpc_addr, http = %http_addr, trust_domain = %settings.trust_domain, "Listening");
     Ok(RunningServer {
@@ -438,33 +456,121 @@ async fn serve_tls(
     }
 }
 
-/// Renews the server's certificate at half its life (retrying every 30 s on failure).
+/// Renews the server's certificate at half its life (retrying every 30 s on failure), and
+/// re-mints it whenever another authority becomes active, so that clients that trust only the
+/// new root can connect once the old one is retired.
 async fn renew_server_cert(
     mut validity: crate::issuance::Validity,
-    active: watch::Receiver<Arc<Active>>,
+    mut active: watch::Receiver<Arc<Active>>,
     names: Vec<String>,
     audit: AuditLog,
     certs: watch::Sender<Arc<rustls::sign::CertifiedKey>>,
     mut shutdown: watch::Receiver<bool>,
 ) {
+    let mut signer = active.borrow().authority.id();
     let mut wait = renew_in(&validity, time::OffsetDateTime::now_utc());
     loop {
         tokio::select! {
             _ = tokio::time::sleep(wait) => {}
+            changed = active.changed() => {
+                if changed.is_err() {
+                    return;
+                }
+                if active.borrow_and_update().authority.id() == signer {
+                    continue;
+                }
+            }
             _ = shutdown.wait_for(|stop| *stop) => return,
         }
         let authority = Arc::clone(&active.borrow().authority);
         match tls::mint_server_cert(&authority, &names, &audit).await {
             Ok(cert) => {
-                info!(not_after = %cert.validity.not_after, "Renewed the server certificate");
+                info!(authority_id = authority.id(), not_after = %cert.validity.not_after, "Minted a new server certificate");
+                signer = authority.id();
                 validity = cert.validity;
                 certs.send_replace(cert.certified);
                 wait = renew_in(&validity, time::OffsetDateTime::now_utc());
             }
             Err(e) => {
-                error!(error = %e, "Renewing the server certificate failed; retrying in 30 s");
+                error!(error = %e, "Minting the server certificate failed; retrying in 30 s");
                 wait = Duration::from_secs(30);
             }
         }
     }
+}
+
+/// Polls the store for authority changes made by the CLI (or another server) and publishes
+/// them: the new signer, the new bundle, and `trust-bundle.pem`. The one writer of `active`.
+async fn follow_store(
+    store: Store,
+    data_dir: PathBuf,
+    mut version: (i64, Option<i64>),
+    active: watch::Sender<Arc<Active>>,
+    readiness: Arc<Readiness>,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(STORE_POLL_INTERVAL) => {}
+            _ = shutdown.wait_for(|stop| *stop) => return,
+        }
+        let current = match store.authority_version().await {
+            Ok(v) => v,
+            Err(e) => {
+                warn!(error = %e, "Polling the store for authority changes failed");
+                continue;
+            }
+        };
+        if current == version {
+            continue;
+        }
+        match reload(&store, &data_dir, current, &active).await {
+            Ok(()) => {
+                readiness.authority.store(true, Ordering::Release);
+                version = current;
+            }
+            Err(e) => {
+                // Keep signing with what we have; retry on the next poll.
+                error!(error = %e, "Applying an authority change failed; retrying");
+                if current.1.is_none() {
+                    readiness.authority.store(false, Ordering::Release);
+                }
+            }
+        }
+    }
+}
+
+async fn reload(
+    store: &Store,
+    data_dir: &std::path::Path,
+    (sequence, active_id): (i64, Option<i64>),
+    active: &watch::Sender<Arc<Active>>,
+) -> Result<(), StartError> {
+    let current = Arc::clone(&active.borrow());
+    let authority = match active_id {
+        Some(id) if id == current.authority.id() => Arc::clone(&current.authority),
+        Some(_) => {
+            let record = store
+                .active_authority()
+                .await?
+                .ok_or(AuthorityError::NoneActive)?;
+            Arc::new(Authority::load(&record, data_dir)?)
+        }
+        None => return Err(AuthorityError::NoneActive.into()),
+    };
+    let bundle = current_bundle(store).await?;
+    if bundle.sequence != current.bundle.sequence {
+        bundle::write_bundle_file(data_dir, &bundle).map_err(|source| StartError::BundleFile {
+            path: bundle::bundle_file(data_dir),
+            source,
+        })?;
+    }
+    info!(
+        authority_id = authority.id(),
+        bundle_sequence = sequence,
+        roots = bundle.roots_pem.len(),
+        "Applied an authority change"
+    );
+    active.send_replace(Arc::new(Active { authority, bundle }));
+    Ok(())
 }

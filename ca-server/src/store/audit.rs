@@ -56,7 +56,7 @@ impl FromStr for EventKind {
 }
 
 /// One audit event as stored. Field order is the canonical encoding's order (see
-/// `audit::chain`), so do not reorder fields.
+/// [`event_hash`]), so do not reorder fields.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
 pub struct EventRow {
     /// Position in the log, from 1.
@@ -165,6 +165,25 @@ fn event_from_row(row: &SqliteRow) -> Result<EventRow, StoreError> {
     })
 }
 
+/// The canonical encoding of an event: its fields as JSON, in declaration order, without the
+/// two hashes. The order and names are fixed by [`EventRow`]; changing either breaks every
+/// existing chain, so it needs a new encoding version, not an edit.
+fn canonical_encoding(event: &EventRow) -> Vec<u8> {
+    // Serializing a struct of strings and integers cannot fail.
+    serde_json::to_vec(event).unwrap_or_default()
+}
+
+/// `hex(SHA-256(prev_hash as hex text || "\n" || canonical encoding))`: each event's hash
+/// covers the previous event's hash and its own contents.
+pub fn event_hash(event: &EventRow) -> String {
+    use sha2::{Digest, Sha256};
+    let mut hasher = Sha256::new();
+    hasher.update(event.prev_hash.as_bytes());
+    hasher.update(b"\n");
+    hasher.update(canonical_encoding(event));
+    hex::encode(hasher.finalize())
+}
+
 /// The `prev_hash` of the first event of a log.
 pub const GENESIS_HASH: &str = "0000000000000000000000000000000000000000000000000000000000000000";
 
@@ -202,6 +221,62 @@ impl EventRow {
     }
 }
 
+/// Chains `events` onto the head of the log inside `tx` (which must hold the write lock).
+pub(super) async fn append_in_tx(
+    tx: &mut sqlx::SqliteConnection,
+    events: &mut [EventRow],
+) -> Result<(), StoreError> {
+    let head = sqlx::query("SELECT seq, hash FROM audit_events ORDER BY seq DESC LIMIT 1")
+        .fetch_optional(&mut *tx)
+        .await?;
+    let (mut seq, mut prev_hash) = match head {
+        Some(row) => (
+            row.try_get::<i64, _>("seq")?,
+            row.try_get::<String, _>("hash")?,
+        ),
+        None => (0, GENESIS_HASH.to_owned()),
+    };
+    for e in events.iter_mut() {
+        seq += 1;
+        e.seq = seq;
+        e.prev_hash = prev_hash;
+        e.hash = event_hash(e);
+        prev_hash = e.hash.clone();
+        sqlx::query(
+            "INSERT INTO audit_events (seq, time_ms, kind, spiffe_id, namespace, \
+             service_account, pod_name, pod_uid, token_issuer, serial, not_before, not_after, \
+             authority_id, public_key_sha256, csr_sha256, peer, code, reason, count, operator, \
+             prev_hash, hash) \
+             VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        )
+        .bind(e.seq)
+        .bind(e.time_ms)
+        .bind(e.kind.as_str())
+        .bind(&e.spiffe_id)
+        .bind(&e.namespace)
+        .bind(&e.service_account)
+        .bind(&e.pod_name)
+        .bind(&e.pod_uid)
+        .bind(&e.token_issuer)
+        .bind(&e.serial)
+        .bind(e.not_before)
+        .bind(e.not_after)
+        .bind(e.authority_id)
+        .bind(&e.public_key_sha256)
+        .bind(&e.csr_sha256)
+        .bind(&e.peer)
+        .bind(&e.code)
+        .bind(&e.reason)
+        .bind(e.count)
+        .bind(&e.operator)
+        .bind(&e.prev_hash)
+        .bind(&e.hash)
+        .execute(&mut *tx)
+        .await?;
+    }
+    Ok(())
+}
+
 /// A value bound to a dynamically built query.
 enum Bind {
     Text(String),
@@ -211,62 +286,11 @@ enum Bind {
 impl Store {
     /// Appends events in one transaction, all or none. Each event is chained onto the log's
     /// head as read inside that (immediate, so exclusive) transaction: `seq`, `prev_hash` and
-    /// `hash` are filled in here, `hash` by `link`. Several writers (a server and the CLI)
-    /// therefore never fork the chain.
-    pub async fn append_events(
-        &self,
-        events: &mut [EventRow],
-        link: fn(&EventRow) -> String,
-    ) -> Result<(), StoreError> {
+    /// `hash` are filled in here. Several writers (a server and the CLI) therefore never fork
+    /// the chain.
+    pub async fn append_events(&self, events: &mut [EventRow]) -> Result<(), StoreError> {
         let mut tx = self.pool().begin_with("BEGIN IMMEDIATE").await?;
-        let head = sqlx::query("SELECT seq, hash FROM audit_events ORDER BY seq DESC LIMIT 1")
-            .fetch_optional(&mut *tx)
-            .await?;
-        let (mut seq, mut prev_hash) = match head {
-            Some(row) => (
-                row.try_get::<i64, _>("seq")?,
-                row.try_get::<String, _>("hash")?,
-            ),
-            None => (0, GENESIS_HASH.to_owned()),
-        };
-        for e in events.iter_mut() {
-            seq += 1;
-            e.seq = seq;
-            e.prev_hash = prev_hash;
-            e.hash = link(e);
-            prev_hash = e.hash.clone();
-            sqlx::query(
-                "INSERT INTO audit_events (seq, time_ms, kind, spiffe_id, namespace, \
-                 service_account, pod_name, pod_uid, token_issuer, serial, not_before, not_after, \
-                 authority_id, public_key_sha256, csr_sha256, peer, code, reason, count, operator, \
-                 prev_hash, hash) \
-                 VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-            )
-            .bind(e.seq)
-            .bind(e.time_ms)
-            .bind(e.kind.as_str())
-            .bind(&e.spiffe_id)
-            .bind(&e.namespace)
-            .bind(&e.service_account)
-            .bind(&e.pod_name)
-            .bind(&e.pod_uid)
-            .bind(&e.token_issuer)
-            .bind(&e.serial)
-            .bind(e.not_before)
-            .bind(e.not_after)
-            .bind(e.authority_id)
-            .bind(&e.public_key_sha256)
-            .bind(&e.csr_sha256)
-            .bind(&e.peer)
-            .bind(&e.code)
-            .bind(&e.reason)
-            .bind(e.count)
-            .bind(&e.operator)
-            .bind(&e.prev_hash)
-            .bind(&e.hash)
-            .execute(&mut *tx)
-            .await?;
-        }
+        append_in_tx(&mut tx, events).await?;
         tx.commit().await?;
         Ok(())
     }

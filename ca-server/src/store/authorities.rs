@@ -6,7 +6,8 @@ use std::str::FromStr;
 use sqlx::Row;
 use sqlx::sqlite::SqliteRow;
 
-use super::{Store, StoreError};
+use super::audit::append_in_tx;
+use super::{EventRow, Store, StoreError};
 
 /// Where an authority is in its life.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -93,6 +94,16 @@ pub struct AuthorityRecord {
     pub not_after: i64,
     /// SHA-256 of the signing certificate's DER, lowercase hex.
     pub fingerprint_sha256: String,
+    /// `self-signed` or `imported`.
+    pub kind: String,
+    /// When it was prepared (unix seconds).
+    pub created_at: i64,
+    /// When it was last activated.
+    pub activated_at: Option<i64>,
+    /// When it started retiring.
+    pub retiring_at: Option<i64>,
+    /// When it was retired.
+    pub retired_at: Option<i64>,
 }
 
 /// What is needed to record a new authority.
@@ -136,11 +147,17 @@ fn record_from_row(row: &SqliteRow) -> Result<AuthorityRecord, StoreError> {
         not_before: row.try_get("not_before")?,
         not_after: row.try_get("not_after")?,
         fingerprint_sha256: row.try_get("fingerprint_sha256")?,
+        kind: row.try_get("kind")?,
+        created_at: row.try_get("created_at")?,
+        activated_at: row.try_get("activated_at")?,
+        retiring_at: row.try_get("retiring_at")?,
+        retired_at: row.try_get("retired_at")?,
     })
 }
 
 const SELECT_AUTHORITIES: &str = "SELECT id, state, subject, cert_pem, chain_pem, root_pem, \
-     key_ref, not_before, not_after, fingerprint_sha256 FROM authorities ORDER BY id";
+     key_ref, not_before, not_after, fingerprint_sha256, kind, created_at, activated_at, \
+     retiring_at, retired_at FROM authorities ORDER BY id";
 
 impl Store {
     /// The next authority id (ids are never reused, so subjects `root <n>` stay unique).
@@ -151,11 +168,17 @@ impl Store {
         Ok(row.try_get("next")?)
     }
 
-    /// Records a new authority with the id given, bumping the bundle sequence if its root
-    /// joins the bundle.
-    pub async fn insert_authority(&self, id: i64, new: &NewAuthority) -> Result<(), StoreError> {
+    /// Records a new authority with the id given, and its audit event, in one transaction;
+    /// bumps the bundle sequence if its root joins the bundle.
+    pub async fn add_authority(
+        &self,
+        id: i64,
+        new: &NewAuthority,
+        mut event: EventRow,
+    ) -> Result<(), StoreError> {
         let now = time::OffsetDateTime::now_utc().unix_timestamp();
-        let mut tx = self.pool().begin().await?;
+        let mut tx = self.pool().begin_with("BEGIN IMMEDIATE").await?;
+        let before = bundle_roots(&mut tx).await?;
         sqlx::query(
             "INSERT INTO authorities (id, state, kind, subject, cert_pem, chain_pem, root_pem, \
              key_ref, not_before, not_after, fingerprint_sha256, created_at, activated_at) \
@@ -176,13 +199,153 @@ impl Store {
         .bind((new.state == AuthorityState::Active).then_some(now))
         .execute(&mut *tx)
         .await?;
-        if new.state != AuthorityState::Retired {
-            sqlx::query("UPDATE bundle SET sequence = sequence + 1 WHERE id = 1")
+        bump_if_changed(&mut tx, &before).await?;
+        event.authority_id = Some(id);
+        append_in_tx(&mut tx, std::slice::from_mut(&mut event)).await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
+    /// Makes `id` the active authority; the one active before becomes `retiring`. Returns
+    /// that one's id. Refused unless `id` is `prepared` or `retiring` (a rollback) and valid.
+    pub async fn activate_authority(
+        &self,
+        id: i64,
+        mut event: EventRow,
+    ) -> Result<Option<i64>, StoreError> {
+        let now = time::OffsetDateTime::now_utc().unix_timestamp();
+        let mut tx = self.pool().begin_with("BEGIN IMMEDIATE").await?;
+        let (state, not_after) = state_of(&mut tx, id).await?;
+        match state {
+            AuthorityState::Prepared | AuthorityState::Retiring => {}
+            AuthorityState::Active => {
+                return Err(StoreError::Refused(format!(
+                    "authority {id} is already active"
+                )));
+            }
+            AuthorityState::Retired => {
+                return Err(StoreError::Refused(format!(
+                    "authority {id} is retired: its root has left the bundle and proxies no \
+                     longer trust it; prepare a new authority (`ca-server root prepare`) instead"
+                )));
+            }
+        }
+        if not_after <= now {
+            return Err(StoreError::Refused(format!(
+                "authority {id} expired at {}; prepare a new authority instead",
+                rfc3339(not_after)
+            )));
+        }
+        let previous: Option<i64> =
+            sqlx::query("SELECT id FROM authorities WHERE state = 'active'")
+                .fetch_optional(&mut *tx)
+                .await?
+                .map(|row| row.try_get("id"))
+                .transpose()?;
+        let before = bundle_roots(&mut tx).await?;
+        if let Some(prev) = previous {
+            sqlx::query("UPDATE authorities SET state = 'retiring', retiring_at = ? WHERE id = ?")
+                .bind(now)
+                .bind(prev)
                 .execute(&mut *tx)
                 .await?;
         }
+        sqlx::query("UPDATE authorities SET state = 'active', activated_at = ? WHERE id = ?")
+            .bind(now)
+            .bind(id)
+            .execute(&mut *tx)
+            .await?;
+        bump_if_changed(&mut tx, &before).await?;
+        event.authority_id = Some(id);
+        event.reason = Some(match previous {
+            Some(prev) => {
+                format!("activated authority {id} (was {state}); authority {prev} is now retiring")
+            }
+            None => format!("activated authority {id} (was {state})"),
+        });
+        append_in_tx(&mut tx, std::slice::from_mut(&mut event)).await?;
+        tx.commit().await?;
+        Ok(previous)
+    }
+
+    /// Retires `id`: its root leaves the bundle (unless another authority shares it).
+    /// Refused for the active authority, and while unexpired workload certificates chain to
+    /// it, unless `force`.
+    pub async fn retire_authority(
+        &self,
+        id: i64,
+        force: bool,
+        mut event: EventRow,
+    ) -> Result<(), StoreError> {
+        let now = time::OffsetDateTime::now_utc().unix_timestamp();
+        let mut tx = self.pool().begin_with("BEGIN IMMEDIATE").await?;
+        let (state, _) = state_of(&mut tx, id).await?;
+        match state {
+            AuthorityState::Prepared | AuthorityState::Retiring => {}
+            AuthorityState::Active => {
+                return Err(StoreError::Refused(format!(
+                    "authority {id} is active and would leave nothing to sign with: activate \
+                     another authority first (`ca-server root activate ID`), then retire this \
+                     one once its certificates have expired"
+                )));
+            }
+            AuthorityState::Retired => {
+                return Err(StoreError::Refused(format!(
+                    "authority {id} is already retired"
+                )));
+            }
+        }
+        // The server's own TLS certificates (no SPIFFE ID) are re-minted on activation, so
+        // only workload certificates hold a retirement back.
+        let row = sqlx::query(
+            "SELECT COUNT(*) AS n, MAX(not_after) AS last FROM audit_events \
+             WHERE kind = 'issued' AND authority_id = ? AND not_after > ? \
+             AND spiffe_id IS NOT NULL",
+        )
+        .bind(id)
+        .bind(now)
+        .fetch_one(&mut *tx)
+        .await?;
+        let unexpired: i64 = row.try_get("n")?;
+        let last: Option<i64> = row.try_get("last")?;
+        if unexpired > 0 && !force {
+            return Err(StoreError::Refused(format!(
+                "{unexpired} unexpired certificate(s) chain to authority {id}, the last until {}; \
+                 retiring it now would make their holders fail mTLS with peers that drop its \
+                 root. Wait until then, or pass --force",
+                last.map(rfc3339).unwrap_or_default()
+            )));
+        }
+        let before = bundle_roots(&mut tx).await?;
+        sqlx::query("UPDATE authorities SET state = 'retired', retired_at = ? WHERE id = ?")
+            .bind(now)
+            .bind(id)
+            .execute(&mut *tx)
+            .await?;
+        bump_if_changed(&mut tx, &before).await?;
+        event.authority_id = Some(id);
+        event.reason = Some(if unexpired > 0 {
+            format!(
+                "retired authority {id} (was {state}) with --force while {unexpired} certificate(s) were unexpired"
+            )
+        } else {
+            format!("retired authority {id} (was {state})")
+        });
+        append_in_tx(&mut tx, std::slice::from_mut(&mut event)).await?;
         tx.commit().await?;
         Ok(())
+    }
+
+    /// What a running server polls to notice changes: the bundle sequence and the active
+    /// authority's id.
+    pub async fn authority_version(&self) -> Result<(i64, Option<i64>), StoreError> {
+        let row = sqlx::query(
+            "SELECT (SELECT sequence FROM bundle WHERE id = 1) AS sequence, \
+             (SELECT id FROM authorities WHERE state = 'active') AS active",
+        )
+        .fetch_one(self.pool())
+        .await?;
+        Ok((row.try_get("sequence")?, row.try_get("active")?))
     }
 
     /// Every authority, oldest first.
@@ -209,4 +372,63 @@ impl Store {
             .await?;
         Ok(row.try_get("sequence")?)
     }
+}
+
+/// The roots in the bundle: those of authorities not retired, oldest first, each once.
+async fn bundle_roots(tx: &mut sqlx::SqliteConnection) -> Result<Vec<String>, StoreError> {
+    let rows = sqlx::query("SELECT root_pem FROM authorities WHERE state != 'retired' ORDER BY id")
+        .fetch_all(&mut *tx)
+        .await?;
+    let mut roots: Vec<String> = Vec::new();
+    for row in rows {
+        let pem: String = row.try_get("root_pem")?;
+        if !roots.contains(&pem) {
+            roots.push(pem);
+        }
+    }
+    Ok(roots)
+}
+
+/// Bumps the bundle sequence if the roots differ from `before`, and only then.
+async fn bump_if_changed(
+    tx: &mut sqlx::SqliteConnection,
+    before: &[String],
+) -> Result<(), StoreError> {
+    if bundle_roots(tx).await? != before {
+        sqlx::query("UPDATE bundle SET sequence = sequence + 1 WHERE id = 1")
+            .execute(&mut *tx)
+            .await?;
+    }
+    Ok(())
+}
+
+async fn state_of(
+    tx: &mut sqlx::SqliteConnection,
+    id: i64,
+) -> Result<(AuthorityState, i64), StoreError> {
+    let row = sqlx::query("SELECT state, not_after FROM authorities WHERE id = ?")
+        .bind(id)
+        .fetch_optional(&mut *tx)
+        .await?
+        .ok_or_else(|| {
+            StoreError::Refused(format!(
+                "no authority with id {id}; `ca-server root status` lists them"
+            ))
+        })?;
+    let state: String = row.try_get("state")?;
+    let state = state.parse().map_err(|detail| StoreError::Corrupt {
+        table: "authorities",
+        detail,
+    })?;
+    Ok((state, row.try_get("not_after")?))
+}
+
+fn rfc3339(secs: i64) -> String {
+    time::OffsetDateTime::from_unix_timestamp(secs)
+        .ok()
+        .and_then(|t| {
+            t.format(&time::format_description::well_known::Rfc3339)
+                .ok()
+        })
+        .unwrap_or_else(|| format!("unix time {secs}"))
 }

@@ -13,7 +13,7 @@ use sqlx::migrate::{Migration, MigrationType, Migrator};
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
 use sqlx::{SqlSafeStr, SqlitePool};
 
-pub use audit::{AuditQuery, EventKind, EventRow, GENESIS_HASH};
+pub use audit::{AuditQuery, EventKind, EventRow, GENESIS_HASH, event_hash};
 pub use authorities::{AuthorityKind, AuthorityRecord, AuthorityState, NewAuthority};
 
 /// What went wrong talking to the database.
@@ -28,6 +28,9 @@ pub enum StoreError {
     /// The schema could not be brought up to date.
     #[error("database migration failed: {0}")]
     Migrate(#[from] sqlx::migrate::MigrateError),
+    /// An operation the current state does not allow (the message says why and what to do).
+    #[error("{0}")]
+    Refused(String),
     /// A row holds a value this version cannot read.
     #[error("corrupt row in {table}: {detail}")]
     Corrupt {

@@ -1,0 +1,242 @@
+//! `ca-server root status|prepare|activate|retire`: the authority lifecycle, acting on the
+//! store directly. Running servers notice within 2 seconds.
+
+use std::io::Write;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::Context;
+use clap::{Subcommand, ValueEnum};
+use time::OffsetDateTime;
+use time::format_description::well_known::Rfc3339;
+
+use super::Common;
+use crate::audit::operator_name;
+use crate::authority::{self, KeyType};
+use crate::spiffe::TrustDomain;
+use crate::store::{AuthorityRecord, AuthorityState, EventKind, EventRow, Store};
+
+/// Output formats of `root status`.
+#[derive(Debug, Clone, Copy, ValueEnum)]
+pub enum StatusFormat {
+    /// Aligned columns for a person
+    Table,
+    /// One JSON object per authority, one per line
+    Json,
+}
+
+/// `root` subcommands.
+#[derive(Debug, Subcommand)]
+pub enum RootCommand {
+    /// Show every authority and its state
+    Status {
+        /// Output format
+        #[arg(long, value_enum, default_value = "table")]
+        format: StatusFormat,
+    },
+    /// Add an authority whose root joins the bundle but does not sign yet; prints its id
+    Prepare {
+        /// Import a plug-in CA from a directory in Istio's cacerts layout (ca-cert.pem,
+        /// ca-key.pem, cert-chain.pem, root-cert.pem) instead of generating a root
+        #[arg(long)]
+        import_dir: Option<PathBuf>,
+        /// Key type of a generated root
+        #[arg(long, value_enum, default_value = "ec-p256")]
+        key_type: KeyType,
+        /// Trust domain of a generated root [default: that of the current roots, else the
+        /// config file's, else cluster.local]
+        #[arg(long)]
+        trust_domain: Option<String>,
+    },
+    /// Make an authority the one that signs; the one active before starts retiring
+    Activate {
+        /// The authority's id (see `root status`)
+        id: i64,
+    },
+    /// Take an authority's root out of the bundle
+    Retire {
+        /// The authority's id (see `root status`)
+        id: i64,
+        /// Retire even though unexpired certificates chain to it
+        #[arg(long)]
+        force: bool,
+    },
+}
+
+fn rfc3339(secs: i64) -> String {
+    OffsetDateTime::from_unix_timestamp(secs)
+        .ok()
+        .and_then(|t| t.format(&Rfc3339).ok())
+        .unwrap_or_default()
+}
+
+fn authority_event() -> EventRow {
+    let mut event = EventRow::new(EventKind::Authority);
+    event.operator = Some(operator_name());
+    event
+}
+
+/// The trust domain named in a root's URI SAN (`spiffe://<td>`).
+fn trust_domain_of(record: &AuthorityRecord) -> Option<TrustDomain> {
+    let der = authority::pem_to_der(&record.root_pem).ok()?;
+    let (_, cert) = x509_parser::parse_x509_certificate(&der).ok()?;
+    let san = cert.subject_alternative_name().ok()??;
+    san.value.general_names.iter().find_map(|name| match name {
+        x509_parser::extensions::GeneralName::URI(uri) => uri
+            .strip_prefix("spiffe://")
+            .and_then(|td| TrustDomain::new(td).ok()),
+        _ => None,
+    })
+}
+
+/// Runs a `root` subcommand.
+pub async fn root(cmd: RootCommand, common: &Common) -> anyhow::Result<ExitCode> {
+    std::fs::create_dir_all(&common.data_dir)
+        .with_context(|| format!("creating {}", common.data_dir.display()))?;
+    let store = Store::open(&common.database_url)
+        .await
+        .with_context(|| format!("opening {}", common.database_url))?;
+    match cmd {
+        RootCommand::Status { format } => {
+            let authorities = store.authorities().await?;
+            let sequence = store.bundle_sequence().await?;
+            let mut out = std::io::stdout().lock();
+            match format {
+                StatusFormat::Json => {
+                    for a in &authorities {
+                        let value = serde_json::json!({
+                            "id": a.id,
+                            "state": a.state.as_str(),
+                            "kind": a.kind,
+                            "subject": a.subject,
+                            "not_before": rfc3339(a.not_before),
+                            "not_after": rfc3339(a.not_after),
+                            "fingerprint_sha256": a.fingerprint_sha256,
+                            "in_bundle": a.state != AuthorityState::Retired,
+                            "prepared_at": rfc3339(a.created_at),
+                            "activated_at": a.activated_at.map(rfc3339),
+                            "retiring_at": a.retiring_at.map(rfc3339),
+                            "retired_at": a.retired_at.map(rfc3339),
+                        });
+                        writeln!(out, "{value}")?;
+                    }
+                }
+                StatusFormat::Table => {
+                    if authorities.is_empty() {
+                        writeln!(
+                            out,
+                            "no authorities yet: `ca-server run` creates the first root on its first start"
+                        )?;
+                    } else {
+                        write_status_table(&mut out, &authorities)?;
+                        writeln!(out, "\nbundle sequence {sequence}")?;
+                    }
+                }
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        RootCommand::Prepare {
+            import_dir,
+            key_type,
+            trust_domain,
+        } => {
+            let id = match import_dir {
+                Some(dir) => {
+                    let mut event = authority_event();
+                    event.reason = Some(format!("prepared an imported CA from {}", dir.display()));
+                    authority::import_authority(&store, &common.data_dir, &dir, event).await?
+                }
+                None => {
+                    let td = match trust_domain {
+                        Some(td) => TrustDomain::new(&td)
+                            .map_err(|e| anyhow::anyhow!("--trust-domain {td:?} {e}"))?,
+                        None => {
+                            let existing = store.authorities().await?;
+                            match existing.iter().rev().find_map(trust_domain_of) {
+                                Some(td) => td,
+                                None => common.trust_domain()?,
+                            }
+                        }
+                    };
+                    let mut event = authority_event();
+                    event.reason = Some(format!("prepared a self-signed root for {td}"));
+                    authority::create_self_signed_root(
+                        &store,
+                        &common.data_dir,
+                        &td,
+                        key_type,
+                        AuthorityState::Prepared,
+                        event,
+                    )
+                    .await?
+                }
+            };
+            println!("{id}");
+            Ok(ExitCode::SUCCESS)
+        }
+        RootCommand::Activate { id } => {
+            let previous = store.activate_authority(id, authority_event()).await?;
+            match previous {
+                Some(prev) => eprintln!(
+                    "authority {id} is active; authority {prev} is retiring. Retire it with \
+                     `ca-server root retire {prev}` once its certificates have expired."
+                ),
+                None => eprintln!("authority {id} is active"),
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        RootCommand::Retire { id, force } => {
+            store.retire_authority(id, force, authority_event()).await?;
+            eprintln!("authority {id} is retired; its root leaves the bundle");
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}
+
+fn write_status_table(
+    out: &mut impl Write,
+    authorities: &[AuthorityRecord],
+) -> std::io::Result<()> {
+    let now = OffsetDateTime::now_utc().unix_timestamp();
+    let header = [
+        "ID",
+        "STATE",
+        "SUBJECT",
+        "NOT AFTER",
+        "FINGERPRINT (SHA-256)",
+    ];
+    let rows: Vec<[String; 5]> = authorities
+        .iter()
+        .map(|a| {
+            let days = (a.not_after - now) / 86_400;
+            [
+                a.id.to_string(),
+                a.state.as_str().to_owned(),
+                a.subject.clone(),
+                format!("{} ({days} days)", rfc3339(a.not_after)),
+                a.fingerprint_sha256[..16.min(a.fingerprint_sha256.len())].to_owned() + "…",
+            ]
+        })
+        .collect();
+    let mut widths = header.map(str::len);
+    for row in &rows {
+        for (w, cell) in widths.iter_mut().zip(row) {
+            *w = (*w).max(cell.chars().count());
+        }
+    }
+    let line = |cells: Vec<String>| {
+        cells
+            .iter()
+            .zip(widths)
+            .map(|(c, w)| format!("{c:<w$}"))
+            .collect::<Vec<_>>()
+            .join("  ")
+            .trim_end()
+            .to_owned()
+    };
+    writeln!(out, "{}", line(header.map(String::from).to_vec()))?;
+    for row in rows {
+        writeln!(out, "{}", line(row.to_vec()))?;
+    }
+    Ok(())
+}

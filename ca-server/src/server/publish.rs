@@ -1,0 +1,89 @@
+//! Publishing the trust bundle on the TLS port: `GET /trust-bundle` (SPIFFE bundle, a JWK
+//! Set) and `GET /trust-bundle.pem`, both with an `ETag` from the sequence and `304` on a
+//! matching `If-None-Match`.
+
+use std::sync::Arc;
+
+use axum::Router;
+use axum::extract::State;
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use tokio::sync::watch;
+
+use super::ca::Active;
+
+#[derive(Clone)]
+struct PublishState {
+    active: watch::Receiver<Arc<Active>>,
+    refresh_hint_secs: i64,
+}
+
+/// The bundle routes.
+pub fn bundle_routes(active: watch::Receiver<Arc<Active>>, refresh_hint_secs: i64) -> Router {
+    Router::new()
+        .route("/trust-bundle", get(jwks))
+        .route("/trust-bundle.pem", get(pem))
+        .with_state(PublishState {
+            active,
+            refresh_hint_secs,
+        })
+}
+
+fn etag(sequence: i64) -> String {
+    format!("\"{sequence}\"")
+}
+
+/// `304` if the client's `If-None-Match` names the current sequence.
+fn not_modified(headers: &HeaderMap, tag: &str) -> bool {
+    headers
+        .get_all(header::IF_NONE_MATCH)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|t| {
+            let t = t.trim();
+            t == "*" || t == tag || t.strip_prefix("W/") == Some(tag)
+        })
+}
+
+fn respond(
+    headers: &HeaderMap,
+    sequence: i64,
+    content_type: &'static str,
+    body: String,
+) -> Response {
+    let tag = etag(sequence);
+    let mut response = if not_modified(headers, &tag) {
+        StatusCode::NOT_MODIFIED.into_response()
+    } else {
+        ([(header::CONTENT_TYPE, content_type)], body).into_response()
+    };
+    if let Ok(value) = HeaderValue::from_str(&tag) {
+        response.headers_mut().insert(header::ETAG, value);
+    }
+    response
+}
+
+async fn jwks(State(state): State<PublishState>, headers: HeaderMap) -> Response {
+    let bundle = state.active.borrow().bundle.clone();
+    match bundle.to_spiffe_jwks(state.refresh_hint_secs) {
+        Ok(json) => respond(
+            &headers,
+            bundle.sequence,
+            "application/json",
+            json.to_string(),
+        ),
+        Err(e) => (StatusCode::INTERNAL_SERVER_ERROR, format!("bundle: {e}\n")).into_response(),
+    }
+}
+
+async fn pem(State(state): State<PublishState>, headers: HeaderMap) -> Response {
+    let bundle = state.active.borrow().bundle.clone();
+    respond(
+        &headers,
+        bundle.sequence,
+        "application/x-pem-file",
+        bundle.to_pem(),
+    )
+}
