@@ -50,6 +50,8 @@ enum Command {
     Token(token::TokenCommand),
     /// Request a certificate, as a proxy would (the reference client)
     Request(request::RequestArgs),
+    /// Keep a certificate renewed and follow the trust bundle, as a proxy's agent does
+    Agent(request::RequestArgs),
     /// Read the audit log
     #[command(subcommand)]
     Audit(audit::AuditCommand),
@@ -132,6 +134,7 @@ pub fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
             Command::Root(cmd) => root::root(cmd, &common).await,
             Command::Token(cmd) => token::token(cmd, &common),
             Command::Request(args) => request::request(args).await,
+            Command::Agent(args) => request::agent(args).await,
             Command::Audit(cmd) => audit::audit(cmd, &common).await,
         }
     })

@@ -344,7 +344,7 @@ pub async fn start(settings: Settings) -> Result<RunningServer, StartError> {
         }
     });
     tasks.spawn(renew_server_cert(
-        server_cert.validity,
+        server_cert.clone(),
         active_rx,
         settings.server_names.clone(),
         audit,
@@ -460,7 +460,7 @@ async fn serve_tls(
 /// re-mints it whenever another authority becomes active, so that clients that trust only the
 /// new root can connect once the old one is retired.
 async fn renew_server_cert(
-    mut validity: crate::issuance::Validity,
+    mut current: tls::ServerCert,
     mut active: watch::Receiver<Arc<Active>>,
     names: Vec<String>,
     audit: AuditLog,
@@ -468,7 +468,11 @@ async fn renew_server_cert(
     mut shutdown: watch::Receiver<bool>,
 ) {
     let mut signer = active.borrow().authority.id();
-    let mut wait = renew_in(&validity, time::OffsetDateTime::now_utc());
+    let mut wait = renew_in(
+        current.minted_at,
+        &current.validity,
+        time::OffsetDateTime::now_utc(),
+    );
     loop {
         tokio::select! {
             _ = tokio::time::sleep(wait) => {}
@@ -487,9 +491,13 @@ async fn renew_server_cert(
             Ok(cert) => {
                 info!(authority_id = authority.id(), not_after = %cert.validity.not_after, "Minted a new server certificate");
                 signer = authority.id();
-                validity = cert.validity;
-                certs.send_replace(cert.certified);
-                wait = renew_in(&validity, time::OffsetDateTime::now_utc());
+                certs.send_replace(Arc::clone(&cert.certified));
+                current = cert;
+                wait = renew_in(
+                    current.minted_at,
+                    &current.validity,
+                    time::OffsetDateTime::now_utc(),
+                );
             }
             Err(e) => {
                 error!(error = %e, "Minting the server certificate failed; retrying in 30 s");

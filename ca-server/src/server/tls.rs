@@ -39,8 +39,11 @@ pub enum ServerCertError {
 pub struct ServerCert {
     /// What rustls serves.
     pub certified: Arc<CertifiedKey>,
-    /// Its validity, for renewal.
+    /// Its validity.
     pub validity: Validity,
+    /// When it was minted: its life for renewal counts from here, not from the backdated
+    /// notBefore.
+    pub minted_at: OffsetDateTime,
 }
 
 /// Mints a certificate for `names` (DNS names or IP addresses) with a fresh P-256 key, signed
@@ -86,13 +89,19 @@ pub async fn mint_server_cert(
     Ok(ServerCert {
         certified: Arc::new(CertifiedKey::new(chain, signing_key)),
         validity,
+        minted_at: now,
     })
 }
 
-/// When to renew a certificate: at half its life, measured from `now` (never negative).
-pub fn renew_in(validity: &Validity, now: OffsetDateTime) -> std::time::Duration {
-    let half = (validity.not_after - validity.not_before) / 2;
-    let at = validity.not_before + half;
+/// When to renew a certificate minted at `minted_at`: at half the time from then to its
+/// notAfter (never negative).
+pub fn renew_in(
+    minted_at: OffsetDateTime,
+    validity: &Validity,
+    now: OffsetDateTime,
+) -> std::time::Duration {
+    let half = (validity.not_after - minted_at) / 2;
+    let at = minted_at + half;
     let wait: Duration = at - now;
     if wait.is_negative() {
         std::time::Duration::ZERO
@@ -126,21 +135,21 @@ mod tests {
     use time::macros::datetime;
 
     #[test]
-    fn renews_at_half_life() {
+    fn renews_at_half_life_counted_from_minting() {
+        let minted = datetime!(2026-01-01 0:00 UTC);
         let v = Validity {
-            not_before: datetime!(2026-01-01 0:00 UTC),
+            // Backdated for skewed clocks: that part of the life does not count.
+            not_before: datetime!(2025-12-31 23:58 UTC),
             not_after: datetime!(2026-01-02 0:00 UTC),
         };
+        let hours = |h: u64| std::time::Duration::from_secs(h * 3600);
+        assert_eq!(renew_in(minted, &v, minted), hours(12));
         assert_eq!(
-            renew_in(&v, datetime!(2026-01-01 0:00 UTC)),
-            std::time::Duration::from_secs(12 * 3600)
+            renew_in(minted, &v, datetime!(2026-01-01 11:00 UTC)),
+            hours(1)
         );
         assert_eq!(
-            renew_in(&v, datetime!(2026-01-01 11:00 UTC)),
-            std::time::Duration::from_secs(3600)
-        );
-        assert_eq!(
-            renew_in(&v, datetime!(2026-01-01 13:00 UTC)),
+            renew_in(minted, &v, datetime!(2026-01-01 13:00 UTC)),
             std::time::Duration::ZERO
         );
     }
