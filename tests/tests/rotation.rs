@@ -274,6 +274,10 @@ async fn the_bundle_is_published_as_pem_jwks_and_a_stream() {
     let (msg, _) = next(&mut stream).await;
     assert_eq!((msg.sequence, msg.root_certificates.len()), (3, 1));
 
+    // The server re-minted its own certificate at activation: a client that trusts only
+    // the new root (the bundle after retirement) connects without any restart.
+    let https = https_client(&server);
+    assert_eq!(pem_certs(&server.bundle_pem()).len(), 1);
     let (status, headers, body) = https.get(&server, "/trust-bundle", Some(&etag));
     assert_eq!(status, 200, "a stale ETag gets the new bundle");
     assert_eq!(headers.get("etag").map(String::as_str), Some("\"3\""));
@@ -286,6 +290,12 @@ async fn the_bundle_is_published_as_pem_jwks_and_a_stream() {
         vec![der(&msg.root_certificates[0])],
         "trust-bundle.pem was rewritten"
     );
+
+    // The CLI shows the same bundle, read from the store.
+    assert_eq!(cli_ok(&server, &["bundle", "show"]), file);
+    let shown: serde_json::Value =
+        serde_json::from_str(&cli_ok(&server, &["bundle", "show", "--format", "jwks"])).unwrap();
+    assert_eq!(shown, jwks);
 
     // State survives a restart.
     let status_before = cli_ok(&server, &["root", "status", "--format", "json"]);

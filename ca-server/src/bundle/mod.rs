@@ -88,6 +88,15 @@ fn root_jwk(der: &[u8]) -> Result<serde_json::Value, String> {
     Ok(jwk)
 }
 
+/// The current bundle, from the store.
+pub async fn load(store: &crate::store::Store) -> Result<Bundle, crate::store::StoreError> {
+    let (sequence, roots_pem) = store.bundle().await?;
+    Ok(Bundle {
+        sequence,
+        roots_pem,
+    })
+}
+
 /// `<data-dir>/trust-bundle.pem`.
 pub fn bundle_file(data_dir: &Path) -> PathBuf {
     data_dir.join("trust-bundle.pem")

@@ -76,7 +76,8 @@ fn parse_time(flag: &str, text: &str) -> anyhow::Result<i64> {
     Ok(i64::try_from(t.unix_timestamp_nanos() / 1_000_000).unwrap_or(i64::MAX))
 }
 
-async fn open(common: &Common) -> anyhow::Result<Store> {
+/// Opens the store read-only, with a clear error if there is none.
+pub(super) async fn open(common: &Common) -> anyhow::Result<Store> {
     if let Some(path) = common.database_url.strip_prefix("sqlite://")
         && !std::path::Path::new(path).exists()
     {

@@ -2,6 +2,7 @@
 //! Logs go to stderr; stdout carries only a command's output.
 
 mod audit;
+mod bundle;
 mod request;
 mod root;
 mod run;
@@ -55,6 +56,9 @@ enum Command {
     /// Read the audit log
     #[command(subcommand)]
     Audit(audit::AuditCommand),
+    /// Show the trust bundle
+    #[command(subcommand)]
+    Bundle(bundle::BundleCommand),
 }
 
 /// The config file: the same names as the flags, with `_` for `-`.
@@ -103,6 +107,16 @@ impl GlobalArgs {
 }
 
 impl Common {
+    /// The refresh hint the config file names, else 5 minutes, in seconds.
+    fn refresh_hint_secs(&self) -> anyhow::Result<i64> {
+        match self.file.run.bundle_refresh_hint() {
+            Some(text) => Ok(parse_duration(text)
+                .map_err(|e| anyhow::anyhow!("bundle_refresh_hint in the config file: {e}"))?
+                .whole_seconds()),
+            None => Ok(300),
+        }
+    }
+
     /// The trust domain the config file names, else `cluster.local`.
     fn trust_domain(&self) -> anyhow::Result<crate::spiffe::TrustDomain> {
         let name = self.file.run.trust_domain().unwrap_or("cluster.local");
@@ -136,6 +150,7 @@ pub fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
             Command::Request(args) => request::request(args).await,
             Command::Agent(args) => request::agent(args).await,
             Command::Audit(cmd) => audit::audit(cmd, &common).await,
+            Command::Bundle(cmd) => bundle::bundle(cmd, &common).await,
         }
     })
 }

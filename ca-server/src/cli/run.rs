@@ -79,6 +79,11 @@ pub struct FileRunConfig {
 }
 
 impl FileRunConfig {
+    /// The config file's bundle refresh hint, if it names one.
+    pub fn bundle_refresh_hint(&self) -> Option<&str> {
+        self.bundle_refresh_hint.as_deref()
+    }
+
     /// The config file's trust domain, if it names one.
     pub fn trust_domain(&self) -> Option<&str> {
         self.trust_domain.as_deref()

@@ -33,7 +33,7 @@ use crate::audit::{AuditLog, operator_name};
 use crate::auth::dev::{DEV_ISSUER, DevIssuer};
 use crate::auth::{Authenticator, Fetcher, IssuerKeys, TokenIssuer};
 use crate::authority::{self, Authority, AuthorityError, KeyType};
-use crate::bundle::{self, Bundle};
+use crate::bundle;
 use crate::issuance::LeafPolicy;
 use crate::spiffe::TrustDomain;
 use crate::store::{AuthorityState, EventKind, EventRow, Store, StoreError};
@@ -193,27 +193,6 @@ async fn active_authority(store: &Store, settings: &Settings) -> Result<Authorit
     Ok(Authority::load(&record, &settings.data_dir)?)
 }
 
-/// The current bundle: roots of every authority not retired.
-async fn current_bundle(store: &Store) -> Result<Bundle, StoreError> {
-    let roots = store
-        .authorities()
-        .await?
-        .into_iter()
-        .filter(|a| a.state != AuthorityState::Retired)
-        .map(|a| a.root_pem)
-        .fold(Vec::<String>::new(), |mut acc, pem| {
-            // Two intermediates under one root publish that root once.
-            if !acc.contains(&pem) {
-                acc.push(pem);
-            }
-            acc
-        });
-    Ok(Bundle {
-        sequence: store.bundle_sequence().await?,
-        roots_pem: roots,
-    })
-}
-
 fn build_authenticator(settings: &Settings) -> Result<Authenticator, StartError> {
     let mut issuers = Vec::new();
     for issuer in &settings.issuers {
@@ -273,7 +252,7 @@ pub async fn start(settings: Settings) -> Result<RunningServer, StartError> {
     readiness.authority.store(true, Ordering::Release);
     info!(authority_id = authority.id(), subject = authority.subject(), not_after = %authority.not_after(), "Loaded the active authority");
 
-    let bundle = current_bundle(&store).await?;
+    let bundle = bundle::load(&store).await?;
     bundle::write_bundle_file(&settings.data_dir, &bundle).map_err(|source| {
         StartError::BundleFile {
             path: bundle::bundle_file(&settings.data_dir),
@@ -566,7 +545,7 @@ async fn reload(
         }
         None => return Err(AuthorityError::NoneActive.into()),
     };
-    let bundle = current_bundle(store).await?;
+    let bundle = bundle::load(store).await?;
     if bundle.sequence != current.bundle.sequence {
         bundle::write_bundle_file(data_dir, &bundle).map_err(|source| StartError::BundleFile {
             path: bundle::bundle_file(data_dir),

@@ -336,6 +336,18 @@ impl Store {
         Ok(())
     }
 
+    /// The bundle: its sequence and roots, read in one transaction so they agree.
+    pub async fn bundle(&self) -> Result<(i64, Vec<String>), StoreError> {
+        let mut tx = self.pool().begin().await?;
+        let roots = bundle_roots(&mut tx).await?;
+        let sequence: i64 = sqlx::query("SELECT sequence FROM bundle WHERE id = 1")
+            .fetch_one(&mut *tx)
+            .await?
+            .try_get("sequence")?;
+        tx.commit().await?;
+        Ok((sequence, roots))
+    }
+
     /// What a running server polls to notice changes: the bundle sequence and the active
     /// authority's id.
     pub async fn authority_version(&self) -> Result<(i64, Option<i64>), StoreError> {
