@@ -1,7 +1,11 @@
 //! Verifying the hash chain: each event's hash covers the previous event's hash and the
-//! event's canonical encoding (`store::event_hash`, applied as events are appended).
+//! event's canonical encoding (`store::event_hash`, applied as events are appended). The walk
+//! reads the log in pages, so it runs in constant memory however long the log is.
 
-use crate::store::{GENESIS_HASH, Store, StoreError, event_hash};
+use std::collections::BTreeMap;
+
+use super::checkpoint::verify_signature;
+use crate::store::{Checkpoint, EventKind, GENESIS_HASH, Store, StoreError, event_hash};
 
 /// What `audit verify` found.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -10,8 +14,14 @@ pub enum VerifyReport {
     Intact {
         /// How many events were checked.
         events: u64,
+        /// The first retained event (1, or the anchor's after a prune).
+        first: i64,
+        /// The last event's sequence number.
+        head_seq: i64,
         /// The last event's hash: the head of the chain.
         head: String,
+        /// How many signed checkpoints were checked against the chain.
+        checkpoints: usize,
     },
     /// The first event where the chain breaks, and how.
     Broken {
@@ -22,65 +32,188 @@ pub enum VerifyReport {
     },
 }
 
-/// Walks the whole log in order and recomputes the chain.
-pub async fn verify_chain(store: &Store) -> Result<VerifyReport, StoreError> {
+fn broken(seq: i64, problem: String) -> Result<VerifyReport, StoreError> {
+    Ok(VerifyReport::Broken { seq, problem })
+}
+
+/// Walks the whole log in order and recomputes the chain; checks every stored checkpoint, and
+/// `exported` (a checkpoint kept elsewhere) if given, against it.
+pub async fn verify_chain(
+    store: &Store,
+    exported: Option<&Checkpoint>,
+) -> Result<VerifyReport, StoreError> {
     const PAGE: i64 = 10_000;
-    let mut expected_seq = 1;
+    if let Some(cp) = exported
+        && let Err(e) = verify_signature(cp)
+    {
+        return broken(
+            cp.seq,
+            format!("the exported checkpoint is not genuine: {e}"),
+        );
+    }
+
     let mut prev = GENESIS_HASH.to_owned();
+    let mut expected_seq = 1;
+    let mut first = None;
+    let mut anchor: Option<(i64, String)> = None;
+    let mut anchor_vouched = false;
     let mut checked = 0u64;
+    let mut checkpoints = 0usize;
+    let mut after = 0;
     loop {
-        let page = store.audit_events_after(expected_seq - 1, PAGE).await?;
-        if page.is_empty() {
-            // A removed tail cannot be seen from the events alone: checkpoints (exported
-            // heads) cover that.
-            return Ok(VerifyReport::Intact {
-                events: checked,
-                head: prev,
-            });
+        let page = store.audit_events_after(after, PAGE).await?;
+        let (Some(page_first), Some(page_last)) = (page.first(), page.last()) else {
+            break;
+        };
+        // The checkpoints this page must agree with: stored ones, and the exported one.
+        let mut expected: BTreeMap<i64, (String, &'static str)> = BTreeMap::new();
+        for cp in store
+            .checkpoints_between(page_first.seq, page_last.seq)
+            .await?
+        {
+            if verify_signature(&cp).is_err() {
+                return broken(
+                    cp.seq,
+                    format!(
+                        "the stored checkpoint at event {} has a bad signature",
+                        cp.seq
+                    ),
+                );
+            }
+            expected.insert(cp.seq, (cp.hash, "a stored checkpoint"));
         }
+        if let Some(cp) = exported
+            && (page_first.seq..=page_last.seq).contains(&cp.seq)
+        {
+            expected.insert(cp.seq, (cp.hash.clone(), "the exported checkpoint"));
+        }
+        checkpoints += expected.len();
+        after = page_last.seq;
         for event in page {
+            if let Some((hash, what)) = expected.get(&event.seq)
+                && *hash != event.hash
+            {
+                return broken(
+                    event.seq,
+                    format!(
+                        "event {} differs from {what}: the log was rewritten after that checkpoint was signed",
+                        event.seq
+                    ),
+                );
+            }
+            if first.is_none() {
+                first = Some(event.seq);
+                if event.kind == EventKind::Anchor {
+                    // A pruned log starts at an anchor: it holds the hash the chain continues
+                    // from. A prune event later in the chain must vouch for it.
+                    prev = event.hash.clone();
+                    expected_seq = event.seq + 1;
+                    anchor = Some((event.seq, event.hash));
+                    checked += 1;
+                    continue;
+                }
+            }
             if event.seq != expected_seq {
-                return Ok(VerifyReport::Broken {
-                    seq: expected_seq,
-                    problem: format!(
+                return broken(
+                    expected_seq,
+                    format!(
                         "event {expected_seq} is missing (the next event is {})",
                         event.seq
                     ),
-                });
+                );
+            }
+            if event.kind == EventKind::Anchor {
+                return broken(
+                    event.seq,
+                    format!("event {} is an anchor in the middle of the log", event.seq),
+                );
             }
             if event.prev_hash != prev {
-                return Ok(VerifyReport::Broken {
-                    seq: event.seq,
-                    problem: format!(
+                return broken(
+                    event.seq,
+                    format!(
                         "event {} does not follow event {}: it links to {} but that event hashes to {}",
                         event.seq,
                         event.seq - 1,
                         event.prev_hash,
                         prev
                     ),
-                });
+                );
             }
             let recomputed = event_hash(&event);
             if recomputed != event.hash {
-                return Ok(VerifyReport::Broken {
-                    seq: event.seq,
-                    problem: format!(
+                return broken(
+                    event.seq,
+                    format!(
                         "event {} was altered: its contents hash to {recomputed}, not the recorded {}",
                         event.seq, event.hash
                     ),
-                });
+                );
+            }
+            if let (Some((seq, hash)), EventKind::Prune) = (&anchor, event.kind)
+                && event
+                    .reason
+                    .as_deref()
+                    .is_some_and(|r| r.contains(&format!("event {seq} ({hash})")))
+            {
+                anchor_vouched = true;
             }
             prev = event.hash;
             expected_seq += 1;
             checked += 1;
         }
     }
+    if let Some((seq, _)) = anchor
+        && !anchor_vouched
+    {
+        return broken(
+            seq,
+            format!("the log starts at an anchor (event {seq}) that no prune event vouches for"),
+        );
+    }
+    let head_seq = expected_seq - 1;
+    let first = first.unwrap_or(1);
+    // A checkpoint beyond the head means events were removed from the end.
+    let latest = store
+        .latest_checkpoint()
+        .await?
+        .map(|c| (c.seq, "a stored checkpoint"));
+    let beyond = [latest, exported.map(|c| (c.seq, "the exported checkpoint"))]
+        .into_iter()
+        .flatten()
+        .find(|(seq, _)| *seq > head_seq);
+    if let Some((seq, what)) = beyond {
+        return broken(
+            head_seq + 1,
+            format!(
+                "{what} covers event {seq}, but the log ends at event {head_seq}: events were removed"
+            ),
+        );
+    }
+    if let Some(cp) = exported
+        && cp.seq < first
+    {
+        return broken(
+            cp.seq,
+            format!(
+                "the exported checkpoint covers event {}, which was pruned (the log starts at {first}); it cannot vouch for this log",
+                cp.seq
+            ),
+        );
+    }
+    Ok(VerifyReport::Intact {
+        events: checked,
+        first,
+        head_seq,
+        head: prev,
+        checkpoints,
+    })
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::store::{EventKind, EventRow};
+    use crate::store::EventRow;
 
     #[test]
     fn hash_covers_every_field_and_the_link() {

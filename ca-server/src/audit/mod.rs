@@ -2,9 +2,37 @@
 //! out, and hash-chained so that `audit verify` finds any edit, removal or reordering.
 
 mod chain;
+pub mod checkpoint;
 mod log;
+pub mod query;
+pub mod render;
 
 pub use chain::{VerifyReport, verify_chain};
+pub use checkpoint::{AuditKey, CheckpointError};
+pub use query::{FilterError, Filters};
+
+use crate::store::{Checkpoint, Store, StoreError};
+
+/// Signs and records a checkpoint of the current head, unless the latest one already covers
+/// it. Returns the new checkpoint, if one was made.
+pub async fn record_checkpoint(
+    store: &Store,
+    key: &AuditKey,
+) -> Result<Option<Checkpoint>, StoreError> {
+    let Some((seq, hash)) = store.audit_head().await? else {
+        return Ok(None);
+    };
+    if store
+        .latest_checkpoint()
+        .await?
+        .is_some_and(|c| c.seq == seq)
+    {
+        return Ok(None);
+    }
+    let checkpoint = key.sign(seq, &hash);
+    store.insert_checkpoint(&checkpoint).await?;
+    Ok(Some(checkpoint))
+}
 pub use log::{AuditError, AuditLog};
 
 /// The OS user behind a change, for authority events: `$USER`, else `$LOGNAME`, else the uid.

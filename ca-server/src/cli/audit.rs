@@ -2,6 +2,7 @@
 //! so it works on a live server's store and on a copy of it.
 
 use std::io::Write;
+use std::path::PathBuf;
 use std::process::ExitCode;
 
 use anyhow::Context;
@@ -10,8 +11,11 @@ use time::OffsetDateTime;
 use time::format_description::well_known::Rfc3339;
 
 use super::Common;
-use crate::audit::{VerifyReport, verify_chain};
-use crate::store::{AuditQuery, EventKind, EventRow, Store};
+use crate::audit::render::{KEYS, rfc3339_ms, rfc3339_secs, to_json, values};
+use crate::audit::{
+    AuditKey, FilterError, Filters, VerifyReport, operator_name, record_checkpoint, verify_chain,
+};
+use crate::store::{AuditQuery, Checkpoint, EventKind, EventRow, Store};
 
 /// Output formats of `audit list`.
 #[derive(Debug, Clone, Copy, ValueEnum)]
@@ -27,9 +31,25 @@ pub enum Format {
 /// Event kinds a filter can name.
 #[derive(Debug, Clone, Copy, ValueEnum)]
 pub enum Kind {
+    /// Certificates issued
     Issued,
+    /// Requests refused
     Denied,
+    /// Authority changes
     Authority,
+    /// Retention prunes
+    Prune,
+}
+
+impl Kind {
+    fn as_str(self) -> &'static str {
+        match self {
+            Self::Issued => "issued",
+            Self::Denied => "denied",
+            Self::Authority => "authority",
+            Self::Prune => "prune",
+        }
+    }
 }
 
 /// `audit` subcommands.
@@ -58,6 +78,12 @@ pub enum AuditCommand {
         /// Only events at or before this time (RFC 3339)
         #[arg(long)]
         until: Option<String>,
+        /// Only events about this authority (issuances it signed, changes to it)
+        #[arg(long)]
+        authority: Option<i64>,
+        /// Only certificates that were valid at this moment (RFC 3339)
+        #[arg(long)]
+        valid_at: Option<String>,
         /// At most this many events
         #[arg(long, default_value_t = 100)]
         limit: i64,
@@ -65,15 +91,34 @@ pub enum AuditCommand {
         #[arg(long, value_enum, default_value = "table")]
         format: Format,
     },
+    /// Every field of the event(s) for one serial, and whether that certificate is valid now
+    Show {
+        /// The certificate's serial (hex; colons and case are ignored)
+        serial: String,
+    },
     /// Recompute the hash chain and report the first event that breaks it
-    Verify,
+    Verify {
+        /// Also check the log against a checkpoint exported earlier (`audit checkpoint`)
+        #[arg(long)]
+        checkpoint: Option<PathBuf>,
+    },
+    /// Print the latest signed checkpoint (one JSON line) for safekeeping elsewhere
+    Checkpoint {
+        /// Sign and record a checkpoint of the current head first
+        #[arg(long)]
+        now: bool,
+    },
+    /// Remove events older than a time, keeping the chain verifiable
+    Prune {
+        /// Remove events before this time (RFC 3339)
+        #[arg(long)]
+        before: String,
+    },
 }
 
-fn parse_time(flag: &str, text: &str) -> anyhow::Result<i64> {
-    let t = OffsetDateTime::parse(text, &Rfc3339).map_err(|e| {
-        anyhow::anyhow!("{flag} {text:?} is not an RFC 3339 time (e.g. 2026-11-23T16:00:00Z): {e}")
-    })?;
-    Ok(i64::try_from(t.unix_timestamp_nanos() / 1_000_000).unwrap_or(i64::MAX))
+/// Names a filter as the command line spells it.
+fn flag_error(e: FilterError) -> anyhow::Error {
+    anyhow::anyhow!("--{e}")
 }
 
 /// Opens the store read-only, with a clear error if there is none.
@@ -92,7 +137,6 @@ pub(super) async fn open(common: &Common) -> anyhow::Result<Store> {
 
 /// Runs an `audit` subcommand.
 pub async fn audit(cmd: AuditCommand, common: &Common) -> anyhow::Result<ExitCode> {
-    let store = open(common).await?;
     match cmd {
         AuditCommand::List {
             spiffe_id,
@@ -102,37 +146,24 @@ pub async fn audit(cmd: AuditCommand, common: &Common) -> anyhow::Result<ExitCod
             kind,
             since,
             until,
+            authority,
+            valid_at,
             limit,
             format,
         } => {
-            if limit <= 0 {
-                anyhow::bail!("--limit must be a positive number");
-            }
-            let serial = match serial {
-                Some(s) => {
-                    let s = s.replace(':', "").to_ascii_lowercase();
-                    if s.is_empty() || !s.bytes().all(|b| b.is_ascii_hexdigit()) {
-                        anyhow::bail!("--serial {s:?} is not hexadecimal");
-                    }
-                    Some(s)
-                }
-                None => None,
-            };
-            let query = AuditQuery {
+            let filters = Filters {
                 spiffe_id,
                 namespace,
                 service_account,
                 serial,
-                kind: kind.map(|k| match k {
-                    Kind::Issued => EventKind::Issued,
-                    Kind::Denied => EventKind::Denied,
-                    Kind::Authority => EventKind::Authority,
-                }),
-                since_ms: since.map(|t| parse_time("--since", &t)).transpose()?,
-                until_ms: until.map(|t| parse_time("--until", &t)).transpose()?,
-                before_seq: None,
-                limit: Some(limit),
+                kind: kind.map(|k| k.as_str().to_owned()),
+                since,
+                until,
+                authority,
+                valid_at,
             };
+            let query = filters.to_query(limit, None).map_err(flag_error)?;
+            let store = open(common).await?;
             let events = store.audit_events(&query).await?;
             let mut out = std::io::stdout().lock();
             match format {
@@ -146,99 +177,140 @@ pub async fn audit(cmd: AuditCommand, common: &Common) -> anyhow::Result<ExitCod
             }
             Ok(ExitCode::SUCCESS)
         }
-        AuditCommand::Verify => match verify_chain(&store).await? {
-            VerifyReport::Intact { events, head } => {
-                println!("audit log intact: {events} events, head {head}");
-                Ok(ExitCode::SUCCESS)
+        AuditCommand::Show { serial } => show(&open(common).await?, &serial).await,
+        AuditCommand::Verify { checkpoint } => {
+            let exported = match &checkpoint {
+                Some(path) => {
+                    let text = super::read_text(path, "--checkpoint")?;
+                    let cp: Checkpoint = serde_json::from_str(text.trim()).with_context(|| {
+                        format!(
+                            "--checkpoint {}: not a checkpoint from `audit checkpoint`",
+                            path.display()
+                        )
+                    })?;
+                    Some(cp)
+                }
+                None => None,
+            };
+            let store = open(common).await?;
+            match verify_chain(&store, exported.as_ref()).await? {
+                VerifyReport::Intact {
+                    events,
+                    first,
+                    head_seq,
+                    head,
+                    checkpoints,
+                } => {
+                    println!(
+                        "audit log intact: {events} events ({first}..{head_seq}), head {head}, \
+                         {checkpoints} signed checkpoint(s) agree"
+                    );
+                    Ok(ExitCode::SUCCESS)
+                }
+                VerifyReport::Broken { seq, problem } => {
+                    println!("audit log BROKEN at event {seq}: {problem}");
+                    Ok(ExitCode::FAILURE)
+                }
             }
-            VerifyReport::Broken { seq, problem } => {
-                println!("audit log BROKEN at event {seq}: {problem}");
-                Ok(ExitCode::FAILURE)
+        }
+        AuditCommand::Checkpoint { now } => {
+            if now {
+                let store = super::open_store(common).await?;
+                let key = AuditKey::load_or_create(&common.data_dir)?;
+                record_checkpoint(&store, &key).await?;
             }
-        },
+            let store = open(common).await?;
+            match store.latest_checkpoint().await? {
+                Some(cp) => {
+                    println!("{}", serde_json::to_string(&cp)?);
+                    Ok(ExitCode::SUCCESS)
+                }
+                None => anyhow::bail!(
+                    "no checkpoint yet: a running server signs one every minute; \
+                     `audit checkpoint --now` signs one at once"
+                ),
+            }
+        }
+        AuditCommand::Prune { before } => {
+            let cut = OffsetDateTime::parse(&before, &Rfc3339).map_err(|_| {
+                anyhow::anyhow!(
+                    "--before {before:?} is not an RFC 3339 time (e.g. 2026-01-01T00:00:00Z)"
+                )
+            })?;
+            let store = super::open_store(common).await?;
+            let mut event = EventRow::new(EventKind::Prune);
+            event.operator = Some(operator_name());
+            event.reason = Some(format!("pruned the events before {before}"));
+            let cut_ms = i64::try_from(cut.unix_timestamp_nanos() / 1_000_000).unwrap_or(i64::MAX);
+            match store.prune_before(cut_ms, event).await? {
+                Some(pruned) => {
+                    let key = AuditKey::load_or_create(&common.data_dir)?;
+                    record_checkpoint(&store, &key).await?;
+                    println!(
+                        "pruned {} event(s) up to event {}; the chain continues from {}",
+                        pruned.removed, pruned.anchor_seq, pruned.anchor_hash
+                    );
+                }
+                None => println!("nothing to prune: no event before {before}"),
+            }
+            Ok(ExitCode::SUCCESS)
+        }
     }
 }
 
-fn rfc3339_secs(secs: i64) -> Option<String> {
-    OffsetDateTime::from_unix_timestamp(secs)
-        .ok()
-        .and_then(|t| t.format(&Rfc3339).ok())
+/// `audit show SERIAL`.
+async fn show(store: &Store, serial: &str) -> anyhow::Result<ExitCode> {
+    let serial = crate::audit::query::normalize_serial(serial).map_err(flag_error)?;
+    let query = AuditQuery {
+        serial: Some(serial.clone()),
+        limit: Some(100),
+        ..AuditQuery::default()
+    };
+    let events = store.audit_events(&query).await?;
+    if events.is_empty() {
+        anyhow::bail!("no event has serial {serial}: this CA did not issue it (or it was pruned)");
+    }
+    let authorities = store.authorities().await?;
+    let now = OffsetDateTime::now_utc().unix_timestamp();
+    let width = KEYS.iter().map(|k| k.len()).max().unwrap_or(0);
+    let mut out = std::io::stdout().lock();
+    for e in &events {
+        for (key, value) in KEYS.iter().zip(values(e).iter()) {
+            writeln!(out, "{key:<width$}  {}", plain(value))?;
+        }
+        if e.kind == EventKind::Issued {
+            let status = match (e.not_before, e.not_after) {
+                (Some(nb), _) if now < nb => "not yet valid".to_owned(),
+                (_, Some(na)) if now > na => format!("expired {} ago", human(now - na)),
+                (_, Some(na)) => format!("valid, {} left", human(na - now)),
+                _ => "unknown".to_owned(),
+            };
+            writeln!(out, "{:<width$}  {status}", "status")?;
+            if let Some(a) = e
+                .authority_id
+                .and_then(|id| authorities.iter().find(|a| a.id == id))
+            {
+                writeln!(
+                    out,
+                    "{:<width$}  authority {} ({}), now {}",
+                    "signed_by", a.id, a.subject, a.state
+                )?;
+            }
+        }
+        writeln!(out)?;
+    }
+    Ok(ExitCode::SUCCESS)
 }
 
-/// Event times: RFC 3339, UTC, always three fractional digits.
-fn rfc3339_ms(ms: i64) -> Option<String> {
-    let format = time::macros::format_description!(
-        "[year]-[month]-[day]T[hour]:[minute]:[second].[subsecond digits:3]Z"
-    );
-    OffsetDateTime::from_unix_timestamp_nanos(i128::from(ms) * 1_000_000)
-        .ok()
-        .and_then(|t| t.format(&format).ok())
-}
-
-/// The keys of DESIGN.md, in its order.
-const KEYS: [&str; 22] = [
-    "seq",
-    "time",
-    "kind",
-    "spiffe_id",
-    "namespace",
-    "service_account",
-    "pod_name",
-    "pod_uid",
-    "token_issuer",
-    "serial",
-    "not_before",
-    "not_after",
-    "authority_id",
-    "public_key_sha256",
-    "csr_sha256",
-    "peer",
-    "code",
-    "reason",
-    "count",
-    "operator",
-    "hash",
-    "prev_hash",
-];
-
-fn values(e: &EventRow) -> [serde_json::Value; 22] {
-    use serde_json::Value;
-    let s = |v: &Option<String>| v.clone().map_or(Value::Null, Value::String);
-    let i = |v: Option<i64>| v.map_or(Value::Null, Value::from);
-    [
-        Value::from(e.seq),
-        rfc3339_ms(e.time_ms).map_or(Value::Null, Value::String),
-        Value::String(e.kind.as_str().to_owned()),
-        s(&e.spiffe_id),
-        s(&e.namespace),
-        s(&e.service_account),
-        s(&e.pod_name),
-        s(&e.pod_uid),
-        s(&e.token_issuer),
-        s(&e.serial),
-        e.not_before
-            .and_then(rfc3339_secs)
-            .map_or(Value::Null, Value::String),
-        e.not_after
-            .and_then(rfc3339_secs)
-            .map_or(Value::Null, Value::String),
-        i(e.authority_id),
-        s(&e.public_key_sha256),
-        s(&e.csr_sha256),
-        s(&e.peer),
-        s(&e.code),
-        s(&e.reason),
-        i(e.count),
-        s(&e.operator),
-        Value::String(e.hash.clone()),
-        Value::String(e.prev_hash.clone()),
-    ]
-}
-
-fn to_json(e: &EventRow) -> String {
-    let map: serde_json::Map<String, serde_json::Value> =
-        KEYS.iter().map(|k| k.to_string()).zip(values(e)).collect();
-    serde_json::Value::Object(map).to_string()
+/// A span of seconds for a person: `3d 4h`, `2h 5m`, `45s`.
+fn human(secs: i64) -> String {
+    let (d, h, m, s) = (secs / 86_400, secs / 3600 % 24, secs / 60 % 60, secs % 60);
+    match (d, h, m) {
+        (0, 0, 0) => format!("{s}s"),
+        (0, 0, _) => format!("{m}m {s}s"),
+        (0, _, _) => format!("{h}h {m}m"),
+        _ => format!("{d}d {h}h"),
+    }
 }
 
 fn plain(v: &serde_json::Value) -> String {

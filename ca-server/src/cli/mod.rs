@@ -125,6 +125,15 @@ impl Common {
     }
 }
 
+/// Opens the store read-write (creating the data dir and the database if needed).
+async fn open_store(common: &Common) -> anyhow::Result<crate::store::Store> {
+    std::fs::create_dir_all(&common.data_dir)
+        .with_context(|| format!("creating {}", common.data_dir.display()))?;
+    crate::store::Store::open(&common.database_url)
+        .await
+        .with_context(|| format!("opening {}", common.database_url))
+}
+
 /// Logs to stderr, filtered by `RUST_LOG` (default `info`).
 pub fn init_tracing() {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()

@@ -5,13 +5,12 @@ use std::io::Write;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use anyhow::Context;
 use clap::{Subcommand, ValueEnum};
 use time::OffsetDateTime;
 use time::format_description::well_known::Rfc3339;
 
 use super::Common;
-use crate::audit::operator_name;
+use crate::audit::{AuditKey, operator_name, record_checkpoint};
 use crate::authority::{self, KeyType};
 use crate::spiffe::TrustDomain;
 use crate::store::{AuthorityRecord, AuthorityState, EventKind, EventRow, Store};
@@ -91,11 +90,18 @@ fn trust_domain_of(record: &AuthorityRecord) -> Option<TrustDomain> {
 
 /// Runs a `root` subcommand.
 pub async fn root(cmd: RootCommand, common: &Common) -> anyhow::Result<ExitCode> {
-    std::fs::create_dir_all(&common.data_dir)
-        .with_context(|| format!("creating {}", common.data_dir.display()))?;
-    let store = Store::open(&common.database_url)
-        .await
-        .with_context(|| format!("opening {}", common.database_url))?;
+    let store = super::open_store(common).await?;
+    let changed = !matches!(cmd, RootCommand::Status { .. });
+    let code = run(cmd, common, &store).await?;
+    if changed {
+        // Every authority change is covered by a signed checkpoint at once.
+        let key = AuditKey::load_or_create(&common.data_dir)?;
+        record_checkpoint(&store, &key).await?;
+    }
+    Ok(code)
+}
+
+async fn run(cmd: RootCommand, common: &Common, store: &Store) -> anyhow::Result<ExitCode> {
     match cmd {
         RootCommand::Status { format } => {
             let authorities = store.authorities().await?;
@@ -144,7 +150,7 @@ pub async fn root(cmd: RootCommand, common: &Common) -> anyhow::Result<ExitCode>
                 Some(dir) => {
                     let mut event = authority_event();
                     event.reason = Some(format!("prepared an imported CA from {}", dir.display()));
-                    authority::import_authority(&store, &common.data_dir, &dir, event).await?
+                    authority::import_authority(store, &common.data_dir, &dir, event).await?
                 }
                 None => {
                     let td = match trust_domain {

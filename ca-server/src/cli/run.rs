@@ -54,6 +54,12 @@ pub struct RunArgs {
     /// [default: 5m]
     #[arg(long)]
     bundle_refresh_hint: Option<String>,
+    /// SPIFFE ID allowed to query the audit log over gRPC with mTLS (repeatable)
+    #[arg(long = "auditor")]
+    auditors: Vec<String>,
+    /// How often the audit log's head is signed into a checkpoint [default: 1m]
+    #[arg(long)]
+    audit_checkpoint_interval: Option<String>,
     /// Add a local development token issuer (see `ca-server token issue`)
     #[arg(long)]
     dev: bool,
@@ -75,6 +81,8 @@ pub struct FileRunConfig {
     default_ttl: Option<String>,
     max_ttl: Option<String>,
     bundle_refresh_hint: Option<String>,
+    auditor: Option<Vec<String>>,
+    audit_checkpoint_interval: Option<String>,
     dev: Option<bool>,
 }
 
@@ -170,6 +178,22 @@ fn settings(args: RunArgs, common: Common) -> anyhow::Result<Settings> {
         bail!("--bundle-refresh-hint must be at least 1s");
     }
 
+    let auditors = or_list(args.auditors, file.auditor, &[])
+        .iter()
+        .map(|id| {
+            crate::spiffe::SpiffeId::parse(id).map_err(|e| anyhow::anyhow!("--auditor {id:?} {e}"))
+        })
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    let checkpoint_interval = ttl(
+        "--audit-checkpoint-interval",
+        args.audit_checkpoint_interval
+            .or(file.audit_checkpoint_interval),
+        time::Duration::minutes(1),
+    )?;
+    if checkpoint_interval < time::Duration::SECOND {
+        bail!("--audit-checkpoint-interval must be at least 1s");
+    }
+
     Ok(Settings {
         data_dir: common.data_dir,
         database_url: common.database_url,
@@ -193,6 +217,8 @@ fn settings(args: RunArgs, common: Common) -> anyhow::Result<Settings> {
         dev: args.dev || file.dev.unwrap_or(false),
         leaf_policy,
         bundle_refresh_hint,
+        auditors,
+        checkpoint_interval: checkpoint_interval.unsigned_abs(),
     })
 }
 

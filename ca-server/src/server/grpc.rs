@@ -22,6 +22,17 @@ use crate::spiffe::TrustDomain;
 #[derive(Debug, Clone, Copy)]
 pub struct PeerAddr(pub SocketAddr);
 
+/// Whether the caller presented a client certificate (verified against the bundle during the
+/// handshake), and the SPIFFE ID in it; put into each request's extensions by the connection
+/// handler.
+#[derive(Debug, Clone)]
+pub enum PeerIdentity {
+    /// No client certificate.
+    Anonymous,
+    /// A verified client certificate, with its SPIFFE ID if it carries one.
+    Certificate(Option<crate::spiffe::SpiffeId>),
+}
+
 /// The metadata key ztunnel uses to ask for a pod's identity.
 const IMPERSONATED_IDENTITY: &str = "ImpersonatedIdentity";
 

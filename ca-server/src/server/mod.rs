@@ -1,6 +1,7 @@
 //! The running server: start-up, the TLS listener (gRPC and HTTPS on one port), the plain
 //! HTTP health listener, certificate renewal, and shutdown.
 
+mod audit_service;
 mod ca;
 mod grpc;
 mod http;
@@ -14,6 +15,7 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
+use ca_proto::ca::v1::audit_service_server::AuditServiceServer;
 use ca_proto::ca::v1::trust_bundle_service_server::TrustBundleServiceServer;
 use ca_proto::istio::v1::auth::istio_certificate_service_server::IstioCertificateServiceServer;
 use hyper_util::rt::{TokioExecutor, TokioIo};
@@ -25,11 +27,11 @@ use tower::Service;
 use tracing::{Instrument, debug, error, info, info_span, warn};
 
 pub use ca::{Active, CertificateAuthority, CsrRequest};
-pub use grpc::PeerAddr;
+pub use grpc::{PeerAddr, PeerIdentity};
 pub use http::Readiness;
 pub use tls::{SERVER_CERT_TTL, renew_in};
 
-use crate::audit::{AuditLog, operator_name};
+use crate::audit::{AuditKey, AuditLog, operator_name, record_checkpoint};
 use crate::auth::dev::{DEV_ISSUER, DevIssuer};
 use crate::auth::{Authenticator, Fetcher, IssuerKeys, TokenIssuer};
 use crate::authority::{self, Authority, AuthorityError, KeyType};
@@ -83,6 +85,10 @@ pub struct Settings {
     pub leaf_policy: LeafPolicy,
     /// How often bundle pollers should check again.
     pub bundle_refresh_hint: time::Duration,
+    /// SPIFFE IDs allowed to query the audit log over gRPC (with mTLS).
+    pub auditors: Vec<crate::spiffe::SpiffeId>,
+    /// How often the audit log's head is signed into a checkpoint (if it moved).
+    pub checkpoint_interval: Duration,
 }
 
 /// How often a server polls the store for authority changes (made by the CLI or another
@@ -261,15 +267,24 @@ pub async fn start(settings: Settings) -> Result<RunningServer, StartError> {
     })?;
     readiness.bundle_file.store(true, Ordering::Release);
 
+    let audit_key = AuditKey::load_or_create(&settings.data_dir)
+        .map_err(|e| StartError::Issuer(e.to_string()))?;
+
     let server_cert = tls::mint_server_cert(&authority, &settings.server_names, &audit).await?;
     let (cert_tx, cert_rx) = watch::channel(Arc::clone(&server_cert.certified));
-    let tls_config = tls::server_config(cert_rx);
 
     let version = store.authority_version().await?;
     let (active_tx, active_rx) = watch::channel(Arc::new(Active {
         authority: Arc::clone(&authority),
         bundle,
     }));
+    let client_verifier = tls::BundleClientVerifier::new(active_rx.clone()).ok_or_else(|| {
+        AuthorityError::BadCertificate {
+            id: authority.id(),
+            detail: "the bundle's roots cannot verify client certificates".into(),
+        }
+    })?;
+    let tls_config = tls::server_config(cert_rx, Arc::new(client_verifier));
     let ca = Arc::new(CertificateAuthority::new(
         authn,
         audit.clone(),
@@ -299,6 +314,10 @@ pub async fn start(settings: Settings) -> Result<RunningServer, StartError> {
         active_rx.clone(),
         settings.trust_domain.clone(),
         hint,
+    )))
+    .add_service(AuditServiceServer::new(audit_service::RemoteAudit::new(
+        store.clone(),
+        settings.auditors.clone(),
     )))
     .into_axum_router()
     .merge(publish::bundle_routes(active_rx.clone(), hint));
@@ -330,6 +349,15 @@ pub async fn start(settings: Settings) -> Result<RunningServer, StartError> {
         cert_tx,
         shutdown_rx.clone(),
     ));
+    tasks.spawn(
+        checkpoints(
+            store.clone(),
+            audit_key,
+            settings.checkpoint_interval,
+            shutdown_rx.clone(),
+        )
+        .instrument(info_span!("checkpoints")),
+    );
     tasks.spawn(
         follow_store(
             store.clone(),
@@ -414,9 +442,15 @@ async fn serve_tls(
                         return;
                     }
                 };
+            // Verified against the bundle during the handshake, if presented.
+            let identity = match tls.get_ref().1.peer_certificates() {
+                Some([leaf, ..]) => PeerIdentity::Certificate(tls::spiffe_id_of(leaf)),
+                _ => PeerIdentity::Anonymous,
+            };
             let service = hyper::service::service_fn(
                 move |mut request: ::http::Request<hyper::body::Incoming>| {
                     request.extensions_mut().insert(PeerAddr(peer));
+                    request.extensions_mut().insert(identity.clone());
                     let mut app = app.clone();
                     async move { app.call(request).await }
                 },
@@ -482,6 +516,26 @@ async fn renew_server_cert(
                 error!(error = %e, "Minting the server certificate failed; retrying in 30 s");
                 wait = Duration::from_secs(30);
             }
+        }
+    }
+}
+
+/// Signs the audit log's head into a checkpoint at start and every `interval` (when it moved).
+async fn checkpoints(
+    store: Store,
+    key: AuditKey,
+    interval: Duration,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    loop {
+        match record_checkpoint(&store, &key).await {
+            Ok(Some(cp)) => debug!(seq = cp.seq, "Signed an audit checkpoint"),
+            Ok(None) => {}
+            Err(e) => warn!(error = %e, "Signing an audit checkpoint failed"),
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(interval) => {}
+            _ = shutdown.wait_for(|stop| *stop) => return,
         }
     }
 }

@@ -4,17 +4,24 @@
 
 use std::sync::Arc;
 
+use std::sync::Mutex;
+
 use rcgen::PublicKeyData;
+use rustls::client::danger::HandshakeSignatureValid;
 use rustls::crypto::aws_lc_rs;
-use rustls::server::{ClientHello, ResolvesServerCert};
+use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
+use rustls::server::{ClientHello, ResolvesServerCert, WebPkiClientVerifier};
 use rustls::sign::CertifiedKey;
-use rustls_pki_types::{PrivateKeyDer, PrivatePkcs8KeyDer};
+use rustls::{DigitallySignedStruct, DistinguishedName, SignatureScheme};
+use rustls_pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer, UnixTime};
 use time::{Duration, OffsetDateTime};
 use tokio::sync::watch;
 
+use super::ca::Active;
 use crate::audit::AuditLog;
 use crate::authority::{Authority, AuthorityError, pem_to_der, random_serial, sha256_hex};
 use crate::issuance::{Validity, leaf_validity, profile};
+use crate::spiffe::SpiffeId;
 use crate::store::{EventKind, EventRow};
 
 /// How long the server's own certificate lives.
@@ -120,10 +127,124 @@ impl ResolvesServerCert for CurrentCert {
     }
 }
 
-/// The TLS configuration of the gRPC/HTTPS listener: TLS 1.2+, ALPN `h2` then `http/1.1`.
-pub fn server_config(current: watch::Receiver<Arc<CertifiedKey>>) -> Arc<rustls::ServerConfig> {
+/// Asks for a client certificate but does not require one (proxies authenticate with tokens;
+/// remote auditors with mTLS), and verifies one against the current bundle, following it as
+/// it changes.
+pub struct BundleClientVerifier {
+    active: watch::Receiver<Arc<Active>>,
+    /// The verifier for the bundle with this sequence; rebuilt when the sequence moves.
+    cached: Mutex<(i64, Arc<dyn ClientCertVerifier>)>,
+}
+
+impl std::fmt::Debug for BundleClientVerifier {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("BundleClientVerifier")
+    }
+}
+
+fn verifier_for(bundle: &crate::bundle::Bundle) -> Option<Arc<dyn ClientCertVerifier>> {
+    let mut roots = rustls::RootCertStore::empty();
+    for pem in &bundle.roots_pem {
+        if let Ok(der) = pem_to_der(pem) {
+            roots.add(der).ok()?;
+        }
+    }
+    WebPkiClientVerifier::builder_with_provider(
+        Arc::new(roots),
+        Arc::new(aws_lc_rs::default_provider()),
+    )
+    .allow_unauthenticated()
+    .build()
+    .ok()
+}
+
+impl BundleClientVerifier {
+    /// A verifier following `active`'s bundle.
+    pub fn new(active: watch::Receiver<Arc<Active>>) -> Option<Self> {
+        let bundle = active.borrow().bundle.clone();
+        let inner = verifier_for(&bundle)?;
+        Some(Self {
+            active,
+            cached: Mutex::new((bundle.sequence, inner)),
+        })
+    }
+
+    fn current(&self) -> Arc<dyn ClientCertVerifier> {
+        let bundle = self.active.borrow().bundle.clone();
+        let mut cached = self.cached.lock().unwrap_or_else(|p| p.into_inner());
+        if cached.0 != bundle.sequence
+            && let Some(inner) = verifier_for(&bundle)
+        {
+            *cached = (bundle.sequence, inner);
+        }
+        Arc::clone(&cached.1)
+    }
+}
+
+impl ClientCertVerifier for BundleClientVerifier {
+    fn offer_client_auth(&self) -> bool {
+        true
+    }
+
+    fn client_auth_mandatory(&self) -> bool {
+        false
+    }
+
+    fn root_hint_subjects(&self) -> &[DistinguishedName] {
+        &[]
+    }
+
+    fn verify_client_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        now: UnixTime,
+    ) -> Result<ClientCertVerified, rustls::Error> {
+        self.current()
+            .verify_client_cert(end_entity, intermediates, now)
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.current().verify_tls12_signature(message, cert, dss)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.current().verify_tls13_signature(message, cert, dss)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.current().supported_verify_schemes()
+    }
+}
+
+/// The SPIFFE ID in a certificate's URI SAN, if it has one.
+pub fn spiffe_id_of(cert: &CertificateDer<'_>) -> Option<SpiffeId> {
+    let (_, parsed) = x509_parser::parse_x509_certificate(cert).ok()?;
+    let san = parsed.subject_alternative_name().ok()??;
+    san.value.general_names.iter().find_map(|name| match name {
+        x509_parser::extensions::GeneralName::URI(uri) => SpiffeId::parse(uri).ok(),
+        _ => None,
+    })
+}
+
+/// The TLS configuration of the gRPC/HTTPS listener: TLS 1.2+, ALPN `h2` then `http/1.1`,
+/// client certificates optional and checked against the bundle.
+pub fn server_config(
+    current: watch::Receiver<Arc<CertifiedKey>>,
+    client_verifier: Arc<dyn ClientCertVerifier>,
+) -> Arc<rustls::ServerConfig> {
     let mut config = rustls::ServerConfig::builder()
-        .with_no_client_auth()
+        .with_client_cert_verifier(client_verifier)
         .with_cert_resolver(Arc::new(CurrentCert(current)));
     config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
     Arc::new(config)

@@ -20,6 +20,8 @@ pub enum EventKind {
     Authority,
     /// The start of a pruned log: records the hash the chain continues from.
     Anchor,
+    /// A retention prune (chained like any other event).
+    Prune,
 }
 
 impl EventKind {
@@ -30,6 +32,7 @@ impl EventKind {
             Self::Denied => "denied",
             Self::Authority => "authority",
             Self::Anchor => "anchor",
+            Self::Prune => "prune",
         }
     }
 }
@@ -48,8 +51,9 @@ impl FromStr for EventKind {
             "denied" => Ok(Self::Denied),
             "authority" => Ok(Self::Authority),
             "anchor" => Ok(Self::Anchor),
+            "prune" => Ok(Self::Prune),
             other => Err(format!(
-                "unknown event kind {other:?} (expected issued, denied or authority)"
+                "unknown event kind {other:?} (expected issued, denied, authority or prune)"
             )),
         }
     }
@@ -120,6 +124,10 @@ pub struct AuditQuery {
     pub serial: Option<String>,
     /// Kind of event.
     pub kind: Option<EventKind>,
+    /// Signed by this authority.
+    pub authority_id: Option<i64>,
+    /// Issuances whose certificate was valid at this moment (unix seconds).
+    pub valid_at: Option<i64>,
     /// Events at or after, unix milliseconds.
     pub since_ms: Option<i64>,
     /// Events at or before, unix milliseconds.
@@ -242,39 +250,79 @@ pub(super) async fn append_in_tx(
         e.prev_hash = prev_hash;
         e.hash = event_hash(e);
         prev_hash = e.hash.clone();
-        sqlx::query(
-            "INSERT INTO audit_events (seq, time_ms, kind, spiffe_id, namespace, \
-             service_account, pod_name, pod_uid, token_issuer, serial, not_before, not_after, \
-             authority_id, public_key_sha256, csr_sha256, peer, code, reason, count, operator, \
-             prev_hash, hash) \
-             VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-        )
-        .bind(e.seq)
-        .bind(e.time_ms)
-        .bind(e.kind.as_str())
-        .bind(&e.spiffe_id)
-        .bind(&e.namespace)
-        .bind(&e.service_account)
-        .bind(&e.pod_name)
-        .bind(&e.pod_uid)
-        .bind(&e.token_issuer)
-        .bind(&e.serial)
-        .bind(e.not_before)
-        .bind(e.not_after)
-        .bind(e.authority_id)
-        .bind(&e.public_key_sha256)
-        .bind(&e.csr_sha256)
-        .bind(&e.peer)
-        .bind(&e.code)
-        .bind(&e.reason)
-        .bind(e.count)
-        .bind(&e.operator)
-        .bind(&e.prev_hash)
-        .bind(&e.hash)
-        .execute(&mut *tx)
-        .await?;
+        insert_row(tx, e).await?;
     }
     Ok(())
+}
+
+async fn insert_row(tx: &mut sqlx::SqliteConnection, e: &EventRow) -> Result<(), StoreError> {
+    sqlx::query(
+        "INSERT INTO audit_events (seq, time_ms, kind, spiffe_id, namespace, service_account, \
+         pod_name, pod_uid, token_issuer, serial, not_before, not_after, authority_id, \
+         public_key_sha256, csr_sha256, peer, code, reason, count, operator, prev_hash, hash) \
+         VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+    )
+    .bind(e.seq)
+    .bind(e.time_ms)
+    .bind(e.kind.as_str())
+    .bind(&e.spiffe_id)
+    .bind(&e.namespace)
+    .bind(&e.service_account)
+    .bind(&e.pod_name)
+    .bind(&e.pod_uid)
+    .bind(&e.token_issuer)
+    .bind(&e.serial)
+    .bind(e.not_before)
+    .bind(e.not_after)
+    .bind(e.authority_id)
+    .bind(&e.public_key_sha256)
+    .bind(&e.csr_sha256)
+    .bind(&e.peer)
+    .bind(&e.code)
+    .bind(&e.reason)
+    .bind(e.count)
+    .bind(&e.operator)
+    .bind(&e.prev_hash)
+    .bind(&e.hash)
+    .execute(&mut *tx)
+    .await?;
+    Ok(())
+}
+
+fn checkpoint_from_row(r: &SqliteRow) -> Result<Checkpoint, StoreError> {
+    Ok(Checkpoint {
+        seq: r.try_get("seq")?,
+        hash: r.try_get("hash")?,
+        time_ms: r.try_get("time_ms")?,
+        public_key: r.try_get("public_key")?,
+        signature: r.try_get("signature")?,
+    })
+}
+
+/// What a prune removed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Pruned {
+    /// How many events were removed.
+    pub removed: i64,
+    /// The anchor's sequence number (the last removed event's).
+    pub anchor_seq: i64,
+    /// The hash the chain continues from.
+    pub anchor_hash: String,
+}
+
+/// A signed checkpoint: the head of the chain at some moment.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Checkpoint {
+    /// The event it covers.
+    pub seq: i64,
+    /// That event's hash.
+    pub hash: String,
+    /// When it was signed, unix milliseconds.
+    pub time_ms: i64,
+    /// The audit key's public half (Ed25519, base64).
+    pub public_key: String,
+    /// The signature (base64).
+    pub signature: String,
 }
 
 /// A value bound to a dynamically built query.
@@ -319,7 +367,13 @@ impl Store {
         text(&mut sql, "service_account", &query.service_account);
         text(&mut sql, "serial", &query.serial);
         text(&mut sql, "kind", &query.kind.map(|k| k.as_str().to_owned()));
+        if let Some(t) = query.valid_at {
+            sql.push_str(" AND kind = 'issued' AND not_before <= ? AND not_after >= ?");
+            binds.push(Bind::Int(t));
+            binds.push(Bind::Int(t));
+        }
         for (clause, value) in [
+            (" AND authority_id = ?", query.authority_id),
             (" AND time_ms >= ?", query.since_ms),
             (" AND time_ms <= ?", query.until_ms),
             (" AND seq < ?", query.before_seq),
@@ -344,6 +398,107 @@ impl Store {
         }
         let rows = q.fetch_all(self.pool()).await?;
         rows.iter().map(event_from_row).collect()
+    }
+
+    /// Removes the events before `before_ms` (a prefix of the log), leaving an anchor that
+    /// holds the hash the chain continues from, and appends `event` (a prune event, told what
+    /// was removed) after the head. One transaction. `None` if nothing is that old.
+    pub async fn prune_before(
+        &self,
+        before_ms: i64,
+        mut event: EventRow,
+    ) -> Result<Option<Pruned>, StoreError> {
+        let mut tx = self.pool().begin_with("BEGIN IMMEDIATE").await?;
+        // The newest event older than the cut; never the head, so the log never empties.
+        let last = sqlx::query(
+            "SELECT seq, hash, time_ms FROM audit_events WHERE time_ms < ? \
+             AND seq < (SELECT MAX(seq) FROM audit_events) ORDER BY seq DESC LIMIT 1",
+        )
+        .bind(before_ms)
+        .fetch_optional(&mut *tx)
+        .await?;
+        let Some(last) = last else {
+            return Ok(None);
+        };
+        let seq: i64 = last.try_get("seq")?;
+        let hash: String = last.try_get("hash")?;
+        let time_ms: i64 = last.try_get("time_ms")?;
+        let removed: i64 = sqlx::query(
+            "SELECT COUNT(*) AS n FROM audit_events WHERE seq <= ? AND kind != 'anchor'",
+        )
+        .bind(seq)
+        .fetch_one(&mut *tx)
+        .await?
+        .try_get("n")?;
+        sqlx::query("DELETE FROM audit_events WHERE seq <= ?")
+            .bind(seq)
+            .execute(&mut *tx)
+            .await?;
+        let mut anchor = EventRow::new(EventKind::Anchor);
+        anchor.seq = seq;
+        anchor.time_ms = time_ms;
+        anchor.reason = Some(format!(
+            "events up to {seq} were pruned; the chain continues from this event's hash"
+        ));
+        anchor.prev_hash = String::new();
+        anchor.hash = hash.clone();
+        insert_row(&mut tx, &anchor).await?;
+        event.count = Some(removed);
+        event.reason = Some(format!(
+            "{}; the chain continues from event {seq} ({hash})",
+            event.reason.as_deref().unwrap_or("pruned")
+        ));
+        append_in_tx(&mut tx, std::slice::from_mut(&mut event)).await?;
+        tx.commit().await?;
+        Ok(Some(Pruned {
+            removed,
+            anchor_seq: seq,
+            anchor_hash: hash,
+        }))
+    }
+
+    /// Records a signed checkpoint.
+    pub async fn insert_checkpoint(&self, checkpoint: &Checkpoint) -> Result<(), StoreError> {
+        sqlx::query(
+            "INSERT OR REPLACE INTO audit_checkpoints (seq, hash, time_ms, public_key, signature) \
+             VALUES (?, ?, ?, ?, ?)",
+        )
+        .bind(checkpoint.seq)
+        .bind(&checkpoint.hash)
+        .bind(checkpoint.time_ms)
+        .bind(&checkpoint.public_key)
+        .bind(&checkpoint.signature)
+        .execute(self.pool())
+        .await?;
+        Ok(())
+    }
+
+    /// The recorded checkpoints covering events `from..=to`, oldest first.
+    pub async fn checkpoints_between(
+        &self,
+        from: i64,
+        to: i64,
+    ) -> Result<Vec<Checkpoint>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT seq, hash, time_ms, public_key, signature FROM audit_checkpoints \
+             WHERE seq >= ? AND seq <= ? ORDER BY seq",
+        )
+        .bind(from)
+        .bind(to)
+        .fetch_all(self.pool())
+        .await?;
+        rows.iter().map(checkpoint_from_row).collect()
+    }
+
+    /// The latest recorded checkpoint.
+    pub async fn latest_checkpoint(&self) -> Result<Option<Checkpoint>, StoreError> {
+        let row = sqlx::query(
+            "SELECT seq, hash, time_ms, public_key, signature FROM audit_checkpoints \
+             ORDER BY seq DESC LIMIT 1",
+        )
+        .fetch_optional(self.pool())
+        .await?;
+        row.as_ref().map(checkpoint_from_row).transpose()
     }
 
     /// Up to `limit` events after `after_seq`, oldest first (for walking the whole chain).

@@ -13,7 +13,7 @@ use sqlx::migrate::{Migration, MigrationType, Migrator};
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
 use sqlx::{SqlSafeStr, SqlitePool};
 
-pub use audit::{AuditQuery, EventKind, EventRow, GENESIS_HASH, event_hash};
+pub use audit::{AuditQuery, Checkpoint, EventKind, EventRow, GENESIS_HASH, Pruned, event_hash};
 pub use authorities::{AuthorityKind, AuthorityRecord, AuthorityState, NewAuthority};
 
 /// What went wrong talking to the database.

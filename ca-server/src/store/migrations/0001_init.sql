@@ -30,7 +30,9 @@ INSERT INTO bundle (id, sequence) VALUES (1, 0);
 CREATE TABLE audit_events (
     seq               INTEGER PRIMARY KEY,
     time_ms           INTEGER NOT NULL, -- unix milliseconds
-    kind              TEXT    NOT NULL CHECK (kind IN ('issued', 'denied', 'authority', 'anchor')),
+    -- anchor: stands for the pruned events before it, holding the hash the chain continues
+    -- from; prune: records a prune (it is chained like any other event).
+    kind              TEXT    NOT NULL CHECK (kind IN ('issued', 'denied', 'authority', 'anchor', 'prune')),
     spiffe_id         TEXT,
     namespace         TEXT,
     service_account   TEXT,
@@ -57,3 +59,14 @@ CREATE INDEX audit_events_time ON audit_events (time_ms);
 CREATE INDEX audit_events_sa ON audit_events (namespace, service_account, seq);
 CREATE INDEX audit_events_kind ON audit_events (kind, seq);
 CREATE INDEX audit_events_authority ON audit_events (authority_id, not_after);
+CREATE INDEX audit_events_validity ON audit_events (not_after, not_before);
+
+-- Signed checkpoints: the chain head at some moment, signed with the audit key, so that an
+-- exported checkpoint vouches for history even against someone who can rewrite the database.
+CREATE TABLE audit_checkpoints (
+    seq        INTEGER PRIMARY KEY, -- the event the checkpoint covers (the head then)
+    hash       TEXT    NOT NULL,    -- that event's hash
+    time_ms    INTEGER NOT NULL,    -- when it was signed
+    public_key TEXT    NOT NULL,    -- Ed25519 public key, base64
+    signature  TEXT    NOT NULL     -- over checkpoint_message(seq, hash, time_ms), base64
+);

@@ -1,0 +1,136 @@
+//! `ca.v1.AuditService`: the same queries as `ca-server audit list`, for remote auditors who
+//! call with a client certificate whose SPIFFE ID is on `--auditor`.
+
+use ca_proto::ca::v1::audit_service_server::AuditService;
+use ca_proto::ca::v1::{AuditEvent, ListEventsRequest, ListEventsResponse};
+use tonic::{Request, Response, Status};
+use tracing::{info, warn};
+
+use super::grpc::PeerIdentity;
+use crate::audit::Filters;
+use crate::audit::render::{rfc3339_ms, rfc3339_secs};
+use crate::spiffe::SpiffeId;
+use crate::store::{EventRow, Store};
+
+/// Events per page when the request names no size.
+const DEFAULT_PAGE: i64 = 100;
+/// The largest page.
+const MAX_PAGE: i64 = 1000;
+
+/// The audit service over `store`, for `auditors`.
+pub struct RemoteAudit {
+    store: Store,
+    auditors: Vec<SpiffeId>,
+}
+
+impl RemoteAudit {
+    /// A service allowing `auditors`.
+    pub fn new(store: Store, auditors: Vec<SpiffeId>) -> Self {
+        Self { store, auditors }
+    }
+
+    fn authorize<T>(&self, request: &Request<T>) -> Result<SpiffeId, Status> {
+        match request.extensions().get::<PeerIdentity>() {
+            Some(PeerIdentity::Certificate(Some(id))) if self.auditors.contains(id) => {
+                Ok(id.clone())
+            }
+            Some(PeerIdentity::Certificate(Some(id))) => {
+                warn!(caller = %id, "Refused an audit query from a non-auditor");
+                Err(Status::permission_denied(format!(
+                    "{id} is not an auditor: the server allows only the SPIFFE IDs given with --auditor"
+                )))
+            }
+            Some(PeerIdentity::Certificate(None)) => Err(Status::permission_denied(
+                "the client certificate carries no SPIFFE ID; auditors are named by SPIFFE ID (--auditor)",
+            )),
+            _ => Err(Status::unauthenticated(
+                "the audit service needs mutual TLS: call with a client certificate from this CA whose SPIFFE ID is on --auditor",
+            )),
+        }
+    }
+}
+
+fn to_proto(e: EventRow) -> AuditEvent {
+    AuditEvent {
+        seq: e.seq,
+        time: rfc3339_ms(e.time_ms).unwrap_or_default(),
+        kind: e.kind.as_str().to_owned(),
+        spiffe_id: e.spiffe_id,
+        namespace: e.namespace,
+        service_account: e.service_account,
+        pod_name: e.pod_name,
+        pod_uid: e.pod_uid,
+        token_issuer: e.token_issuer,
+        serial: e.serial,
+        not_before: e.not_before.and_then(rfc3339_secs),
+        not_after: e.not_after.and_then(rfc3339_secs),
+        authority_id: e.authority_id,
+        public_key_sha256: e.public_key_sha256,
+        csr_sha256: e.csr_sha256,
+        peer: e.peer,
+        code: e.code,
+        reason: e.reason,
+        count: e.count,
+        operator: e.operator,
+        hash: e.hash,
+        prev_hash: e.prev_hash,
+    }
+}
+
+#[tonic::async_trait]
+impl AuditService for RemoteAudit {
+    async fn list_events(
+        &self,
+        request: Request<ListEventsRequest>,
+    ) -> Result<Response<ListEventsResponse>, Status> {
+        let caller = self.authorize(&request)?;
+        let r = request.into_inner();
+        let page_size = match i64::from(r.page_size) {
+            0 => DEFAULT_PAGE,
+            n if (1..=MAX_PAGE).contains(&n) => n,
+            n => {
+                return Err(Status::invalid_argument(format!(
+                    "page_size {n} is outside 1..={MAX_PAGE}"
+                )));
+            }
+        };
+        let before_seq = match r.page_token.as_str() {
+            "" => None,
+            token => Some(token.parse::<i64>().map_err(|_| {
+                Status::invalid_argument("page_token is not one this server handed out")
+            })?),
+        };
+        let filters = Filters {
+            spiffe_id: r.spiffe_id,
+            namespace: r.namespace,
+            service_account: r.service_account,
+            serial: r.serial,
+            kind: r.kind,
+            since: r.since,
+            until: r.until,
+            authority: r.authority,
+            valid_at: r.valid_at,
+        };
+        // One more than asked, to know whether another page follows.
+        let query = filters
+            .to_query(page_size + 1, before_seq)
+            .map_err(|e| Status::invalid_argument(e.to_string().replace('-', "_")))?;
+        let mut events = self
+            .store
+            .audit_events(&query)
+            .await
+            .map_err(|e| Status::unavailable(format!("the audit log cannot be read: {e}")))?;
+        let more = events.len() as i64 > page_size;
+        events.truncate(page_size as usize);
+        let next_page_token = if more {
+            events.last().map(|e| e.seq.to_string()).unwrap_or_default()
+        } else {
+            String::new()
+        };
+        info!(auditor = %caller, events = events.len(), "Answered an audit query");
+        Ok(Response::new(ListEventsResponse {
+            events: events.into_iter().map(to_proto).collect(),
+            next_page_token,
+        }))
+    }
+}
