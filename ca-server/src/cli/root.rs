@@ -167,7 +167,7 @@ async fn run(cmd: RootCommand, common: &Common, store: &Store) -> anyhow::Result
                     let mut event = authority_event();
                     event.reason = Some(format!("prepared a self-signed root for {td}"));
                     authority::create_self_signed_root(
-                        &store,
+                        store,
                         &common.data_dir,
                         &td,
                         key_type,
