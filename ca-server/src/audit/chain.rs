@@ -42,7 +42,7 @@ pub async fn verify_chain(
     store: &Store,
     exported: Option<&Checkpoint>,
 ) -> Result<VerifyReport, StoreError> {
-    const PAGE: i64 = 10_000;
+    const PAGE: i64 = 2_000;
     if let Some(cp) = exported
         && let Err(e) = verify_signature(cp)
     {

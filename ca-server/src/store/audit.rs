@@ -244,6 +244,7 @@ pub(super) async fn append_in_tx(
         ),
         None => (0, GENESIS_HASH.to_owned()),
     };
+    let mut longest = 0;
     for e in events.iter_mut() {
         seq += 1;
         e.seq = seq;
@@ -251,6 +252,15 @@ pub(super) async fn append_in_tx(
         e.hash = event_hash(e);
         prev_hash = e.hash.clone();
         insert_row(tx, e).await?;
+        if let (Some(nb), Some(na)) = (e.not_before, e.not_after) {
+            longest = longest.max(na - nb);
+        }
+    }
+    if longest > 0 {
+        sqlx::query("UPDATE audit_meta SET max_lifetime = MAX(max_lifetime, ?) WHERE id = 1")
+            .bind(longest)
+            .execute(&mut *tx)
+            .await?;
     }
     Ok(())
 }
@@ -366,14 +376,37 @@ impl Store {
         text(&mut sql, "namespace", &query.namespace);
         text(&mut sql, "service_account", &query.service_account);
         text(&mut sql, "serial", &query.serial);
-        text(&mut sql, "kind", &query.kind.map(|k| k.as_str().to_owned()));
+        // kind and authority_id have few distinct values: next to a selective filter, their
+        // indexes would make SQLite walk most of the log, so `+` keeps it off them (the
+        // planner has no statistics on a read-only copy of the store).
+        let selective = query.spiffe_id.is_some()
+            || query.namespace.is_some()
+            || query.service_account.is_some()
+            || query.serial.is_some()
+            || query.valid_at.is_some();
+        let weak = if selective { "+" } else { "" };
+        text(
+            &mut sql,
+            &format!("{weak}kind"),
+            &query.kind.map(|k| k.as_str().to_owned()),
+        );
         if let Some(t) = query.valid_at {
-            sql.push_str(" AND kind = 'issued' AND not_before <= ? AND not_after >= ?");
+            // Bounded by the longest lifetime in the log, so the notBefore index does the work.
+            sql.push_str(
+                " AND +kind = 'issued' AND not_before <= ? AND not_after >= ? \
+                 AND not_before >= ? - (SELECT max_lifetime FROM audit_meta WHERE id = 1)",
+            );
+            binds.push(Bind::Int(t));
             binds.push(Bind::Int(t));
             binds.push(Bind::Int(t));
         }
+        let authority = if selective {
+            " AND +authority_id = ?"
+        } else {
+            " AND authority_id = ?"
+        };
         for (clause, value) in [
-            (" AND authority_id = ?", query.authority_id),
+            (authority, query.authority_id),
             (" AND time_ms >= ?", query.since_ms),
             (" AND time_ms <= ?", query.until_ms),
             (" AND seq < ?", query.before_seq),

@@ -57,9 +57,19 @@ CREATE INDEX audit_events_spiffe_id ON audit_events (spiffe_id, seq);
 CREATE INDEX audit_events_serial ON audit_events (serial);
 CREATE INDEX audit_events_time ON audit_events (time_ms);
 CREATE INDEX audit_events_sa ON audit_events (namespace, service_account, seq);
+CREATE INDEX audit_events_service_account ON audit_events (service_account, seq);
 CREATE INDEX audit_events_kind ON audit_events (kind, seq);
-CREATE INDEX audit_events_authority ON audit_events (authority_id, not_after);
-CREATE INDEX audit_events_validity ON audit_events (not_after, not_before);
+CREATE INDEX audit_events_authority ON audit_events (authority_id, seq);
+CREATE INDEX audit_events_validity ON audit_events (not_before);
+
+-- Facts about the log kept as events are appended, so that queries stay bounded.
+CREATE TABLE audit_meta (
+    id           INTEGER PRIMARY KEY CHECK (id = 1),
+    -- The longest notAfter - notBefore of any certificate in the log (seconds): a certificate
+    -- valid at T has notBefore in [T - max_lifetime, T], which keeps --valid-at a range scan.
+    max_lifetime INTEGER NOT NULL
+);
+INSERT INTO audit_meta (id, max_lifetime) VALUES (1, 0);
 
 -- Signed checkpoints: the chain head at some moment, signed with the audit key, so that an
 -- exported checkpoint vouches for history even against someone who can rewrite the database.
