@@ -55,6 +55,8 @@ pub struct ServiceAccount {
     pub pod_name: Option<String>,
     /// The pod's uid.
     pub pod_uid: Option<String>,
+    /// When the token expires (unix seconds).
+    pub expires_at: i64,
 }
 
 /// What an issuer accepts.
@@ -145,6 +147,7 @@ impl Claims {
             name: name.to_owned(),
             pod_name: None,
             pod_uid: None,
+            expires_at: exp,
         };
         if let Some(k) = &self.kubernetes {
             let k_ns = k.namespace.as_deref();

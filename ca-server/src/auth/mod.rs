@@ -209,7 +209,53 @@ pub struct Authenticator {
     trust_domain: TrustDomain,
     issuers: Vec<Arc<TokenIssuer>>,
     fetcher: Fetcher,
+    verified: VerifiedTokens,
 }
+
+/// Tokens that passed every check, by the SHA-256 of the token (never the token itself), until
+/// they expire: the same token gets the same answer, so a proxy renewing with its token does
+/// not pay for a signature check each time. Bounded; refusals are never cached.
+struct VerifiedTokens {
+    entries: std::sync::Mutex<std::collections::HashMap<[u8; 32], (Identity, i64)>>,
+    capacity: usize,
+}
+
+impl VerifiedTokens {
+    fn new(capacity: usize) -> Self {
+        Self {
+            entries: std::sync::Mutex::new(std::collections::HashMap::new()),
+            capacity,
+        }
+    }
+
+    fn key(token: &BearerToken) -> [u8; 32] {
+        use sha2::{Digest, Sha256};
+        Sha256::digest(token.expose().as_bytes()).into()
+    }
+
+    fn get(&self, key: &[u8; 32], now: i64) -> Option<Identity> {
+        let entries = self.entries.lock().unwrap_or_else(|p| p.into_inner());
+        match entries.get(key) {
+            Some((identity, expires_at)) if now < *expires_at => Some(identity.clone()),
+            _ => None,
+        }
+    }
+
+    fn insert(&self, key: [u8; 32], identity: Identity, expires_at: i64, now: i64) {
+        let mut entries = self.entries.lock().unwrap_or_else(|p| p.into_inner());
+        if entries.len() >= self.capacity {
+            entries.retain(|_, (_, exp)| now < *exp);
+            if entries.len() >= self.capacity {
+                // Still full of live tokens: start over rather than grow.
+                entries.clear();
+            }
+        }
+        entries.insert(key, (identity, expires_at));
+    }
+}
+
+/// How many verified tokens are remembered.
+const VERIFIED_TOKENS: usize = 10_000;
 
 #[derive(serde::Deserialize)]
 struct Header {
@@ -232,6 +278,7 @@ impl Authenticator {
             trust_domain,
             issuers: issuers.into_iter().map(Arc::new).collect(),
             fetcher,
+            verified: VerifiedTokens::new(VERIFIED_TOKENS),
         }
     }
 
@@ -242,6 +289,16 @@ impl Authenticator {
 
     /// Checks `token` and returns the caller's identity. `now` is unix seconds.
     pub async fn authenticate(&self, token: &BearerToken, now: i64) -> Result<Identity, AuthError> {
+        let key = VerifiedTokens::key(token);
+        if let Some(identity) = self.verified.get(&key, now) {
+            return Ok(identity);
+        }
+        let (identity, expires_at) = self.verify(token, now).await?;
+        self.verified.insert(key, identity.clone(), expires_at, now);
+        Ok(identity)
+    }
+
+    async fn verify(&self, token: &BearerToken, now: i64) -> Result<(Identity, i64), AuthError> {
         let text = token.expose();
         let mut parts = text.split('.');
         let (Some(header), Some(payload), Some(_sig), None) =
@@ -293,14 +350,17 @@ impl Authenticator {
                 .map_err(|_| {
                     AuthError::BadIdentity(format!("{}/{}", account.namespace, account.name))
                 })?;
-        Ok(Identity {
-            spiffe_id,
-            namespace: account.namespace,
-            service_account: account.name,
-            pod_name: account.pod_name,
-            pod_uid: account.pod_uid,
-            issuer: issuer.policy.issuer.clone(),
-        })
+        Ok((
+            Identity {
+                spiffe_id,
+                namespace: account.namespace,
+                service_account: account.name,
+                pod_name: account.pod_name,
+                pod_uid: account.pod_uid,
+                issuer: issuer.policy.issuer.clone(),
+            },
+            account.expires_at,
+        ))
     }
 
     fn select_issuer(&self, iss: Option<&str>) -> Result<&TokenIssuer, AuthError> {
@@ -317,5 +377,67 @@ impl Authenticator {
                 got: iss.to_owned(),
                 want: self.issuer_names().join("\" or \""),
             })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn verified_tokens_are_remembered_only_until_they_expire() {
+        let dir = tempfile::tempdir().unwrap();
+        let dev = dev::DevIssuer::load_or_create(dir.path()).unwrap();
+        let authn = Authenticator::new(
+            TrustDomain::new("cluster.local").unwrap(),
+            vec![TokenIssuer::new(
+                dev::DEV_ISSUER.into(),
+                vec!["istio-ca".into()],
+                IssuerKeys::fixed(dev.key_set()),
+            )],
+            Fetcher::new(None).unwrap(),
+        );
+        let token = BearerToken::new(&dev.mint("a", "b", "istio-ca", 60, None).unwrap()).unwrap();
+        let now = time::OffsetDateTime::now_utc().unix_timestamp();
+        let id = authn.authenticate(&token, now).await.unwrap();
+        assert_eq!(id.spiffe_id.to_string(), "spiffe://cluster.local/ns/a/sa/b");
+        let key = VerifiedTokens::key(&token);
+        assert_eq!(authn.verified.get(&key, now + 30), Some(id.clone()));
+        assert_eq!(authn.authenticate(&token, now + 30).await.unwrap(), id);
+        // Past its exp, the remembered answer is gone and the token is refused.
+        let err = authn.authenticate(&token, now + 61).await.unwrap_err();
+        assert!(matches!(err, AuthError::Expired { .. }), "{err}");
+        // Refusals are never remembered.
+        let bad = BearerToken::new("x.y.z").unwrap();
+        assert!(authn.authenticate(&bad, now).await.is_err());
+        assert!(
+            authn
+                .verified
+                .get(&VerifiedTokens::key(&bad), now)
+                .is_none()
+        );
+    }
+
+    #[test]
+    fn the_cache_stays_bounded() {
+        let cache = VerifiedTokens::new(2);
+        let id = Identity {
+            spiffe_id: SpiffeId::parse("spiffe://td/ns/a/sa/b").unwrap(),
+            namespace: "a".into(),
+            service_account: "b".into(),
+            pod_name: None,
+            pod_uid: None,
+            issuer: "i".into(),
+        };
+        for i in 0..10u8 {
+            cache.insert([i; 32], id.clone(), 100, 0);
+            assert!(cache.entries.lock().unwrap().len() <= 2);
+        }
+        // Expired entries make room first.
+        let cache = VerifiedTokens::new(2);
+        cache.insert([1; 32], id.clone(), 10, 0);
+        cache.insert([2; 32], id.clone(), 100, 0);
+        cache.insert([3; 32], id, 100, 50);
+        assert!(cache.get(&[2; 32], 50).is_some() && cache.get(&[3; 32], 50).is_some());
     }
 }

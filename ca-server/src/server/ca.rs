@@ -8,6 +8,7 @@ use time::OffsetDateTime;
 use tokio::sync::watch;
 use tracing::{info, warn};
 
+use super::pool::CryptoPool;
 use super::status::{Refusal, code_name};
 use crate::audit::AuditLog;
 use crate::auth::{AuthError, Authenticator, BearerToken, Identity};
@@ -47,6 +48,7 @@ pub struct CertificateAuthority {
     audit: AuditLog,
     policy: LeafPolicy,
     active: watch::Receiver<Arc<Active>>,
+    pool: CryptoPool,
 }
 
 /// What a refusal event can say about the request.
@@ -68,12 +70,14 @@ impl CertificateAuthority {
         audit: AuditLog,
         policy: LeafPolicy,
         active: watch::Receiver<Arc<Active>>,
+        pool: CryptoPool,
     ) -> Self {
         Self {
             authn,
             audit,
             policy,
             active,
+            pool,
         }
     }
 
@@ -163,16 +167,17 @@ impl CertificateAuthority {
         let policy = self.policy;
         let csr_pem = request.csr.clone();
         // Proof of possession and signing are CPU work: off the reactor.
-        let (csr, result) = tokio::task::spawn_blocking(move || {
-            let csr = match issuance::check_csr(&csr_pem) {
-                Ok(csr) => csr,
-                Err(e) => return (None, Err(e.into())),
-            };
-            let result = issuance::issue(&authority, &policy, &identity, csr.clone(), ttl, now);
-            (Some(csr), result)
-        })
-        .await
-        .map_err(|e| Refusal::Internal(format!("issuance task failed: {e}")))?;
+        let (csr, result) = self
+            .pool
+            .run(move || {
+                let csr = match issuance::check_csr(&csr_pem) {
+                    Ok(csr) => csr,
+                    Err(e) => return (None, Err(e.into())),
+                };
+                let result = issuance::issue(&authority, &policy, &identity, csr.clone(), ttl, now);
+                (Some(csr), result)
+            })
+            .await?;
         if let Some(csr) = csr {
             // A refusal after the CSR checked out still records which CSR it was.
             known.csr_sha256 = Some(csr.csr_sha256);

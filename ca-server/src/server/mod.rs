@@ -5,6 +5,7 @@ mod audit_service;
 mod ca;
 mod grpc;
 mod http;
+mod pool;
 mod publish;
 pub mod status;
 mod tls;
@@ -91,6 +92,10 @@ pub struct Settings {
     pub checkpoint_interval: Duration,
 }
 
+/// How many requests may wait for the crypto pool. At about 10,000 issuances a second, a
+/// full queue drains in a fifth of a second; beyond it, callers are told to retry at once.
+pub const CRYPTO_QUEUE: usize = 2048;
+
 /// How often a server polls the store for authority changes (made by the CLI or another
 /// replica): changes reach every server within two polls.
 pub const STORE_POLL_INTERVAL: Duration = Duration::from_secs(1);
@@ -133,6 +138,9 @@ pub enum StartError {
         /// The OS error.
         source: std::io::Error,
     },
+    /// The crypto pool's threads could not start.
+    #[error("starting the crypto threads: {0}")]
+    Threads(std::io::Error),
     /// A listener could not bind.
     #[error("cannot listen on {addr}: {source}")]
     Bind {
@@ -285,11 +293,13 @@ pub async fn start(settings: Settings) -> Result<RunningServer, StartError> {
         }
     })?;
     let tls_config = tls::server_config(cert_rx, Arc::new(client_verifier));
+    let pool = pool::CryptoPool::per_core(CRYPTO_QUEUE).map_err(StartError::Threads)?;
     let ca = Arc::new(CertificateAuthority::new(
         authn,
         audit.clone(),
         settings.leaf_policy,
         active_rx.clone(),
+        pool,
     ));
     let grpc_listener = bind(settings.grpc_listen).await?;
     let http_listener = bind(settings.http_listen).await?;

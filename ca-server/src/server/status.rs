@@ -2,6 +2,7 @@
 
 use tonic::{Code, Status};
 
+use super::pool::PoolError;
 use crate::audit::AuditError;
 use crate::auth::AuthError;
 use crate::issuance::{IssueError, ValidityError};
@@ -29,6 +30,9 @@ pub enum Refusal {
         /// What it asked for.
         requested: String,
     },
+    /// The crypto pool's queue is full, or it stopped.
+    #[error(transparent)]
+    Pool(#[from] super::pool::PoolError),
     /// A bug: something that cannot fail did.
     #[error("internal error: {0}")]
     Internal(String),
@@ -49,7 +53,10 @@ impl Refusal {
             )) => Code::InvalidArgument,
             Self::Issue(IssueError::Validity(ValidityError::IssuerNotValid { .. }))
             | Self::Audit(AuditError::Unavailable(_)) => Code::Unavailable,
-            Self::Audit(AuditError::Overloaded) => Code::ResourceExhausted,
+            Self::Audit(AuditError::Overloaded) | Self::Pool(PoolError::Full(_)) => {
+                Code::ResourceExhausted
+            }
+            Self::Pool(PoolError::Stopped) => Code::Unavailable,
             Self::Issue(IssueError::Authority(_)) | Self::Internal(_) => Code::Internal,
         }
     }

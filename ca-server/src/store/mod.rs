@@ -78,8 +78,6 @@ impl Store {
             .connect_with(options)
             .await?;
         migrator().run(&pool).await?;
-        // Fresh planner statistics, so filtered audit queries pick the right index.
-        sqlx::query("PRAGMA optimize").execute(&pool).await?;
         Ok(Self { pool })
     }
 

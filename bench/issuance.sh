@@ -1,0 +1,170 @@
+#!/usr/bin/env bash
+# The issuance benchmark: ca-server against cfssl (without and with its SQLite certdb), driven
+# by the same client (h2load, one connection, 16 requests in flight), one after the other on
+# this machine, plus the crypto limit measured in-process and a 5,000-request burst.
+#
+#   bench/issuance.sh            # DURATION=8 WARMUP=2 INFLIGHT=16 by default
+#
+# Run it on a quiet machine (no cargo build in the background). It installs h2load
+# (nghttp2-client) and cfssl (golang-cfssl) with apt-get when missing.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+DURATION=${DURATION:-8}
+WARMUP=${WARMUP:-2}
+INFLIGHT=${INFLIGHT:-16}
+BURST=${BURST:-5000}
+
+missing=()
+command -v h2load >/dev/null || missing+=(nghttp2-client)
+command -v cfssl >/dev/null || missing+=(golang-cfssl)
+command -v openssl >/dev/null || missing+=(openssl)
+command -v curl >/dev/null || missing+=(curl)
+if [ ${#missing[@]} -gt 0 ]; then
+    apt-get update -qq && apt-get install -y -qq "${missing[@]}" >/dev/null
+fi
+
+cargo build --release -q -p ca-server -p ca-tests --bin ca-server --bin ca-load
+CA=target/release/ca-server
+LOAD=target/release/ca-load
+work=$(mktemp -d)
+pids=()
+cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; rm -rf "$work"; }
+trap cleanup EXIT
+
+wait_ready() { # URL
+    for _ in $(seq 1 400); do curl -sf -o /dev/null "$1" && return 0; sleep 0.025; done
+    echo "not ready: $1" >&2; return 1
+}
+peak_rss_mib() { awk '/VmHWM/ {printf "%.1f", $2/1024}' "/proc/$1/status"; }
+
+# h2load NAME URL BODY [HEADER...]: runs the load, leaves NAME.txt and NAME.log in $work.
+run_h2load() {
+    local name=$1 url=$2 body=$3; shift 3
+    local headers=()
+    for h in "$@"; do headers+=(-H "$h"); done
+    h2load -c 1 -m "$INFLIGHT" -D "$DURATION" --warm-up-time "$WARMUP" -d "$body" \
+        "${headers[@]}" --log-file "$work/$name.log" "$url" > "$work/$name.txt"
+}
+# stats NAME -> "rate p50_ms p99_ms max_ms ok"
+stats() {
+    python3 - "$work/$1.txt" "$work/$1.log" <<'PY'
+import re, sys
+text = open(sys.argv[1]).read()
+rate = float(re.search(r"finished in [\d.]+m?s, ([\d.]+) req/s", text).group(1))
+ok = int(re.search(r"(\d+) 2xx", text).group(1))
+d = sorted(int(l.split("\t")[2]) / 1000 for l in open(sys.argv[2]) if l.strip() and l.split("\t")[1].startswith("2"))
+pct = lambda p: d[min(len(d) - 1, int(len(d) * p))] if d else float("nan")
+print(f"{rate:.0f} {pct(0.5):.2f} {pct(0.99):.2f} {d[-1] if d else float('nan'):.1f} {ok}")
+PY
+}
+
+# --- ca-server -------------------------------------------------------------------------------
+$CA run --dev --data-dir "$work/ca" --grpc-listen 127.0.0.1:25012 --http-listen 127.0.0.1:25014 \
+    2> "$work/ca.log" &
+ca_pid=$!; pids+=("$ca_pid")
+wait_ready http://127.0.0.1:25014/readyz
+$CA token issue --data-dir "$work/ca" --namespace bench --service-account client --ttl 1h > "$work/token"
+$LOAD body --out "$work/grpc.body"
+run_h2load ca https://127.0.0.1:25012/istio.v1.auth.IstioCertificateService/CreateCertificate \
+    "$work/grpc.body" "content-type: application/grpc" "te: trailers" \
+    "authorization: Bearer $(cat "$work/token")"
+read -r ca_rate ca_p50 ca_p99 ca_max ca_ok <<< "$(stats ca)"
+ca_rss=$(peak_rss_mib "$ca_pid")
+issued=$($CA audit list --data-dir "$work/ca" --kind issued --spiffe-id spiffe://cluster.local/ns/bench/sa/client --limit 100000000 --format csv | tail -n +2 | wc -l)
+denied=$($CA audit list --data-dir "$work/ca" --kind denied --limit 100000000 --format csv | tail -n +2 | wc -l)
+verify=$($CA audit verify --data-dir "$work/ca")
+
+# Burst: BURST requests at once.
+$LOAD burst --server https://127.0.0.1:25012 --ca-bundle "$work/ca/trust-bundle.pem" \
+    --token-file "$work/token" --requests "$BURST" > "$work/burst.txt" || burst_failed=1
+burst_rss=$(peak_rss_mib "$ca_pid")
+
+# Ready after a restart on the existing (now large) data dir.
+kill -TERM "$ca_pid"; wait "$ca_pid" 2>/dev/null || true
+start_ns=$(date +%s%N)
+$CA run --dev --data-dir "$work/ca" --grpc-listen 127.0.0.1:25012 --http-listen 127.0.0.1:25014 \
+    2>> "$work/ca.log" &
+pids+=("$!")
+wait_ready http://127.0.0.1:25014/readyz
+ready_ms=$(( ($(date +%s%N) - start_ns) / 1000000 ))
+
+# --- cfssl -----------------------------------------------------------------------------------
+cd "$work"
+openssl ecparam -name prime256v1 -genkey -noout -out cfssl-ca-key.pem 2>/dev/null
+openssl req -new -x509 -key cfssl-ca-key.pem -subj "/O=bench/CN=bench root" -days 3650 -out cfssl-ca.pem 2>/dev/null
+openssl req -new -x509 -key cfssl-ca-key.pem -subj "/CN=localhost" -days 1 -out cfssl-tls.pem \
+    -addext "subjectAltName=DNS:localhost,IP:127.0.0.1" 2>/dev/null
+authkey=$(openssl rand -hex 16)
+cat > cfssl-config.json <<JSON
+{"signing": {"default": {"auth_key": "bench", "expiry": "1h",
+  "usages": ["digital signature", "server auth", "client auth"]}},
+ "auth_keys": {"bench": {"type": "standard", "key": "$authkey"}}}
+JSON
+python3 - "$authkey" <<'PY'
+import base64, hashlib, hmac, json, subprocess, sys
+key = bytes.fromhex(sys.argv[1])
+csr = subprocess.run(["openssl", "req", "-new", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1",
+                      "-nodes", "-keyout", "/dev/null", "-subj", "/CN=bench"], capture_output=True, check=True).stdout.decode()
+request = json.dumps({"certificate_request": csr, "hosts": ["bench.example"]}).encode()
+token = hmac.new(key, request, hashlib.sha256).digest()
+open("cfssl.body", "w").write(json.dumps({"token": base64.b64encode(token).decode(), "request": base64.b64encode(request).decode()}))
+import sqlite3
+db = sqlite3.connect("certdb.sqlite")
+db.executescript("""
+CREATE TABLE certificates (serial_number blob NOT NULL, authority_key_identifier blob NOT NULL,
+  ca_label blob, status blob NOT NULL, reason int, expiry timestamp, revoked_at timestamp,
+  pem blob NOT NULL, issued_at timestamp, not_before timestamp, metadata text, sans text,
+  common_name text, PRIMARY KEY(serial_number, authority_key_identifier));
+CREATE TABLE ocsp_responses (serial_number blob NOT NULL, authority_key_identifier blob NOT NULL,
+  body blob NOT NULL, expiry timestamp, PRIMARY KEY(serial_number, authority_key_identifier));
+""")
+db.commit()
+PY
+echo '{"driver": "sqlite3", "data_source": "certdb.sqlite"}' > cfssl-db.json
+
+run_cfssl() { # NAME PORT [extra cfssl flags]
+    local name=$1 port=$2; shift 2
+    cfssl serve -address 127.0.0.1 -port "$port" -ca cfssl-ca.pem -ca-key cfssl-ca-key.pem \
+        -config cfssl-config.json -tls-cert cfssl-tls.pem -tls-key cfssl-ca-key.pem "$@" \
+        2> "$name.server.log" &
+    local pid=$!; pids+=("$pid")
+    for _ in $(seq 1 200); do curl -sk -o /dev/null "https://127.0.0.1:$port/api/v1/cfssl/scaninfo" && break; sleep 0.05; done
+    run_h2load "$name" "https://127.0.0.1:$port/api/v1/cfssl/authsign" cfssl.body "content-type: application/json"
+    eval "${name}_rss=$(peak_rss_mib "$pid")"
+    kill "$pid"
+}
+run_cfssl cfssl 28888
+read -r cf_rate cf_p50 cf_p99 cf_max cf_ok <<< "$(stats cfssl)"
+run_cfssl cfssldb 28889 -db-config cfssl-db.json
+read -r cfdb_rate cfdb_p50 cfdb_p99 cfdb_max cfdb_ok <<< "$(stats cfssldb)"
+cfdb_rows=$(python3 -c "import sqlite3; print(sqlite3.connect('certdb.sqlite').execute('select count(*) from certificates').fetchone()[0])")
+cd - >/dev/null
+
+# --- crypto limit ----------------------------------------------------------------------------
+eval "$($LOAD crypto --seconds 3 | sed 's/^/limit_/')"
+limit=$(( limit_crypto_per_core_csr_sign_token * limit_cores ))
+
+python3 - <<PY
+rows = [
+    ("ca-server (TLS, token, durable hash-chained audit)", $ca_rate, $ca_p50, $ca_p99, $ca_max, "$ca_rss"),
+    ("cfssl serve (TLS, HMAC auth key, no record)", $cf_rate, $cf_p50, $cf_p99, $cf_max, "$cfssl_rss"),
+    ("cfssl serve + SQLite certdb", $cfdb_rate, $cfdb_p50, $cfdb_p99, $cfdb_max, "$cfssldb_rss"),
+]
+print(f"\n{'server':<52} {'issuances/s':>12} {'p50 ms':>8} {'p99 ms':>8} {'max ms':>8} {'peak RSS MiB':>13}")
+for name, rate, p50, p99, mx, rss in rows:
+    print(f"{name:<52} {rate:>12,.0f} {p50:>8.2f} {p99:>8.2f} {mx:>8.1f} {rss:>13}")
+print()
+print(f"ca-server / cfssl:              {$ca_rate / max($cf_rate, 1):.2f}x  (goal >= 2.5x)")
+print(f"ca-server / cfssl with certdb:  {$ca_rate / max($cfdb_rate, 1):.1f}x  (goal >= 15x)")
+print(f"crypto limit ({$limit_cores} cores x {$limit_crypto_per_core_csr_sign_token:,} CSR verify + sign + token verify per core): {$limit:,}/s;"
+      f" ca-server reaches {$ca_rate / $limit:.0%} of it"
+      f" (without the token verify, which the token cache saves: {$limit_crypto_per_core_csr_sign * $limit_cores:,}/s)")
+print(f"ready to serve after a restart on the existing data dir: $ready_ms ms (goal <= 200 ms)")
+print(f"audit: {$issued:,} issuance events for the {$ca_ok:,} answers h2load counted after warm-up"
+      f" (plus the warm-up's); {$denied} refusals; $verify")
+print(f"cfssl certdb rows: {$cfdb_rows:,} for {$cfdb_ok:,} answers")
+PY
+echo
+cat "$work/burst.txt"
+echo "peak RSS through the burst: $burst_rss MiB"
+[ -z "${burst_failed:-}" ] || { echo "burst FAILED"; exit 1; }
