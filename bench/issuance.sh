@@ -52,7 +52,8 @@ import re, sys
 text = open(sys.argv[1]).read()
 rate = float(re.search(r"finished in [\d.]+m?s, ([\d.]+) req/s", text).group(1))
 ok = int(re.search(r"(\d+) 2xx", text).group(1))
-d = sorted(int(l.split("\t")[2]) / 1000 for l in open(sys.argv[2]) if l.strip() and l.split("\t")[1].startswith("2"))
+rows = [l.rstrip("\n").split("\t") for l in open(sys.argv[2])]
+d = sorted(int(r[2]) / 1000 for r in rows if len(r) >= 3 and r[1].startswith("2") and r[2].isdigit())
 pct = lambda p: d[min(len(d) - 1, int(len(d) * p))] if d else float("nan")
 print(f"{rate:.0f} {pct(0.5):.2f} {pct(0.99):.2f} {d[-1] if d else float('nan'):.1f} {ok}")
 PY

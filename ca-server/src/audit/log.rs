@@ -4,9 +4,9 @@
 use std::time::Duration;
 
 use tokio::sync::{mpsc, oneshot};
-use tracing::{error, warn};
+use tracing::{debug, error, warn};
 
-use crate::store::{EventRow, Store};
+use crate::store::{EventRow, Head, Store};
 
 /// Largest group committed in one transaction.
 const MAX_GROUP: usize = 512;
@@ -59,10 +59,11 @@ impl AuditLog {
 
 async fn write_loop(store: Store, mut rx: mpsc::Receiver<Pending>) {
     let mut group = Vec::with_capacity(MAX_GROUP);
+    let mut head = None;
     while rx.recv_many(&mut group, MAX_GROUP).await > 0 {
         let (mut events, replies): (Vec<EventRow>, Vec<_>) =
             group.drain(..).map(|p| (p.event, p.reply)).unzip();
-        let result = commit_with_retry(&store, &mut events).await;
+        let result = commit_with_retry(&store, &mut head, &mut events).await;
         for (event, reply) in events.iter().zip(replies) {
             // A caller that gave up (its request was cancelled) no longer listens: fine.
             let _ = reply.send(result.clone().map(|()| event.seq));
@@ -70,14 +71,23 @@ async fn write_loop(store: Store, mut rx: mpsc::Receiver<Pending>) {
     }
 }
 
-/// Commits a group; a busy database (another writer, such as the CLI) is retried briefly,
-/// anything else fails the whole group.
-async fn commit_with_retry(store: &Store, events: &mut [EventRow]) -> Result<(), AuditError> {
+/// Commits a group. A failure is retried twice: at once (the head we remembered may be stale
+/// because another writer, such as the CLI, appended), then after a pause (a busy or failing
+/// store); after that the whole group fails.
+async fn commit_with_retry(
+    store: &Store,
+    head: &mut Option<Head>,
+    events: &mut [EventRow],
+) -> Result<(), AuditError> {
     let mut attempt = 0;
     loop {
-        match store.append_events(events).await {
+        match store.append_events_after(head, events).await {
             Ok(()) => return Ok(()),
-            Err(e) if attempt < 2 => {
+            Err(e) if attempt == 0 => {
+                attempt += 1;
+                debug!(error = %e, "Audit commit failed; retrying with the head read afresh");
+            }
+            Err(e) if attempt < 3 => {
                 attempt += 1;
                 warn!(error = %e, attempt, "Audit commit failed; retrying");
                 tokio::time::sleep(Duration::from_millis(50)).await;

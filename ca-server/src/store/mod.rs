@@ -13,7 +13,9 @@ use sqlx::migrate::{Migration, MigrationType, Migrator};
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
 use sqlx::{SqlSafeStr, SqlitePool};
 
-pub use audit::{AuditQuery, Checkpoint, EventKind, EventRow, GENESIS_HASH, Pruned, event_hash};
+pub use audit::{
+    AuditQuery, Checkpoint, EventKind, EventRow, GENESIS_HASH, Head, Pruned, event_hash,
+};
 pub use authorities::{AuthorityKind, AuthorityRecord, AuthorityState, NewAuthority};
 
 /// What went wrong talking to the database.
@@ -75,6 +77,9 @@ impl Store {
         let options = sqlite_options(url)?.create_if_missing(true);
         let pool = SqlitePoolOptions::new()
             .max_connections(4)
+            // A local file needs no liveness ping before each use; the ping is a round trip
+            // on every audit commit.
+            .test_before_acquire(false)
             .connect_with(options)
             .await?;
         migrator().run(&pool).await?;
