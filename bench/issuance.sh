@@ -61,7 +61,7 @@ PY
 
 # --- ca-server -------------------------------------------------------------------------------
 $CA run --dev --data-dir "$work/ca" --grpc-listen 127.0.0.1:25012 --http-listen 127.0.0.1:25014 \
-    2> "$work/ca.log" &
+    2> "$work/ca-server.log" &
 ca_pid=$!; pids+=("$ca_pid")
 wait_ready http://127.0.0.1:25014/readyz
 $CA token issue --data-dir "$work/ca" --namespace bench --service-account client --ttl 1h > "$work/token"
@@ -84,7 +84,7 @@ burst_rss=$(peak_rss_mib "$ca_pid")
 kill -TERM "$ca_pid"; wait "$ca_pid" 2>/dev/null || true
 start_ns=$(date +%s%N)
 $CA run --dev --data-dir "$work/ca" --grpc-listen 127.0.0.1:25012 --http-listen 127.0.0.1:25014 \
-    2>> "$work/ca.log" &
+    2>> "$work/ca-server.log" &
 pids+=("$!")
 wait_ready http://127.0.0.1:25014/readyz
 ready_ms=$(( ($(date +%s%N) - start_ns) / 1000000 ))
