@@ -4,6 +4,8 @@
 use std::io::{self, Write};
 use std::path::Path;
 
+use zeroize::Zeroizing;
+
 /// The permission bits of `path` if group or others may access it, `None` if it is private.
 pub fn too_open(path: &Path) -> io::Result<Option<u32>> {
     #[cfg(unix)]
@@ -32,6 +34,45 @@ pub fn write_private_new(path: &Path, contents: &[u8]) -> io::Result<()> {
     let mut file = options.open(path)?;
     file.write_all(contents)?;
     file.sync_all()
+}
+
+/// Reads the private PEM file at `path`, creating it (0600) from `create` on first use; if
+/// another process creates it first, theirs is used. A file that group or others can read is
+/// refused, with the command that fixes it. Errors are messages for a person.
+pub fn read_or_create_private(
+    path: &Path,
+    create: impl FnOnce() -> Result<Zeroizing<String>, String>,
+) -> Result<Zeroizing<String>, String> {
+    if !path.exists() {
+        let pem = create()?;
+        match write_private_new(path, pem.as_bytes()) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
+            Err(e) => return Err(e.to_string()),
+        }
+    }
+    if let Some(mode) = too_open(path).map_err(|e| e.to_string())? {
+        return Err(format!(
+            "readable by others (mode {mode:o}): run `chmod 600 {}`",
+            path.display()
+        ));
+    }
+    std::fs::read_to_string(path)
+        .map(Zeroizing::new)
+        .map_err(|e| e.to_string())
+}
+
+/// PEM text for `der` under `label` (e.g. `CERTIFICATE`), 64 columns a line.
+pub fn pem(label: &str, der: &[u8]) -> String {
+    use base64::Engine;
+    let b64 = Zeroizing::new(base64::engine::general_purpose::STANDARD.encode(der));
+    let mut out = format!("-----BEGIN {label}-----\n");
+    for chunk in b64.as_bytes().chunks(64) {
+        out.push_str(&String::from_utf8_lossy(chunk));
+        out.push('\n');
+    }
+    out.push_str(&format!("-----END {label}-----\n"));
+    out
 }
 
 /// Replaces `path` with `contents` atomically (write a temporary file, sync, rename), with

@@ -61,25 +61,14 @@ impl AuditKey {
             path: path.clone(),
             detail,
         };
-        if !path.exists() {
-            let pkcs8 = Ed25519KeyPair::generate_pkcs8(&aws_lc_rs::rand::SystemRandom::new())
-                .map_err(|e| err(e.to_string()))?;
-            let der = Zeroizing::new(pkcs8.as_ref().to_vec());
-            let pem = Zeroizing::new(pem_encode(&der));
-            match crate::files::write_private_new(&path, pem.as_bytes()) {
-                Ok(()) => {}
-                // Another process created it first: use theirs.
-                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
-                Err(e) => return Err(err(e.to_string())),
-            }
-        }
-        if let Some(mode) = crate::files::too_open(&path).map_err(|e| err(e.to_string()))? {
-            return Err(err(format!(
-                "readable by others (mode {mode:o}): run `chmod 600 {}`",
-                path.display()
-            )));
-        }
-        let der = PrivatePkcs8KeyDer::from_pem_file(&path).map_err(|e| err(e.to_string()))?;
+        let pem = crate::files::read_or_create_private(&path, || {
+            Ed25519KeyPair::generate_pkcs8(&aws_lc_rs::rand::SystemRandom::new())
+                .map(|pkcs8| Zeroizing::new(crate::files::pem("PRIVATE KEY", pkcs8.as_ref())))
+                .map_err(|e| e.to_string())
+        })
+        .map_err(err)?;
+        let der =
+            PrivatePkcs8KeyDer::from_pem_slice(pem.as_bytes()).map_err(|e| err(e.to_string()))?;
         let pair = Ed25519KeyPair::from_pkcs8_maybe_unchecked(der.secret_pkcs8_der())
             .map_err(|e| err(e.to_string()))?;
         Ok(Self { pair })
@@ -115,17 +104,6 @@ pub fn verify_signature(checkpoint: &Checkpoint) -> Result<(), CheckpointError> 
             &signature,
         )
         .map_err(|_| CheckpointError::BadSignature)
-}
-
-fn pem_encode(der: &[u8]) -> String {
-    let b64 = Zeroizing::new(STANDARD.encode(der));
-    let mut out = String::from("-----BEGIN PRIVATE KEY-----\n");
-    for chunk in b64.as_bytes().chunks(64) {
-        out.push_str(&String::from_utf8_lossy(chunk));
-        out.push('\n');
-    }
-    out.push_str("-----END PRIVATE KEY-----\n");
-    out
 }
 
 #[cfg(test)]

@@ -71,25 +71,12 @@ impl DevIssuer {
             path: path.clone(),
             detail,
         };
-        if !path.exists() {
-            let pair = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)
-                .map_err(|e| err(e.to_string()))?;
-            let pem = Zeroizing::new(pair.serialize_pem());
-            match crate::files::write_private_new(&path, pem.as_bytes()) {
-                Ok(()) => {}
-                // Another process created it first: use theirs.
-                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
-                Err(e) => return Err(err(e.to_string())),
-            }
-        }
-        if let Some(mode) = crate::files::too_open(&path).map_err(|e| err(e.to_string()))? {
-            return Err(err(format!(
-                "readable by others (mode {mode:o}): run `chmod 600 {}`",
-                path.display()
-            )));
-        }
-        let key_pem =
-            Zeroizing::new(std::fs::read_to_string(&path).map_err(|e| err(e.to_string()))?);
+        let key_pem = crate::files::read_or_create_private(&path, || {
+            rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)
+                .map(|pair| Zeroizing::new(pair.serialize_pem()))
+                .map_err(|e| e.to_string())
+        })
+        .map_err(err)?;
         let pair = rcgen::KeyPair::from_pem(&key_pem).map_err(|e| err(e.to_string()))?;
         if pair.algorithm() != &rcgen::PKCS_ECDSA_P256_SHA256 {
             return Err(err("not an ECDSA P-256 key".into()));

@@ -132,18 +132,6 @@ fn parse<'a>(path: &Path, der: &'a [u8]) -> Result<X509Certificate<'a>, ImportEr
         })
 }
 
-fn pem(der: &[u8]) -> String {
-    use base64::Engine;
-    let b64 = base64::engine::general_purpose::STANDARD.encode(der);
-    let mut out = String::from("-----BEGIN CERTIFICATE-----\n");
-    for chunk in b64.as_bytes().chunks(64) {
-        out.push_str(&String::from_utf8_lossy(chunk));
-        out.push('\n');
-    }
-    out.push_str("-----END CERTIFICATE-----\n");
-    out
-}
-
 fn check_ca(cert: &X509Certificate<'_>) -> Result<(), ImportError> {
     let subject = cert.subject().to_string();
     match cert.basic_constraints() {
@@ -238,9 +226,12 @@ pub fn read_cacerts(dir: &Path) -> Result<ImportedCa, ImportError> {
     }
 
     Ok(ImportedCa {
-        cert_pem: pem(&ca_der),
-        chain_pem: path[1..].iter().map(|(_, c)| pem(c)).collect(),
-        root_pem: pem(&root_der),
+        cert_pem: crate::files::pem("CERTIFICATE", &ca_der),
+        chain_pem: path[1..]
+            .iter()
+            .map(|(_, c)| crate::files::pem("CERTIFICATE", c))
+            .collect(),
+        root_pem: crate::files::pem("CERTIFICATE", &root_der),
         key_pem: key_text,
         subject: ca.subject().to_string(),
         not_before: ca.validity().not_before.timestamp(),

@@ -120,22 +120,9 @@ fn private_key_pem(key: &rcgen::KeyPair) -> String {
     if der.len() >= 48 && der[..16] == V2_PREFIX {
         let mut v1 = Zeroizing::new(V1_PREFIX.to_vec());
         v1.extend_from_slice(&der[16..48]);
-        return pem_encode("PRIVATE KEY", &v1);
+        return crate::files::pem("PRIVATE KEY", &v1);
     }
     key.serialize_pem()
-}
-
-/// PEM with 64-column lines.
-fn pem_encode(label: &str, der: &[u8]) -> String {
-    use base64::Engine;
-    let b64 = Zeroizing::new(base64::engine::general_purpose::STANDARD.encode(der));
-    let mut out = format!("-----BEGIN {label}-----\n");
-    for chunk in b64.as_bytes().chunks(64) {
-        out.push_str(&String::from_utf8_lossy(chunk));
-        out.push('\n');
-    }
-    out.push_str(&format!("-----END {label}-----\n"));
-    out
 }
 
 /// A TLS channel to `server`, verifying it against `bundle_pem`.

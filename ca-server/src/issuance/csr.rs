@@ -247,19 +247,7 @@ mod tests {
         let mut bytes = der.as_ref().to_vec();
         let n = bytes.len();
         bytes[n - 5] ^= 0x01;
-        let tampered = pem_encode(&bytes);
+        let tampered = crate::files::pem("CERTIFICATE REQUEST", &bytes);
         assert_eq!(check_csr(&tampered), Err(CsrError::BadSignature));
-    }
-
-    fn pem_encode(der: &[u8]) -> String {
-        use base64::Engine;
-        let b64 = base64::engine::general_purpose::STANDARD.encode(der);
-        let mut out = String::from("-----BEGIN CERTIFICATE REQUEST-----\n");
-        for chunk in b64.as_bytes().chunks(64) {
-            out.push_str(std::str::from_utf8(chunk).unwrap());
-            out.push('\n');
-        }
-        out.push_str("-----END CERTIFICATE REQUEST-----\n");
-        out
     }
 }
