@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use time::OffsetDateTime;
 use tokio::sync::watch;
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 use super::pool::CryptoPool;
 use super::status::{Refusal, code_name};
@@ -99,7 +99,9 @@ impl CertificateAuthority {
                 event.csr_sha256 = Some(issued.csr.csr_sha256.clone());
                 match self.audit.record(event).await {
                     Ok(seq) => {
-                        info!(
+                        // The audit log is the record of every issuance; this line is for
+                        // debugging, and would cost a write per request at info level.
+                        debug!(
                             spiffe_id = identity.map(|i| i.spiffe_id.to_string()).unwrap_or_default(),
                             serial = %issued.serial,
                             audit_seq = seq,
