@@ -489,6 +489,124 @@ impl JwksServer {
         });
         Self { addr, body, hits }
     }
+
+    /// The same over HTTPS with `cert_pem`/`key_pem`.
+    fn start_tls(body: String, cert_pem: &str, key_pem: &str) -> Self {
+        use rustls_pki_types::pem::PemObject;
+        let certs: Vec<_> = rustls_pki_types::CertificateDer::pem_slice_iter(cert_pem.as_bytes())
+            .map(|c| c.unwrap())
+            .collect();
+        let key = rustls_pki_types::PrivateKeyDer::from_pem_slice(key_pem.as_bytes()).unwrap();
+        let config = Arc::new(
+            rustls::ServerConfig::builder_with_provider(Arc::new(
+                rustls::crypto::aws_lc_rs::default_provider(),
+            ))
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_no_client_auth()
+            .with_single_cert(certs, key)
+            .unwrap(),
+        );
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        let body = Arc::new(Mutex::new(body));
+        let hits = Arc::new(Mutex::new(0));
+        let (b, h) = (Arc::clone(&body), Arc::clone(&hits));
+        std::thread::spawn(move || {
+            for stream in listener.incoming() {
+                let Ok(mut tcp) = stream else { return };
+                let mut conn = rustls::ServerConnection::new(Arc::clone(&config)).unwrap();
+                let mut tls = rustls::Stream::new(&mut conn, &mut tcp);
+                let mut buf = [0u8; 4096];
+                if tls.read(&mut buf).is_err() {
+                    continue; // A client that did not trust us.
+                }
+                *h.lock().unwrap() += 1;
+                let body = b.lock().unwrap().clone();
+                let _ = write!(
+                    tls,
+                    "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                    body.len()
+                );
+                let _ = tls.flush();
+                conn.send_close_notify();
+                let _ = conn.complete_io(&mut tcp);
+            }
+        });
+        Self { addr, body, hits }
+    }
+}
+
+#[tokio::test]
+async fn jwks_url_over_https_trusts_the_cluster_ca_given() {
+    use rcgen::{BasicConstraints, CertificateParams, IsCa, Issuer, KeyPair};
+    let dir = tempfile::tempdir().unwrap();
+    let issuer = TestIssuer::new(&dir.path().join("issuer"));
+    // A cluster CA and the API server's certificate for 127.0.0.1.
+    let ca_key = KeyPair::generate().unwrap();
+    let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    let ca_pem = ca_params.self_signed(&ca_key).unwrap().pem();
+    let api_key = KeyPair::generate().unwrap();
+    let api_cert = CertificateParams::new(vec!["127.0.0.1".to_owned()])
+        .unwrap()
+        .signed_by(&api_key, &Issuer::from_params(&ca_params, &ca_key))
+        .unwrap()
+        .pem();
+    let ca_file = dir.path().join("cluster-ca.pem");
+    std::fs::write(&ca_file, &ca_pem).unwrap();
+    let jwks = JwksServer::start_tls(issuer.jwks(), &api_cert, &api_key.serialize_pem());
+    let url = format!("https://{}/openid/v1/jwks", jwks.addr);
+    let (csr, _) = csr(&rcgen::PKCS_ECDSA_P256_SHA256, &[]);
+
+    // Without the cluster CA the keys cannot be fetched: refused as UNAVAILABLE, fail closed.
+    let untrusting = TestServer::start(
+        &dir.path().join("data1"),
+        &["--token-issuer", &issuer.iss, "--token-jwks-url", &url],
+    );
+    let status = create_certificate(
+        &mut untrusting.client().await,
+        Some(&issuer.token("a", "b")),
+        &csr,
+        0,
+    )
+    .await
+    .unwrap_err();
+    assert_eq!(
+        status.code(),
+        tonic::Code::Unavailable,
+        "{}",
+        status.message()
+    );
+    assert!(
+        status
+            .message()
+            .contains("the issuer's keys are unavailable"),
+        "{}",
+        status.message()
+    );
+
+    // With it, the keys are fetched over HTTPS and the token verifies.
+    let server = TestServer::start(
+        &dir.path().join("data2"),
+        &[
+            "--token-issuer",
+            &issuer.iss,
+            "--token-jwks-url",
+            &url,
+            "--token-jwks-ca",
+            ca_file.to_str().unwrap(),
+        ],
+    );
+    create_certificate(
+        &mut server.client().await,
+        Some(&issuer.token("a", "b")),
+        &csr,
+        0,
+    )
+    .await
+    .expect("issued with keys fetched over HTTPS");
+    assert_eq!(*jwks.hits.lock().unwrap(), 1);
 }
 
 #[tokio::test]
