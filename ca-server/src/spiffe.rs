@@ -130,6 +130,16 @@ impl SpiffeId {
         })
     }
 
+    /// The SPIFFE ID in a DER certificate's first URI SAN, if it has a valid one.
+    pub fn from_certificate(der: &[u8]) -> Option<Self> {
+        let (_, cert) = x509_parser::parse_x509_certificate(der).ok()?;
+        let san = cert.subject_alternative_name().ok()??;
+        san.value.general_names.iter().find_map(|name| match name {
+            x509_parser::extensions::GeneralName::URI(uri) => Self::parse(uri).ok(),
+            _ => None,
+        })
+    }
+
     /// The trust domain part.
     pub fn trust_domain(&self) -> &TrustDomain {
         &self.trust_domain

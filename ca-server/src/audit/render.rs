@@ -1,27 +1,9 @@
 //! How an event is presented: the keys of DESIGN.md, times as RFC 3339. The CLI's formats and
 //! the gRPC `AuditService` both present events through here.
 
-use time::OffsetDateTime;
-use time::format_description::well_known::Rfc3339;
-
 use crate::store::EventRow;
 
-/// Certificate times: RFC 3339, UTC, whole seconds.
-pub fn rfc3339_secs(secs: i64) -> Option<String> {
-    OffsetDateTime::from_unix_timestamp(secs)
-        .ok()
-        .and_then(|t| t.format(&Rfc3339).ok())
-}
-
-/// Event times: RFC 3339, UTC, always three fractional digits.
-pub fn rfc3339_ms(ms: i64) -> Option<String> {
-    let format = time::macros::format_description!(
-        "[year]-[month]-[day]T[hour]:[minute]:[second].[subsecond digits:3]Z"
-    );
-    OffsetDateTime::from_unix_timestamp_nanos(i128::from(ms) * 1_000_000)
-        .ok()
-        .and_then(|t| t.format(&format).ok())
-}
+pub use crate::rfc3339::{from_millis as rfc3339_ms, from_secs as rfc3339_secs};
 
 /// The keys of DESIGN.md, in its order.
 pub const KEYS: [&str; 22] = [

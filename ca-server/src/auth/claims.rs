@@ -2,8 +2,6 @@
 //! the issuer's policy and the time.
 
 use serde::Deserialize;
-use time::OffsetDateTime;
-use time::format_description::well_known::Rfc3339;
 
 use super::AuthError;
 
@@ -72,13 +70,6 @@ fn seconds(n: &serde_json::Number) -> Option<i64> {
     n.as_i64().or_else(|| n.as_f64().map(|f| f.floor() as i64))
 }
 
-fn rfc3339(secs: i64) -> String {
-    OffsetDateTime::from_unix_timestamp(secs)
-        .ok()
-        .and_then(|t| t.format(&Rfc3339).ok())
-        .unwrap_or_else(|| format!("unix time {secs}"))
-}
-
 impl Claims {
     /// The `iss` claim, used to pick the issuer before the signature is checked.
     pub fn issuer(&self) -> Option<&str> {
@@ -119,14 +110,16 @@ impl Claims {
             .ok_or(AuthError::NoExpiry)
             .and_then(|n| seconds(n).ok_or(AuthError::BadClaim("exp")))?;
         if exp <= now {
-            return Err(AuthError::Expired { at: rfc3339(exp) });
+            return Err(AuthError::Expired {
+                at: crate::rfc3339::secs_text(exp),
+            });
         }
         if let Some(nbf) = &self.nbf {
             let nbf = seconds(nbf).ok_or(AuthError::BadClaim("nbf"))?;
             if nbf > now + LEEWAY_SECS {
                 return Err(AuthError::NotYetValid {
                     claim: "nbf",
-                    at: rfc3339(nbf),
+                    at: crate::rfc3339::secs_text(nbf),
                 });
             }
         }
@@ -135,7 +128,7 @@ impl Claims {
             if iat > now + LEEWAY_SECS {
                 return Err(AuthError::NotYetValid {
                     claim: "iat",
-                    at: rfc3339(iat),
+                    at: crate::rfc3339::secs_text(iat),
                 });
             }
         }

@@ -203,16 +203,8 @@ async fn obtain(
     if parsed.public_key().raw != key.subject_public_key_info().as_slice() {
         bail!("the leaf does not certify the key of our CSR");
     }
-    let spiffe_id = parsed
-        .subject_alternative_name()
-        .ok()
-        .flatten()
-        .and_then(|san| {
-            san.value.general_names.iter().find_map(|n| match n {
-                x509_parser::extensions::GeneralName::URI(u) => Some(u.to_string()),
-                _ => None,
-            })
-        })
+    let spiffe_id = crate::spiffe::SpiffeId::from_certificate(&leaf_der)
+        .map(|id| id.to_string())
         .unwrap_or_default();
     Ok(Obtained {
         key_pem: Zeroizing::new(private_key_pem(&key)),

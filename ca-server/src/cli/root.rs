@@ -7,12 +7,12 @@ use std::process::ExitCode;
 
 use clap::{Subcommand, ValueEnum};
 use time::OffsetDateTime;
-use time::format_description::well_known::Rfc3339;
 
 use super::Common;
 use crate::audit::{AuditKey, operator_name, record_checkpoint};
 use crate::authority::{self, KeyType};
-use crate::spiffe::TrustDomain;
+use crate::rfc3339::secs_text as rfc3339;
+use crate::spiffe::{SpiffeId, TrustDomain};
 use crate::store::{AuthorityRecord, AuthorityState, EventKind, EventRow, Store};
 
 /// Output formats of `root status`.
@@ -62,13 +62,6 @@ pub enum RootCommand {
     },
 }
 
-fn rfc3339(secs: i64) -> String {
-    OffsetDateTime::from_unix_timestamp(secs)
-        .ok()
-        .and_then(|t| t.format(&Rfc3339).ok())
-        .unwrap_or_default()
-}
-
 fn authority_event() -> EventRow {
     let mut event = EventRow::new(EventKind::Authority);
     event.operator = Some(operator_name());
@@ -78,14 +71,7 @@ fn authority_event() -> EventRow {
 /// The trust domain named in a root's URI SAN (`spiffe://<td>`).
 fn trust_domain_of(record: &AuthorityRecord) -> Option<TrustDomain> {
     let der = authority::pem_to_der(&record.root_pem).ok()?;
-    let (_, cert) = x509_parser::parse_x509_certificate(&der).ok()?;
-    let san = cert.subject_alternative_name().ok()??;
-    san.value.general_names.iter().find_map(|name| match name {
-        x509_parser::extensions::GeneralName::URI(uri) => uri
-            .strip_prefix("spiffe://")
-            .and_then(|td| TrustDomain::new(td).ok()),
-        _ => None,
-    })
+    SpiffeId::from_certificate(&der).map(|id| id.trust_domain().clone())
 }
 
 /// Runs a `root` subcommand.

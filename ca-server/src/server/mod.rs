@@ -454,7 +454,9 @@ async fn serve_tls(
                 };
             // Verified against the bundle during the handshake, if presented.
             let identity = match tls.get_ref().1.peer_certificates() {
-                Some([leaf, ..]) => PeerIdentity::Certificate(tls::spiffe_id_of(leaf)),
+                Some([leaf, ..]) => {
+                    PeerIdentity::Certificate(crate::spiffe::SpiffeId::from_certificate(leaf))
+                }
                 _ => PeerIdentity::Anonymous,
             };
             let service = hyper::service::service_fn(

@@ -21,7 +21,6 @@ use super::ca::Active;
 use crate::audit::AuditLog;
 use crate::authority::{Authority, AuthorityError, pem_to_der, random_serial, sha256_hex};
 use crate::issuance::{Validity, leaf_validity, profile};
-use crate::spiffe::SpiffeId;
 use crate::store::{EventKind, EventRow};
 
 /// How long the server's own certificate lives.
@@ -225,16 +224,6 @@ impl ClientCertVerifier for BundleClientVerifier {
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
         self.current().supported_verify_schemes()
     }
-}
-
-/// The SPIFFE ID in a certificate's URI SAN, if it has one.
-pub fn spiffe_id_of(cert: &CertificateDer<'_>) -> Option<SpiffeId> {
-    let (_, parsed) = x509_parser::parse_x509_certificate(cert).ok()?;
-    let san = parsed.subject_alternative_name().ok()??;
-    san.value.general_names.iter().find_map(|name| match name {
-        x509_parser::extensions::GeneralName::URI(uri) => SpiffeId::parse(uri).ok(),
-        _ => None,
-    })
 }
 
 /// The TLS configuration of the gRPC/HTTPS listener: TLS 1.2+, ALPN `h2` then `http/1.1`,

@@ -233,7 +233,7 @@ impl Store {
         if not_after <= now {
             return Err(StoreError::Refused(format!(
                 "authority {id} expired at {}; prepare a new authority instead",
-                rfc3339(not_after)
+                crate::rfc3339::secs_text(not_after)
             )));
         }
         let previous: Option<i64> =
@@ -313,7 +313,7 @@ impl Store {
                 "{unexpired} unexpired certificate(s) chain to authority {id}, the last until {}; \
                  retiring it now would make their holders fail mTLS with peers that drop its \
                  root. Wait until then, or pass --force",
-                last.map(rfc3339).unwrap_or_default()
+                last.map(crate::rfc3339::secs_text).unwrap_or_default()
             )));
         }
         let before = bundle_roots(&mut tx).await?;
@@ -433,14 +433,4 @@ async fn state_of(
         detail,
     })?;
     Ok((state, row.try_get("not_after")?))
-}
-
-fn rfc3339(secs: i64) -> String {
-    time::OffsetDateTime::from_unix_timestamp(secs)
-        .ok()
-        .and_then(|t| {
-            t.format(&time::format_description::well_known::Rfc3339)
-                .ok()
-        })
-        .unwrap_or_else(|| format!("unix time {secs}"))
 }
