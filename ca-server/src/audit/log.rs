@@ -1,15 +1,20 @@
 //! The audit writer: one task commits events in groups (many events, one transaction), and
 //! answers each caller only after its event is durable.
 
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use tokio::sync::{mpsc, oneshot};
 use tracing::{debug, error, warn};
 
-use crate::store::{EventRow, Head, Store};
+use crate::store::{AuditWriter, EventRow, Store};
 
 /// Largest group committed in one transaction.
 const MAX_GROUP: usize = 512;
+
+/// Longest a group waits for the events announced to it.
+const GATHER: Duration = Duration::from_millis(1);
 
 /// Why an event was not recorded.
 #[derive(Debug, Clone, thiserror::Error)]
@@ -31,14 +36,34 @@ struct Pending {
 #[derive(Clone, Debug)]
 pub struct AuditLog {
     queue: mpsc::Sender<Pending>,
+    coming: Arc<AtomicUsize>,
+}
+
+/// A request on its way to the audit log (see [`AuditLog::expect`]); dropping it says the
+/// event is queued, or will not come.
+#[derive(Debug)]
+pub struct Expected(Arc<AtomicUsize>);
+
+impl Drop for Expected {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Release);
+    }
 }
 
 impl AuditLog {
     /// Starts the writer task on `store`, with a queue of `capacity` events.
     pub fn start(store: Store, capacity: usize) -> Self {
         let (queue, rx) = mpsc::channel(capacity);
-        tokio::spawn(write_loop(store, rx));
-        Self { queue }
+        let coming = Arc::new(AtomicUsize::new(0));
+        tokio::spawn(write_loop(store, rx, Arc::clone(&coming)));
+        Self { queue, coming }
+    }
+
+    /// Tells the writer an event is on its way (a request is being checked and signed); the
+    /// writer waits briefly for such events so that one commit carries them all.
+    pub fn expect(&self) -> Expected {
+        self.coming.fetch_add(1, Ordering::AcqRel);
+        Expected(Arc::clone(&self.coming))
     }
 
     /// Records `event` and waits until it is committed; returns its sequence number.
@@ -57,13 +82,23 @@ impl AuditLog {
     }
 }
 
-async fn write_loop(store: Store, mut rx: mpsc::Receiver<Pending>) {
+async fn write_loop(store: Store, mut rx: mpsc::Receiver<Pending>, coming: Arc<AtomicUsize>) {
     let mut group = Vec::with_capacity(MAX_GROUP);
-    let mut head = None;
+    let mut writer = None;
     while rx.recv_many(&mut group, MAX_GROUP).await > 0 {
+        // Events announced but not queued yet are a crypto operation away: gather them (for
+        // GATHER at most) so that one commit, one fsync, carries them all.
+        let deadline = tokio::time::Instant::now() + GATHER;
+        while group.len() < MAX_GROUP && coming.load(Ordering::Acquire) > 0 {
+            let room = MAX_GROUP - group.len();
+            match tokio::time::timeout_at(deadline, rx.recv_many(&mut group, room)).await {
+                Ok(n) if n > 0 => {}
+                _ => break,
+            }
+        }
         let (mut events, replies): (Vec<EventRow>, Vec<_>) =
             group.drain(..).map(|p| (p.event, p.reply)).unzip();
-        let result = commit_with_retry(&store, &mut head, &mut events).await;
+        let result = commit_with_retry(&store, &mut writer, &mut events).await;
         for (event, reply) in events.iter().zip(replies) {
             // A caller that gave up (its request was cancelled) no longer listens: fine.
             let _ = reply.send(result.clone().map(|()| event.seq));
@@ -71,17 +106,25 @@ async fn write_loop(store: Store, mut rx: mpsc::Receiver<Pending>) {
     }
 }
 
-/// Commits a group. A failure is retried twice: at once (the head we remembered may be stale
-/// because another writer, such as the CLI, appended), then after a pause (a busy or failing
-/// store); after that the whole group fails.
+/// Commits a group. A failure is retried twice: at once (the head the writer remembered may be
+/// stale because another writer, such as the CLI, appended), then after a pause (a busy or
+/// failing store); after that the whole group fails, and the next group starts on a new
+/// connection.
 async fn commit_with_retry(
     store: &Store,
-    head: &mut Option<Head>,
+    writer: &mut Option<AuditWriter>,
     events: &mut [EventRow],
 ) -> Result<(), AuditError> {
     let mut attempt = 0;
     loop {
-        match store.append_events_after(head, events).await {
+        let result = match writer {
+            Some(w) => w.append(events).await,
+            None => match store.audit_writer().await {
+                Ok(w) => writer.insert(w).append(events).await,
+                Err(e) => Err(e),
+            },
+        };
+        match result {
             Ok(()) => return Ok(()),
             Err(e) if attempt == 0 => {
                 attempt += 1;
@@ -94,6 +137,7 @@ async fn commit_with_retry(
             }
             Err(e) => {
                 error!(error = %e, events = events.len(), "Audit commit failed; refusing the requests");
+                *writer = None;
                 return Err(AuditError::Unavailable(e.to_string()));
             }
         }

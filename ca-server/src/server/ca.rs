@@ -86,7 +86,9 @@ impl CertificateAuthority {
     pub async fn create_certificate(&self, request: CsrRequest) -> Result<Vec<String>, Refusal> {
         let now = OffsetDateTime::now_utc();
         let mut known = Known::default();
+        let coming = self.audit.expect();
         let outcome = self.try_issue(&request, now, &mut known).await;
+        drop(coming);
         match outcome {
             Ok(issued) => {
                 let identity = known.identity.as_ref();

@@ -300,9 +300,12 @@ pub(super) async fn append_in_tx(
 /// Rows per multi-row INSERT: 22 columns each, well under SQLite's 32,766 variables.
 const ROWS_PER_INSERT: usize = 512;
 
-/// `INSERT INTO audit_events (…) VALUES (?, …), …` for `rows` rows, and its bind count.
+/// `INSERT OR ROLLBACK INTO audit_events (…) VALUES (?, …), …` for `rows` rows, and its bind
+/// count. A conflict (a stale head: someone else appended) rolls back the whole transaction,
+/// which is what the writer wants anyway; and with nothing to undo statement by statement,
+/// SQLite keeps no statement journal, a page copy per touched page on every commit.
 fn insert_sql(rows: usize) -> (String, usize) {
-    let mut sql = format!("INSERT INTO audit_events ({COLUMNS}) VALUES ");
+    let mut sql = format!("INSERT OR ROLLBACK INTO audit_events ({COLUMNS}) VALUES ");
     for i in 0..rows {
         if i > 0 {
             sql.push(',');
@@ -394,6 +397,74 @@ enum Bind {
     Int(i64),
 }
 
+/// [`Store::append_events_after`] on `conn`.
+async fn append_on(
+    conn: &mut sqlx::SqliteConnection,
+    head: &mut Option<Head>,
+    events: &mut [EventRow],
+) -> Result<(), StoreError> {
+    let Some(known) = head.take() else {
+        let mut tx = sqlx::Connection::begin_with(&mut *conn, "BEGIN IMMEDIATE").await?;
+        let new_head = append_in_tx(&mut tx, events).await?;
+        tx.commit().await?;
+        *head = Some(new_head);
+        return Ok(());
+    };
+    let new_head = link(events, &known);
+    let mut sql = String::from("BEGIN IMMEDIATE;");
+    for chunk in events.chunks(ROWS_PER_INSERT) {
+        sql.push_str(&insert_sql(chunk.len()).0);
+        sql.push(';');
+    }
+    if new_head.max_lifetime > known.max_lifetime {
+        sql.push_str(&format!(
+            "UPDATE audit_meta SET max_lifetime = MAX(max_lifetime, {}) WHERE id = 1;",
+            new_head.max_lifetime
+        ));
+    }
+    sql.push_str("COMMIT;");
+    // Fixed fragments and an integer we computed; every event value is bound.
+    let result = bind_rows(sqlx::query(AssertSqlSafe(sql)), events)
+        .execute(&mut *conn)
+        .await;
+    match result {
+        Ok(_) => {
+            *head = Some(new_head);
+            Ok(())
+        }
+        Err(e) => {
+            // The insert rolls the transaction back on a conflict; anything else may leave it
+            // open, and the connection is used again.
+            let _ = sqlx::query("ROLLBACK").execute(&mut *conn).await;
+            Err(e.into())
+        }
+    }
+}
+
+/// The audit writer's own connection and the chain head it remembers between commits. A
+/// pooled connection would do, but SQLite drops a connection's page cache whenever another
+/// connection commits; on a connection of its own the pages a commit touches stay cached.
+pub struct AuditWriter {
+    conn: sqlx::SqliteConnection,
+    head: Option<Head>,
+}
+
+impl std::fmt::Debug for AuditWriter {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AuditWriter")
+            .field("head", &self.head)
+            .finish()
+    }
+}
+
+impl AuditWriter {
+    /// Chains `events` onto the log and commits them in one transaction, all or none (see
+    /// [`Store::append_events_after`]). After a failure the head is read afresh next time.
+    pub async fn append(&mut self, events: &mut [EventRow]) -> Result<(), StoreError> {
+        append_on(&mut self.conn, &mut self.head, events).await
+    }
+}
+
 impl Store {
     /// Appends events in one transaction, all or none. Each event is chained onto the log's
     /// head as read inside that (immediate, so exclusive) transaction: `seq`, `prev_hash` and
@@ -414,45 +485,16 @@ impl Store {
         head: &mut Option<Head>,
         events: &mut [EventRow],
     ) -> Result<(), StoreError> {
-        let Some(known) = head.take() else {
-            let mut tx = self.pool().begin_with("BEGIN IMMEDIATE").await?;
-            let new_head = append_in_tx(&mut tx, events).await?;
-            tx.commit().await?;
-            *head = Some(new_head);
-            return Ok(());
-        };
-        let new_head = link(events, &known);
-        let mut sql = String::from("BEGIN IMMEDIATE;");
-        for chunk in events.chunks(ROWS_PER_INSERT) {
-            sql.push_str(&insert_sql(chunk.len()).0);
-            sql.push(';');
-        }
-        if new_head.max_lifetime > known.max_lifetime {
-            sql.push_str(&format!(
-                "UPDATE audit_meta SET max_lifetime = MAX(max_lifetime, {}) WHERE id = 1;",
-                new_head.max_lifetime
-            ));
-        }
-        sql.push_str("COMMIT;");
-        let t0 = std::time::Instant::now();
         let mut conn = self.pool().acquire().await?;
-        let t1 = t0.elapsed().as_micros();
-        // Fixed fragments and an integer we computed; every event value is bound.
-        let result = bind_rows(sqlx::query(AssertSqlSafe(sql)), events)
-            .execute(&mut *conn)
-            .await;
-        eprintln!("STEPS {} {t1} {}", events.len(), t0.elapsed().as_micros());
-        match result {
-            Ok(_) => {
-                *head = Some(new_head);
-                Ok(())
-            }
-            Err(e) => {
-                // Leave no transaction open on a pooled connection.
-                let _ = sqlx::query("ROLLBACK").execute(&mut *conn).await;
-                Err(e.into())
-            }
-        }
+        append_on(&mut conn, head, events).await
+    }
+
+    /// A connection of its own for the audit writer (see [`AuditWriter`]).
+    pub async fn audit_writer(&self) -> Result<AuditWriter, StoreError> {
+        Ok(AuditWriter {
+            conn: self.connect_dedicated().await?,
+            head: None,
+        })
     }
 
     /// The last event's sequence number and hash, if the log is not empty.

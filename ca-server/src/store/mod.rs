@@ -14,7 +14,8 @@ use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, S
 use sqlx::{SqlSafeStr, SqlitePool};
 
 pub use audit::{
-    AuditQuery, Checkpoint, EventKind, EventRow, GENESIS_HASH, Head, Pruned, event_hash,
+    AuditQuery, AuditWriter, Checkpoint, EventKind, EventRow, GENESIS_HASH, Head, Pruned,
+    event_hash,
 };
 pub use authorities::{AuthorityKind, AuthorityRecord, AuthorityState, NewAuthority};
 
@@ -47,6 +48,7 @@ pub enum StoreError {
 #[derive(Clone, Debug)]
 pub struct Store {
     pool: SqlitePool,
+    options: SqliteConnectOptions,
 }
 
 fn migrator() -> Migrator {
@@ -80,10 +82,10 @@ impl Store {
             // A local file needs no liveness ping before each use; the ping is a round trip
             // on every audit commit.
             .test_before_acquire(false)
-            .connect_with(options)
+            .connect_with(options.clone())
             .await?;
         migrator().run(&pool).await?;
-        Ok(Self { pool })
+        Ok(Self { pool, options })
     }
 
     /// Opens an existing database for reading only (the audit commands use this, so they
@@ -92,15 +94,24 @@ impl Store {
         let options = sqlite_options(url)?.read_only(true);
         let pool = SqlitePoolOptions::new()
             .max_connections(2)
-            .connect_with(options)
+            .connect_with(options.clone())
             .await?;
-        Ok(Self { pool })
+        Ok(Self { pool, options })
     }
 
     /// Checks that the database answers.
     pub async fn ping(&self) -> Result<(), StoreError> {
         sqlx::query("SELECT 1").execute(self.pool()).await?;
         Ok(())
+    }
+
+    /// A connection outside the pool, with a larger page cache, for a task that keeps it.
+    pub(crate) async fn connect_dedicated(&self) -> Result<sqlx::SqliteConnection, StoreError> {
+        use sqlx::ConnectOptions;
+        // 4 MiB: the pages an append touches (the tail of the table and of each index, and
+        // the interior pages above them) stay in memory.
+        let options = self.options.clone().pragma("cache_size", "-4096");
+        Ok(options.connect().await?)
     }
 
     /// The connection pool, for the query modules.
