@@ -14,7 +14,8 @@ use ca_server::TrustDomain;
 use ca_server::auth::dev::{DEV_ISSUER, DevIssuer};
 use ca_server::auth::{Authenticator, BearerToken, Fetcher, IssuerKeys, TokenIssuer};
 use ca_server::authority::{Authority, root_params, sha256_hex};
-use ca_server::issuance::{LeafPolicy, check_csr, issue};
+use ca_server::bundle::Bundle;
+use ca_server::issuance::{LeafPolicy, TrustAnchors, check_csr, issue};
 use ca_server::store::{AuthorityRecord, AuthorityState, EventKind, EventRow, event_hash};
 use criterion::{Criterion, criterion_group, criterion_main};
 
@@ -62,6 +63,11 @@ fn bench(c: &mut Criterion) {
     let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
     let dir = tempfile::tempdir().unwrap();
     let authority = authority(dir.path());
+    let anchors = TrustAnchors::from_bundle(&Bundle {
+        sequence: 1,
+        roots_pem: vec![authority.root_pem().to_owned()],
+    })
+    .unwrap();
     let policy = LeafPolicy::default();
     let csr = csr();
     let dev = DevIssuer::load_or_create(dir.path()).unwrap();
@@ -86,10 +92,11 @@ fn bench(c: &mut Criterion) {
         b.iter(|| check_csr(black_box(&csr)).unwrap())
     });
     let checked = check_csr(&csr).unwrap();
-    c.bench_function("issue (profile + P-256 sign)", |b| {
+    c.bench_function("issue (profile + P-256 sign + self-check)", |b| {
         b.iter(|| {
             issue(
                 &authority,
+                &anchors,
                 &policy,
                 &identity,
                 checked.clone(),
@@ -105,6 +112,7 @@ fn bench(c: &mut Criterion) {
             let checked = check_csr(black_box(&csr)).unwrap();
             issue(
                 &authority,
+                &anchors,
                 &policy,
                 &id,
                 checked,

@@ -67,6 +67,8 @@ pub struct Authority {
     chain_pems: Vec<String>,
     root_pem: String,
     root_der: CertificateDer<'static>,
+    /// DER of the certificates between a leaf and the root (empty for a root authority).
+    intermediates_der: Vec<CertificateDer<'static>>,
     not_before: OffsetDateTime,
     not_after: OffsetDateTime,
     issuer: rcgen::Issuer<'static, rcgen::KeyPair>,
@@ -93,15 +95,24 @@ impl Authority {
         };
         let cert_der = pem_to_der(&record.cert_pem).map_err(bad)?;
         let root_der = pem_to_der(&record.root_pem).map_err(bad)?;
+        let chain_pems = split_pem(&record.chain_pem);
+        let mut intermediates_der = Vec::new();
+        if let Some((_root, between)) = chain_pems.split_last() {
+            intermediates_der.push(cert_der.clone());
+            for pem in between {
+                intermediates_der.push(pem_to_der(pem).map_err(bad)?);
+            }
+        }
         let issuer = rcgen::Issuer::from_ca_cert_der(&cert_der, key.into_pair())
             .map_err(|e| bad(e.to_string()))?;
         Ok(Self {
             id: record.id,
             subject: record.subject.clone(),
             cert_pem: record.cert_pem.clone(),
-            chain_pems: split_pem(&record.chain_pem),
+            chain_pems,
             root_pem: record.root_pem.clone(),
             root_der,
+            intermediates_der,
             not_before: unix(record.not_before),
             not_after: unix(record.not_after),
             issuer,
@@ -142,6 +153,11 @@ impl Authority {
     /// last. For a root authority, just the root.
     pub fn chain_above_leaf(&self) -> impl Iterator<Item = &str> {
         std::iter::once(self.cert_pem.as_str()).chain(self.chain_pems.iter().map(String::as_str))
+    }
+
+    /// DER of the certificates between a leaf and the root, nearest the leaf first.
+    pub fn intermediates_der(&self) -> &[CertificateDer<'static>] {
+        &self.intermediates_der
     }
 
     /// Signs `params` for `public_key`.

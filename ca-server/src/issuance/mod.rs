@@ -3,11 +3,13 @@
 
 pub mod csr;
 pub mod profile;
+pub mod selfcheck;
 
 use time::OffsetDateTime;
 
 pub use csr::{CheckedCsr, CsrError, KeyKind, MAX_CSR_BYTES, check_csr};
 pub use profile::{LeafPolicy, Validity, ValidityError, leaf_validity, resolve_ttl};
+pub use selfcheck::TrustAnchors;
 
 use crate::auth::Identity;
 use crate::authority::{Authority, AuthorityError, random_serial};
@@ -36,6 +38,10 @@ pub enum IssueError {
     /// Signing failed (a bug or a broken key, not the caller's fault).
     #[error(transparent)]
     Authority(#[from] AuthorityError),
+    /// The signed chain failed its own check before leaving (a bug, not the caller's fault):
+    /// it was not returned.
+    #[error("the issued certificate failed the self-check and was withheld: {0}")]
+    SelfCheck(String),
 }
 
 /// A certificate that was issued (but not yet returned: that waits for its audit record).
@@ -54,10 +60,12 @@ pub struct Issued {
 }
 
 /// Signs a leaf for `identity` with `authority`, after checking the CSR's SANs against the
-/// identity. `csr` has passed [`check_csr`]; `ttl` comes from [`resolve_ttl`]. CPU-bound
-/// (signing): call it off the async reactor.
+/// identity, then checks the chain against `anchors` (the published bundle) and the profile
+/// before handing it back. `csr` has passed [`check_csr`]; `ttl` comes from [`resolve_ttl`].
+/// CPU-bound (signing and a verification): call it off the async reactor.
 pub fn issue(
     authority: &Authority,
+    anchors: &TrustAnchors,
     policy: &LeafPolicy,
     identity: &Identity,
     csr: CheckedCsr,
@@ -84,6 +92,20 @@ pub fn issue(
     let public_key = rcgen::SubjectPublicKeyInfo::from_der(&csr.spki_der)
         .map_err(|e| CsrError::UnsupportedKey(e.to_string()))?;
     let leaf = authority.sign(&params, &public_key)?;
+    let expected = selfcheck::Expected {
+        spiffe_id: &identity.spiffe_id,
+        validity,
+        serial_hex: &serial_hex,
+        spki_der: &csr.spki_der,
+    };
+    selfcheck::check_issued(
+        leaf.der(),
+        authority.intermediates_der(),
+        anchors,
+        &expected,
+        now,
+    )
+    .map_err(IssueError::SelfCheck)?;
     let chain = std::iter::once(leaf.pem())
         .chain(authority.chain_above_leaf().map(str::to_owned))
         .collect();

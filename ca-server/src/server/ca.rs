@@ -6,15 +6,15 @@ use std::sync::Arc;
 
 use time::OffsetDateTime;
 use tokio::sync::watch;
-use tracing::{debug, info, warn};
+use tracing::{debug, error, info, warn};
 
 use super::pool::CryptoPool;
 use super::status::{Refusal, code_name};
 use crate::audit::AuditLog;
 use crate::auth::{AuthError, Authenticator, BearerToken, Identity};
-use crate::authority::Authority;
+use crate::authority::{Authority, AuthorityError};
 use crate::bundle::Bundle;
-use crate::issuance::{self, Issued, LeafPolicy};
+use crate::issuance::{self, Issued, LeafPolicy, TrustAnchors};
 use crate::store::{EventKind, EventRow};
 
 /// What rotates together: the signing authority and the bundle. One task writes it; every
@@ -25,6 +25,25 @@ pub struct Active {
     pub authority: Arc<Authority>,
     /// The published roots.
     pub bundle: Bundle,
+    /// The same roots, parsed for the self-check of every issued chain.
+    pub anchors: TrustAnchors,
+}
+
+impl Active {
+    /// The authority and bundle, with the bundle's roots parsed as trust anchors.
+    pub fn new(authority: Arc<Authority>, bundle: Bundle) -> Result<Self, AuthorityError> {
+        let anchors = TrustAnchors::from_bundle(&bundle).map_err(|detail| {
+            AuthorityError::BadCertificate {
+                id: authority.id(),
+                detail,
+            }
+        })?;
+        Ok(Self {
+            authority,
+            bundle,
+            anchors,
+        })
+    }
 }
 
 /// A certificate request, as the transport received it.
@@ -132,7 +151,12 @@ impl CertificateAuthority {
                 if event.spiffe_id.is_none() {
                     event.spiffe_id = request.impersonated_identity.clone();
                 }
-                info!(code = code_name(code), reason = %refusal, peer = ?request.peer, "Refused certificate request");
+                if code == tonic::Code::Internal {
+                    // Not the caller's doing: a bug or a broken authority. Someone must look.
+                    error!(alert = true, reason = %refusal, peer = ?request.peer, "ALERT: certificate request failed inside the CA; nothing was returned");
+                } else {
+                    info!(code = code_name(code), reason = %refusal, peer = ?request.peer, "Refused certificate request");
+                }
                 if let Err(e) = self.audit.record(event).await {
                     warn!(error = %e, "Refusal could not be recorded in the audit log");
                 }
@@ -167,7 +191,7 @@ impl CertificateAuthority {
 
         let ttl = issuance::resolve_ttl(request.validity_secs, &self.policy)
             .map_err(issuance::IssueError::from)?;
-        let authority = Arc::clone(&self.active.borrow().authority);
+        let active = Arc::clone(&self.active.borrow());
         let policy = self.policy;
         let csr_pem = request.csr.clone();
         // Proof of possession and signing are CPU work: off the reactor.
@@ -178,7 +202,15 @@ impl CertificateAuthority {
                     Ok(csr) => csr,
                     Err(e) => return (None, Err(e.into())),
                 };
-                let result = issuance::issue(&authority, &policy, &identity, csr.clone(), ttl, now);
+                let result = issuance::issue(
+                    &active.authority,
+                    &active.anchors,
+                    &policy,
+                    &identity,
+                    csr.clone(),
+                    ttl,
+                    now,
+                );
                 (Some(csr), result)
             })
             .await?;

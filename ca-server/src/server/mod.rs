@@ -282,10 +282,8 @@ pub async fn start(settings: Settings) -> Result<RunningServer, StartError> {
     let (cert_tx, cert_rx) = watch::channel(Arc::clone(&server_cert.certified));
 
     let version = store.authority_version().await?;
-    let (active_tx, active_rx) = watch::channel(Arc::new(Active {
-        authority: Arc::clone(&authority),
-        bundle,
-    }));
+    let (active_tx, active_rx) =
+        watch::channel(Arc::new(Active::new(Arc::clone(&authority), bundle)?));
     let client_verifier = tls::BundleClientVerifier::new(active_rx.clone()).ok_or_else(|| {
         AuthorityError::BadCertificate {
             id: authority.id(),
@@ -624,6 +622,6 @@ async fn reload(
         roots = bundle.roots_pem.len(),
         "Applied an authority change"
     );
-    active.send_replace(Arc::new(Active { authority, bundle }));
+    active.send_replace(Arc::new(Active::new(authority, bundle)?));
     Ok(())
 }

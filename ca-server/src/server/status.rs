@@ -57,7 +57,8 @@ impl Refusal {
                 Code::ResourceExhausted
             }
             Self::Pool(PoolError::Stopped) => Code::Unavailable,
-            Self::Issue(IssueError::Authority(_)) | Self::Internal(_) => Code::Internal,
+            Self::Issue(IssueError::Authority(_) | IssueError::SelfCheck(_))
+            | Self::Internal(_) => Code::Internal,
         }
     }
 

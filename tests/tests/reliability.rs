@@ -1,0 +1,134 @@
+//! Failing closed: the self-check, crashes, store faults, shutdown, and secrets in logs.
+#![allow(clippy::unwrap_used)]
+
+use ca_tests::{TestIssuer, TestServer, audit_json, create_certificate, csr, http_get};
+use sqlx::Connection;
+use tonic::Code;
+
+struct Fixture {
+    _dir: tempfile::TempDir,
+    server: TestServer,
+    issuer: TestIssuer,
+}
+
+fn start(extra: &[&str]) -> Fixture {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let issuer = TestIssuer::new(dir.path());
+    let mut flags = issuer.flags();
+    flags.extend(extra.iter().map(|s| s.to_string()));
+    let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
+    let server = TestServer::start(&dir.path().join("data"), &flags);
+    Fixture {
+        _dir: dir,
+        server,
+        issuer,
+    }
+}
+
+async fn db(server: &TestServer) -> sqlx::SqliteConnection {
+    sqlx::SqliteConnection::connect(&server.database_url())
+        .await
+        .unwrap()
+}
+
+/// Polls `f` every 50 ms for up to `secs` seconds.
+async fn eventually<F: FnMut() -> bool>(secs: u64, mut f: F) -> bool {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(secs);
+    while std::time::Instant::now() < deadline {
+        if f() {
+            return true;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    f()
+}
+
+#[tokio::test]
+async fn a_chain_that_fails_the_self_check_is_withheld() {
+    let f = start(&[]);
+    let mut client = f.server.client().await;
+    let token = f.issuer.token("shop", "web");
+    let (csr, _) = csr(&rcgen::PKCS_ECDSA_P256_SHA256, &[]);
+    create_certificate(&mut client, Some(&token), &csr, 0)
+        .await
+        .expect("issued while the store is sound");
+
+    // Corrupt the store: the published root is no longer the one the active key signs under.
+    // (The connection above stays up: it was verified against the real root.)
+    let real_root: String = sqlx::query_scalar("SELECT root_pem FROM authorities")
+        .fetch_one(&mut db(&f.server).await)
+        .await
+        .unwrap();
+    let stranger = rcgen::CertificateParams::new(Vec::<String>::new())
+        .unwrap()
+        .self_signed(&rcgen::KeyPair::generate().unwrap())
+        .unwrap()
+        .pem();
+    let swap_root = |pem: String| async {
+        let mut db = db(&f.server).await;
+        sqlx::query("UPDATE authorities SET root_pem = ? WHERE state = 'active'")
+            .bind(pem)
+            .execute(&mut db)
+            .await
+            .unwrap();
+        sqlx::query("UPDATE bundle SET sequence = sequence + 1")
+            .execute(&mut db)
+            .await
+            .unwrap();
+    };
+    swap_root(stranger.clone()).await;
+    let bundle_file = f.server.data_dir.join("trust-bundle.pem");
+    assert!(
+        eventually(5, || std::fs::read_to_string(&bundle_file).unwrap()
+            == stranger)
+        .await,
+        "the server follows the store"
+    );
+
+    let before = audit_json(&f.server, &["--kind", "issued"]).len();
+    let status = create_certificate(&mut client, Some(&token), &csr, 0)
+        .await
+        .expect_err("withheld");
+    assert_eq!(status.code(), Code::Internal, "{}", status.message());
+    assert!(
+        status.message().contains("self-check")
+            && status
+                .message()
+                .contains("does not verify against the published bundle"),
+        "{}",
+        status.message()
+    );
+    assert_eq!(
+        audit_json(&f.server, &["--kind", "issued"]).len(),
+        before,
+        "nothing issued is recorded"
+    );
+    let denied = audit_json(&f.server, &["--kind", "denied"]);
+    assert_eq!(denied[0]["code"], "INTERNAL");
+    assert!(
+        denied[0]["reason"].as_str().unwrap().contains("self-check"),
+        "{}",
+        denied[0]
+    );
+    assert!(
+        f.server
+            .stderr()
+            .lines()
+            .any(|l| l.contains("ALERT") && l.contains("self-check")),
+        "an alert in the log:\n{}",
+        f.server.stderr()
+    );
+
+    // Repaired, it issues again.
+    swap_root(real_root.clone()).await;
+    assert!(
+        eventually(5, || std::fs::read_to_string(&bundle_file).unwrap()
+            == real_root)
+        .await,
+        "the server follows the store"
+    );
+    create_certificate(&mut client, Some(&token), &csr, 0)
+        .await
+        .expect("issued again");
+    let _ = http_get(f.server.http, "/readyz");
+}
