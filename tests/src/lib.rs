@@ -151,6 +151,42 @@ impl TestServer {
         }
     }
 
+    /// A server that is not running (a placeholder).
+    pub fn stopped() -> Self {
+        Self {
+            data_dir: PathBuf::new(),
+            grpc: SocketAddr::from(([127, 0, 0, 1], 0)),
+            http: SocketAddr::from(([127, 0, 0, 1], 0)),
+            args: Vec::new(),
+            child: None,
+            stderr_path: PathBuf::new(),
+        }
+    }
+
+    /// Sends SIGTERM and waits (up to `limit`) for the process to exit; returns its status, or
+    /// `None` if it was still running at the limit (it is then killed).
+    pub fn terminate(&mut self, limit: Duration) -> Option<std::process::ExitStatus> {
+        let mut child = self.child.take()?;
+        let _ = Command::new("kill")
+            .args(["-TERM", &child.id().to_string()])
+            .status();
+        let deadline = Instant::now() + limit;
+        while Instant::now() < deadline {
+            if let Ok(Some(status)) = child.try_wait() {
+                return Some(status);
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = child.kill();
+        let _ = child.wait();
+        None
+    }
+
+    /// Starts the server again after [`TestServer::kill`] or [`TestServer::terminate`].
+    pub fn start_again(&mut self) {
+        self.spawn();
+    }
+
     /// `<data-dir>/trust-bundle.pem`.
     pub fn bundle_pem(&self) -> String {
         std::fs::read_to_string(self.data_dir.join("trust-bundle.pem")).expect("bundle file")

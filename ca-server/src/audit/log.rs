@@ -28,7 +28,8 @@ pub enum AuditError {
 }
 
 struct Pending {
-    event: EventRow,
+    /// `None` asks the writer to stop once everything queued before it is committed.
+    event: Option<EventRow>,
     reply: oneshot::Sender<Result<i64, AuditError>>,
 }
 
@@ -70,7 +71,10 @@ impl AuditLog {
     pub async fn record(&self, event: EventRow) -> Result<i64, AuditError> {
         let (reply, done) = oneshot::channel();
         self.queue
-            .try_send(Pending { event, reply })
+            .try_send(Pending {
+                event: Some(event),
+                reply,
+            })
             .map_err(|e| match e {
                 mpsc::error::TrySendError::Full(_) => AuditError::Overloaded,
                 mpsc::error::TrySendError::Closed(_) => {
@@ -79,6 +83,20 @@ impl AuditLog {
             })?;
         done.await
             .map_err(|_| AuditError::Unavailable("the audit writer has stopped".into()))?
+    }
+
+    /// Waits until every event queued so far is committed, then stops the writer and closes
+    /// its connection; later events are refused. For shutdown.
+    pub async fn close(&self) {
+        let (reply, done) = oneshot::channel();
+        if self
+            .queue
+            .send(Pending { event: None, reply })
+            .await
+            .is_ok()
+        {
+            let _ = done.await;
+        }
     }
 }
 
@@ -96,12 +114,43 @@ async fn write_loop(store: Store, mut rx: mpsc::Receiver<Pending>, coming: Arc<A
                 _ => break,
             }
         }
-        let (mut events, replies): (Vec<EventRow>, Vec<_>) =
-            group.drain(..).map(|p| (p.event, p.reply)).unzip();
-        let result = commit_with_retry(&store, &mut writer, &mut events).await;
+        let mut events = Vec::with_capacity(group.len());
+        let mut replies = Vec::with_capacity(group.len());
+        let mut closing = Vec::new();
+        for p in group.drain(..) {
+            match p.event {
+                Some(event) => {
+                    events.push(event);
+                    replies.push(p.reply);
+                }
+                None => closing.push(p.reply),
+            }
+        }
+        let result = if events.is_empty() {
+            Ok(())
+        } else {
+            commit_with_retry(&store, &mut writer, &mut events).await
+        };
         for (event, reply) in events.iter().zip(replies) {
             // A caller that gave up (its request was cancelled) no longer listens: fine.
             let _ = reply.send(result.clone().map(|()| event.seq));
+        }
+        if !closing.is_empty() {
+            rx.close();
+            // Anything that slipped in after the close request is refused, not lost silently.
+            while let Ok(late) = rx.try_recv() {
+                let _ = late.reply.send(Err(AuditError::Unavailable(
+                    "the server is shutting down".into(),
+                )));
+            }
+            if let Some(w) = writer.take() {
+                w.close().await;
+            }
+            debug!("Audit writer stopped");
+            for reply in closing {
+                let _ = reply.send(Ok(0));
+            }
+            return;
         }
     }
 }

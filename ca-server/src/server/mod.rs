@@ -159,11 +159,13 @@ pub struct RunningServer {
     pub http_addr: SocketAddr,
     shutdown: watch::Sender<bool>,
     tasks: JoinSet<()>,
+    audit: AuditLog,
     store: Store,
 }
 
 impl RunningServer {
-    /// Stops accepting, lets in-flight requests finish (up to 10 s), and closes the store.
+    /// Stops accepting, lets in-flight requests finish (up to 10 s), commits what the audit
+    /// writer holds (up to 5 s more), and closes the store.
     pub async fn shutdown(mut self) {
         let _ = self.shutdown.send(true);
         let drain = async { while self.tasks.join_next().await.is_some() {} };
@@ -173,7 +175,14 @@ impl RunningServer {
         {
             warn!("Shutdown timed out; dropping remaining connections");
         }
+        if tokio::time::timeout(Duration::from_secs(5), self.audit.close())
+            .await
+            .is_err()
+        {
+            error!("The audit writer did not finish within 5 s of shutdown");
+        }
         self.store.close().await;
+        info!("Shut down");
     }
 }
 
@@ -353,7 +362,7 @@ pub async fn start(settings: Settings) -> Result<RunningServer, StartError> {
         server_cert.clone(),
         active_rx,
         settings.server_names.clone(),
-        audit,
+        audit.clone(),
         cert_tx,
         shutdown_rx.clone(),
     ));
@@ -384,6 +393,7 @@ pub async fn start(settings: Settings) -> Result<RunningServer, StartError> {
         http_addr,
         shutdown,
         tasks,
+        audit,
         store,
     })
 }
@@ -471,6 +481,8 @@ async fn serve_tls(
             }
         });
     }
+    // New connections are refused from here on; open ones finish what they started.
+    drop(listener);
     if tokio::time::timeout(Duration::from_secs(5), graceful.shutdown())
         .await
         .is_err()

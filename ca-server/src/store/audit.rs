@@ -463,6 +463,11 @@ impl AuditWriter {
     pub async fn append(&mut self, events: &mut [EventRow]) -> Result<(), StoreError> {
         append_on(&mut self.conn, &mut self.head, events).await
     }
+
+    /// Closes the connection cleanly.
+    pub async fn close(self) {
+        let _ = sqlx::Connection::close(self.conn).await;
+    }
 }
 
 impl Store {
