@@ -232,3 +232,78 @@ async fn sigterm_finishes_the_requests_in_flight() {
 fn placeholder() -> TestServer {
     TestServer::stopped()
 }
+
+#[tokio::test]
+async fn sigkill_mid_stream_loses_no_record_twenty_times() {
+    let mut f = start(&[]);
+    let root = f.server.bundle_pem();
+    let token = f.issuer.token("shop", "web");
+    let (csr, _) = csr(&rcgen::PKCS_ECDSA_P256_SHA256, &[]);
+    let mut received = std::collections::BTreeSet::new();
+    for round in 0..20 {
+        let client = f.server.client().await;
+        let mut load = tokio::task::JoinSet::new();
+        for _ in 0..16 {
+            let mut client = client.clone();
+            let (token, csr) = (token.clone(), csr.clone());
+            load.spawn(async move {
+                let mut serials = Vec::new();
+                // Until the server dies under us.
+                while let Ok(chain) = create_certificate(&mut client, Some(&token), &csr, 0).await
+                {
+                    serials.push(ca_tests::serial_of(&chain[0]));
+                }
+                serials
+            });
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(150 + 10 * round)).await;
+        f.server.kill();
+        let mut this_round = 0;
+        while let Some(serials) = load.join_next().await {
+            let serials = serials.unwrap();
+            this_round += serials.len();
+            received.extend(serials);
+        }
+        assert!(this_round > 0, "round {round}: the load ran");
+        eprintln!("round {round}: {this_round} certificates received before SIGKILL");
+        f.server.start_again();
+        assert_eq!(f.server.bundle_pem(), root, "round {round}: the root is unchanged");
+    }
+
+    let verify = f.server.cli(&["audit", "verify"]);
+    assert!(
+        verify.status.success(),
+        "{}",
+        String::from_utf8_lossy(&verify.stdout)
+    );
+    let recorded: std::collections::BTreeSet<String> = audit_json(
+        &f.server,
+        &[
+            "--kind",
+            "issued",
+            "--spiffe-id",
+            "spiffe://cluster.local/ns/shop/sa/web",
+            "--limit",
+            "1000000",
+        ],
+    )
+    .iter()
+    .filter_map(|e| e["serial"].as_str().map(str::to_owned))
+    .collect();
+    let missing: Vec<_> = received.difference(&recorded).collect();
+    assert!(
+        missing.is_empty(),
+        "{} of {} serials a client received are not in the audit log: {missing:?}",
+        missing.len(),
+        received.len()
+    );
+    // One authority, never re-created by a restart.
+    let status = f.server.cli(&["root", "status", "--format", "json"]);
+    let stdout = String::from_utf8_lossy(&status.stdout);
+    let roots: Vec<serde_json::Value> = stdout
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(roots.len(), 1, "{stdout}");
+    assert_eq!(roots[0]["state"], "active");
+}
