@@ -249,8 +249,7 @@ async fn sigkill_mid_stream_loses_no_record_twenty_times() {
             load.spawn(async move {
                 let mut serials = Vec::new();
                 // Until the server dies under us.
-                while let Ok(chain) = create_certificate(&mut client, Some(&token), &csr, 0).await
-                {
+                while let Ok(chain) = create_certificate(&mut client, Some(&token), &csr, 0).await {
                     serials.push(ca_tests::serial_of(&chain[0]));
                 }
                 serials
@@ -267,7 +266,11 @@ async fn sigkill_mid_stream_loses_no_record_twenty_times() {
         assert!(this_round > 0, "round {round}: the load ran");
         eprintln!("round {round}: {this_round} certificates received before SIGKILL");
         f.server.start_again();
-        assert_eq!(f.server.bundle_pem(), root, "round {round}: the root is unchanged");
+        assert_eq!(
+            f.server.bundle_pem(),
+            root,
+            "round {round}: the root is unchanged"
+        );
     }
 
     let verify = f.server.cli(&["audit", "verify"]);
@@ -306,4 +309,207 @@ async fn sigkill_mid_stream_loses_no_record_twenty_times() {
         .collect();
     assert_eq!(roots.len(), 1, "{stdout}");
     assert_eq!(roots[0]["state"], "active");
+}
+
+/// Asks for a certificate and expects UNAVAILABLE naming the audit log and `cause`.
+async fn refused_for_the_store(f: &Fixture, cause: &str) {
+    let mut client = f.server.client().await;
+    let (csr, _) = csr(&rcgen::PKCS_ECDSA_P256_SHA256, &[]);
+    let status = create_certificate(&mut client, Some(&f.issuer.token("shop", "web")), &csr, 0)
+        .await
+        .expect_err("no certificate while the audit log cannot be written");
+    assert_eq!(status.code(), Code::Unavailable, "{}", status.message());
+    assert!(
+        status.message().contains("audit log cannot be written")
+            && status.message().contains(cause),
+        "{}",
+        status.message()
+    );
+}
+
+/// Waits for `/readyz` to answer `code`, and returns its body.
+async fn readyz_becomes(f: &Fixture, code: u16) -> String {
+    let mut last = (0, String::new());
+    for _ in 0..200 {
+        last = http_get(f.server.http, "/readyz").unwrap();
+        if last.0 == code {
+            return last.1;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    panic!("/readyz never answered {code}; last: {last:?}");
+}
+
+async fn issues(f: &Fixture) {
+    let mut client = f.server.client().await;
+    let (csr, _) = csr(&rcgen::PKCS_ECDSA_P256_SHA256, &[]);
+    create_certificate(&mut client, Some(&f.issuer.token("shop", "web")), &csr, 0)
+        .await
+        .expect("issued");
+}
+
+fn issued_count(f: &Fixture) -> usize {
+    audit_json(&f.server, &["--kind", "issued", "--limit", "100000"]).len()
+}
+
+#[tokio::test]
+async fn a_store_locked_by_another_writer_refuses_then_recovers() {
+    let f = start(&[]);
+    issues(&f).await;
+    let before = issued_count(&f);
+
+    let mut other = db(&f.server).await;
+    sqlx::query("BEGIN EXCLUSIVE")
+        .execute(&mut other)
+        .await
+        .unwrap();
+    refused_for_the_store(&f, "locked").await;
+    let body = readyz_becomes(&f, 503).await;
+    assert!(body.contains("audit log not writable"), "{body}");
+
+    sqlx::query("COMMIT").execute(&mut other).await.unwrap();
+    readyz_becomes(&f, 200).await;
+    issues(&f).await;
+    assert_eq!(
+        issued_count(&f),
+        before + 1,
+        "nothing issued without its record"
+    );
+}
+
+/// A small tmpfs mounted for the test, unmounted on drop. Needs root (CI runs as root).
+struct Tmpfs(std::path::PathBuf);
+
+impl Tmpfs {
+    fn mount(path: &std::path::Path, size: &str) -> Self {
+        std::fs::create_dir_all(path).unwrap();
+        let status = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+            .arg(path)
+            .status()
+            .unwrap();
+        assert!(
+            status.success(),
+            "mounting a tmpfs needs root: this test makes the disk fail for real"
+        );
+        Self(path.to_owned())
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount")
+            .arg("-l")
+            .arg(&self.0)
+            .status();
+    }
+}
+
+#[tokio::test]
+async fn a_full_disk_refuses_then_recovers() {
+    let dir = tempfile::tempdir().unwrap();
+    let disk = Tmpfs::mount(&dir.path().join("disk"), "16m");
+    let issuer = TestIssuer::new(dir.path());
+    let flags = issuer.flags();
+    let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
+    let server = TestServer::start(&disk.0.join("data"), &flags);
+    let mut f = Fixture {
+        _dir: dir,
+        server,
+        issuer,
+    };
+    issues(&f).await;
+    let before = issued_count(&f);
+
+    // Full: fill what is left of the disk.
+    let filler = disk.0.join("filler");
+    {
+        use std::io::Write;
+        let mut file = std::fs::File::create(&filler).unwrap();
+        let block = vec![0u8; 64 * 1024];
+        while file.write_all(&block).is_ok() {}
+        let _ = file.sync_all();
+    }
+    refused_for_the_store(&f, "full").await;
+    let body = readyz_becomes(&f, 503).await;
+    assert!(body.contains("audit log not writable"), "{body}");
+    std::fs::remove_file(&filler).unwrap();
+    readyz_becomes(&f, 200).await;
+    issues(&f).await;
+
+    assert_eq!(
+        issued_count(&f),
+        before + 1,
+        "nothing issued without its record"
+    );
+    let verify = f.server.cli(&["audit", "verify"]);
+    assert!(
+        verify.status.success(),
+        "{}",
+        String::from_utf8_lossy(&verify.stdout)
+    );
+    f.server.kill();
+}
+
+/// Sets or clears the immutable attribute on the store's files: writes through the server's
+/// open descriptors then fail (EPERM), as on a file system gone read-only under it.
+fn immutable(f: &Fixture, on: bool) {
+    for name in ["ca.db", "ca.db-wal", "ca.db-shm"] {
+        let path = f.server.data_dir.join(name);
+        if path.exists() {
+            let status = std::process::Command::new("chattr")
+                .arg(if on { "+i" } else { "-i" })
+                .arg(&path)
+                .status()
+                .unwrap();
+            assert!(
+                status.success(),
+                "chattr on {}: needs root on ext4",
+                path.display()
+            );
+        }
+    }
+}
+
+/// Clears the attribute again however the test ends (an immutable file cannot be deleted).
+struct Immutable<'a>(&'a Fixture);
+
+impl<'a> Immutable<'a> {
+    fn set(f: &'a Fixture) -> Self {
+        immutable(f, true);
+        Self(f)
+    }
+}
+
+impl Drop for Immutable<'_> {
+    fn drop(&mut self) {
+        immutable(self.0, false);
+    }
+}
+
+#[tokio::test]
+async fn a_read_only_store_refuses_then_recovers() {
+    let f = start(&[]);
+    issues(&f).await;
+    let before = issued_count(&f);
+
+    let guard = Immutable::set(&f);
+    refused_for_the_store(&f, "").await;
+    let body = readyz_becomes(&f, 503).await;
+    drop(guard);
+    assert!(body.contains("audit log not writable"), "{body}");
+    readyz_becomes(&f, 200).await;
+    issues(&f).await;
+
+    assert_eq!(
+        issued_count(&f),
+        before + 1,
+        "nothing issued without its record"
+    );
+    let verify = f.server.cli(&["audit", "verify"]);
+    assert!(
+        verify.status.success(),
+        "{}",
+        String::from_utf8_lossy(&verify.stdout)
+    );
 }

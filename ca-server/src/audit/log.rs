@@ -16,6 +16,12 @@ const MAX_GROUP: usize = 512;
 /// Longest a group waits for the events announced to it.
 const GATHER: Duration = Duration::from_millis(1);
 
+/// How often the writer tries a write while the store is failing, to notice it has recovered.
+const PROBE_FAILING: Duration = Duration::from_secs(1);
+
+/// How often an idle writer checks the store can still be written.
+const PROBE_IDLE: Duration = Duration::from_secs(5);
+
 /// Why an event was not recorded.
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum AuditError {
@@ -38,6 +44,29 @@ struct Pending {
 pub struct AuditLog {
     queue: mpsc::Sender<Pending>,
     coming: Arc<AtomicUsize>,
+    health: Arc<Health>,
+}
+
+/// Whether the last write (a commit or a probe) succeeded, and if not, why.
+#[derive(Debug, Default)]
+struct Health(std::sync::Mutex<Option<String>>);
+
+impl Health {
+    fn set(&self, failure: Option<String>) {
+        let mut current = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        match (&*current, &failure) {
+            (None, Some(e)) => {
+                error!(error = %e, "The audit log cannot be written; refusing issuance until it can")
+            }
+            (Some(_), None) => warn!("The audit log can be written again; issuing"),
+            _ => {}
+        }
+        *current = failure;
+    }
+
+    fn get(&self) -> Option<String> {
+        self.0.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
 }
 
 /// A request on its way to the audit log (see [`AuditLog::expect`]); dropping it says the
@@ -56,8 +85,23 @@ impl AuditLog {
     pub fn start(store: Store, capacity: usize) -> Self {
         let (queue, rx) = mpsc::channel(capacity);
         let coming = Arc::new(AtomicUsize::new(0));
-        tokio::spawn(write_loop(store, rx, Arc::clone(&coming)));
-        Self { queue, coming }
+        let health = Arc::new(Health::default());
+        tokio::spawn(write_loop(
+            store,
+            rx,
+            Arc::clone(&coming),
+            Arc::clone(&health),
+        ));
+        Self {
+            queue,
+            coming,
+            health,
+        }
+    }
+
+    /// Why the audit log cannot be written, if the last commit or probe failed (`/readyz`).
+    pub fn failure(&self) -> Option<String> {
+        self.health.get()
     }
 
     /// Tells the writer an event is on its way (a request is being checked and signed); the
@@ -100,10 +144,32 @@ impl AuditLog {
     }
 }
 
-async fn write_loop(store: Store, mut rx: mpsc::Receiver<Pending>, coming: Arc<AtomicUsize>) {
+async fn write_loop(
+    store: Store,
+    mut rx: mpsc::Receiver<Pending>,
+    coming: Arc<AtomicUsize>,
+    health: Arc<Health>,
+) {
     let mut group = Vec::with_capacity(MAX_GROUP);
     let mut writer = None;
-    while rx.recv_many(&mut group, MAX_GROUP).await > 0 {
+    loop {
+        let pause = if health.get().is_some() {
+            PROBE_FAILING
+        } else {
+            PROBE_IDLE
+        };
+        let received = tokio::select! {
+            n = rx.recv_many(&mut group, MAX_GROUP) => n,
+            _ = tokio::time::sleep(pause) => {
+                // Nothing to write for a while: check the store still takes writes, so that
+                // `/readyz` tells the truth without traffic, and notices a recovery.
+                health.set(probe(&store, &mut writer).await.err().map(|e| e.to_string()));
+                continue;
+            }
+        };
+        if received == 0 {
+            return;
+        }
         // Events announced but not queued yet are a crypto operation away: gather them (for
         // GATHER at most) so that one commit, one fsync, carries them all.
         let deadline = tokio::time::Instant::now() + GATHER;
@@ -129,7 +195,12 @@ async fn write_loop(store: Store, mut rx: mpsc::Receiver<Pending>, coming: Arc<A
         let result = if events.is_empty() {
             Ok(())
         } else {
-            commit_with_retry(&store, &mut writer, &mut events).await
+            let result = commit_with_retry(&store, &mut writer, &mut events).await;
+            health.set(match &result {
+                Err(AuditError::Unavailable(e)) => Some(e.clone()),
+                _ => None,
+            });
+            result
         };
         for (event, reply) in events.iter().zip(replies) {
             // A caller that gave up (its request was cancelled) no longer listens: fine.
@@ -153,6 +224,24 @@ async fn write_loop(store: Store, mut rx: mpsc::Receiver<Pending>, coming: Arc<A
             return;
         }
     }
+}
+
+/// A write that changes nothing, committed (and synced) like an append.
+async fn probe(
+    store: &Store,
+    writer: &mut Option<AuditWriter>,
+) -> Result<(), crate::store::StoreError> {
+    let result = match writer {
+        Some(w) => w.probe().await,
+        None => match store.audit_writer().await {
+            Ok(w) => writer.insert(w).probe().await,
+            Err(e) => Err(e),
+        },
+    };
+    if result.is_err() {
+        *writer = None;
+    }
+    result
 }
 
 /// Commits a group. A failure is retried twice: at once (the head the writer remembered may be
@@ -179,7 +268,7 @@ async fn commit_with_retry(
                 attempt += 1;
                 debug!(error = %e, "Audit commit failed; retrying with the head read afresh");
             }
-            Err(e) if attempt < 3 => {
+            Err(e) if attempt < 2 => {
                 attempt += 1;
                 warn!(error = %e, attempt, "Audit commit failed; retrying");
                 tokio::time::sleep(Duration::from_millis(50)).await;

@@ -8,6 +8,7 @@ use axum::extract::State;
 use axum::http::StatusCode;
 use axum::routing::get;
 
+use crate::audit::AuditLog;
 use crate::store::Store;
 
 /// What `/readyz` waits for.
@@ -25,14 +26,19 @@ pub struct Readiness {
 struct HealthState {
     readiness: Arc<Readiness>,
     store: Store,
+    audit: AuditLog,
 }
 
 /// The routes of the plain HTTP listener.
-pub fn health_routes(readiness: Arc<Readiness>, store: Store) -> Router {
+pub fn health_routes(readiness: Arc<Readiness>, store: Store, audit: AuditLog) -> Router {
     Router::new()
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(readyz))
-        .with_state(HealthState { readiness, store })
+        .with_state(HealthState {
+            readiness,
+            store,
+            audit,
+        })
 }
 
 async fn readyz(State(state): State<HealthState>) -> (StatusCode, String) {
@@ -40,6 +46,9 @@ async fn readyz(State(state): State<HealthState>) -> (StatusCode, String) {
     let mut missing = Vec::new();
     if let Err(e) = state.store.ping().await {
         missing.push(format!("store: {e}"));
+    }
+    if let Some(e) = state.audit.failure() {
+        missing.push(format!("audit log not writable: {e}"));
     }
     if !r.authority.load(Ordering::Acquire) {
         missing.push("no active authority".to_owned());

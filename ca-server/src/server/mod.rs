@@ -346,7 +346,7 @@ pub async fn start(settings: Settings) -> Result<RunningServer, StartError> {
             .instrument(info_span!("grpc", addr = %grpc_addr)),
     );
     readiness.grpc.store(true, Ordering::Release);
-    let health = http::health_routes(Arc::clone(&readiness), store.clone());
+    let health = http::health_routes(Arc::clone(&readiness), store.clone(), audit.clone());
     let mut health_shutdown = shutdown_rx.clone();
     tasks.spawn(async move {
         let result = axum::serve(http_listener, health)

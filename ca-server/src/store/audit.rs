@@ -403,12 +403,11 @@ async fn append_on(
     head: &mut Option<Head>,
     events: &mut [EventRow],
 ) -> Result<(), StoreError> {
-    let Some(known) = head.take() else {
-        let mut tx = sqlx::Connection::begin_with(&mut *conn, "BEGIN IMMEDIATE").await?;
-        let new_head = append_in_tx(&mut tx, events).await?;
-        tx.commit().await?;
-        *head = Some(new_head);
-        return Ok(());
+    // Without a remembered head, read it outside the transaction: if another writer appends
+    // before ours begins, our first row collides with theirs on seq and nothing is written.
+    let known = match head.take() {
+        Some(known) => known,
+        None => read_head(conn).await?,
     };
     let new_head = link(events, &known);
     let mut sql = String::from("BEGIN IMMEDIATE;");
@@ -462,6 +461,21 @@ impl AuditWriter {
     /// [`Store::append_events_after`]). After a failure the head is read afresh next time.
     pub async fn append(&mut self, events: &mut [EventRow]) -> Result<(), StoreError> {
         append_on(&mut self.conn, &mut self.head, events).await
+    }
+
+    /// A write transaction that changes nothing, committed: fails as an append would if the
+    /// store is locked, read-only or full.
+    pub async fn probe(&mut self) -> Result<(), StoreError> {
+        let result = sqlx::query(
+            "BEGIN IMMEDIATE; UPDATE audit_meta SET max_lifetime = max_lifetime WHERE id = 1; \
+             COMMIT;",
+        )
+        .execute(&mut self.conn)
+        .await;
+        if result.is_err() {
+            let _ = sqlx::query("ROLLBACK").execute(&mut self.conn).await;
+        }
+        result.map(drop).map_err(StoreError::from)
     }
 
     /// Closes the connection cleanly.

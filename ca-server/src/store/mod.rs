@@ -110,7 +110,13 @@ impl Store {
         use sqlx::ConnectOptions;
         // 4 MiB: the pages an append touches (the tail of the table and of each index, and
         // the interior pages above them) stay in memory.
-        let options = self.options.clone().pragma("cache_size", "-4096");
+        let options = self
+            .options
+            .clone()
+            .pragma("cache_size", "-4096")
+            // A writer holding the lock for long is a fault to report, not to wait out: the
+            // requests behind it are waiting for their answers.
+            .busy_timeout(Duration::from_millis(500));
         Ok(options.connect().await?)
     }
 
