@@ -135,7 +135,8 @@ async fn a_chain_that_fails_the_self_check_is_withheld() {
 
 #[tokio::test]
 async fn sigterm_finishes_the_requests_in_flight() {
-    let mut f = start(&[]);
+    // One identity asking hundreds of times at once: no rate limit here.
+    let mut f = start(&["--identity-rate", "0"]);
     let client = f.server.client().await;
     let token = f.issuer.token("shop", "web");
     let (csr, _) = csr(&rcgen::PKCS_ECDSA_P256_SHA256, &[]);
@@ -235,7 +236,7 @@ fn placeholder() -> TestServer {
 
 #[tokio::test]
 async fn sigkill_mid_stream_loses_no_record_twenty_times() {
-    let mut f = start(&[]);
+    let mut f = start(&["--identity-rate", "0"]);
     let root = f.server.bundle_pem();
     let token = f.issuer.token("shop", "web");
     let (csr, _) = csr(&rcgen::PKCS_ECDSA_P256_SHA256, &[]);

@@ -42,7 +42,7 @@ struct GlobalArgs {
 #[derive(Debug, Subcommand)]
 enum Command {
     /// Run the server
-    Run(run::RunArgs),
+    Run(Box<run::RunArgs>),
     /// Authorities: status, prepare, activate, retire
     #[command(subcommand)]
     Root(root::RootCommand),
@@ -153,7 +153,7 @@ pub fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
         .context("starting the async runtime")?;
     runtime.block_on(async move {
         match cli.command {
-            Command::Run(args) => run::run(args, common).await,
+            Command::Run(args) => run::run(*args, common).await,
             Command::Root(cmd) => root::root(cmd, &common).await,
             Command::Token(cmd) => token::token(cmd, &common),
             Command::Request(args) => request::request(args).await,

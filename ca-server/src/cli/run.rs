@@ -10,7 +10,8 @@ use tracing::info;
 
 use super::{Common, parse_duration};
 use crate::issuance::LeafPolicy;
-use crate::server::{self, IssuerKeysFrom, IssuerSettings, Settings};
+use crate::server::limits::Rate;
+use crate::server::{self, IssuerKeysFrom, IssuerSettings, LimitSettings, Settings};
 use crate::spiffe::TrustDomain;
 
 /// Flags of `run`. Each may also be set in the config file (same name, `_` for `-`).
@@ -60,6 +61,20 @@ pub struct RunArgs {
     /// How often the audit log's head is signed into a checkpoint [default: 1m]
     #[arg(long)]
     audit_checkpoint_interval: Option<String>,
+    /// Certificates one SPIFFE ID may get per second, on average; 0 for no limit
+    /// [default: 100]
+    #[arg(long)]
+    identity_rate: Option<f64>,
+    /// Certificates one SPIFFE ID may get at once, beyond its rate [default: 1000]
+    #[arg(long)]
+    identity_burst: Option<f64>,
+    /// Failed authentications one peer address may make per second before its requests are
+    /// refused unread; 0 for no limit [default: 5]
+    #[arg(long)]
+    unauthenticated_rate: Option<f64>,
+    /// Failed authentications one peer address may make at once [default: 50]
+    #[arg(long)]
+    unauthenticated_burst: Option<f64>,
     /// Add a local development token issuer (see `ca-server token issue`)
     #[arg(long)]
     dev: bool,
@@ -83,6 +98,10 @@ pub struct FileRunConfig {
     bundle_refresh_hint: Option<String>,
     auditor: Option<Vec<String>>,
     audit_checkpoint_interval: Option<String>,
+    identity_rate: Option<f64>,
+    identity_burst: Option<f64>,
+    unauthenticated_rate: Option<f64>,
+    unauthenticated_burst: Option<f64>,
     dev: Option<bool>,
 }
 
@@ -194,6 +213,39 @@ fn settings(args: RunArgs, common: Common) -> anyhow::Result<Settings> {
         bail!("--audit-checkpoint-interval must be at least 1s");
     }
 
+    let rate = |name: &str,
+                rate: Option<f64>,
+                burst_name: &str,
+                burst: Option<f64>,
+                defaults: (f64, f64)|
+     -> anyhow::Result<Rate> {
+        let per_second = rate.unwrap_or(defaults.0);
+        let burst = burst.unwrap_or(defaults.1);
+        if !per_second.is_finite() || per_second < 0.0 {
+            bail!("--{name} must be a number of requests per second, 0 or more");
+        }
+        if per_second > 0.0 && (!burst.is_finite() || burst < 1.0) {
+            bail!("--{burst_name} must be at least 1");
+        }
+        Ok(Rate { per_second, burst })
+    };
+    let limits = LimitSettings {
+        per_identity: rate(
+            "identity-rate",
+            args.identity_rate.or(file.identity_rate),
+            "identity-burst",
+            args.identity_burst.or(file.identity_burst),
+            (100.0, 1000.0),
+        )?,
+        unauthenticated_per_peer: rate(
+            "unauthenticated-rate",
+            args.unauthenticated_rate.or(file.unauthenticated_rate),
+            "unauthenticated-burst",
+            args.unauthenticated_burst.or(file.unauthenticated_burst),
+            (5.0, 50.0),
+        )?,
+    };
+
     Ok(Settings {
         data_dir: common.data_dir,
         database_url: common.database_url,
@@ -219,6 +271,7 @@ fn settings(args: RunArgs, common: Common) -> anyhow::Result<Settings> {
         bundle_refresh_hint,
         auditors,
         checkpoint_interval: checkpoint_interval.unsigned_abs(),
+        limits,
     })
 }
 

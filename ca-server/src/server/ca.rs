@@ -1,13 +1,15 @@
 //! The certificate pipeline behind `CreateCertificate`: authenticate, check, sign, record,
 //! and only then answer.
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use time::OffsetDateTime;
 use tokio::sync::watch;
 use tracing::{debug, error, info, warn};
 
+use super::limits::{Aggregator, Rate, RateLimiter, Repeated};
 use super::pool::CryptoPool;
 use super::status::{Refusal, code_name};
 use crate::audit::AuditLog;
@@ -68,7 +70,31 @@ pub struct CertificateAuthority {
     policy: LeafPolicy,
     active: watch::Receiver<Arc<Active>>,
     pool: CryptoPool,
+    limits: Limits,
+    refusals: Aggregator<RefusalKey, EventRow>,
 }
+
+/// The abuse limits of [`CertificateAuthority`].
+#[derive(Debug, Clone, Copy)]
+pub struct LimitSettings {
+    /// Issuances per SPIFFE ID.
+    pub per_identity: Rate,
+    /// Failed authentications per peer address.
+    pub unauthenticated_per_peer: Rate,
+}
+
+struct Limits {
+    settings: LimitSettings,
+    per_identity: RateLimiter<String>,
+    unauthenticated: RateLimiter<IpAddr>,
+}
+
+/// Refusals alike enough to be counted in one event: same peer address, code, identity and
+/// reason.
+type RefusalKey = (Option<IpAddr>, &'static str, Option<String>, String);
+
+/// How long identical refusals are counted before their event is written.
+pub const REFUSAL_WINDOW: Duration = Duration::from_secs(10);
 
 /// What a refusal event can say about the request.
 #[derive(Default)]
@@ -90,6 +116,7 @@ impl CertificateAuthority {
         policy: LeafPolicy,
         active: watch::Receiver<Arc<Active>>,
         pool: CryptoPool,
+        limits: LimitSettings,
     ) -> Self {
         Self {
             authn,
@@ -97,6 +124,35 @@ impl CertificateAuthority {
             policy,
             active,
             pool,
+            limits: Limits {
+                settings: limits,
+                per_identity: RateLimiter::new(limits.per_identity),
+                unauthenticated: RateLimiter::new(limits.unauthenticated_per_peer),
+            },
+            refusals: Aggregator::new(REFUSAL_WINDOW),
+        }
+    }
+
+    /// Writes one event for each run of identical refusals whose window has closed (all of
+    /// them when `all`, at shutdown).
+    pub async fn flush_refusals(&self, all: bool) {
+        for ((peer, code, _, _), run) in self.refusals.due(Instant::now(), all) {
+            self.record_run(peer, code, run).await;
+        }
+    }
+
+    async fn record_run(&self, peer: Option<IpAddr>, code: &str, run: Repeated<EventRow>) {
+        let mut event = run.sample;
+        event.count = Some(i64::try_from(run.count).unwrap_or(i64::MAX));
+        event.reason = Some(format!(
+            "{} ({} refusals like this one within {} s; the first was recorded on its own)",
+            event.reason.as_deref().unwrap_or_default(),
+            run.count,
+            REFUSAL_WINDOW.as_secs()
+        ));
+        info!(code, peer = ?peer, count = run.count, "Refused certificate requests (repeated)");
+        if let Err(e) = self.audit.record(event).await {
+            warn!(error = %e, "Refusals could not be recorded in the audit log");
         }
     }
 
@@ -151,14 +207,36 @@ impl CertificateAuthority {
                 if event.spiffe_id.is_none() {
                     event.spiffe_id = request.impersonated_identity.clone();
                 }
+                let ip = request.peer.map(|p| p.ip());
+                if code == tonic::Code::Unauthenticated
+                    && let Some(ip) = ip
+                {
+                    // Counted against the peer: past its limit it is refused before any work.
+                    let _ = self.limits.unauthenticated.take(&ip, Instant::now());
+                }
                 if code == tonic::Code::Internal {
                     // Not the caller's doing: a bug or a broken authority. Someone must look.
                     error!(alert = true, reason = %refusal, peer = ?request.peer, "ALERT: certificate request failed inside the CA; nothing was returned");
-                } else {
-                    info!(code = code_name(code), reason = %refusal, peer = ?request.peer, "Refused certificate request");
                 }
-                if let Err(e) = self.audit.record(event).await {
-                    warn!(error = %e, "Refusal could not be recorded in the audit log");
+                // Identical refusals in a burst become one event with a count, so that a
+                // flood cannot fill the disk with records (or the log with lines).
+                let key = (
+                    ip,
+                    code_name(code),
+                    event.spiffe_id.clone(),
+                    refusal.kind_key(),
+                );
+                let (record_now, ended) = self.refusals.admit(key, event.clone(), Instant::now());
+                if let Some(run) = ended {
+                    self.record_run(ip, code_name(code), run).await;
+                }
+                if record_now {
+                    if code != tonic::Code::Internal {
+                        info!(code = code_name(code), reason = %refusal, peer = ?request.peer, "Refused certificate request");
+                    }
+                    if let Err(e) = self.audit.record(event).await {
+                        warn!(error = %e, "Refusal could not be recorded in the audit log");
+                    }
                 }
                 Err(refusal)
             }
@@ -171,6 +249,17 @@ impl CertificateAuthority {
         now: OffsetDateTime,
         known: &mut Known,
     ) -> Result<Issued, Refusal> {
+        if let Some(peer) = request.peer
+            && let Err(wait) = self
+                .limits
+                .unauthenticated
+                .check(&peer.ip(), Instant::now())
+        {
+            return Err(Refusal::PeerRate {
+                peer: peer.ip(),
+                retry_after_ms: wait.as_millis(),
+            });
+        }
         let header = request.authorization.as_deref().ok_or(AuthError::NoToken)?;
         let token = BearerToken::from_header(header)?;
         let identity = self
@@ -179,6 +268,16 @@ impl CertificateAuthority {
             .await?;
         drop(token);
         known.identity = Some(identity.clone());
+        let id = identity.spiffe_id.to_string();
+        if let Err(wait) = self.limits.per_identity.take(&id, Instant::now()) {
+            let rate = self.limits.settings.per_identity;
+            return Err(Refusal::IdentityRate {
+                identity: id,
+                per_second: rate.per_second,
+                burst: rate.burst,
+                retry_after_ms: wait.as_millis(),
+            });
+        }
 
         if let Some(asked) = &request.impersonated_identity
             && *asked != identity.spiffe_id.to_string()

@@ -33,6 +33,28 @@ pub enum PeerIdentity {
     Certificate(Option<crate::spiffe::SpiffeId>),
 }
 
+/// The longest a certificate request may take, whatever deadline the client sets.
+pub const REQUEST_DEADLINE: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// The `grpc-timeout` header: up to 8 digits and a unit (H, M, S, m, u, n).
+fn parse_grpc_timeout(text: &str) -> Option<std::time::Duration> {
+    use std::time::Duration;
+    let (digits, unit) = text.split_at(text.len().checked_sub(1)?);
+    if digits.is_empty() || digits.len() > 8 || !digits.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    let n: u64 = digits.parse().ok()?;
+    Some(match unit {
+        "H" => Duration::from_secs(n.checked_mul(3600)?),
+        "M" => Duration::from_secs(n.checked_mul(60)?),
+        "S" => Duration::from_secs(n),
+        "m" => Duration::from_millis(n),
+        "u" => Duration::from_micros(n),
+        "n" => Duration::from_nanos(n),
+        _ => return None,
+    })
+}
+
 /// The metadata key ztunnel uses to ask for a pod's identity.
 const IMPERSONATED_IDENTITY: &str = "ImpersonatedIdentity";
 
@@ -55,6 +77,12 @@ impl IstioCertificateService for CertificateService {
         request: Request<IstioCertificateRequest>,
     ) -> Result<Response<IstioCertificateResponse>, Status> {
         let peer = request.extensions().get::<PeerAddr>().map(|p| p.0);
+        let deadline = request
+            .metadata()
+            .get("grpc-timeout")
+            .and_then(|v| v.to_str().ok())
+            .and_then(parse_grpc_timeout)
+            .map_or(REQUEST_DEADLINE, |d| d.min(REQUEST_DEADLINE));
         let authorization = request
             .metadata()
             .get("authorization")
@@ -70,16 +98,24 @@ impl IstioCertificateService for CertificateService {
                     _ => None,
                 })
         });
-        let chain = self
-            .ca
-            .create_certificate(CsrRequest {
-                peer,
-                authorization,
-                csr: body.csr,
-                validity_secs: body.validity_duration,
-                impersonated_identity,
-            })
+        let work = self.ca.create_certificate(CsrRequest {
+            peer,
+            authorization,
+            csr: body.csr,
+            validity_secs: body.validity_duration,
+            impersonated_identity,
+        });
+        // Past the deadline nobody waits for the answer: stop. (If the audit record was
+        // already committed, the log shows a certificate that was never delivered, which is
+        // safe; the reverse cannot happen.)
+        let chain = tokio::time::timeout(deadline, work)
             .await
+            .map_err(|_| {
+                Status::deadline_exceeded(format!(
+                    "the request did not complete within {} ms",
+                    deadline.as_millis()
+                ))
+            })?
             .map_err(|r| r.to_status())?;
         Ok(Response::new(IstioCertificateResponse {
             cert_chain: chain,
@@ -154,5 +190,21 @@ impl TrustBundleService for BundleService {
             }))
         });
         Ok(Response::new(Box::pin(stream)))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    #[test]
+    fn grpc_timeouts() {
+        assert_eq!(parse_grpc_timeout("5S"), Some(Duration::from_secs(5)));
+        assert_eq!(parse_grpc_timeout("250m"), Some(Duration::from_millis(250)));
+        assert_eq!(parse_grpc_timeout("1H"), Some(Duration::from_secs(3600)));
+        for bad in ["", "S", "5", "5x", "123456789S", "-1S", "1.5S"] {
+            assert_eq!(parse_grpc_timeout(bad), None, "{bad:?}");
+        }
     }
 }

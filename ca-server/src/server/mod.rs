@@ -5,6 +5,7 @@ mod audit_service;
 mod ca;
 mod grpc;
 mod http;
+pub mod limits;
 mod pool;
 mod publish;
 pub mod status;
@@ -27,7 +28,7 @@ use tokio::task::JoinSet;
 use tower::Service;
 use tracing::{Instrument, debug, error, info, info_span, warn};
 
-pub use ca::{Active, CertificateAuthority, CsrRequest};
+pub use ca::{Active, CertificateAuthority, CsrRequest, LimitSettings};
 pub use grpc::{PeerAddr, PeerIdentity};
 pub use http::Readiness;
 pub use tls::{SERVER_CERT_TTL, renew_in};
@@ -90,7 +91,15 @@ pub struct Settings {
     pub auditors: Vec<crate::spiffe::SpiffeId>,
     /// How often the audit log's head is signed into a checkpoint (if it moved).
     pub checkpoint_interval: Duration,
+    /// Abuse limits.
+    pub limits: LimitSettings,
 }
+
+/// The largest gRPC request message: a CSR at its limit plus room for the metadata.
+pub const MAX_REQUEST_BYTES: usize = crate::issuance::MAX_CSR_BYTES + 16 * 1024;
+
+/// The largest header block a request may send (the token is at most 16 KiB).
+pub const MAX_HEADER_BYTES: u32 = 32 * 1024;
 
 /// How many requests may wait for the crypto pool. At about 10,000 issuances a second, a
 /// full queue drains in a fifth of a second; beyond it, callers are told to retry at once.
@@ -307,8 +316,10 @@ pub async fn start(settings: Settings) -> Result<RunningServer, StartError> {
         settings.leaf_policy,
         active_rx.clone(),
         pool,
+        settings.limits,
     ));
     let grpc_listener = bind(settings.grpc_listen).await?;
+    let refusals_ca = Arc::clone(&ca);
     let http_listener = bind(settings.http_listen).await?;
     let grpc_addr = grpc_listener
         .local_addr()
@@ -324,22 +335,30 @@ pub async fn start(settings: Settings) -> Result<RunningServer, StartError> {
         })?;
 
     let hint = settings.bundle_refresh_hint.whole_seconds();
-    let app = tonic::service::Routes::new(IstioCertificateServiceServer::new(
-        grpc::CertificateService::new(ca),
-    ))
-    .add_service(TrustBundleServiceServer::new(grpc::BundleService::new(
-        active_rx.clone(),
-        settings.trust_domain.clone(),
-        hint,
-    )))
-    .add_service(AuditServiceServer::new(audit_service::RemoteAudit::new(
-        store.clone(),
-        settings.auditors.clone(),
-    )))
+    let app = tonic::service::Routes::new(
+        IstioCertificateServiceServer::new(grpc::CertificateService::new(ca))
+            .max_decoding_message_size(MAX_REQUEST_BYTES),
+    )
+    .add_service(
+        TrustBundleServiceServer::new(grpc::BundleService::new(
+            active_rx.clone(),
+            settings.trust_domain.clone(),
+            hint,
+        ))
+        .max_decoding_message_size(MAX_REQUEST_BYTES),
+    )
+    .add_service(
+        AuditServiceServer::new(audit_service::RemoteAudit::new(
+            store.clone(),
+            settings.auditors.clone(),
+        ))
+        .max_decoding_message_size(MAX_REQUEST_BYTES),
+    )
     .into_axum_router()
     .merge(publish::bundle_routes(active_rx.clone(), hint));
 
     let (shutdown, shutdown_rx) = watch::channel(false);
+    let shutdown_rx_for_refusals = shutdown_rx.clone();
     let mut tasks = JoinSet::new();
     tasks.spawn(
         serve_tls(grpc_listener, tls_config, app, shutdown_rx.clone())
@@ -387,6 +406,19 @@ pub async fn start(settings: Settings) -> Result<RunningServer, StartError> {
         .instrument(info_span!("follow_store")),
     );
 
+    let mut refusals_shutdown = shutdown_rx_for_refusals;
+    tasks.spawn(async move {
+        loop {
+            tokio::select! {
+                _ = tokio::time::sleep(Duration::from_secs(2)) => refusals_ca.flush_refusals(false).await,
+                _ = async { let _ = refusals_shutdown.wait_for(|stop| *stop).await; } => {
+                    refusals_ca.flush_refusals(true).await;
+                    return;
+                }
+            }
+        }
+    });
+
     info!(grpc = %grpc_addr, http = %http_addr, trust_domain = %settings.trust_domain, "Listening");
     Ok(RunningServer {
         grpc_addr,
@@ -427,7 +459,16 @@ async fn serve_tls(
 ) {
     let acceptor = tokio_rustls::TlsAcceptor::from(tls_config);
     let graceful = GracefulShutdown::new();
-    let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+    let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+    builder
+        .http2()
+        .timer(hyper_util::rt::TokioTimer::new())
+        .max_header_list_size(MAX_HEADER_BYTES)
+        .max_concurrent_streams(256)
+        // A peer that stops reading is dropped, not kept forever.
+        .keep_alive_interval(Some(Duration::from_secs(60)))
+        .keep_alive_timeout(Duration::from_secs(20));
+    builder.http1().max_buf_size(64 * 1024);
     loop {
         let accepted = tokio::select! {
             accepted = listener.accept() => accepted,

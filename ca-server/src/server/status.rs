@@ -30,6 +30,32 @@ pub enum Refusal {
         /// What it asked for.
         requested: String,
     },
+    /// The caller's identity asks for certificates faster than its limit.
+    #[error(
+        "{identity} asks for certificates faster than its limit ({per_second}/s, burst {burst}, \
+         set with --identity-rate and --identity-burst); retry in {retry_after_ms} ms"
+    )]
+    IdentityRate {
+        /// The caller's SPIFFE ID.
+        identity: String,
+        /// The limit.
+        per_second: f64,
+        /// Its burst.
+        burst: f64,
+        /// When a request would be admitted.
+        retry_after_ms: u128,
+    },
+    /// The peer failed authentication too often.
+    #[error(
+        "too many failed authentications from {peer}; requests from it are refused for \
+         {retry_after_ms} ms (--unauthenticated-rate)"
+    )]
+    PeerRate {
+        /// The peer's address.
+        peer: std::net::IpAddr,
+        /// When a request would be looked at again.
+        retry_after_ms: u128,
+    },
     /// The crypto pool's queue is full, or it stopped.
     #[error(transparent)]
     Pool(#[from] super::pool::PoolError),
@@ -53,12 +79,23 @@ impl Refusal {
             )) => Code::InvalidArgument,
             Self::Issue(IssueError::Validity(ValidityError::IssuerNotValid { .. }))
             | Self::Audit(AuditError::Unavailable(_)) => Code::Unavailable,
-            Self::Audit(AuditError::Overloaded) | Self::Pool(PoolError::Full(_)) => {
-                Code::ResourceExhausted
-            }
+            Self::Audit(AuditError::Overloaded)
+            | Self::Pool(PoolError::Full(_))
+            | Self::IdentityRate { .. }
+            | Self::PeerRate { .. } => Code::ResourceExhausted,
             Self::Pool(PoolError::Stopped) => Code::Unavailable,
             Self::Issue(IssueError::Authority(_) | IssueError::SelfCheck(_))
             | Self::Internal(_) => Code::Internal,
+        }
+    }
+
+    /// What identifies this kind of refusal when identical ones are counted together: the
+    /// message, without the parts that change from one request to the next.
+    pub fn kind_key(&self) -> String {
+        match self {
+            Self::IdentityRate { identity, .. } => format!("identity rate: {identity}"),
+            Self::PeerRate { peer, .. } => format!("peer rate: {peer}"),
+            other => other.to_string(),
         }
     }
 
