@@ -66,7 +66,9 @@ pub fn read_or_create_private(
 pub fn pem(label: &str, der: &[u8]) -> String {
     use base64::Engine;
     let b64 = Zeroizing::new(base64::engine::general_purpose::STANDARD.encode(der));
-    let mut out = format!("-----BEGIN {label}-----\n");
+    // Sized once: a private key's text is never left behind in a reallocated buffer.
+    let mut out = String::with_capacity(b64.len() + b64.len() / 64 + 2 * label.len() + 40);
+    out.push_str(&format!("-----BEGIN {label}-----\n"));
     for chunk in b64.as_bytes().chunks(64) {
         out.push_str(&String::from_utf8_lossy(chunk));
         out.push('\n');

@@ -80,6 +80,8 @@ pub struct TestServer {
     args: Vec<String>,
     child: Option<Child>,
     stderr_path: PathBuf,
+    /// `RUST_LOG` for the server (default `info`).
+    pub log_filter: String,
 }
 
 impl TestServer {
@@ -93,7 +95,21 @@ impl TestServer {
             args: args.iter().map(|s| s.to_string()).collect(),
             child: None,
             stderr_path: data_dir.with_extension("stderr.log"),
+            log_filter: "info".into(),
         };
+        server.spawn();
+        server
+    }
+
+    /// [`TestServer::start`] logging everything, down to `trace`.
+    pub fn start_verbose(data_dir: &Path, args: &[&str]) -> Self {
+        let mut server = Self::stopped();
+        server.data_dir = data_dir.to_owned();
+        server.grpc = SocketAddr::from(([127, 0, 0, 1], free_port()));
+        server.http = SocketAddr::from(([127, 0, 0, 1], free_port()));
+        server.args = args.iter().map(|s| s.to_string()).collect();
+        server.stderr_path = data_dir.with_extension("stderr.log");
+        server.log_filter = "trace".into();
         server.spawn();
         server
     }
@@ -109,7 +125,7 @@ impl TestServer {
             .arg("--http-listen")
             .arg(self.http.to_string())
             .args(&self.args)
-            .env("RUST_LOG", "info")
+            .env("RUST_LOG", &self.log_filter)
             .stdout(Stdio::null())
             .stderr(stderr)
             .spawn()
@@ -160,6 +176,7 @@ impl TestServer {
             args: Vec::new(),
             child: None,
             stderr_path: PathBuf::new(),
+            log_filter: "info".into(),
         }
     }
 

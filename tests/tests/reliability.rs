@@ -514,3 +514,110 @@ async fn a_read_only_store_refuses_then_recovers() {
         String::from_utf8_lossy(&verify.stdout)
     );
 }
+
+/// The base64 lines of every PEM private key under `dir`, and the whole texts.
+fn private_key_material(dir: &std::path::Path) -> Vec<String> {
+    let mut found = Vec::new();
+    let mut stack = vec![dir.to_owned()];
+    while let Some(d) = stack.pop() {
+        for entry in std::fs::read_dir(&d).unwrap().flatten() {
+            let path = entry.path();
+            if path.is_dir() {
+                stack.push(path);
+            } else if let Ok(text) = std::fs::read_to_string(&path)
+                && text.contains("PRIVATE KEY-----")
+            {
+                found.extend(
+                    text.lines()
+                        .filter(|l| !l.starts_with("-----") && l.len() >= 16)
+                        .map(str::to_owned),
+                );
+            }
+        }
+    }
+    found
+}
+
+#[tokio::test]
+async fn no_key_or_token_reaches_the_log() {
+    let dir = tempfile::tempdir().unwrap();
+    let issuer = TestIssuer::new(dir.path());
+    let mut flags = issuer.flags();
+    flags.push("--dev".into());
+    let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
+    let mut server = TestServer::start_verbose(&dir.path().join("data"), &flags);
+
+    // A full run: issuance, refusals of bad tokens, a rotation, the audit commands.
+    let mut client = server.client().await;
+    let (csr, _) = csr(&rcgen::PKCS_ECDSA_P256_SHA256, &[]);
+    let good = issuer.token("shop", "web");
+    let forged = issuer.sign_with(
+        &rcgen::KeyPair::generate().unwrap(),
+        Some("test-key"),
+        &issuer.claims("shop", "web"),
+    );
+    let mut expired_claims = issuer.claims("shop", "web");
+    expired_claims["exp"] = serde_json::json!(1_000_000_000);
+    let expired = issuer.sign(&expired_claims);
+    create_certificate(&mut client, Some(&good), &csr, 0)
+        .await
+        .unwrap();
+    for bad in [&forged, &expired] {
+        create_certificate(&mut client, Some(bad), &csr, 0)
+            .await
+            .unwrap_err();
+    }
+    let dev = server.cli(&[
+        "token",
+        "issue",
+        "--namespace",
+        "shop",
+        "--service-account",
+        "dev",
+    ]);
+    let dev_token = String::from_utf8(dev.stdout).unwrap().trim().to_owned();
+    create_certificate(&mut client, Some(&dev_token), &csr, 0)
+        .await
+        .unwrap();
+    for args in [
+        &["root", "prepare"][..],
+        &["root", "activate", "2"],
+        &["audit", "list"],
+        &["audit", "verify"],
+    ] {
+        let out = server.cli(args);
+        assert!(
+            out.status.success(),
+            "{args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    tokio::time::sleep(std::time::Duration::from_millis(1500)).await;
+    create_certificate(&mut client, Some(&good), &csr, 0)
+        .await
+        .unwrap();
+    assert!(
+        server
+            .terminate(std::time::Duration::from_secs(20))
+            .unwrap()
+            .success()
+    );
+
+    let log = server.stderr();
+    assert!(log.len() > 1000, "the run logged: {log}");
+    let mut secrets: Vec<String> = private_key_material(&server.data_dir);
+    secrets.extend(private_key_material(dir.path()));
+    assert!(secrets.len() > 10, "keys found: {}", secrets.len());
+    for token in [&good, &forged, &expired, &dev_token] {
+        secrets.push(token.clone());
+        // The signature alone is as secret as the token: it makes the token valid.
+        secrets.push(token.rsplit('.').next().unwrap().to_owned());
+    }
+    for secret in &secrets {
+        assert!(
+            !log.contains(secret.as_str()),
+            "a secret reached the log: {secret}"
+        );
+    }
+    assert!(!log.contains("PRIVATE KEY"), "key material in the log");
+}

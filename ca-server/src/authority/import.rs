@@ -174,9 +174,12 @@ pub fn read_cacerts(dir: &Path) -> Result<ImportedCa, ImportError> {
     let root_der = certs(&root_path, &root_text)?.remove(0);
     let chain = certs(&chain_path, &chain_text)?;
 
-    let key = rcgen::KeyPair::from_pem(&key_text).map_err(|e| ImportError::BadKey {
+    let key = super::CaKey::from_pem(&key_text, &key_path).map_err(|e| ImportError::BadKey {
+        detail: match e {
+            super::KeyError::Invalid { detail, .. } => detail,
+            other => other.to_string(),
+        },
         path: key_path,
-        detail: e.to_string(),
     })?;
     let ca = parse(&ca_path, &ca_der)?;
     use rcgen::PublicKeyData;

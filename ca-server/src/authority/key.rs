@@ -4,6 +4,12 @@
 use std::fmt;
 use std::path::Path;
 
+use aws_lc_rs::encoding::AsDer;
+use aws_lc_rs::rand::SystemRandom;
+use aws_lc_rs::signature::{
+    ECDSA_P256_SHA256_ASN1_SIGNING, ECDSA_P384_SHA384_ASN1_SIGNING, EcdsaKeyPair, Ed25519KeyPair,
+    KeyPair, RsaKeyPair,
+};
 use zeroize::Zeroizing;
 
 /// What went wrong with a key file.
@@ -56,32 +62,161 @@ pub enum KeyType {
     Rsa3072,
 }
 
-/// A CA private key. Its `Debug` never shows the key, and its PEM is zeroized when dropped.
+/// A CA private key. Held as aws-lc-rs's key object alone (which cleanses its memory when
+/// freed), never as a serialized copy that would outlive it: the PKCS#8 bytes exist only while
+/// the key is read or written, in buffers zeroized on drop. Its `Debug` never shows the key.
 pub struct CaKey {
-    pair: rcgen::KeyPair,
+    kind: SignerKind,
+    public: Vec<u8>,
+    algorithm: &'static rcgen::SignatureAlgorithm,
+}
+
+enum SignerKind {
+    Ec(EcdsaKeyPair),
+    Rsa(RsaKeyPair),
+    Ed(Ed25519KeyPair),
 }
 
 impl fmt::Debug for CaKey {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("CaKey")
-            .field("algorithm", &self.pair.algorithm())
+            .field("algorithm", &self.algorithm)
             .field("key", &"[redacted]")
             .finish()
+    }
+}
+
+impl rcgen::PublicKeyData for CaKey {
+    fn der_bytes(&self) -> &[u8] {
+        &self.public
+    }
+
+    fn algorithm(&self) -> &'static rcgen::SignatureAlgorithm {
+        self.algorithm
+    }
+}
+
+impl rcgen::SigningKey for CaKey {
+    fn sign(&self, msg: &[u8]) -> Result<Vec<u8>, rcgen::Error> {
+        let rng = SystemRandom::new();
+        match &self.kind {
+            SignerKind::Ec(k) => k
+                .sign(&rng, msg)
+                .map(|s| s.as_ref().to_vec())
+                .map_err(|_| rcgen::Error::RingUnspecified),
+            SignerKind::Rsa(k) => {
+                let mut sig = vec![0; k.public_modulus_len()];
+                k.sign(&aws_lc_rs::signature::RSA_PKCS1_SHA256, &rng, msg, &mut sig)
+                    .map_err(|_| rcgen::Error::RingUnspecified)?;
+                Ok(sig)
+            }
+            SignerKind::Ed(k) => Ok(k.sign(msg).as_ref().to_vec()),
+        }
+    }
+}
+
+fn invalid(path: &Path, detail: impl fmt::Display) -> KeyError {
+    KeyError::Invalid {
+        path: path.display().to_string(),
+        detail: detail.to_string(),
     }
 }
 
 impl CaKey {
     /// Generates a new key.
     pub fn generate(key_type: KeyType) -> Result<Self, KeyError> {
-        let pair = match key_type {
-            KeyType::EcP256 => rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256),
-            KeyType::EcP384 => rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P384_SHA384),
+        let gen_err = |_| KeyError::Generate(format!("{key_type:?}"));
+        let pkcs8: Zeroizing<Vec<u8>> = match key_type {
+            KeyType::EcP256 => Zeroizing::new(
+                EcdsaKeyPair::generate(&ECDSA_P256_SHA256_ASN1_SIGNING)
+                    .and_then(|k| k.to_pkcs8v1())
+                    .map_err(gen_err)?
+                    .as_ref()
+                    .to_vec(),
+            ),
+            KeyType::EcP384 => Zeroizing::new(
+                EcdsaKeyPair::generate(&ECDSA_P384_SHA384_ASN1_SIGNING)
+                    .and_then(|k| k.to_pkcs8v1())
+                    .map_err(gen_err)?
+                    .as_ref()
+                    .to_vec(),
+            ),
             KeyType::Rsa3072 => {
-                rcgen::KeyPair::generate_rsa_for(&rcgen::PKCS_RSA_SHA256, rcgen::RsaKeySize::_3072)
+                let key =
+                    RsaKeyPair::generate(aws_lc_rs::rsa::KeySize::Rsa3072).map_err(gen_err)?;
+                let der: aws_lc_rs::encoding::Pkcs8V1Der<'static> =
+                    key.as_der().map_err(gen_err)?;
+                Zeroizing::new(der.as_ref().to_vec())
             }
+        };
+        Self::from_pkcs8(&pkcs8).map_err(KeyError::Generate)
+    }
+
+    fn from_pkcs8(der: &[u8]) -> Result<Self, String> {
+        if let Ok(k) = EcdsaKeyPair::from_pkcs8(&ECDSA_P256_SHA256_ASN1_SIGNING, der) {
+            return Ok(Self::ec(k, &rcgen::PKCS_ECDSA_P256_SHA256));
         }
-        .map_err(|e| KeyError::Generate(e.to_string()))?;
-        Ok(Self { pair })
+        if let Ok(k) = EcdsaKeyPair::from_pkcs8(&ECDSA_P384_SHA384_ASN1_SIGNING, der) {
+            return Ok(Self::ec(k, &rcgen::PKCS_ECDSA_P384_SHA384));
+        }
+        if let Ok(k) = Ed25519KeyPair::from_pkcs8_maybe_unchecked(der) {
+            let public = k.public_key().as_ref().to_vec();
+            return Ok(Self {
+                kind: SignerKind::Ed(k),
+                public,
+                algorithm: &rcgen::PKCS_ED25519,
+            });
+        }
+        match RsaKeyPair::from_pkcs8(der) {
+            Ok(k) => Ok(Self::rsa(k)),
+            Err(e) => Err(format!(
+                "not an EC P-256/P-384, Ed25519 or RSA PKCS#8 key ({e})"
+            )),
+        }
+    }
+
+    fn ec(k: EcdsaKeyPair, algorithm: &'static rcgen::SignatureAlgorithm) -> Self {
+        let public = k.public_key().as_ref().to_vec();
+        Self {
+            kind: SignerKind::Ec(k),
+            public,
+            algorithm,
+        }
+    }
+
+    fn rsa(k: RsaKeyPair) -> Self {
+        let public = k.public_key().as_ref().to_vec();
+        Self {
+            kind: SignerKind::Rsa(k),
+            public,
+            algorithm: &rcgen::PKCS_RSA_SHA256,
+        }
+    }
+
+    /// Parses a PEM private key: PKCS#8 (`PRIVATE KEY`), SEC1 (`EC PRIVATE KEY`) or PKCS#1
+    /// (`RSA PRIVATE KEY`), as OpenSSL and Istio's tooling write them.
+    pub fn from_pem(pem: &str, path: &Path) -> Result<Self, KeyError> {
+        let (label, der) =
+            decode_pem(pem).ok_or_else(|| invalid(path, "no PEM private key block"))?;
+        match label {
+            "PRIVATE KEY" => Self::from_pkcs8(&der).map_err(|e| invalid(path, e)),
+            "EC PRIVATE KEY" => {
+                EcdsaKeyPair::from_private_key_der(&ECDSA_P256_SHA256_ASN1_SIGNING, &der)
+                    .map(|k| Self::ec(k, &rcgen::PKCS_ECDSA_P256_SHA256))
+                    .or_else(|_| {
+                        EcdsaKeyPair::from_private_key_der(&ECDSA_P384_SHA384_ASN1_SIGNING, &der)
+                            .map(|k| Self::ec(k, &rcgen::PKCS_ECDSA_P384_SHA384))
+                    })
+                    .map_err(|e| invalid(path, format!("not a P-256 or P-384 EC key ({e})")))
+            }
+            "RSA PRIVATE KEY" => RsaKeyPair::from_der(&der)
+                .map(Self::rsa)
+                .map_err(|e| invalid(path, format!("not an RSA key ({e})"))),
+            other => Err(invalid(
+                path,
+                format!("a {other} block is not a private key"),
+            )),
+        }
     }
 
     /// Reads a PEM key file, refusing one that group or others can read.
@@ -93,31 +228,56 @@ impl CaKey {
                 source,
             })?,
         );
-        let pair = rcgen::KeyPair::from_pem(&pem).map_err(|e| KeyError::Invalid {
-            path: path.display().to_string(),
-            detail: e.to_string(),
-        })?;
-        Ok(Self { pair })
+        Self::from_pem(&pem, path)
     }
 
     /// Writes the key as PKCS#8 PEM to a new file created with mode 0600; never overwrites.
     pub fn write_new_file(&self, path: &Path) -> Result<(), KeyError> {
-        let pem = Zeroizing::new(self.pair.serialize_pem());
-        crate::files::write_private_new(path, pem.as_bytes()).map_err(|source| KeyError::Io {
+        let io = |source| KeyError::Io {
             path: path.display().to_string(),
             source,
-        })
+        };
+        let der: Zeroizing<Vec<u8>> = Zeroizing::new(
+            match &self.kind {
+                SignerKind::Ec(k) => k.to_pkcs8v1().map(|d| d.as_ref().to_vec()),
+                SignerKind::Ed(k) => k.to_pkcs8v1().map(|d| d.as_ref().to_vec()),
+                SignerKind::Rsa(k) => {
+                    let der: Result<aws_lc_rs::encoding::Pkcs8V1Der<'static>, _> = k.as_der();
+                    der.map(|d| d.as_ref().to_vec())
+                }
+            }
+            .map_err(|_| KeyError::Generate("the key could not be serialized".into()))?,
+        );
+        let pem = Zeroizing::new(crate::files::pem("PRIVATE KEY", &der));
+        crate::files::write_private_new(path, pem.as_bytes()).map_err(io)
     }
 
-    /// The key pair, for signing. Only the signer uses this.
-    pub(crate) fn pair(&self) -> &rcgen::KeyPair {
-        &self.pair
+    /// The public half, for comparing with a certificate.
+    pub fn public_key_raw(&self) -> &[u8] {
+        &self.public
     }
+}
 
-    /// Gives the key pair to the signer that will own it.
-    pub(crate) fn into_pair(self) -> rcgen::KeyPair {
-        self.pair
-    }
+/// The first PEM block of `text`: its label and its bytes (zeroized on drop).
+fn decode_pem(text: &str) -> Option<(&str, Zeroizing<Vec<u8>>)> {
+    use base64::Engine;
+    let begin = text.find("-----BEGIN ")?;
+    let rest = &text[begin + "-----BEGIN ".len()..];
+    let label_end = rest.find("-----")?;
+    let label = &rest[..label_end];
+    let body_start = &rest[label_end + 5..];
+    let end = body_start.find(&format!("-----END {label}-----"))?;
+    let b64: Zeroizing<String> = Zeroizing::new(
+        body_start[..end]
+            .chars()
+            .filter(|c| !c.is_ascii_whitespace())
+            .collect(),
+    );
+    let mut der = Zeroizing::new(Vec::new());
+    base64::engine::general_purpose::STANDARD
+        .decode_vec(b64.as_bytes(), &mut der)
+        .ok()?;
+    Some((label, der))
 }
 
 /// Refuses a file whose mode lets group or others read or write it.
@@ -148,7 +308,7 @@ mod tests {
         assert!(!format!("{key:?}").contains("BEGIN"));
         assert!(format!("{key:?}").contains("[redacted]"));
         let again = CaKey::read_file(&path).unwrap();
-        assert_eq!(again.pair().public_key_raw(), key.pair().public_key_raw());
+        assert_eq!(again.public_key_raw(), key.public_key_raw());
         // Never overwrites an existing key.
         assert!(key.write_new_file(&path).is_err());
 

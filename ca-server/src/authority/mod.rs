@@ -71,7 +71,7 @@ pub struct Authority {
     intermediates_der: Vec<CertificateDer<'static>>,
     not_before: OffsetDateTime,
     not_after: OffsetDateTime,
-    issuer: rcgen::Issuer<'static, rcgen::KeyPair>,
+    issuer: rcgen::Issuer<'static, CaKey>,
 }
 
 impl std::fmt::Debug for Authority {
@@ -103,8 +103,8 @@ impl Authority {
                 intermediates_der.push(pem_to_der(pem).map_err(bad)?);
             }
         }
-        let issuer = rcgen::Issuer::from_ca_cert_der(&cert_der, key.into_pair())
-            .map_err(|e| bad(e.to_string()))?;
+        let issuer =
+            rcgen::Issuer::from_ca_cert_der(&cert_der, key).map_err(|e| bad(e.to_string()))?;
         Ok(Self {
             id: record.id,
             subject: record.subject.clone(),
@@ -280,7 +280,7 @@ pub async fn create_self_signed_root(
     let key = CaKey::generate(key_type)?;
     let params = root_params(trust_domain, id, OffsetDateTime::now_utc());
     let cert = params
-        .self_signed(key.pair())
+        .self_signed(&key)
         .map_err(|e| AuthorityError::Sign(e.to_string()))?;
     let key_ref = format!("keys/{id}.key.pem");
     key.write_new_file(&data_dir.join(&key_ref))?;
@@ -362,7 +362,7 @@ mod tests {
         let td = TrustDomain::new("example.org").unwrap();
         let key = CaKey::generate(KeyType::EcP256).unwrap();
         let now = OffsetDateTime::now_utc();
-        let cert = root_params(&td, 7, now).self_signed(key.pair()).unwrap();
+        let cert = root_params(&td, 7, now).self_signed(&key).unwrap();
         let (_, c) = x509_parser::parse_x509_certificate(cert.der()).unwrap();
         assert_eq!(
             c.subject().to_string(),

@@ -120,7 +120,7 @@ mod tests {
         for (id, key_type) in [(1, KeyType::EcP256), (2, KeyType::EcP384)] {
             let key = CaKey::generate(key_type).unwrap();
             let cert = root_params(&td, id, time::OffsetDateTime::now_utc())
-                .self_signed(key.pair())
+                .self_signed(&key)
                 .unwrap();
             roots.push(cert.pem());
         }
