@@ -233,4 +233,44 @@ mod tests {
         assert_eq!(id.path(), "/ns/istio-system/sa/ztunnel");
         assert!(SpiffeId::for_service_account(&td, "a/b", "c").is_err());
     }
+
+    mod properties {
+        use super::*;
+        use proptest::prelude::*;
+
+        proptest! {
+            /// Every valid ID prints as it was written and parses back to itself.
+            #[test]
+            fn valid_ids_round_trip(
+                td in "[a-z0-9][a-z0-9.\\-_]{0,40}",
+                segments in proptest::collection::vec("[A-Za-z0-9\\-_][A-Za-z0-9.\\-_]{0,20}", 0..6),
+            ) {
+                let text = format!("spiffe://{td}{}", segments.iter().map(|s| format!("/{s}")).collect::<String>());
+                let id = SpiffeId::parse(&text).unwrap();
+                prop_assert_eq!(id.to_string(), text.clone());
+                prop_assert_eq!(SpiffeId::parse(&id.to_string()).unwrap(), id.clone());
+                prop_assert_eq!(id.trust_domain().as_str(), td.as_str());
+            }
+
+            /// Whatever the input, parsing never panics, and what it accepts round-trips.
+            #[test]
+            fn any_text_parses_or_is_refused(text in "\\PC{0,80}", tail in "[a-z/.%:@A-Z0-9]{0,40}") {
+                for candidate in [text.clone(), format!("spiffe://{tail}"), format!("spiffe://td{tail}")] {
+                    if let Ok(id) = SpiffeId::parse(&candidate) {
+                        prop_assert_eq!(id.to_string(), candidate.clone());
+                        prop_assert!(!id.path().ends_with('/'));
+                        prop_assert!(!id.path().contains("//"));
+                    }
+                }
+            }
+
+            /// Service-account IDs built from valid names parse back to the same ID.
+            #[test]
+            fn service_account_ids_round_trip(ns in "[a-z0-9][a-z0-9\\-]{0,30}", sa in "[a-z0-9][a-z0-9\\-.]{0,30}") {
+                let td = TrustDomain::new("cluster.local").unwrap();
+                let id = SpiffeId::for_service_account(&td, &ns, &sa).unwrap();
+                prop_assert_eq!(SpiffeId::parse(&id.to_string()).unwrap(), id);
+            }
+        }
+    }
 }

@@ -223,4 +223,61 @@ mod tests {
         );
         assert!(p.use_authority_key_identifier_extension);
     }
+
+    mod properties {
+        use super::*;
+        use proptest::prelude::*;
+
+        proptest! {
+            /// Wherever the clock stands (before, inside or after the issuer's validity) and
+            /// whatever the TTL and skew, a leaf is either refused, or valid now, inside the
+            /// issuer's validity, no longer than TTL + skew, and notBefore < notAfter.
+            #[test]
+            fn validity_is_consistent_wherever_the_clock_is(
+                now in 0i64..4_000_000_000,
+                frac in 0u32..1_000_000_000,
+                ttl in 1i64..200_000,
+                skew in 0i64..3_600,
+                inb in 0i64..4_000_000_000,
+                life in 1i64..400_000_000,
+            ) {
+                let t = |s: i64| OffsetDateTime::from_unix_timestamp(s).unwrap();
+                let now_t = t(now).replace_nanosecond(frac).unwrap();
+                let (inb_t, ina_t) = (t(inb), t(inb + life));
+                let result = leaf_validity(now_t, Duration::seconds(ttl), Duration::seconds(skew), inb_t, ina_t);
+                match result {
+                    Err(ValidityError::IssuerNotValid { .. }) => {
+                        prop_assert!(now_t < inb_t || now_t >= ina_t);
+                    }
+                    Err(other) => prop_assert!(false, "unexpected {other}"),
+                    Ok(v) => {
+                        prop_assert!(inb_t <= now_t && now_t < ina_t);
+                        prop_assert!(v.not_before < v.not_after);
+                        prop_assert!(v.not_before <= now_t && now_t < v.not_after);
+                        prop_assert!(v.not_before >= inb_t && v.not_after <= ina_t);
+                        prop_assert!(v.not_after - v.not_before <= Duration::seconds(ttl + skew));
+                        prop_assert_eq!(v.not_before.nanosecond(), 0);
+                        prop_assert_eq!(v.not_after.nanosecond(), 0);
+                    }
+                }
+            }
+
+            /// A requested TTL is used as asked when it is within the maximum, refused
+            /// otherwise; 0 means the default.
+            #[test]
+            fn ttl_is_clamped_by_refusal(asked in -100_000i64..200_000) {
+                let p = LeafPolicy::default();
+                match resolve_ttl(asked, &p) {
+                    Ok(ttl) if asked == 0 => prop_assert_eq!(ttl, p.default_ttl),
+                    Ok(ttl) => {
+                        prop_assert_eq!(ttl, Duration::seconds(asked));
+                        prop_assert!(ttl <= p.max_ttl);
+                    }
+                    Err(ValidityError::Negative(_)) => prop_assert!(asked < 0),
+                    Err(ValidityError::AboveMax { .. }) => prop_assert!(Duration::seconds(asked) > p.max_ttl),
+                    Err(other) => prop_assert!(false, "unexpected {other}"),
+                }
+            }
+        }
+    }
 }
