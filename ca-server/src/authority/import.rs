@@ -164,15 +164,30 @@ fn check_ca(cert: &X509Certificate<'_>) -> Result<(), ImportError> {
 /// Reads and checks a `cacerts` directory: the key matches the certificate, the certificate
 /// is a CA allowed to sign, and the chain verifies up to the self-signed root.
 pub fn read_cacerts(dir: &Path) -> Result<ImportedCa, ImportError> {
-    let (ca_path, ca_text) = read(dir, "ca-cert.pem")?;
-    let (key_path, key_text) = read(dir, "ca-key.pem")?;
+    let (_, ca_text) = read(dir, "ca-cert.pem")?;
+    let (_, key_text) = read(dir, "ca-key.pem")?;
     let key_text = Zeroizing::new(key_text);
-    let (chain_path, chain_text) = read(dir, "cert-chain.pem")?;
-    let (root_path, root_text) = read(dir, "root-cert.pem")?;
+    let (_, chain_text) = read(dir, "cert-chain.pem")?;
+    let (_, root_text) = read(dir, "root-cert.pem")?;
+    check_cacerts(dir, &ca_text, key_text, &chain_text, &root_text)
+}
 
-    let ca_der = certs(&ca_path, &ca_text)?.remove(0);
-    let root_der = certs(&root_path, &root_text)?.remove(0);
-    let chain = certs(&chain_path, &chain_text)?;
+/// The checks of [`read_cacerts`] on the four files' texts (`dir` names them in errors).
+pub fn check_cacerts(
+    dir: &Path,
+    ca_text: &str,
+    key_text: Zeroizing<String>,
+    chain_text: &str,
+    root_text: &str,
+) -> Result<ImportedCa, ImportError> {
+    let ca_path = dir.join("ca-cert.pem");
+    let key_path = dir.join("ca-key.pem");
+    let chain_path = dir.join("cert-chain.pem");
+    let root_path = dir.join("root-cert.pem");
+
+    let ca_der = certs(&ca_path, ca_text)?.remove(0);
+    let root_der = certs(&root_path, root_text)?.remove(0);
+    let chain = certs(&chain_path, chain_text)?;
 
     let key = super::CaKey::from_pem(&key_text, &key_path).map_err(|e| ImportError::BadKey {
         detail: match e {
