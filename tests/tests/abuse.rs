@@ -208,3 +208,60 @@ fn only_tls_1_2_and_1_3_with_modern_suites() {
         "no suites without forward secrecy"
     );
 }
+
+#[tokio::test]
+async fn a_request_ends_at_the_clients_deadline() {
+    // A JWKS endpoint that accepts connections and never answers: authentication hangs.
+    let hanging = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let url = format!("http://{}/openid/v1/jwks", hanging.local_addr().unwrap());
+    let held = std::thread::spawn(move || {
+        let mut open = Vec::new();
+        for stream in hanging.incoming().take(4) {
+            open.push(stream);
+        }
+        std::thread::sleep(std::time::Duration::from_secs(30));
+    });
+    let dir = tempfile::tempdir().unwrap();
+    let issuer = TestIssuer::new(dir.path());
+    let server = TestServer::start(
+        &dir.path().join("data"),
+        &[
+            "--token-issuer",
+            "https://slow.example",
+            "--token-jwks-url",
+            &url,
+        ],
+    );
+    let mut client = server.client().await;
+    let mut claims = issuer.claims("shop", "web");
+    claims["iss"] = serde_json::json!("https://slow.example");
+    let (csr, _) = csr(&rcgen::PKCS_ECDSA_P256_SHA256, &[]);
+    let mut request = tonic::Request::new(ca_proto::istio::v1::auth::IstioCertificateRequest {
+        csr,
+        validity_duration: 0,
+        metadata: None,
+    });
+    request.metadata_mut().insert(
+        "authorization",
+        format!("Bearer {}", issuer.sign(&claims)).parse().unwrap(),
+    );
+    // The server stops 50 ms before the client would, and says why.
+    request.set_timeout(std::time::Duration::from_millis(300));
+    let started = std::time::Instant::now();
+    let status = client.create_certificate(request).await.unwrap_err();
+    let took = started.elapsed();
+    assert_eq!(
+        status.code(),
+        Code::DeadlineExceeded,
+        "{} after {took:?}\n{}",
+        status.message(),
+        server.stderr()
+    );
+    assert!(
+        status.message().contains("did not complete within 250 ms"),
+        "{}",
+        status.message()
+    );
+    assert!(took < std::time::Duration::from_secs(3), "{took:?}");
+    drop(held);
+}

@@ -36,6 +36,10 @@ pub enum PeerIdentity {
 /// The longest a certificate request may take, whatever deadline the client sets.
 pub const REQUEST_DEADLINE: std::time::Duration = std::time::Duration::from_secs(10);
 
+/// How much before the client's deadline the server stops, so that its answer (with the
+/// reason) arrives while the client still listens.
+const DEADLINE_MARGIN: std::time::Duration = std::time::Duration::from_millis(50);
+
 /// The `grpc-timeout` header: up to 8 digits and a unit (H, M, S, m, u, n).
 fn parse_grpc_timeout(text: &str) -> Option<std::time::Duration> {
     use std::time::Duration;
@@ -82,6 +86,8 @@ impl IstioCertificateService for CertificateService {
             .get("grpc-timeout")
             .and_then(|v| v.to_str().ok())
             .and_then(parse_grpc_timeout)
+            // Give up a little before the client does, so that it hears why.
+            .map(|d| d.saturating_sub(DEADLINE_MARGIN).max(d / 2))
             .map_or(REQUEST_DEADLINE, |d| d.min(REQUEST_DEADLINE));
         let authorization = request
             .metadata()
