@@ -603,6 +603,18 @@ async fn no_key_or_token_reaches_the_log() {
             .success()
     );
 
+    // Keys are private files in a private directory.
+    use std::os::unix::fs::PermissionsExt;
+    let mode = |p: &std::path::Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode(&server.data_dir), 0o700, "the data dir is private");
+    for key in std::fs::read_dir(server.data_dir.join("keys"))
+        .unwrap()
+        .flatten()
+    {
+        assert_eq!(mode(&key.path()), 0o600, "{}", key.path().display());
+    }
+    assert_eq!(mode(&server.data_dir.join("audit-key.pem")), 0o600);
+
     let log = server.stderr();
     assert!(log.len() > 1000, "the run logged: {log}");
     let mut secrets: Vec<String> = private_key_material(&server.data_dir);
