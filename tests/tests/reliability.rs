@@ -141,17 +141,25 @@ async fn sigterm_finishes_the_requests_in_flight() {
     let token = f.issuer.token("shop", "web");
     let (csr, _) = csr(&rcgen::PKCS_ECDSA_P256_SHA256, &[]);
 
-    // Enough requests on one connection that many are inside the server when SIGTERM lands.
+    // Enough requests on one connection that many are inside the server when SIGTERM lands:
+    // it is sent as soon as the first answer arrives, the server busy with the rest.
+    let answered = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let mut calls = tokio::task::JoinSet::new();
     for _ in 0..600 {
         let mut client = client.clone();
         let (token, csr) = (token.clone(), csr.clone());
+        let answered = std::sync::Arc::clone(&answered);
         calls.spawn(async move {
             let r = create_certificate(&mut client, Some(&token), &csr, 0).await;
+            answered.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
             (r, std::time::Instant::now())
         });
     }
-    tokio::time::sleep(std::time::Duration::from_millis(40)).await;
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while answered.load(std::sync::atomic::Ordering::SeqCst) == 0 {
+        assert!(std::time::Instant::now() < deadline, "no answer in 30 s");
+        tokio::time::sleep(std::time::Duration::from_millis(1)).await;
+    }
     let term_at = std::time::Instant::now();
     let status = tokio::task::spawn_blocking({
         let mut server = std::mem::replace(&mut f.server, placeholder());
