@@ -8,7 +8,7 @@ fn main() -> ExitCode {
     // One crypto provider for everything (rustls, tonic, the JWKS client).
     let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
     let cli = ca_server::cli::Cli::parse();
-    ca_server::cli::init_tracing();
+    ca_server::cli::init_tracing(cli.log_format());
     match ca_server::cli::dispatch(cli) {
         Ok(code) => code,
         // `ca-server audit list | head`: a closed pipe ends the output, it is not an error.

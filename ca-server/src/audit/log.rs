@@ -195,7 +195,12 @@ async fn write_loop(
         let result = if events.is_empty() {
             Ok(())
         } else {
+            let started = std::time::Instant::now();
             let result = commit_with_retry(&store, &mut writer, &mut events).await;
+            let m = crate::metrics::metrics();
+            m.audit_commit_seconds
+                .observe(started.elapsed().as_secs_f64());
+            m.audit_batch_events.observe(events.len() as f64);
             health.set(match &result {
                 Err(AuditError::Unavailable(e)) => Some(e.clone()),
                 _ => None,

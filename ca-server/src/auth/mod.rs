@@ -291,8 +291,10 @@ impl Authenticator {
     pub async fn authenticate(&self, token: &BearerToken, now: i64) -> Result<Identity, AuthError> {
         let key = VerifiedTokens::key(token);
         if let Some(identity) = self.verified.get(&key, now) {
+            crate::metrics::metrics().token_cache_hits.inc();
             return Ok(identity);
         }
+        crate::metrics::metrics().token_cache_misses.inc();
         let (identity, expires_at) = self.verify(token, now).await?;
         self.verified.insert(key, identity.clone(), expires_at, now);
         Ok(identity)

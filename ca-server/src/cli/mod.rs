@@ -37,6 +37,25 @@ struct GlobalArgs {
     /// TOML config file; flags override it
     #[arg(long, global = true, env = "CA_CONFIG")]
     config: Option<PathBuf>,
+    /// Log lines as text for people, or as one JSON object per line for collectors
+    #[arg(long, global = true, env = "CA_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
+    log_format: LogFormat,
+}
+
+/// How log lines are written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum LogFormat {
+    /// Human-readable lines.
+    Text,
+    /// One JSON object per line (timestamp, level, target, message, fields).
+    Json,
+}
+
+impl Cli {
+    /// The log format asked for.
+    pub fn log_format(&self) -> LogFormat {
+        self.global.log_format
+    }
 }
 
 #[derive(Debug, Subcommand)]
@@ -134,14 +153,17 @@ async fn open_store(common: &Common) -> anyhow::Result<crate::store::Store> {
         .with_context(|| format!("opening {}", common.database_url))
 }
 
-/// Logs to stderr, filtered by `RUST_LOG` (default `info`).
-pub fn init_tracing() {
+/// Logs to stderr, filtered by `RUST_LOG` (default `info`), as text or JSON lines.
+pub fn init_tracing(format: LogFormat) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    tracing_subscriber::fmt()
+    let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .init();
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().flatten_event(true).init(),
+    }
 }
 
 /// Runs the command.

@@ -159,6 +159,7 @@ impl CertificateAuthority {
     /// Issues a chain for `request`, or refuses; either way the decision is in the audit log
     /// before this returns (a refusal whose event cannot be written is still refused).
     pub async fn create_certificate(&self, request: CsrRequest) -> Result<Vec<String>, Refusal> {
+        let started = Instant::now();
         let now = OffsetDateTime::now_utc();
         let mut known = Known::default();
         let coming = self.audit.expect();
@@ -184,6 +185,9 @@ impl CertificateAuthority {
                             audit_seq = seq,
                             "Issued certificate"
                         );
+                        let m = crate::metrics::metrics();
+                        m.issuances.inc();
+                        m.issuance_seconds.observe(started.elapsed().as_secs_f64());
                         Ok(issued.chain)
                     }
                     Err(e) => {
@@ -194,6 +198,13 @@ impl CertificateAuthority {
             }
             Err(refusal) => {
                 let code = refusal.code();
+                crate::metrics::metrics()
+                    .refusals
+                    .get_or_create(&crate::metrics::RefusalLabels {
+                        code: code_name(code),
+                        reason: refusal.metric_reason(),
+                    })
+                    .inc();
                 let mut event = event_for(
                     EventKind::Denied,
                     now,

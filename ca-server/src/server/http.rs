@@ -34,11 +34,40 @@ pub fn health_routes(readiness: Arc<Readiness>, store: Store, audit: AuditLog) -
     Router::new()
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics))
         .with_state(HealthState {
             readiness,
             store,
             audit,
         })
+}
+
+/// `/metrics`: the counters as they stand, with what the store says set at scrape time.
+async fn metrics(State(state): State<HealthState>) -> impl axum::response::IntoResponse {
+    let m = crate::metrics::metrics();
+    let now = time::OffsetDateTime::now_utc().unix_timestamp();
+    if let Ok(authorities) = state.store.authorities().await {
+        // Rebuilt each time: a retired authority's series goes once it is gone from the store.
+        m.authority_expiry_seconds.clear();
+        for a in authorities {
+            m.authority_expiry_seconds
+                .get_or_create(&crate::metrics::AuthorityLabels {
+                    authority_id: a.id.to_string(),
+                    state: a.state.as_str().to_owned(),
+                })
+                .set((a.not_after - now) as f64);
+        }
+    }
+    if let Ok((sequence, _)) = state.store.authority_version().await {
+        m.bundle_sequence.set(sequence);
+    }
+    (
+        [(
+            axum::http::header::CONTENT_TYPE,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
+        m.encode(),
+    )
 }
 
 async fn readyz(State(state): State<HealthState>) -> (StatusCode, String) {

@@ -99,6 +99,30 @@ impl Refusal {
         }
     }
 
+    /// The check that refused, as a metric label: a short fixed name.
+    pub fn metric_reason(&self) -> &'static str {
+        match self {
+            Self::Auth(e) if e.is_unavailable() => "token_keys_unavailable",
+            Self::Auth(AuthError::NoToken) => "no_token",
+            Self::Auth(_) => "token",
+            Self::Issue(IssueError::Csr(_)) => "csr",
+            Self::Issue(IssueError::Validity(ValidityError::IssuerNotValid { .. })) => {
+                "authority_not_valid"
+            }
+            Self::Issue(IssueError::Validity(_)) => "ttl",
+            Self::Issue(IssueError::SanMismatch { .. }) => "san_mismatch",
+            Self::Issue(IssueError::Authority(_)) => "signing",
+            Self::Issue(IssueError::SelfCheck(_)) => "self_check",
+            Self::Audit(AuditError::Unavailable(_)) => "audit_unavailable",
+            Self::Audit(AuditError::Overloaded) => "audit_overloaded",
+            Self::Impersonation { .. } => "impersonation",
+            Self::IdentityRate { .. } => "identity_rate",
+            Self::PeerRate { .. } => "peer_rate",
+            Self::Pool(_) => "capacity",
+            Self::Internal(_) => "internal",
+        }
+    }
+
     /// The status sent to the caller: the code and the message, nothing secret.
     pub fn to_status(&self) -> Status {
         Status::new(self.code(), self.to_string())

@@ -1,0 +1,167 @@
+//! Prometheus metrics (`/metrics` on the health listener), with the prometheus-client crate.
+//! One registry per process: the parts that count (the pipeline, the audit writer, the token
+//! cache) reach it through [`metrics`]; what is read from the store (authority expiry, the
+//! bundle sequence) is set when scraped.
+
+use std::sync::OnceLock;
+use std::sync::atomic::AtomicU64;
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
+
+/// A refusal's labels: its gRPC code and what kind of check refused it.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RefusalLabels {
+    /// The gRPC code name, e.g. `UNAUTHENTICATED`.
+    pub code: &'static str,
+    /// The check, e.g. `token`, `csr`, `identity_rate`.
+    pub reason: &'static str,
+}
+
+/// An authority's labels.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct AuthorityLabels {
+    /// Its id.
+    pub authority_id: String,
+    /// `prepared`, `active`, `retiring` or `retired`.
+    pub state: String,
+}
+
+/// Every metric the server exports.
+#[derive(Debug)]
+pub struct Metrics {
+    registry: Registry,
+    /// Certificates issued to workloads.
+    pub issuances: Counter,
+    /// Requests refused, by code and check.
+    pub refusals: Family<RefusalLabels, Counter>,
+    /// Time from a request's arrival to its answer, for issued certificates.
+    pub issuance_seconds: Histogram,
+    /// Events per audit commit.
+    pub audit_batch_events: Histogram,
+    /// Time an audit commit takes.
+    pub audit_commit_seconds: Histogram,
+    /// Seconds until each authority's certificate expires (negative once it has).
+    pub authority_expiry_seconds: Family<AuthorityLabels, Gauge<f64, AtomicU64>>,
+    /// The published bundle's sequence.
+    pub bundle_sequence: Gauge,
+    /// Token checks answered from the verified-token cache.
+    pub token_cache_hits: Counter,
+    /// Token checks that needed a signature verification.
+    pub token_cache_misses: Counter,
+}
+
+impl Metrics {
+    fn new() -> Self {
+        let mut registry = Registry::with_prefix("ca");
+        let issuances = Counter::default();
+        registry.register(
+            "issuances",
+            "Certificates issued to workloads",
+            issuances.clone(),
+        );
+        let refusals = Family::<RefusalLabels, Counter>::default();
+        registry.register(
+            "refusals",
+            "Certificate requests refused, by gRPC code and the check that refused them",
+            refusals.clone(),
+        );
+        // 0.5 ms to about 4 s.
+        let issuance_seconds = Histogram::new(exponential_buckets(0.0005, 2.0, 14));
+        registry.register(
+            "issuance_duration_seconds",
+            "Time from a certificate request's arrival to its answer, for issued certificates",
+            issuance_seconds.clone(),
+        );
+        let audit_batch_events = Histogram::new(exponential_buckets(1.0, 2.0, 10));
+        registry.register(
+            "audit_commit_events",
+            "Events per audit log commit (group commit batch size)",
+            audit_batch_events.clone(),
+        );
+        let audit_commit_seconds = Histogram::new(exponential_buckets(0.0001, 2.0, 16));
+        registry.register(
+            "audit_commit_duration_seconds",
+            "Time an audit log commit takes, fsync included",
+            audit_commit_seconds.clone(),
+        );
+        let authority_expiry_seconds = Family::<AuthorityLabels, Gauge<f64, AtomicU64>>::default();
+        registry.register(
+            "authority_expiry_seconds",
+            "Seconds until each authority's certificate expires (negative once it has)",
+            authority_expiry_seconds.clone(),
+        );
+        let bundle_sequence = Gauge::default();
+        registry.register(
+            "bundle_sequence",
+            "Sequence of the published trust bundle; it moves on every change of the roots",
+            bundle_sequence.clone(),
+        );
+        let token_cache_hits = Counter::default();
+        registry.register(
+            "token_cache_hits",
+            "Token checks answered from the verified-token cache",
+            token_cache_hits.clone(),
+        );
+        let token_cache_misses = Counter::default();
+        registry.register(
+            "token_cache_misses",
+            "Token checks that needed a signature verification",
+            token_cache_misses.clone(),
+        );
+        Self {
+            registry,
+            issuances,
+            refusals,
+            issuance_seconds,
+            audit_batch_events,
+            audit_commit_seconds,
+            authority_expiry_seconds,
+            bundle_sequence,
+            token_cache_hits,
+            token_cache_misses,
+        }
+    }
+
+    /// The registry in the Prometheus text exposition format (OpenMetrics).
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        // Writing to a String cannot fail.
+        let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
+        out
+    }
+}
+
+/// The process's metrics.
+pub fn metrics() -> &'static Metrics {
+    static METRICS: OnceLock<Metrics> = OnceLock::new();
+    METRICS.get_or_init(Metrics::new)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn encodes_in_the_exposition_format() {
+        let m = metrics();
+        m.issuances.inc();
+        m.refusals
+            .get_or_create(&RefusalLabels {
+                code: "UNAUTHENTICATED",
+                reason: "token",
+            })
+            .inc();
+        let text = m.encode();
+        assert!(text.contains("# TYPE ca_issuances counter"), "{text}");
+        assert!(
+            text.contains("ca_refusals_total{code=\"UNAUTHENTICATED\",reason=\"token\"} 1"),
+            "{text}"
+        );
+        assert!(text.ends_with("# EOF\n"), "{text}");
+    }
+}
