@@ -494,3 +494,51 @@ pub fn serial_of_der(der: &[u8]) -> String {
         .map(|b| format!("{b:02x}"))
         .collect()
 }
+
+/// A server on a fresh data dir with a [`TestIssuer`], for the tests that need nothing more.
+pub struct Fixture {
+    /// Holds the data dir and the issuer's files.
+    pub dir: tempfile::TempDir,
+    /// The running server.
+    pub server: TestServer,
+    /// The token issuer it trusts.
+    pub issuer: TestIssuer,
+}
+
+impl Fixture {
+    /// Starts a server trusting a new [`TestIssuer`], with `extra` flags.
+    pub fn start(extra: &[&str]) -> Self {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let issuer = TestIssuer::new(dir.path());
+        let mut flags = issuer.flags();
+        flags.extend(extra.iter().map(|s| s.to_string()));
+        let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
+        let server = TestServer::start(&dir.path().join("data"), &flags);
+        Self {
+            dir,
+            server,
+            issuer,
+        }
+    }
+}
+
+/// The serials of the `issued` events for `spiffe_id` in `server`'s audit log.
+pub fn recorded_serials(
+    server: &TestServer,
+    spiffe_id: &str,
+) -> std::collections::BTreeSet<String> {
+    audit_json(
+        server,
+        &[
+            "--kind",
+            "issued",
+            "--spiffe-id",
+            spiffe_id,
+            "--limit",
+            "1000000",
+        ],
+    )
+    .iter()
+    .filter_map(|e| e["serial"].as_str().map(str::to_owned))
+    .collect()
+}

@@ -4,32 +4,12 @@
 
 use std::process::Command;
 
-use ca_tests::{TestIssuer, TestServer, audit_json, create_certificate, csr};
+use ca_tests::{Fixture, TestIssuer, TestServer, audit_json, create_certificate, csr};
 use tonic::Code;
-
-struct Fixture {
-    _dir: tempfile::TempDir,
-    server: TestServer,
-    issuer: TestIssuer,
-}
-
-fn start(extra: &[&str]) -> Fixture {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let issuer = TestIssuer::new(dir.path());
-    let mut flags = issuer.flags();
-    flags.extend(extra.iter().map(|s| s.to_string()));
-    let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
-    let server = TestServer::start(&dir.path().join("data"), &flags);
-    Fixture {
-        _dir: dir,
-        server,
-        issuer,
-    }
-}
 
 #[tokio::test]
 async fn a_looping_identity_is_limited_and_others_are_not_starved() {
-    let f = start(&["--identity-rate", "1", "--identity-burst", "3"]);
+    let f = Fixture::start(&["--identity-rate", "1", "--identity-burst", "3"]);
     let mut client = f.server.client().await;
     let (csr, _) = csr(&rcgen::PKCS_ECDSA_P256_SHA256, &[]);
     let looping = f.issuer.token("shop", "looping");
@@ -67,7 +47,7 @@ async fn a_looping_identity_is_limited_and_others_are_not_starved() {
 
 #[tokio::test]
 async fn a_flood_of_bad_tokens_is_cut_off_and_recorded_as_a_few_counted_events() {
-    let mut f = start(&[
+    let mut f = Fixture::start(&[
         "--unauthenticated-rate",
         "1",
         "--unauthenticated-burst",
@@ -136,7 +116,7 @@ async fn a_flood_of_bad_tokens_is_cut_off_and_recorded_as_a_few_counted_events()
 
 #[tokio::test]
 async fn oversized_messages_headers_and_tokens_are_refused() {
-    let f = start(&[]);
+    let f = Fixture::start(&[]);
     let mut client = f.server.client().await;
     let token = f.issuer.token("shop", "web");
 
@@ -189,7 +169,7 @@ fn handshake(f: &Fixture, args: &[&str]) -> bool {
 
 #[test]
 fn only_tls_1_2_and_1_3_with_modern_suites() {
-    let f = start(&[]);
+    let f = Fixture::start(&[]);
     assert!(handshake(&f, &["-tls1_3"]), "TLS 1.3");
     assert!(
         handshake(&f, &["-tls1_2", "-cipher", "ECDHE-ECDSA-AES128-GCM-SHA256"]),

@@ -1,29 +1,12 @@
 //! Failing closed: the self-check, crashes, store faults, shutdown, and secrets in logs.
 #![allow(clippy::unwrap_used)]
 
-use ca_tests::{TestIssuer, TestServer, audit_json, create_certificate, csr, http_get};
+use ca_tests::{
+    Fixture, TestIssuer, TestServer, audit_json, create_certificate, csr, http_get,
+    recorded_serials,
+};
 use sqlx::Connection;
 use tonic::Code;
-
-struct Fixture {
-    _dir: tempfile::TempDir,
-    server: TestServer,
-    issuer: TestIssuer,
-}
-
-fn start(extra: &[&str]) -> Fixture {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let issuer = TestIssuer::new(dir.path());
-    let mut flags = issuer.flags();
-    flags.extend(extra.iter().map(|s| s.to_string()));
-    let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
-    let server = TestServer::start(&dir.path().join("data"), &flags);
-    Fixture {
-        _dir: dir,
-        server,
-        issuer,
-    }
-}
 
 async fn db(server: &TestServer) -> sqlx::SqliteConnection {
     sqlx::SqliteConnection::connect(&server.database_url())
@@ -45,7 +28,7 @@ async fn eventually<F: FnMut() -> bool>(secs: u64, mut f: F) -> bool {
 
 #[tokio::test]
 async fn a_chain_that_fails_the_self_check_is_withheld() {
-    let f = start(&[]);
+    let f = Fixture::start(&[]);
     let mut client = f.server.client().await;
     let token = f.issuer.token("shop", "web");
     let (csr, _) = csr(&rcgen::PKCS_ECDSA_P256_SHA256, &[]);
@@ -136,7 +119,7 @@ async fn a_chain_that_fails_the_self_check_is_withheld() {
 #[tokio::test]
 async fn sigterm_finishes_the_requests_in_flight() {
     // One identity asking hundreds of times at once: no rate limit here.
-    let mut f = start(&["--identity-rate", "0"]);
+    let mut f = Fixture::start(&["--identity-rate", "0"]);
     let client = f.server.client().await;
     let token = f.issuer.token("shop", "web");
     let (csr, _) = csr(&rcgen::PKCS_ECDSA_P256_SHA256, &[]);
@@ -215,20 +198,7 @@ async fn sigterm_finishes_the_requests_in_flight() {
         "{}",
         String::from_utf8_lossy(&verify.stdout)
     );
-    let recorded: std::collections::BTreeSet<String> = audit_json(
-        &f.server,
-        &[
-            "--kind",
-            "issued",
-            "--spiffe-id",
-            "spiffe://cluster.local/ns/shop/sa/web",
-            "--limit",
-            "100000",
-        ],
-    )
-    .iter()
-    .filter_map(|e| e["serial"].as_str().map(str::to_owned))
-    .collect();
+    let recorded = recorded_serials(&f.server, "spiffe://cluster.local/ns/shop/sa/web");
     let received: std::collections::BTreeSet<String> = issued.into_iter().collect();
     assert_eq!(recorded, received, "issued and recorded differ");
     assert!(
@@ -244,7 +214,7 @@ fn placeholder() -> TestServer {
 
 #[tokio::test]
 async fn sigkill_mid_stream_loses_no_record_twenty_times() {
-    let mut f = start(&["--identity-rate", "0"]);
+    let mut f = Fixture::start(&["--identity-rate", "0"]);
     let root = f.server.bundle_pem();
     let token = f.issuer.token("shop", "web");
     let (csr, _) = csr(&rcgen::PKCS_ECDSA_P256_SHA256, &[]);
@@ -288,20 +258,7 @@ async fn sigkill_mid_stream_loses_no_record_twenty_times() {
         "{}",
         String::from_utf8_lossy(&verify.stdout)
     );
-    let recorded: std::collections::BTreeSet<String> = audit_json(
-        &f.server,
-        &[
-            "--kind",
-            "issued",
-            "--spiffe-id",
-            "spiffe://cluster.local/ns/shop/sa/web",
-            "--limit",
-            "1000000",
-        ],
-    )
-    .iter()
-    .filter_map(|e| e["serial"].as_str().map(str::to_owned))
-    .collect();
+    let recorded = recorded_serials(&f.server, "spiffe://cluster.local/ns/shop/sa/web");
     let missing: Vec<_> = received.difference(&recorded).collect();
     assert!(
         missing.is_empty(),
@@ -363,7 +320,7 @@ fn issued_count(f: &Fixture) -> usize {
 
 #[tokio::test]
 async fn a_store_locked_by_another_writer_refuses_then_recovers() {
-    let f = start(&[]);
+    let f = Fixture::start(&[]);
     issues(&f).await;
     let before = issued_count(&f);
 
@@ -423,7 +380,7 @@ async fn a_full_disk_refuses_then_recovers() {
     let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
     let server = TestServer::start(&disk.0.join("data"), &flags);
     let mut f = Fixture {
-        _dir: dir,
+        dir,
         server,
         issuer,
     };
@@ -498,7 +455,7 @@ impl Drop for Immutable<'_> {
 
 #[tokio::test]
 async fn a_read_only_store_refuses_then_recovers() {
-    let f = start(&[]);
+    let f = Fixture::start(&[]);
     issues(&f).await;
     let before = issued_count(&f);
 
