@@ -217,15 +217,32 @@ impl TestServer {
     /// A gRPC client over TLS trusting only the bundle file, connecting to `https://127.0.0.1:PORT`
     /// (so the server's IP SAN is what gets verified).
     pub async fn client(&self) -> IstioCertificateServiceClient<Channel> {
+        IstioCertificateServiceClient::new(self.channel().await)
+    }
+
+    /// The TLS channel behind [`TestServer::client`], for the other services.
+    pub async fn channel(&self) -> Channel {
         let tls = ClientTlsConfig::new().ca_certificate(Certificate::from_pem(self.bundle_pem()));
-        let channel = Channel::from_shared(format!("https://{}", self.grpc))
+        Channel::from_shared(format!("https://{}", self.grpc))
             .expect("uri")
             .tls_config(tls)
             .expect("tls")
             .connect()
             .await
-            .expect("connect");
-        IstioCertificateServiceClient::new(channel)
+            .expect("connect")
+    }
+
+    /// The `grpc.health.v1` status of `service` ("" for the server as a whole).
+    pub async fn grpc_health(&self, service: &str) -> i32 {
+        let mut health = tonic_health::pb::health_client::HealthClient::new(self.channel().await);
+        health
+            .check(tonic_health::pb::HealthCheckRequest {
+                service: service.to_owned(),
+            })
+            .await
+            .expect("health check")
+            .into_inner()
+            .status
     }
 
     /// Runs a CLI subcommand against this server's data dir.

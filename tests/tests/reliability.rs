@@ -325,6 +325,11 @@ async fn a_store_locked_by_another_writer_refuses_then_recovers() {
     let before = issued_count(&f);
 
     let mut other = db(&f.server).await;
+    use tonic_health::pb::health_check_response::ServingStatus;
+    assert_eq!(
+        f.server.grpc_health("").await,
+        ServingStatus::Serving as i32
+    );
     sqlx::query("BEGIN EXCLUSIVE")
         .execute(&mut other)
         .await
@@ -332,15 +337,34 @@ async fn a_store_locked_by_another_writer_refuses_then_recovers() {
     refused_for_the_store(&f, "locked").await;
     let body = readyz_becomes(&f, 503).await;
     assert!(body.contains("audit log not writable"), "{body}");
+    // gRPC health follows /readyz within a second.
+    let csr_service = "istio.v1.auth.IstioCertificateService";
+    assert!(grpc_health_becomes(&f, csr_service, ServingStatus::NotServing).await);
 
     sqlx::query("COMMIT").execute(&mut other).await.unwrap();
     readyz_becomes(&f, 200).await;
+    assert!(grpc_health_becomes(&f, "", ServingStatus::Serving).await);
     issues(&f).await;
     assert_eq!(
         issued_count(&f),
         before + 1,
         "nothing issued without its record"
     );
+}
+
+/// Polls the gRPC health status of `service` for up to 5 s until it is `status`.
+async fn grpc_health_becomes(
+    f: &Fixture,
+    service: &str,
+    status: tonic_health::pb::health_check_response::ServingStatus,
+) -> bool {
+    for _ in 0..100 {
+        if f.server.grpc_health(service).await == status as i32 {
+            return true;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    false
 }
 
 /// A small tmpfs mounted for the test, unmounted on drop. Needs root (CI runs as root).

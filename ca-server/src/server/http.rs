@@ -71,12 +71,24 @@ async fn metrics(State(state): State<HealthState>) -> impl axum::response::IntoR
 }
 
 async fn readyz(State(state): State<HealthState>) -> (StatusCode, String) {
-    let r = &state.readiness;
+    let missing = not_ready(&state.readiness, &state.store, &state.audit).await;
+    if missing.is_empty() {
+        (StatusCode::OK, "ready\n".to_owned())
+    } else {
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("not ready: {}\n", missing.join("; ")),
+        )
+    }
+}
+
+/// What keeps the server from being ready, if anything (`/readyz` and gRPC health).
+pub async fn not_ready(r: &Readiness, store: &Store, audit: &AuditLog) -> Vec<String> {
     let mut missing = Vec::new();
-    if let Err(e) = state.store.ping().await {
+    if let Err(e) = store.ping().await {
         missing.push(format!("store: {e}"));
     }
-    if let Some(e) = state.audit.failure() {
+    if let Some(e) = audit.failure() {
         missing.push(format!("audit log not writable: {e}"));
     }
     if !r.authority.load(Ordering::Acquire) {
@@ -88,12 +100,5 @@ async fn readyz(State(state): State<HealthState>) -> (StatusCode, String) {
     if !r.grpc.load(Ordering::Acquire) {
         missing.push("gRPC listener not accepting".to_owned());
     }
-    if missing.is_empty() {
-        (StatusCode::OK, "ready\n".to_owned())
-    } else {
-        (
-            StatusCode::SERVICE_UNAVAILABLE,
-            format!("not ready: {}\n", missing.join("; ")),
-        )
-    }
+    missing
 }

@@ -335,6 +335,7 @@ pub async fn start(settings: Settings) -> Result<RunningServer, StartError> {
         })?;
 
     let hint = settings.bundle_refresh_hint.whole_seconds();
+    let (health_reporter, health_service) = tonic_health::server::health_reporter();
     let app = tonic::service::Routes::new(
         IstioCertificateServiceServer::new(grpc::CertificateService::new(ca))
             .max_decoding_message_size(MAX_REQUEST_BYTES),
@@ -354,6 +355,7 @@ pub async fn start(settings: Settings) -> Result<RunningServer, StartError> {
         ))
         .max_decoding_message_size(MAX_REQUEST_BYTES),
     )
+    .add_service(health_service)
     .into_axum_router()
     .merge(publish::bundle_routes(active_rx.clone(), hint));
 
@@ -406,6 +408,13 @@ pub async fn start(settings: Settings) -> Result<RunningServer, StartError> {
         .instrument(info_span!("follow_store")),
     );
 
+    tasks.spawn(grpc_health(
+        health_reporter,
+        Arc::clone(&readiness),
+        store.clone(),
+        audit.clone(),
+        shutdown_rx_for_refusals.clone(),
+    ));
     let mut refusals_shutdown = shutdown_rx_for_refusals;
     tasks.spawn(async move {
         loop {
@@ -578,6 +587,38 @@ async fn renew_server_cert(
             Err(e) => {
                 error!(error = %e, "Minting the server certificate failed; retrying in 30 s");
                 wait = Duration::from_secs(30);
+            }
+        }
+    }
+}
+
+/// Keeps `grpc.health.v1.Health` in step with `/readyz`: SERVING when ready, NOT_SERVING
+/// otherwise and from shutdown on, for the server as a whole ("") and the CSR service.
+async fn grpc_health(
+    reporter: tonic_health::server::HealthReporter,
+    readiness: Arc<Readiness>,
+    store: Store,
+    audit: AuditLog,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    use tonic_health::ServingStatus;
+    const CSR_SERVICE: &str = "istio.v1.auth.IstioCertificateService";
+    loop {
+        let status = if http::not_ready(&readiness, &store, &audit).await.is_empty() {
+            ServingStatus::Serving
+        } else {
+            ServingStatus::NotServing
+        };
+        for name in ["", CSR_SERVICE] {
+            reporter.set_service_status(name, status).await;
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+            _ = async { let _ = shutdown.wait_for(|stop| *stop).await; } => {
+                for name in ["", CSR_SERVICE] {
+                    reporter.set_service_status(name, ServingStatus::NotServing).await;
+                }
+                return;
             }
         }
     }
