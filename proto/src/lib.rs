@@ -1,5 +1,10 @@
 //! The gRPC wire formats of ca-server, generated from `proto/` at build time.
 
+/// Every message and service above, as an encoded `FileDescriptorSet` (for server
+/// reflection).
+pub const FILE_DESCRIPTOR_SET: &[u8] =
+    include_bytes!(concat!(env!("OUT_DIR"), "/ca_descriptor.bin"));
+
 /// `istio.v1.auth`: Istio's certificate service, field for field.
 pub mod istio {
     pub mod v1 {

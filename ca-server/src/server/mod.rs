@@ -136,6 +136,9 @@ pub enum StartError {
     /// The authority.
     #[error("{0}")]
     Authority(#[from] AuthorityError),
+    /// The descriptors for server reflection did not load (a build problem).
+    #[error("gRPC server reflection: {0}")]
+    Reflection(String),
     /// The server's certificate.
     #[error("{0}")]
     ServerCert(#[from] tls::ServerCertError),
@@ -336,6 +339,12 @@ pub async fn start(settings: Settings) -> Result<RunningServer, StartError> {
 
     let hint = settings.bundle_refresh_hint.whole_seconds();
     let (health_reporter, health_service) = tonic_health::server::health_reporter();
+    // Server reflection: grpcurl and friends can list and call the services without .proto files.
+    let reflection = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(ca_proto::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1()
+        .map_err(|e| StartError::Reflection(e.to_string()))?;
     let app = tonic::service::Routes::new(
         IstioCertificateServiceServer::new(grpc::CertificateService::new(ca))
             .max_decoding_message_size(MAX_REQUEST_BYTES),
@@ -356,6 +365,7 @@ pub async fn start(settings: Settings) -> Result<RunningServer, StartError> {
         .max_decoding_message_size(MAX_REQUEST_BYTES),
     )
     .add_service(health_service)
+    .add_service(reflection)
     .into_axum_router()
     .merge(publish::bundle_routes(active_rx.clone(), hint));
 
