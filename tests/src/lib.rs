@@ -559,3 +559,14 @@ pub fn recorded_serials(
     .filter_map(|e| e["serial"].as_str().map(str::to_owned))
     .collect()
 }
+
+/// Asserts that `audit verify` passes on `server`'s store.
+pub fn assert_audit_intact(server: &TestServer) {
+    let verify = server.cli(&["audit", "verify"]);
+    assert!(
+        verify.status.success(),
+        "audit verify failed: {}{}",
+        String::from_utf8_lossy(&verify.stdout),
+        String::from_utf8_lossy(&verify.stderr)
+    );
+}

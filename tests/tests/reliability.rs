@@ -192,12 +192,7 @@ async fn sigterm_finishes_the_requests_in_flight() {
 
     // The log is intact, and it records exactly the certificates the client received: a
     // request the server began (and so recorded) but never answered would show up here.
-    let verify = f.server.cli(&["audit", "verify"]);
-    assert!(
-        verify.status.success(),
-        "{}",
-        String::from_utf8_lossy(&verify.stdout)
-    );
+    ca_tests::assert_audit_intact(&f.server);
     let recorded = recorded_serials(&f.server, "spiffe://cluster.local/ns/shop/sa/web");
     let received: std::collections::BTreeSet<String> = issued.into_iter().collect();
     assert_eq!(recorded, received, "issued and recorded differ");
@@ -252,12 +247,7 @@ async fn sigkill_mid_stream_loses_no_record_twenty_times() {
         );
     }
 
-    let verify = f.server.cli(&["audit", "verify"]);
-    assert!(
-        verify.status.success(),
-        "{}",
-        String::from_utf8_lossy(&verify.stdout)
-    );
+    ca_tests::assert_audit_intact(&f.server);
     let recorded = recorded_serials(&f.server, "spiffe://cluster.local/ns/shop/sa/web");
     let missing: Vec<_> = received.difference(&recorded).collect();
     assert!(
@@ -432,12 +422,7 @@ async fn a_full_disk_refuses_then_recovers() {
         before + 1,
         "nothing issued without its record"
     );
-    let verify = f.server.cli(&["audit", "verify"]);
-    assert!(
-        verify.status.success(),
-        "{}",
-        String::from_utf8_lossy(&verify.stdout)
-    );
+    ca_tests::assert_audit_intact(&f.server);
     f.server.kill();
 }
 
@@ -496,12 +481,7 @@ async fn a_read_only_store_refuses_then_recovers() {
         before + 1,
         "nothing issued without its record"
     );
-    let verify = f.server.cli(&["audit", "verify"]);
-    assert!(
-        verify.status.success(),
-        "{}",
-        String::from_utf8_lossy(&verify.stdout)
-    );
+    ca_tests::assert_audit_intact(&f.server);
 }
 
 /// The base64 lines of every PEM private key under `dir`, and the whole texts.
