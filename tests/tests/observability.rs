@@ -1,7 +1,7 @@
 //! What operators watch: `/metrics` and JSON logs.
 #![allow(clippy::unwrap_used)]
 
-use ca_tests::{TestIssuer, TestServer, create_certificate, csr, http_get};
+use ca_tests::{Fixture, create_certificate, csr, http_get};
 
 /// The value of the sample `name` (with its labels, exactly as exposed), if present.
 fn sample(text: &str, name: &str) -> Option<f64> {
@@ -11,11 +11,8 @@ fn sample(text: &str, name: &str) -> Option<f64> {
 
 #[tokio::test]
 async fn metrics_count_issuances_refusals_commits_and_expiry() {
-    let dir = tempfile::tempdir().unwrap();
-    let issuer = TestIssuer::new(dir.path());
-    let flags = issuer.flags();
-    let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
-    let server = TestServer::start(&dir.path().join("data"), &flags);
+    let f = Fixture::start(&[]);
+    let (server, issuer) = (&f.server, &f.issuer);
     let mut client = server.client().await;
     let (csr, _) = csr(&rcgen::PKCS_ECDSA_P256_SHA256, &[]);
     let token = issuer.token("shop", "web");
@@ -85,12 +82,8 @@ async fn metrics_count_issuances_refusals_commits_and_expiry() {
 
 #[tokio::test]
 async fn json_logs_are_one_object_per_line() {
-    let dir = tempfile::tempdir().unwrap();
-    let issuer = TestIssuer::new(dir.path());
-    let mut flags = issuer.flags();
-    flags.extend(["--log-format".to_owned(), "json".to_owned()]);
-    let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
-    let server = TestServer::start(&dir.path().join("data"), &flags);
+    let f = Fixture::start(&["--log-format", "json"]);
+    let server = &f.server;
     let mut client = server.client().await;
     let (csr, _) = csr(&rcgen::PKCS_ECDSA_P256_SHA256, &[]);
     create_certificate(&mut client, Some("not-a-jwt"), &csr, 0)
@@ -128,11 +121,8 @@ async fn reflection_lists_every_service() {
     use tonic_reflection::pb::v1::server_reflection_request::MessageRequest;
     use tonic_reflection::pb::v1::server_reflection_response::MessageResponse;
 
-    let dir = tempfile::tempdir().unwrap();
-    let issuer = TestIssuer::new(dir.path());
-    let flags = issuer.flags();
-    let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
-    let server = TestServer::start(&dir.path().join("data"), &flags);
+    let f = Fixture::start(&[]);
+    let server = &f.server;
     let mut client = ServerReflectionClient::new(server.channel().await);
     let ask = |request| ServerReflectionRequest {
         host: String::new(),

@@ -304,6 +304,19 @@ async fn issues(f: &Fixture) {
         .expect("issued");
 }
 
+/// Once a store fault clears: ready again, issuing again, and the log holds exactly one more
+/// issuance than `before` (nothing was issued without its record) and verifies.
+async fn resumes_with_every_record(f: &Fixture, before: usize) {
+    readyz_becomes(f, 200).await;
+    issues(f).await;
+    assert_eq!(
+        issued_count(f),
+        before + 1,
+        "nothing issued without its record"
+    );
+    ca_tests::assert_audit_intact(&f.server);
+}
+
 fn issued_count(f: &Fixture) -> usize {
     audit_json(&f.server, &["--kind", "issued", "--limit", "100000"]).len()
 }
@@ -332,14 +345,8 @@ async fn a_store_locked_by_another_writer_refuses_then_recovers() {
     assert!(grpc_health_becomes(&f, csr_service, ServingStatus::NotServing).await);
 
     sqlx::query("COMMIT").execute(&mut other).await.unwrap();
-    readyz_becomes(&f, 200).await;
     assert!(grpc_health_becomes(&f, "", ServingStatus::Serving).await);
-    issues(&f).await;
-    assert_eq!(
-        issued_count(&f),
-        before + 1,
-        "nothing issued without its record"
-    );
+    resumes_with_every_record(&f, before).await;
 }
 
 /// Polls the gRPC health status of `service` for up to 5 s until it is `status`.
@@ -414,15 +421,7 @@ async fn a_full_disk_refuses_then_recovers() {
     let body = readyz_becomes(&f, 503).await;
     assert!(body.contains("audit log not writable"), "{body}");
     std::fs::remove_file(&filler).unwrap();
-    readyz_becomes(&f, 200).await;
-    issues(&f).await;
-
-    assert_eq!(
-        issued_count(&f),
-        before + 1,
-        "nothing issued without its record"
-    );
-    ca_tests::assert_audit_intact(&f.server);
+    resumes_with_every_record(&f, before).await;
     f.server.kill();
 }
 
@@ -473,15 +472,7 @@ async fn a_read_only_store_refuses_then_recovers() {
     let body = readyz_becomes(&f, 503).await;
     drop(guard);
     assert!(body.contains("audit log not writable"), "{body}");
-    readyz_becomes(&f, 200).await;
-    issues(&f).await;
-
-    assert_eq!(
-        issued_count(&f),
-        before + 1,
-        "nothing issued without its record"
-    );
-    ca_tests::assert_audit_intact(&f.server);
+    resumes_with_every_record(&f, before).await;
 }
 
 /// The base64 lines of every PEM private key under `dir`, and the whole texts.
