@@ -3,10 +3,10 @@
 use std::fmt;
 use std::str::FromStr;
 
-use sqlx::sqlite::SqliteRow;
-use sqlx::{AssertSqlSafe, Row};
+use sqlx::any::AnyRow;
+use sqlx::{AnyConnection, AssertSqlSafe};
 
-use super::{Store, StoreError};
+use super::{Bind, Dialect, DynamicSql, Store, StoreError, column};
 
 /// What kind of decision an event records.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
@@ -142,34 +142,34 @@ const COLUMNS: &str = "seq, time_ms, kind, spiffe_id, namespace, service_account
      pod_uid, token_issuer, serial, not_before, not_after, authority_id, public_key_sha256, \
      csr_sha256, peer, code, reason, count, operator, prev_hash, hash";
 
-fn event_from_row(row: &SqliteRow) -> Result<EventRow, StoreError> {
-    let kind: String = row.try_get("kind")?;
+fn event_from_row(row: &AnyRow) -> Result<EventRow, StoreError> {
+    let kind: String = column(row, "kind")?;
     Ok(EventRow {
-        seq: row.try_get("seq")?,
-        time_ms: row.try_get("time_ms")?,
+        seq: column(row, "seq")?,
+        time_ms: column(row, "time_ms")?,
         kind: kind.parse().map_err(|detail| StoreError::Corrupt {
             table: "audit_events",
             detail,
         })?,
-        spiffe_id: row.try_get("spiffe_id")?,
-        namespace: row.try_get("namespace")?,
-        service_account: row.try_get("service_account")?,
-        pod_name: row.try_get("pod_name")?,
-        pod_uid: row.try_get("pod_uid")?,
-        token_issuer: row.try_get("token_issuer")?,
-        serial: row.try_get("serial")?,
-        not_before: row.try_get("not_before")?,
-        not_after: row.try_get("not_after")?,
-        authority_id: row.try_get("authority_id")?,
-        public_key_sha256: row.try_get("public_key_sha256")?,
-        csr_sha256: row.try_get("csr_sha256")?,
-        peer: row.try_get("peer")?,
-        code: row.try_get("code")?,
-        reason: row.try_get("reason")?,
-        count: row.try_get("count")?,
-        operator: row.try_get("operator")?,
-        prev_hash: row.try_get("prev_hash")?,
-        hash: row.try_get("hash")?,
+        spiffe_id: column(row, "spiffe_id")?,
+        namespace: column(row, "namespace")?,
+        service_account: column(row, "service_account")?,
+        pod_name: column(row, "pod_name")?,
+        pod_uid: column(row, "pod_uid")?,
+        token_issuer: column(row, "token_issuer")?,
+        serial: column(row, "serial")?,
+        not_before: column(row, "not_before")?,
+        not_after: column(row, "not_after")?,
+        authority_id: column(row, "authority_id")?,
+        public_key_sha256: column(row, "public_key_sha256")?,
+        csr_sha256: column(row, "csr_sha256")?,
+        peer: column(row, "peer")?,
+        code: column(row, "code")?,
+        reason: column(row, "reason")?,
+        count: column(row, "count")?,
+        operator: column(row, "operator")?,
+        prev_hash: column(row, "prev_hash")?,
+        hash: column(row, "hash")?,
     })
 }
 
@@ -241,19 +241,24 @@ pub struct Head {
     pub max_lifetime: i64,
 }
 
-async fn read_head(tx: &mut sqlx::SqliteConnection) -> Result<Head, StoreError> {
+async fn read_head<'c, E>(conn: E) -> Result<Head, StoreError>
+where
+    E: sqlx::Executor<'c, Database = sqlx::Any>,
+{
     let row = sqlx::query(
-        "SELECT (SELECT max_lifetime FROM audit_meta WHERE id = 1) AS max_lifetime, \
-         seq, hash FROM (SELECT 0 AS seq, ? AS hash UNION ALL \
-         SELECT seq, hash FROM audit_events) ORDER BY seq DESC LIMIT 1",
+        "SELECT m.max_lifetime AS max_lifetime, e.seq AS seq, e.hash AS hash \
+         FROM audit_meta m LEFT JOIN \
+         (SELECT seq, hash FROM audit_events ORDER BY seq DESC LIMIT 1) e ON 1 = 1 \
+         WHERE m.id = 1",
     )
-    .bind(GENESIS_HASH)
-    .fetch_one(&mut *tx)
+    .fetch_one(conn)
     .await?;
+    let seq: Option<i64> = column(&row, "seq")?;
+    let hash: Option<String> = column(&row, "hash")?;
     Ok(Head {
-        seq: row.try_get("seq")?,
-        hash: row.try_get("hash")?,
-        max_lifetime: row.try_get("max_lifetime")?,
+        seq: seq.unwrap_or(0),
+        hash: hash.unwrap_or_else(|| GENESIS_HASH.to_owned()),
+        max_lifetime: column(&row, "max_lifetime")?,
     })
 }
 
@@ -277,19 +282,19 @@ fn link(events: &mut [EventRow], head: &Head) -> Head {
 /// Chains `events` onto the head of the log inside `tx` (which must hold the write lock) and
 /// returns the new head.
 pub(super) async fn append_in_tx(
-    tx: &mut sqlx::SqliteConnection,
+    tx: &mut AnyConnection,
     events: &mut [EventRow],
 ) -> Result<Head, StoreError> {
-    let before = read_head(tx).await?;
+    let before = read_head(&mut *tx).await?;
     let head = link(events, &before);
     for chunk in events.chunks(ROWS_PER_INSERT) {
-        let (sql, _) = insert_sql(chunk.len());
+        let sql = insert_sql(chunk.len(), "INSERT INTO", &mut 0);
         bind_rows(sqlx::query(AssertSqlSafe(sql)), chunk)
             .execute(&mut *tx)
             .await?;
     }
     if head.max_lifetime > before.max_lifetime {
-        sqlx::query("UPDATE audit_meta SET max_lifetime = MAX(max_lifetime, ?) WHERE id = 1")
+        sqlx::query(RAISE_MAX_LIFETIME)
             .bind(head.max_lifetime)
             .execute(&mut *tx)
             .await?;
@@ -297,28 +302,49 @@ pub(super) async fn append_in_tx(
     Ok(head)
 }
 
-/// Rows per multi-row INSERT: 22 columns each, well under SQLite's 32,766 variables.
+/// Raises `audit_meta.max_lifetime` to `$1` if that is longer (written without `MAX(a, b)`
+/// or `GREATEST`, which only one of the two databases has).
+const RAISE_MAX_LIFETIME: &str = "UPDATE audit_meta SET max_lifetime = \
+     CASE WHEN max_lifetime < $1 THEN $1 ELSE max_lifetime END WHERE id = 1";
+
+/// Rows per multi-row INSERT: 22 columns each, well under SQLite's 32,766 variables and
+/// PostgreSQL's 65,535.
 const ROWS_PER_INSERT: usize = 512;
 
-/// `INSERT OR ROLLBACK INTO audit_events (…) VALUES (?, …), …` for `rows` rows, and its bind
-/// count. A conflict (a stale head: someone else appended) rolls back the whole transaction,
-/// which is what the writer wants anyway; and with nothing to undo statement by statement,
-/// SQLite keeps no statement journal, a page copy per touched page on every commit.
-fn insert_sql(rows: usize) -> (String, usize) {
-    let mut sql = format!("INSERT OR ROLLBACK INTO audit_events ({COLUMNS}) VALUES ");
+/// `<verb> audit_events (…) VALUES ($n, …), …` for `rows` rows, numbering placeholders on
+/// from `*bound` (which it advances).
+fn insert_sql(rows: usize, verb: &str, bound: &mut usize) -> String {
+    let mut sql = format!("{verb} audit_events ({COLUMNS}) VALUES ");
     for i in 0..rows {
         if i > 0 {
             sql.push(',');
         }
-        sql.push_str("(?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)");
+        sql.push('(');
+        for column in 0..22 {
+            if column > 0 {
+                sql.push_str(", ");
+            }
+            *bound += 1;
+            sql.push_str(&format!("${bound}"));
+        }
+        sql.push(')');
     }
-    (sql, rows * 22)
+    sql
 }
 
-type Query<'q> = sqlx::query::Query<'q, sqlx::Sqlite, sqlx::sqlite::SqliteArguments>;
-
-/// Binds `rows` in the order of [`insert_sql`]'s columns.
-fn bind_rows<'q>(mut query: Query<'q>, rows: &'q [EventRow]) -> Query<'q> {
+/// Binds `rows` in the order of [`insert_sql`]'s columns, on either database's query type.
+fn bind_rows<'q, DB>(
+    mut query: sqlx::query::Query<'q, DB, <DB as sqlx::Database>::Arguments>,
+    rows: &'q [EventRow],
+) -> sqlx::query::Query<'q, DB, <DB as sqlx::Database>::Arguments>
+where
+    DB: sqlx::Database,
+    i64: sqlx::Encode<'q, DB> + sqlx::Type<DB>,
+    Option<i64>: sqlx::Encode<'q, DB> + sqlx::Type<DB>,
+    &'q str: sqlx::Encode<'q, DB> + sqlx::Type<DB>,
+    &'q String: sqlx::Encode<'q, DB> + sqlx::Type<DB>,
+    &'q Option<String>: sqlx::Encode<'q, DB> + sqlx::Type<DB>,
+{
     for e in rows {
         query = query
             .bind(e.seq)
@@ -347,21 +373,21 @@ fn bind_rows<'q>(mut query: Query<'q>, rows: &'q [EventRow]) -> Query<'q> {
     query
 }
 
-async fn insert_row(tx: &mut sqlx::SqliteConnection, e: &EventRow) -> Result<(), StoreError> {
-    let (sql, _) = insert_sql(1);
+async fn insert_row(tx: &mut AnyConnection, e: &EventRow) -> Result<(), StoreError> {
+    let sql = insert_sql(1, "INSERT INTO", &mut 0);
     bind_rows(sqlx::query(AssertSqlSafe(sql)), std::slice::from_ref(e))
         .execute(&mut *tx)
         .await?;
     Ok(())
 }
 
-fn checkpoint_from_row(r: &SqliteRow) -> Result<Checkpoint, StoreError> {
+fn checkpoint_from_row(r: &AnyRow) -> Result<Checkpoint, StoreError> {
     Ok(Checkpoint {
-        seq: r.try_get("seq")?,
-        hash: r.try_get("hash")?,
-        time_ms: r.try_get("time_ms")?,
-        public_key: r.try_get("public_key")?,
-        signature: r.try_get("signature")?,
+        seq: column(r, "seq")?,
+        hash: column(r, "hash")?,
+        time_ms: column(r, "time_ms")?,
+        public_key: column(r, "public_key")?,
+        signature: column(r, "signature")?,
     })
 }
 
@@ -391,14 +417,9 @@ pub struct Checkpoint {
     pub signature: String,
 }
 
-/// A value bound to a dynamically built query.
-enum Bind {
-    Text(String),
-    Int(i64),
-}
-
-/// [`Store::append_events_after`] on `conn`.
-async fn append_on(
+/// [`AuditWriter::append`] on SQLite, with the writer's own connection.
+async fn append_sqlite(
+    store: &Store,
     conn: &mut sqlx::SqliteConnection,
     head: &mut Option<Head>,
     events: &mut [EventRow],
@@ -407,18 +428,27 @@ async fn append_on(
     // before ours begins, our first row collides with theirs on seq and nothing is written.
     let known = match head.take() {
         Some(known) => known,
-        None => read_head(conn).await?,
+        None => read_head(store.pool()).await?,
     };
     let new_head = link(events, &known);
     let mut sql = String::from("BEGIN IMMEDIATE;");
+    let mut bound = 0;
     for chunk in events.chunks(ROWS_PER_INSERT) {
-        sql.push_str(&insert_sql(chunk.len()).0);
+        // OR ROLLBACK: a conflict (a stale head: someone else appended) rolls back the whole
+        // transaction, which is what the writer wants anyway; and with nothing to undo
+        // statement by statement, SQLite keeps no statement journal, a page copy per
+        // touched page on every commit.
+        sql.push_str(&insert_sql(
+            chunk.len(),
+            "INSERT OR ROLLBACK INTO",
+            &mut bound,
+        ));
         sql.push(';');
     }
     if new_head.max_lifetime > known.max_lifetime {
         sql.push_str(&format!(
-            "UPDATE audit_meta SET max_lifetime = MAX(max_lifetime, {}) WHERE id = 1;",
-            new_head.max_lifetime
+            "UPDATE audit_meta SET max_lifetime = {} WHERE id = 1 AND max_lifetime < {};",
+            new_head.max_lifetime, new_head.max_lifetime
         ));
     }
     sql.push_str("COMMIT;");
@@ -440,79 +470,90 @@ async fn append_on(
     }
 }
 
-/// The audit writer's own connection and the chain head it remembers between commits. A
-/// pooled connection would do, but SQLite drops a connection's page cache whenever another
-/// connection commits; on a connection of its own the pages a commit touches stay cached.
+/// The audit writer's connection and, on SQLite, the chain head it remembers between
+/// commits.
+///
+/// On SQLite the writer has a connection of its own: SQLite drops a connection's page cache
+/// whenever another connection commits, and on a connection of its own the pages a commit
+/// touches stay cached. The whole transaction (begin, insert, commit) is one statement list,
+/// one round trip to SQLite's thread. If someone else appended since (the CLI, say), the
+/// insert collides with their row (seq is the primary key) and fails; the head is then
+/// forgotten, and a retry reads it afresh.
+///
+/// On PostgreSQL other replicas append all the time, so a remembered head would mostly be
+/// stale: each commit takes the write lock and reads the head inside its transaction.
 pub struct AuditWriter {
-    conn: sqlx::SqliteConnection,
-    head: Option<Head>,
+    store: Store,
+    sqlite: Option<(sqlx::SqliteConnection, Option<Head>)>,
 }
 
 impl std::fmt::Debug for AuditWriter {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("AuditWriter")
-            .field("head", &self.head)
+            .field("dialect", &self.store.dialect())
+            .field("head", &self.sqlite.as_ref().map(|(_, head)| head))
             .finish()
     }
 }
 
 impl AuditWriter {
     /// Chains `events` onto the log and commits them in one transaction, all or none (see
-    /// [`Store::append_events_after`]). After a failure the head is read afresh next time.
+    /// [`Store::append_events`]). After a failure the head is read afresh next time.
     pub async fn append(&mut self, events: &mut [EventRow]) -> Result<(), StoreError> {
-        append_on(&mut self.conn, &mut self.head, events).await
+        match &mut self.sqlite {
+            Some((conn, head)) => append_sqlite(&self.store, conn, head, events).await,
+            None => self.store.append_events(events).await,
+        }
     }
 
     /// A write transaction that changes nothing, committed: fails as an append would if the
-    /// store is locked, read-only or full.
+    /// store is locked, read-only, full or unreachable.
     pub async fn probe(&mut self) -> Result<(), StoreError> {
-        let result = sqlx::query(
-            "BEGIN IMMEDIATE; UPDATE audit_meta SET max_lifetime = max_lifetime WHERE id = 1; \
-             COMMIT;",
-        )
-        .execute(&mut self.conn)
-        .await;
+        const NO_OP: &str = "UPDATE audit_meta SET max_lifetime = max_lifetime WHERE id = 1";
+        let Some((conn, _)) = &mut self.sqlite else {
+            let mut tx = self.store.begin_write().await?;
+            sqlx::query(NO_OP).execute(&mut *tx).await?;
+            tx.commit().await?;
+            return Ok(());
+        };
+        let result = sqlx::query(AssertSqlSafe(format!("BEGIN IMMEDIATE; {NO_OP}; COMMIT;")))
+            .execute(&mut *conn)
+            .await;
         if result.is_err() {
-            let _ = sqlx::query("ROLLBACK").execute(&mut self.conn).await;
+            let _ = sqlx::query("ROLLBACK").execute(&mut *conn).await;
         }
         result.map(drop).map_err(StoreError::from)
     }
 
     /// Closes the connection cleanly.
     pub async fn close(self) {
-        let _ = sqlx::Connection::close(self.conn).await;
+        if let Some((conn, _)) = self.sqlite {
+            let _ = sqlx::Connection::close(conn).await;
+        }
     }
 }
 
 impl Store {
     /// Appends events in one transaction, all or none. Each event is chained onto the log's
-    /// head as read inside that (immediate, so exclusive) transaction: `seq`, `prev_hash` and
-    /// `hash` are filled in here. Several writers (a server and the CLI) therefore never fork
-    /// the chain.
+    /// head as read inside that transaction, which holds the write lock: `seq`, `prev_hash`
+    /// and `hash` are filled in here. Several writers (servers and the CLI) therefore never
+    /// fork the chain.
     pub async fn append_events(&self, events: &mut [EventRow]) -> Result<(), StoreError> {
-        self.append_events_after(&mut None, events).await
+        let mut tx = self.begin_write().await?;
+        append_in_tx(&mut tx, events).await?;
+        tx.commit().await?;
+        Ok(())
     }
 
-    /// [`Store::append_events`] for a writer that remembers the head between commits (`head`,
-    /// `None` at first). With a remembered head the whole transaction (begin, insert,
-    /// commit) is one statement list, one round trip to SQLite's thread: the cost of a group
-    /// commit stays that of one write. If someone else appended since (the CLI, say), the
-    /// insert collides with their row (seq is the primary key) and fails; `head` is then
-    /// forgotten, and a retry reads it afresh.
-    pub async fn append_events_after(
-        &self,
-        head: &mut Option<Head>,
-        events: &mut [EventRow],
-    ) -> Result<(), StoreError> {
-        let mut conn = self.pool().acquire().await?;
-        append_on(&mut conn, head, events).await
-    }
-
-    /// A connection of its own for the audit writer (see [`AuditWriter`]).
+    /// The audit writer's connection (see [`AuditWriter`]).
     pub async fn audit_writer(&self) -> Result<AuditWriter, StoreError> {
+        let sqlite = match self.dialect() {
+            Dialect::Sqlite => Some((self.connect_sqlite_dedicated().await?, None)),
+            Dialect::Postgres => None,
+        };
         Ok(AuditWriter {
-            conn: self.connect_dedicated().await?,
-            head: None,
+            store: self.clone(),
+            sqlite,
         })
     }
 
@@ -521,18 +562,20 @@ impl Store {
         let row = sqlx::query("SELECT seq, hash FROM audit_events ORDER BY seq DESC LIMIT 1")
             .fetch_optional(self.pool())
             .await?;
-        row.map(|r| Ok((r.try_get("seq")?, r.try_get("hash")?)))
+        row.map(|r| Ok((column(&r, "seq")?, column(&r, "hash")?)))
             .transpose()
     }
 
     /// Events matching `query`, newest first.
     pub async fn audit_events(&self, query: &AuditQuery) -> Result<Vec<EventRow>, StoreError> {
-        let mut sql = format!("SELECT {COLUMNS} FROM audit_events WHERE 1 = 1");
-        let mut binds = Vec::new();
-        let mut text = |sql: &mut String, column: &str, value: &Option<String>| {
+        let mut sql = DynamicSql {
+            text: format!("SELECT {COLUMNS} FROM audit_events WHERE 1 = 1"),
+            ..DynamicSql::default()
+        };
+        let text = |sql: &mut DynamicSql, column: &str, value: &Option<String>| {
             if let Some(v) = value {
-                sql.push_str(&format!(" AND {column} = ?"));
-                binds.push(Bind::Text(v.clone()));
+                let p = sql.bind(Bind::Text(v.clone()));
+                sql.text.push_str(&format!(" AND {column} = {p}"));
             }
         };
         text(&mut sql, "spiffe_id", &query.spiffe_id);
@@ -541,13 +584,18 @@ impl Store {
         text(&mut sql, "serial", &query.serial);
         // kind and authority_id have few distinct values: next to a selective filter, their
         // indexes would make SQLite walk most of the log, so `+` keeps it off them (the
-        // planner has no statistics on a read-only copy of the store).
+        // planner has no statistics on a read-only copy of the store). PostgreSQL keeps
+        // statistics, and has no unary `+` on text.
         let selective = query.spiffe_id.is_some()
             || query.namespace.is_some()
             || query.service_account.is_some()
             || query.serial.is_some()
             || query.valid_at.is_some();
-        let weak = if selective { "+" } else { "" };
+        let weak = if selective && self.dialect() == Dialect::Sqlite {
+            "+"
+        } else {
+            ""
+        };
         text(
             &mut sql,
             &format!("{weak}kind"),
@@ -555,44 +603,31 @@ impl Store {
         );
         if let Some(t) = query.valid_at {
             // Bounded by the longest lifetime in the log, so the notBefore index does the work.
-            sql.push_str(
-                " AND +kind = 'issued' AND not_before <= ? AND not_after >= ? \
-                 AND not_before >= ? - (SELECT max_lifetime FROM audit_meta WHERE id = 1)",
-            );
-            binds.push(Bind::Int(t));
-            binds.push(Bind::Int(t));
-            binds.push(Bind::Int(t));
+            let t = sql.bind(Bind::Int(t));
+            sql.text.push_str(&format!(
+                " AND {weak}kind = 'issued' AND not_before <= {t} AND not_after >= {t} \
+                 AND not_before >= {t} - (SELECT max_lifetime FROM audit_meta WHERE id = 1)"
+            ));
         }
-        let authority = if selective {
-            " AND +authority_id = ?"
-        } else {
-            " AND authority_id = ?"
-        };
         for (clause, value) in [
-            (authority, query.authority_id),
-            (" AND time_ms >= ?", query.since_ms),
-            (" AND time_ms <= ?", query.until_ms),
-            (" AND seq < ?", query.before_seq),
+            (format!(" AND {weak}authority_id = "), query.authority_id),
+            (" AND time_ms >= ".to_owned(), query.since_ms),
+            (" AND time_ms <= ".to_owned(), query.until_ms),
+            (" AND seq < ".to_owned(), query.before_seq),
         ] {
             if let Some(v) = value {
-                sql.push_str(clause);
-                binds.push(Bind::Int(v));
+                let p = sql.bind(Bind::Int(v));
+                sql.text.push_str(&clause);
+                sql.text.push_str(&p);
             }
         }
-        sql.push_str(" ORDER BY seq DESC");
+        sql.text.push_str(" ORDER BY seq DESC");
         if let Some(limit) = query.limit {
-            sql.push_str(" LIMIT ?");
-            binds.push(Bind::Int(limit));
+            let p = sql.bind(Bind::Int(limit));
+            sql.text.push_str(&format!(" LIMIT {p}"));
         }
         // The SQL text is built only from the fixed fragments above; values are bound.
-        let mut q = sqlx::query(AssertSqlSafe(sql));
-        for b in binds {
-            q = match b {
-                Bind::Text(s) => q.bind(s),
-                Bind::Int(i) => q.bind(i),
-            };
-        }
-        let rows = q.fetch_all(self.pool()).await?;
+        let rows = sql.query().fetch_all(self.pool()).await?;
         rows.iter().map(event_from_row).collect()
     }
 
@@ -604,10 +639,10 @@ impl Store {
         before_ms: i64,
         mut event: EventRow,
     ) -> Result<Option<Pruned>, StoreError> {
-        let mut tx = self.pool().begin_with("BEGIN IMMEDIATE").await?;
+        let mut tx = self.begin_write().await?;
         // The newest event older than the cut; never the head, so the log never empties.
         let last = sqlx::query(
-            "SELECT seq, hash, time_ms FROM audit_events WHERE time_ms < ? \
+            "SELECT seq, hash, time_ms FROM audit_events WHERE time_ms < $1 \
              AND seq < (SELECT MAX(seq) FROM audit_events) ORDER BY seq DESC LIMIT 1",
         )
         .bind(before_ms)
@@ -616,17 +651,17 @@ impl Store {
         let Some(last) = last else {
             return Ok(None);
         };
-        let seq: i64 = last.try_get("seq")?;
-        let hash: String = last.try_get("hash")?;
-        let time_ms: i64 = last.try_get("time_ms")?;
+        let seq: i64 = column(&last, "seq")?;
+        let hash: String = column(&last, "hash")?;
+        let time_ms: i64 = column(&last, "time_ms")?;
         let removed: i64 = sqlx::query(
-            "SELECT COUNT(*) AS n FROM audit_events WHERE seq <= ? AND kind != 'anchor'",
+            "SELECT COUNT(*) AS n FROM audit_events WHERE seq <= $1 AND kind != 'anchor'",
         )
         .bind(seq)
         .fetch_one(&mut *tx)
-        .await?
-        .try_get("n")?;
-        sqlx::query("DELETE FROM audit_events WHERE seq <= ?")
+        .await
+        .map(|row| column(&row, "n"))??;
+        sqlx::query("DELETE FROM audit_events WHERE seq <= $1")
             .bind(seq)
             .execute(&mut *tx)
             .await?;
@@ -656,8 +691,10 @@ impl Store {
     /// Records a signed checkpoint.
     pub async fn insert_checkpoint(&self, checkpoint: &Checkpoint) -> Result<(), StoreError> {
         sqlx::query(
-            "INSERT OR REPLACE INTO audit_checkpoints (seq, hash, time_ms, public_key, signature) \
-             VALUES (?, ?, ?, ?, ?)",
+            "INSERT INTO audit_checkpoints (seq, hash, time_ms, public_key, signature) \
+             VALUES ($1, $2, $3, $4, $5) ON CONFLICT (seq) DO UPDATE SET hash = excluded.hash, \
+             time_ms = excluded.time_ms, public_key = excluded.public_key, \
+             signature = excluded.signature",
         )
         .bind(checkpoint.seq)
         .bind(&checkpoint.hash)
@@ -677,7 +714,7 @@ impl Store {
     ) -> Result<Vec<Checkpoint>, StoreError> {
         let rows = sqlx::query(
             "SELECT seq, hash, time_ms, public_key, signature FROM audit_checkpoints \
-             WHERE seq >= ? AND seq <= ? ORDER BY seq",
+             WHERE seq >= $1 AND seq <= $2 ORDER BY seq",
         )
         .bind(from)
         .bind(to)
@@ -703,7 +740,8 @@ impl Store {
         after_seq: i64,
         limit: i64,
     ) -> Result<Vec<EventRow>, StoreError> {
-        let sql = format!("SELECT {COLUMNS} FROM audit_events WHERE seq > ? ORDER BY seq LIMIT ?");
+        let sql =
+            format!("SELECT {COLUMNS} FROM audit_events WHERE seq > $1 ORDER BY seq LIMIT $2");
         // Fixed text: COLUMNS is a constant.
         let rows = sqlx::query(AssertSqlSafe(sql))
             .bind(after_seq)

@@ -3,11 +3,11 @@
 use std::fmt;
 use std::str::FromStr;
 
-use sqlx::Row;
-use sqlx::sqlite::SqliteRow;
+use sqlx::AnyConnection;
+use sqlx::any::AnyRow;
 
 use super::audit::append_in_tx;
-use super::{EventRow, Store, StoreError};
+use super::{Dialect, EventRow, Store, StoreError, column};
 
 /// Where an authority is in its life.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -131,27 +131,27 @@ pub struct NewAuthority {
     pub fingerprint_sha256: String,
 }
 
-fn record_from_row(row: &SqliteRow) -> Result<AuthorityRecord, StoreError> {
-    let state: String = row.try_get("state")?;
+fn record_from_row(row: &AnyRow) -> Result<AuthorityRecord, StoreError> {
+    let state: String = column(row, "state")?;
     Ok(AuthorityRecord {
-        id: row.try_get("id")?,
+        id: column(row, "id")?,
         state: state.parse().map_err(|detail| StoreError::Corrupt {
             table: "authorities",
             detail,
         })?,
-        subject: row.try_get("subject")?,
-        cert_pem: row.try_get("cert_pem")?,
-        chain_pem: row.try_get("chain_pem")?,
-        root_pem: row.try_get("root_pem")?,
-        key_ref: row.try_get("key_ref")?,
-        not_before: row.try_get("not_before")?,
-        not_after: row.try_get("not_after")?,
-        fingerprint_sha256: row.try_get("fingerprint_sha256")?,
-        kind: row.try_get("kind")?,
-        created_at: row.try_get("created_at")?,
-        activated_at: row.try_get("activated_at")?,
-        retiring_at: row.try_get("retiring_at")?,
-        retired_at: row.try_get("retired_at")?,
+        subject: column(row, "subject")?,
+        cert_pem: column(row, "cert_pem")?,
+        chain_pem: column(row, "chain_pem")?,
+        root_pem: column(row, "root_pem")?,
+        key_ref: column(row, "key_ref")?,
+        not_before: column(row, "not_before")?,
+        not_after: column(row, "not_after")?,
+        fingerprint_sha256: column(row, "fingerprint_sha256")?,
+        kind: column(row, "kind")?,
+        created_at: column(row, "created_at")?,
+        activated_at: column(row, "activated_at")?,
+        retiring_at: column(row, "retiring_at")?,
+        retired_at: column(row, "retired_at")?,
     })
 }
 
@@ -165,7 +165,7 @@ impl Store {
         let row = sqlx::query("SELECT COALESCE(MAX(id), 0) + 1 AS next FROM authorities")
             .fetch_one(self.pool())
             .await?;
-        Ok(row.try_get("next")?)
+        column(&row, "next")
     }
 
     /// Records a new authority with the id given, and its audit event, in one transaction;
@@ -177,12 +177,12 @@ impl Store {
         mut event: EventRow,
     ) -> Result<(), StoreError> {
         let now = time::OffsetDateTime::now_utc().unix_timestamp();
-        let mut tx = self.pool().begin_with("BEGIN IMMEDIATE").await?;
+        let mut tx = self.begin_write().await?;
         let before = bundle_roots(&mut tx).await?;
         sqlx::query(
             "INSERT INTO authorities (id, state, kind, subject, cert_pem, chain_pem, root_pem, \
              key_ref, not_before, not_after, fingerprint_sha256, created_at, activated_at) \
-             VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13)",
         )
         .bind(id)
         .bind(new.state.as_str())
@@ -200,6 +200,7 @@ impl Store {
         .execute(&mut *tx)
         .await?;
         bump_if_changed(&mut tx, &before).await?;
+        announce(&mut tx, self.dialect()).await?;
         event.authority_id = Some(id);
         append_in_tx(&mut tx, std::slice::from_mut(&mut event)).await?;
         tx.commit().await?;
@@ -214,7 +215,7 @@ impl Store {
         mut event: EventRow,
     ) -> Result<Option<i64>, StoreError> {
         let now = time::OffsetDateTime::now_utc().unix_timestamp();
-        let mut tx = self.pool().begin_with("BEGIN IMMEDIATE").await?;
+        let mut tx = self.begin_write().await?;
         let (state, not_after) = state_of(&mut tx, id).await?;
         match state {
             AuthorityState::Prepared | AuthorityState::Retiring => {}
@@ -240,22 +241,25 @@ impl Store {
             sqlx::query("SELECT id FROM authorities WHERE state = 'active'")
                 .fetch_optional(&mut *tx)
                 .await?
-                .map(|row| row.try_get("id"))
+                .map(|row| column(&row, "id"))
                 .transpose()?;
         let before = bundle_roots(&mut tx).await?;
         if let Some(prev) = previous {
-            sqlx::query("UPDATE authorities SET state = 'retiring', retiring_at = ? WHERE id = ?")
-                .bind(now)
-                .bind(prev)
-                .execute(&mut *tx)
-                .await?;
+            sqlx::query(
+                "UPDATE authorities SET state = 'retiring', retiring_at = $1 WHERE id = $2",
+            )
+            .bind(now)
+            .bind(prev)
+            .execute(&mut *tx)
+            .await?;
         }
-        sqlx::query("UPDATE authorities SET state = 'active', activated_at = ? WHERE id = ?")
+        sqlx::query("UPDATE authorities SET state = 'active', activated_at = $1 WHERE id = $2")
             .bind(now)
             .bind(id)
             .execute(&mut *tx)
             .await?;
         bump_if_changed(&mut tx, &before).await?;
+        announce(&mut tx, self.dialect()).await?;
         event.authority_id = Some(id);
         event.reason = Some(match previous {
             Some(prev) => {
@@ -278,7 +282,7 @@ impl Store {
         mut event: EventRow,
     ) -> Result<(), StoreError> {
         let now = time::OffsetDateTime::now_utc().unix_timestamp();
-        let mut tx = self.pool().begin_with("BEGIN IMMEDIATE").await?;
+        let mut tx = self.begin_write().await?;
         let (state, _) = state_of(&mut tx, id).await?;
         match state {
             AuthorityState::Prepared | AuthorityState::Retiring => {}
@@ -299,15 +303,15 @@ impl Store {
         // only workload certificates hold a retirement back.
         let row = sqlx::query(
             "SELECT COUNT(*) AS n, MAX(not_after) AS last FROM audit_events \
-             WHERE kind = 'issued' AND authority_id = ? AND not_after > ? \
+             WHERE kind = 'issued' AND authority_id = $1 AND not_after > $2 \
              AND spiffe_id IS NOT NULL",
         )
         .bind(id)
         .bind(now)
         .fetch_one(&mut *tx)
         .await?;
-        let unexpired: i64 = row.try_get("n")?;
-        let last: Option<i64> = row.try_get("last")?;
+        let unexpired: i64 = column(&row, "n")?;
+        let last: Option<i64> = column(&row, "last")?;
         if unexpired > 0 && !force {
             return Err(StoreError::Refused(format!(
                 "{unexpired} unexpired certificate(s) chain to authority {id}, the last until {}; \
@@ -317,12 +321,13 @@ impl Store {
             )));
         }
         let before = bundle_roots(&mut tx).await?;
-        sqlx::query("UPDATE authorities SET state = 'retired', retired_at = ? WHERE id = ?")
+        sqlx::query("UPDATE authorities SET state = 'retired', retired_at = $1 WHERE id = $2")
             .bind(now)
             .bind(id)
             .execute(&mut *tx)
             .await?;
         bump_if_changed(&mut tx, &before).await?;
+        announce(&mut tx, self.dialect()).await?;
         event.authority_id = Some(id);
         event.reason = Some(if unexpired > 0 {
             format!(
@@ -338,12 +343,12 @@ impl Store {
 
     /// The bundle: its sequence and roots, read in one transaction so they agree.
     pub async fn bundle(&self) -> Result<(i64, Vec<String>), StoreError> {
-        let mut tx = self.pool().begin().await?;
+        let mut tx = self.begin_read().await?;
         let roots = bundle_roots(&mut tx).await?;
         let sequence: i64 = sqlx::query("SELECT sequence FROM bundle WHERE id = 1")
             .fetch_one(&mut *tx)
-            .await?
-            .try_get("sequence")?;
+            .await
+            .map(|row| column(&row, "sequence"))??;
         tx.commit().await?;
         Ok((sequence, roots))
     }
@@ -357,7 +362,7 @@ impl Store {
         )
         .fetch_one(self.pool())
         .await?;
-        Ok((row.try_get("sequence")?, row.try_get("active")?))
+        Ok((column(&row, "sequence")?, column(&row, "active")?))
     }
 
     /// Every authority, oldest first.
@@ -382,18 +387,18 @@ impl Store {
         let row = sqlx::query("SELECT sequence FROM bundle WHERE id = 1")
             .fetch_one(self.pool())
             .await?;
-        Ok(row.try_get("sequence")?)
+        column(&row, "sequence")
     }
 }
 
 /// The roots in the bundle: those of authorities not retired, oldest first, each once.
-async fn bundle_roots(tx: &mut sqlx::SqliteConnection) -> Result<Vec<String>, StoreError> {
+async fn bundle_roots(tx: &mut AnyConnection) -> Result<Vec<String>, StoreError> {
     let rows = sqlx::query("SELECT root_pem FROM authorities WHERE state != 'retired' ORDER BY id")
         .fetch_all(&mut *tx)
         .await?;
     let mut roots: Vec<String> = Vec::new();
     for row in rows {
-        let pem: String = row.try_get("root_pem")?;
+        let pem: String = column(&row, "root_pem")?;
         if !roots.contains(&pem) {
             roots.push(pem);
         }
@@ -401,11 +406,19 @@ async fn bundle_roots(tx: &mut sqlx::SqliteConnection) -> Result<Vec<String>, St
     Ok(roots)
 }
 
+/// Tells the other replicas that the authorities changed (PostgreSQL's `NOTIFY` is
+/// delivered when the transaction commits, and not at all if it rolls back).
+async fn announce(tx: &mut AnyConnection, dialect: Dialect) -> Result<(), StoreError> {
+    if dialect == Dialect::Postgres {
+        sqlx::query("NOTIFY ca_authorities")
+            .execute(&mut *tx)
+            .await?;
+    }
+    Ok(())
+}
+
 /// Bumps the bundle sequence if the roots differ from `before`, and only then.
-async fn bump_if_changed(
-    tx: &mut sqlx::SqliteConnection,
-    before: &[String],
-) -> Result<(), StoreError> {
+async fn bump_if_changed(tx: &mut AnyConnection, before: &[String]) -> Result<(), StoreError> {
     if bundle_roots(tx).await? != before {
         sqlx::query("UPDATE bundle SET sequence = sequence + 1 WHERE id = 1")
             .execute(&mut *tx)
@@ -414,11 +427,8 @@ async fn bump_if_changed(
     Ok(())
 }
 
-async fn state_of(
-    tx: &mut sqlx::SqliteConnection,
-    id: i64,
-) -> Result<(AuthorityState, i64), StoreError> {
-    let row = sqlx::query("SELECT state, not_after FROM authorities WHERE id = ?")
+async fn state_of(tx: &mut AnyConnection, id: i64) -> Result<(AuthorityState, i64), StoreError> {
+    let row = sqlx::query("SELECT state, not_after FROM authorities WHERE id = $1")
         .bind(id)
         .fetch_optional(&mut *tx)
         .await?
@@ -427,10 +437,10 @@ async fn state_of(
                 "no authority with id {id}; `ca-server root status` lists them"
             ))
         })?;
-    let state: String = row.try_get("state")?;
+    let state: String = column(&row, "state")?;
     let state = state.parse().map_err(|detail| StoreError::Corrupt {
         table: "authorities",
         detail,
     })?;
-    Ok((state, row.try_get("not_after")?))
+    Ok((state, column(&row, "not_after")?))
 }

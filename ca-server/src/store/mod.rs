@@ -9,9 +9,10 @@ use std::borrow::Cow;
 use std::str::FromStr;
 use std::time::Duration;
 
+use sqlx::any::{AnyPoolOptions, AnyRow};
 use sqlx::migrate::{Migration, MigrationType, Migrator};
-use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
-use sqlx::{SqlSafeStr, SqlitePool};
+use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqliteSynchronous};
+use sqlx::{Any, AnyPool, Executor, SqlSafeStr, Transaction};
 
 pub use audit::{
     AuditQuery, AuditWriter, Checkpoint, EventKind, EventRow, GENESIS_HASH, Head, Pruned,
@@ -23,7 +24,7 @@ pub use authorities::{AuthorityKind, AuthorityRecord, AuthorityState, NewAuthori
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
     /// The database URL is not one this build understands.
-    #[error("unsupported database URL {0:?}: use sqlite://PATH")]
+    #[error("unsupported database URL {0:?}: use sqlite://PATH or postgres://HOST/DATABASE")]
     UnsupportedUrl(String),
     /// The database could not be opened or queried.
     #[error("database error: {0}")]
@@ -44,75 +45,217 @@ pub enum StoreError {
     },
 }
 
-/// A handle on the database; cheap to clone.
-#[derive(Clone, Debug)]
-pub struct Store {
-    pool: SqlitePool,
-    options: SqliteConnectOptions,
+/// Which database a store is: the SQL they share is written once, and the few places where
+/// they differ ask this.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Dialect {
+    /// An embedded SQLite file (WAL): one server, the default.
+    Sqlite,
+    /// A PostgreSQL database shared by several replicas.
+    Postgres,
 }
 
-fn migrator() -> Migrator {
+impl Dialect {
+    /// The dialect a database URL names.
+    pub fn of_url(url: &str) -> Result<Self, StoreError> {
+        if url.starts_with("sqlite:") {
+            Ok(Self::Sqlite)
+        } else if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+            Ok(Self::Postgres)
+        } else {
+            Err(StoreError::UnsupportedUrl(redact_url(url)))
+        }
+    }
+}
+
+/// The PostgreSQL channel on which authority changes are announced (`NOTIFY`), so that every
+/// replica reloads at once rather than at its next poll.
+pub const AUTHORITY_CHANNEL: &str = "ca_authorities";
+
+/// The advisory lock every PostgreSQL write transaction takes first: writers queue as they
+/// do on SQLite's single write lock, so the audit chain has one head and authority changes
+/// never interleave.
+const WRITE_LOCK: i64 = 0x6361_2d73_6572_7665; // "ca-serve"
+
+/// A handle on the database; cheap to clone.
+#[derive(Clone)]
+pub struct Store {
+    pool: AnyPool,
+    dialect: Dialect,
+    /// The URL, for connections outside the pool (the SQLite audit writer, the PostgreSQL
+    /// listener). It may hold a password: never shown.
+    url: std::sync::Arc<str>,
+}
+
+impl std::fmt::Debug for Store {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Store")
+            .field("dialect", &self.dialect)
+            .field("url", &redact_url(&self.url))
+            .finish()
+    }
+}
+
+/// `url` with any password replaced by `***`, for messages.
+pub fn redact_url(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return url.to_owned();
+    };
+    let (authority, path) = rest.split_at(rest.find('/').unwrap_or(rest.len()));
+    match authority.rsplit_once('@') {
+        Some((userinfo, host)) => {
+            let user = userinfo.split(':').next().unwrap_or_default();
+            let hidden = if userinfo.contains(':') { ":***" } else { "" };
+            format!("{scheme}://{user}{hidden}@{host}{path}")
+        }
+        None => url.to_owned(),
+    }
+}
+
+fn migrator(dialect: Dialect) -> Migrator {
+    let sql = match dialect {
+        Dialect::Sqlite => include_str!("migrations/sqlite/0001_init.sql"),
+        Dialect::Postgres => include_str!("migrations/postgres/0001_init.sql"),
+    };
     Migrator::with_migrations(vec![Migration::new(
         1,
         Cow::Borrowed("init"),
         MigrationType::Simple,
-        include_str!("migrations/0001_init.sql").into_sql_str(),
+        sql.into_sql_str(),
         false,
     )])
 }
 
+/// The SQLite settings every connection gets: WAL, and FULL sync, so that a committed audit
+/// event survives a power cut, not only a crash.
 fn sqlite_options(url: &str) -> Result<SqliteConnectOptions, StoreError> {
-    if !url.starts_with("sqlite:") {
-        return Err(StoreError::UnsupportedUrl(url.to_owned()));
-    }
     Ok(SqliteConnectOptions::from_str(url)?
         .journal_mode(SqliteJournalMode::Wal)
-        // FULL: a committed audit event survives a power cut, not only a crash.
         .synchronous(SqliteSynchronous::Full)
         .busy_timeout(Duration::from_secs(5))
         .foreign_keys(true))
 }
 
+/// `url` with SQLite's open mode set (`rwc` creates the file, `ro` only reads).
+fn with_sqlite_mode(url: &str, mode: &str) -> String {
+    let sep = if url.contains('?') { '&' } else { '?' };
+    format!("{url}{sep}mode={mode}")
+}
+
+/// [`sqlite_options`] as pragmas, for connections opened through the `Any` driver (which
+/// takes only a URL).
+const SQLITE_PRAGMAS: &str = "PRAGMA journal_mode = WAL; PRAGMA synchronous = FULL; \
+     PRAGMA busy_timeout = 5000; PRAGMA foreign_keys = ON;";
+const SQLITE_READ_ONLY_PRAGMAS: &str = "PRAGMA busy_timeout = 5000;";
+
+async fn connect_pool(url: &str, dialect: Dialect, read_only: bool) -> Result<AnyPool, StoreError> {
+    sqlx::any::install_default_drivers();
+    let options = AnyPoolOptions::new();
+    let pool = match dialect {
+        Dialect::Sqlite => {
+            let pragmas = if read_only {
+                SQLITE_READ_ONLY_PRAGMAS
+            } else {
+                SQLITE_PRAGMAS
+            };
+            options
+                .max_connections(if read_only { 2 } else { 4 })
+                // A local file needs no liveness ping before each use.
+                .test_before_acquire(false)
+                .after_connect(move |conn, _| {
+                    Box::pin(async move { conn.execute(pragmas).await.map(drop) })
+                })
+                .connect(&with_sqlite_mode(url, if read_only { "ro" } else { "rwc" }))
+                .await?
+        }
+        Dialect::Postgres => {
+            options
+                .max_connections(8)
+                .acquire_timeout(Duration::from_secs(10))
+                .connect(url)
+                .await?
+        }
+    };
+    Ok(pool)
+}
+
 impl Store {
     /// Opens (creating if needed) the database and applies pending migrations.
     pub async fn open(url: &str) -> Result<Self, StoreError> {
-        let options = sqlite_options(url)?.create_if_missing(true);
-        let pool = SqlitePoolOptions::new()
-            .max_connections(4)
-            // A local file needs no liveness ping before each use; the ping is a round trip
-            // on every audit commit.
-            .test_before_acquire(false)
-            .connect_with(options.clone())
-            .await?;
-        migrator().run(&pool).await?;
-        Ok(Self { pool, options })
+        let dialect = Dialect::of_url(url)?;
+        let pool = connect_pool(url, dialect, false).await?;
+        // On PostgreSQL, sqlx's migrator holds an advisory lock while it works, so replicas
+        // starting together do not race to create the schema.
+        migrator(dialect).run(&pool).await?;
+        Ok(Self {
+            pool,
+            dialect,
+            url: url.into(),
+        })
     }
 
     /// Opens an existing database for reading only (the audit commands use this, so they
-    /// work on a live server's store and on a copy of it).
+    /// work on a live server's store and on a copy of it). PostgreSQL connections are
+    /// ordinary ones; the commands only read.
     pub async fn open_read_only(url: &str) -> Result<Self, StoreError> {
-        let options = sqlite_options(url)?.read_only(true);
-        let pool = SqlitePoolOptions::new()
-            .max_connections(2)
-            .connect_with(options.clone())
-            .await?;
-        Ok(Self { pool, options })
+        let dialect = Dialect::of_url(url)?;
+        let pool = connect_pool(url, dialect, true).await?;
+        Ok(Self {
+            pool,
+            dialect,
+            url: url.into(),
+        })
+    }
+
+    /// Which database this is.
+    pub fn dialect(&self) -> Dialect {
+        self.dialect
     }
 
     /// Checks that the database answers.
     pub async fn ping(&self) -> Result<(), StoreError> {
-        sqlx::query("SELECT 1").execute(self.pool()).await?;
+        sqlx::query("SELECT 1 AS one").execute(self.pool()).await?;
         Ok(())
     }
 
-    /// A connection outside the pool, with a larger page cache, for a task that keeps it.
-    pub(crate) async fn connect_dedicated(&self) -> Result<sqlx::SqliteConnection, StoreError> {
+    /// A write transaction: it holds the database's write lock from its start (SQLite's
+    /// `BEGIN IMMEDIATE`; on PostgreSQL an advisory lock every writer takes), so what it
+    /// reads stays true until it commits.
+    pub(crate) async fn begin_write(&self) -> Result<Transaction<'static, Any>, StoreError> {
+        match self.dialect {
+            Dialect::Sqlite => Ok(self.pool.begin_with("BEGIN IMMEDIATE").await?),
+            Dialect::Postgres => {
+                let mut tx = self.pool.begin().await?;
+                sqlx::query("SELECT 1 AS locked FROM pg_advisory_xact_lock($1)")
+                    .bind(WRITE_LOCK)
+                    .execute(&mut *tx)
+                    .await?;
+                Ok(tx)
+            }
+        }
+    }
+
+    /// A read transaction whose statements all see one snapshot.
+    pub(crate) async fn begin_read(&self) -> Result<Transaction<'static, Any>, StoreError> {
+        Ok(match self.dialect {
+            Dialect::Sqlite => self.pool.begin().await?,
+            Dialect::Postgres => {
+                self.pool
+                    .begin_with("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
+                    .await?
+            }
+        })
+    }
+
+    /// A SQLite connection outside the pool, with a larger page cache, for a task that
+    /// keeps it.
+    pub(crate) async fn connect_sqlite_dedicated(
+        &self,
+    ) -> Result<sqlx::SqliteConnection, StoreError> {
         use sqlx::ConnectOptions;
         // 4 MiB: the pages an append touches (the tail of the table and of each index, and
         // the interior pages above them) stay in memory.
-        let options = self
-            .options
-            .clone()
+        let options = sqlite_options(&self.url)?
             .pragma("cache_size", "-4096")
             // A writer holding the lock for long is a fault to report, not to wait out: the
             // requests behind it are waiting for their answers.
@@ -120,14 +263,71 @@ impl Store {
         Ok(options.connect().await?)
     }
 
+    /// A listener for authority changes announced by any replica or the CLI (PostgreSQL
+    /// only; `None` on SQLite, where one server owns the file and polls it).
+    pub async fn authority_listener(
+        &self,
+    ) -> Result<Option<sqlx::postgres::PgListener>, StoreError> {
+        if self.dialect != Dialect::Postgres {
+            return Ok(None);
+        }
+        let mut listener = sqlx::postgres::PgListener::connect(&self.url).await?;
+        listener.listen(AUTHORITY_CHANNEL).await?;
+        Ok(Some(listener))
+    }
+
     /// The connection pool, for the query modules.
-    pub(crate) fn pool(&self) -> &SqlitePool {
+    pub(crate) fn pool(&self) -> &AnyPool {
         &self.pool
     }
 
     /// Closes every connection, waiting for them to be returned.
     pub async fn close(&self) {
         self.pool.close().await;
+    }
+}
+
+/// Reads column `name` of `row`.
+pub(crate) fn column<T>(row: &AnyRow, name: &str) -> Result<T, StoreError>
+where
+    T: for<'r> sqlx::Decode<'r, Any> + sqlx::Type<Any>,
+{
+    use sqlx::Row;
+    Ok(row.try_get(name)?)
+}
+
+/// A statement built at run time with numbered placeholders (`$1`, `$2`, …), which both
+/// SQLite and PostgreSQL read.
+#[derive(Default)]
+pub(crate) struct DynamicSql {
+    pub(crate) text: String,
+    pub(crate) binds: Vec<Bind>,
+}
+
+/// A value bound to a [`DynamicSql`].
+pub(crate) enum Bind {
+    Text(String),
+    Int(i64),
+}
+
+impl DynamicSql {
+    /// Binds `value` and returns its placeholder.
+    pub(crate) fn bind(&mut self, value: Bind) -> String {
+        self.binds.push(value);
+        format!("${}", self.binds.len())
+    }
+
+    /// The query, every value bound. The text must come from fixed fragments and
+    /// placeholders only.
+    pub(crate) fn query(self) -> sqlx::query::Query<'static, Any, sqlx::any::AnyArguments> {
+        let mut q = sqlx::query(sqlx::AssertSqlSafe(self.text));
+        for b in self.binds {
+            q = match b {
+                Bind::Text(s) => q.bind(s),
+                Bind::Int(i) => q.bind(i),
+            };
+        }
+        q
     }
 }
 
