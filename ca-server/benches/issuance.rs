@@ -40,6 +40,7 @@ fn authority(dir: &std::path::Path) -> Authority {
         chain_pem: String::new(),
         root_pem: cert.pem(),
         key_ref: "file:keys/1.key.pem".into(),
+        sealed_key: None,
         not_before: parsed.validity().not_before.timestamp(),
         not_after: parsed.validity().not_after.timestamp(),
         fingerprint_sha256: sha256_hex(cert.der()),
@@ -49,7 +50,7 @@ fn authority(dir: &std::path::Path) -> Authority {
         retiring_at: None,
         retired_at: None,
     };
-    Authority::load(&record, dir).unwrap()
+    Authority::load(&record, &ca_server::authority::KeyStore::files(dir)).unwrap()
 }
 
 fn csr() -> String {

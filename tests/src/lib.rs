@@ -69,6 +69,124 @@ pub fn http_get(addr: SocketAddr, path: &str) -> std::io::Result<(u16, String)> 
     Ok((status, body))
 }
 
+/// The environment variable naming a PostgreSQL server for the suite. Set to an
+/// administrator's URL (`postgres://postgres:postgres@127.0.0.1:5432/postgres`), it makes
+/// every [`TestServer`] (and its CLI calls) use a database of its own on that server
+/// instead of the embedded SQLite file, so the same tests run against both stores.
+pub const POSTGRES_ENV: &str = "CA_TEST_POSTGRES_URL";
+
+/// The PostgreSQL administrator URL the suite runs against, if any (see [`POSTGRES_ENV`]).
+pub fn postgres_admin_url() -> Option<String> {
+    std::env::var(POSTGRES_ENV).ok().filter(|v| !v.is_empty())
+}
+
+/// True when the suite runs on SQLite; a test of something only SQLite has (its files, its
+/// locks) calls this first and returns early otherwise, saying so.
+pub fn sqlite_only(what: &str) -> bool {
+    if postgres_admin_url().is_some() {
+        eprintln!("skipped on PostgreSQL: {what} is about the SQLite file");
+        return false;
+    }
+    true
+}
+
+/// A database of its own on the PostgreSQL server for `data_dir` (named after the path, so a
+/// server started again on the same data dir finds its store), created if missing. Returns
+/// its URL.
+pub fn postgres_database_for(admin_url: &str, data_dir: &Path) -> String {
+    let name = format!("ca_test_{:016x}", path_hash(data_dir));
+    let exists = admin_query(
+        admin_url,
+        format!("SELECT datname FROM pg_database WHERE datname = '{name}'"),
+    );
+    if exists.is_empty() {
+        admin_query(admin_url, format!("CREATE DATABASE {name}"));
+    }
+    database_url_on(admin_url, &name)
+}
+
+/// `admin_url` pointing at database `name` instead.
+fn database_url_on(admin_url: &str, name: &str) -> String {
+    let (base, _) = admin_url
+        .rsplit_once('/')
+        .expect("an admin URL ending in /DATABASE");
+    format!("{base}/{name}")
+}
+
+/// Runs one statement as the PostgreSQL administrator (on a thread of its own, so that sync
+/// and async tests alike can call it); returns the first column of each row, as text.
+fn admin_query(admin_url: &str, statement: String) -> Vec<String> {
+    let admin = admin_url.to_owned();
+    std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("runtime");
+        rt.block_on(async move {
+            use sqlx::{Connection, Row};
+            let mut conn = sqlx::PgConnection::connect(&admin)
+                .await
+                .expect("connect to the PostgreSQL server named by CA_TEST_POSTGRES_URL");
+            let rows = sqlx::query(sqlx::AssertSqlSafe(statement.clone()))
+                .fetch_all(&mut conn)
+                .await
+                .unwrap_or_else(|e| panic!("{statement}: {e}"));
+            rows.iter()
+                .map(|r| r.try_get::<String, _>(0).unwrap_or_default())
+                .collect()
+        })
+    })
+    .join()
+    .expect("a PostgreSQL administration statement")
+}
+
+/// A copy of `server`'s store, which must be stopped, for a test to tamper with: the SQLite
+/// files copied to `to` (a path for the copy's file), or on PostgreSQL a database created
+/// from the server's as a template. Returns the copy's URL; a second call replaces the copy.
+pub fn copy_store(server: &TestServer, to: &Path) -> String {
+    if let Some(admin) = postgres_admin_url() {
+        let original = server.database_url();
+        let (_, name) = original.rsplit_once('/').expect("database URL");
+        let copy = format!("{name}_copy");
+        admin_query(&admin, format!("DROP DATABASE IF EXISTS {copy}"));
+        admin_query(&admin, format!("CREATE DATABASE {copy} TEMPLATE {name}"));
+        return database_url_on(&admin, &copy);
+    }
+    let file = to.file_name().expect("file name").to_string_lossy();
+    for suffix in ["", "-wal", "-shm"] {
+        let from = server.data_dir.join(format!("ca.db{suffix}"));
+        if from.exists() {
+            std::fs::copy(&from, to.with_file_name(format!("{file}{suffix}"))).expect("copy");
+        }
+    }
+    format!("sqlite://{}", to.display())
+}
+
+/// Runs `statements` on the store at `url` (either database), as someone with access to
+/// the database behind the server's back would.
+pub async fn run_sql(url: &str, statements: &[&str]) {
+    use sqlx::Connection;
+    sqlx::any::install_default_drivers();
+    let mut db = sqlx::AnyConnection::connect(url).await.expect("connect");
+    for s in statements {
+        sqlx::query(sqlx::AssertSqlSafe(s.to_string()))
+            .execute(&mut db)
+            .await
+            .unwrap_or_else(|e| panic!("{s}: {e}"));
+    }
+    db.close().await.expect("close");
+}
+
+/// FNV-1a of a path: a stable, short name for its database.
+fn path_hash(path: &Path) -> u64 {
+    path.as_os_str()
+        .as_encoded_bytes()
+        .iter()
+        .fold(0xcbf2_9ce4_8422_2325_u64, |h, b| {
+            (h ^ u64::from(*b)).wrapping_mul(0x0100_0000_01b3)
+        })
+}
+
 /// A running `ca-server run`, killed on drop.
 pub struct TestServer {
     /// Its data dir (kept across restarts).
@@ -78,6 +196,9 @@ pub struct TestServer {
     /// Health.
     pub http: SocketAddr,
     args: Vec<String>,
+    /// `--database-url` for it and its CLI calls: its own database when the suite runs on
+    /// PostgreSQL, or another server's store (see [`TestServer::start_on`]).
+    store_url: Option<String>,
     child: Option<Child>,
     stderr_path: PathBuf,
     /// `RUST_LOG` for the server (default `info`).
@@ -93,10 +214,25 @@ impl TestServer {
             grpc: SocketAddr::from(([127, 0, 0, 1], free_port())),
             http: SocketAddr::from(([127, 0, 0, 1], free_port())),
             args: args.iter().map(|s| s.to_string()).collect(),
+            store_url: postgres_admin_url().map(|admin| postgres_database_for(&admin, data_dir)),
             child: None,
             stderr_path: data_dir.with_extension("stderr.log"),
             log_filter: "info".into(),
         };
+        server.spawn();
+        server
+    }
+
+    /// [`TestServer::start`] on the store at `database_url` (another server's, say: a
+    /// replica).
+    pub fn start_on(data_dir: &Path, database_url: &str, args: &[&str]) -> Self {
+        let mut server = Self::stopped();
+        server.data_dir = data_dir.to_owned();
+        server.grpc = SocketAddr::from(([127, 0, 0, 1], free_port()));
+        server.http = SocketAddr::from(([127, 0, 0, 1], free_port()));
+        server.args = args.iter().map(|s| s.to_string()).collect();
+        server.store_url = Some(database_url.to_owned());
+        server.stderr_path = data_dir.with_extension("stderr.log");
         server.spawn();
         server
     }
@@ -108,6 +244,8 @@ impl TestServer {
         server.grpc = SocketAddr::from(([127, 0, 0, 1], free_port()));
         server.http = SocketAddr::from(([127, 0, 0, 1], free_port()));
         server.args = args.iter().map(|s| s.to_string()).collect();
+        server.store_url =
+            postgres_admin_url().map(|admin| postgres_database_for(&admin, data_dir));
         server.stderr_path = data_dir.with_extension("stderr.log");
         server.log_filter = "trace".into();
         server.spawn();
@@ -124,6 +262,11 @@ impl TestServer {
             .arg(self.grpc.to_string())
             .arg("--http-listen")
             .arg(self.http.to_string())
+            .args(
+                self.store_url
+                    .iter()
+                    .flat_map(|url| ["--database-url", url.as_str()]),
+            )
             .args(&self.args)
             .env("RUST_LOG", &self.log_filter)
             .stdout(Stdio::null())
@@ -174,6 +317,7 @@ impl TestServer {
             grpc: SocketAddr::from(([127, 0, 0, 1], 0)),
             http: SocketAddr::from(([127, 0, 0, 1], 0)),
             args: Vec::new(),
+            store_url: None,
             child: None,
             stderr_path: PathBuf::new(),
             log_filter: "info".into(),
@@ -209,9 +353,12 @@ impl TestServer {
         std::fs::read_to_string(self.data_dir.join("trust-bundle.pem")).expect("bundle file")
     }
 
-    /// `sqlite://<data-dir>/ca.db`.
+    /// `sqlite://<data-dir>/ca.db`, or its PostgreSQL database's URL.
     pub fn database_url(&self) -> String {
-        format!("sqlite://{}", self.data_dir.join("ca.db").display())
+        match &self.store_url {
+            Some(url) => url.clone(),
+            None => format!("sqlite://{}", self.data_dir.join("ca.db").display()),
+        }
     }
 
     /// A gRPC client over TLS trusting only the bundle file, connecting to `https://127.0.0.1:PORT`
@@ -250,6 +397,9 @@ impl TestServer {
         let mut full: Vec<&str> = args.to_vec();
         let dir = self.data_dir.to_str().expect("utf-8 path");
         full.extend(["--data-dir", dir]);
+        if let Some(url) = &self.store_url {
+            full.extend(["--database-url", url]);
+        }
         ca_server(&full)
     }
 }

@@ -434,16 +434,6 @@ async fn remote_auditors_see_what_the_cli_sees_and_no_one_else_does() {
     assert!(anonymous.message().contains("mutual TLS"));
 }
 
-fn copy_store(server: &TestServer, to: &std::path::Path) -> String {
-    for suffix in ["", "-wal", "-shm"] {
-        let from = server.data_dir.join(format!("ca.db{suffix}"));
-        if from.exists() {
-            std::fs::copy(&from, to.with_file_name(format!("copy.db{suffix}"))).unwrap();
-        }
-    }
-    format!("sqlite://{}", to.display())
-}
-
 fn verify(url: &str, checkpoint: Option<&std::path::Path>) -> (bool, String) {
     let mut args = vec!["audit", "verify", "--database-url", url];
     let cp;
@@ -456,18 +446,6 @@ fn verify(url: &str, checkpoint: Option<&std::path::Path>) -> (bool, String) {
         out.status.success(),
         String::from_utf8_lossy(&out.stdout).into_owned(),
     )
-}
-
-async fn sql(url: &str, statements: &[&str]) {
-    use sqlx::Connection;
-    let mut db = sqlx::SqliteConnection::connect(url).await.unwrap();
-    for s in statements {
-        sqlx::query(sqlx::AssertSqlSafe(s.to_string()))
-            .execute(&mut db)
-            .await
-            .unwrap();
-    }
-    db.close().await.unwrap();
 }
 
 #[tokio::test]
@@ -516,7 +494,7 @@ async fn tampering_is_found_and_a_consistent_rewrite_fails_against_an_exported_c
     for (statements, seq, word) in cases {
         let url = copy_store(&s.server, &copy);
         let statements: Vec<&str> = statements.iter().map(String::as_str).collect();
-        sql(&url, &statements).await;
+        run_sql(&url, &statements).await;
         let (ok, text) = verify(&url, None);
         assert!(!ok, "{statements:?} went unnoticed: {text}");
         assert!(
@@ -549,7 +527,7 @@ async fn tampering_is_found_and_a_consistent_rewrite_fails_against_an_exported_c
         prev = e.hash.clone();
     }
     let statements: Vec<&str> = statements.iter().map(String::as_str).collect();
-    sql(&url, &statements).await;
+    run_sql(&url, &statements).await;
     let (ok, text) = verify(&url, None);
     assert!(
         ok,
@@ -584,7 +562,8 @@ async fn prune_removes_old_events_and_keeps_the_chain_verifiable() {
     let early = s.dir.path().join("early.json");
     let first = {
         use sqlx::Connection;
-        let mut db = sqlx::SqliteConnection::connect(&server.database_url())
+        sqlx::any::install_default_drivers();
+        let mut db = sqlx::AnyConnection::connect(&server.database_url())
             .await
             .unwrap();
         let row: (i64, String, i64, String, String) = sqlx::query_as(
@@ -683,7 +662,7 @@ async fn prune_removes_old_events_and_keeps_the_chain_verifiable() {
     );
     // Removing the anchor behind the log's back is noticed.
     let url = server.database_url();
-    sql(&url, &["DELETE FROM audit_events WHERE kind = 'anchor'"]).await;
+    run_sql(&url, &["DELETE FROM audit_events WHERE kind = 'anchor'"]).await;
     let out = server.cli(&["audit", "verify"]);
     assert!(
         !out.status.success(),

@@ -518,7 +518,6 @@ async fn concurrent_requests_get_distinct_serials_and_survive_a_restart() {
 
 #[tokio::test]
 async fn no_certificate_without_its_audit_record() {
-    use sqlx::Connection;
     let f = start();
     let mut client = f.server.client().await;
     let token = f.issuer.token("shop", "web");
@@ -528,16 +527,21 @@ async fn no_certificate_without_its_audit_record() {
         .expect("works before the fault");
 
     // Make every audit insert fail, as a full or broken disk would.
-    let mut db = sqlx::SqliteConnection::connect(&f.server.database_url())
-        .await
-        .unwrap();
-    sqlx::query(
-        "CREATE TRIGGER fail_audit BEFORE INSERT ON audit_events \
-         BEGIN SELECT RAISE(ABORT, 'simulated storage failure'); END",
-    )
-    .execute(&mut db)
-    .await
-    .unwrap();
+    let url = f.server.database_url();
+    let fail = if postgres_admin_url().is_some() {
+        vec![
+            "CREATE FUNCTION fail_audit() RETURNS trigger LANGUAGE plpgsql AS \
+             $$ BEGIN RAISE EXCEPTION 'simulated storage failure'; END $$",
+            "CREATE TRIGGER fail_audit BEFORE INSERT ON audit_events \
+             FOR EACH ROW EXECUTE FUNCTION fail_audit()",
+        ]
+    } else {
+        vec![
+            "CREATE TRIGGER fail_audit BEFORE INSERT ON audit_events \
+             BEGIN SELECT RAISE(ABORT, 'simulated storage failure'); END",
+        ]
+    };
+    run_sql(&url, &fail).await;
     let before = audit_json(&f.server, &[]).len();
 
     let status = create_certificate(&mut client, Some(&token), &csr, 0)
@@ -552,10 +556,12 @@ async fn no_certificate_without_its_audit_record() {
     assert_eq!(audit_json(&f.server, &[]).len(), before);
 
     // The fault clears: service resumes by itself.
-    sqlx::query("DROP TRIGGER fail_audit")
-        .execute(&mut db)
-        .await
-        .unwrap();
+    let clear = if postgres_admin_url().is_some() {
+        "DROP TRIGGER fail_audit ON audit_events"
+    } else {
+        "DROP TRIGGER fail_audit"
+    };
+    run_sql(&url, &[clear]).await;
     create_certificate(&mut client, Some(&token), &csr, 0)
         .await
         .expect("service resumes");

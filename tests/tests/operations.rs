@@ -339,7 +339,6 @@ async fn audit_list_filters_and_formats() {
 
 #[tokio::test]
 async fn audit_verify_finds_edited_and_removed_events() {
-    use sqlx::Connection;
     let dir = tempfile::tempdir().unwrap();
     let mut server = TestServer::start(&dir.path().join("data"), &["--dev"]);
     let token = stdout(&server.cli(&[
@@ -361,36 +360,25 @@ async fn audit_verify_finds_edited_and_removed_events() {
     let intact = stdout(&server.cli(&["audit", "verify"]));
     assert!(intact.starts_with("audit log intact: 7 events"), "{intact}");
 
-    let db_path = server.data_dir.join("ca.db");
     let copy = dir.path().join("copy.db");
-    // A copy of the database as the killed server left it: the main file and its WAL.
-    let copy_db = || {
-        std::fs::copy(&db_path, &copy).unwrap();
-        let wal = server.data_dir.join("ca.db-wal");
-        if wal.exists() {
-            std::fs::copy(&wal, dir.path().join("copy.db-wal")).unwrap();
+    // A copy of the database as the killed server left it, edited and verified.
+    let tampered = |statements: &'static [&'static str]| {
+        let url = copy_store(&server, &copy);
+        async move {
+            run_sql(&url, statements).await;
+            let out = ca_server(&["audit", "verify", "--database-url", &url]);
+            (
+                out.status.code(),
+                String::from_utf8_lossy(&out.stdout).into_owned(),
+            )
         }
-    };
-    let url = |p: &std::path::Path| format!("sqlite://{}", p.display());
-    let verify = |p: &std::path::Path| {
-        let out = ca_server(&["audit", "verify", "--database-url", &url(p)]);
-        (
-            out.status.code(),
-            String::from_utf8_lossy(&out.stdout).into_owned(),
-        )
     };
 
     // An edited field.
-    copy_db();
-    let mut db = sqlx::SqliteConnection::connect(&url(&copy)).await.unwrap();
-    sqlx::query(
+    let (code, text) = tampered(&[
         "UPDATE audit_events SET spiffe_id = 'spiffe://cluster.local/ns/a/sa/admin' WHERE seq = 4",
-    )
-    .execute(&mut db)
-    .await
-    .unwrap();
-    db.close().await.unwrap();
-    let (code, text) = verify(&copy);
+    ])
+    .await;
     assert_eq!(code, Some(1));
     assert!(
         text.contains("BROKEN at event 4") && text.contains("altered"),
@@ -398,14 +386,7 @@ async fn audit_verify_finds_edited_and_removed_events() {
     );
 
     // A removed event.
-    copy_db();
-    let mut db = sqlx::SqliteConnection::connect(&url(&copy)).await.unwrap();
-    sqlx::query("DELETE FROM audit_events WHERE seq = 3")
-        .execute(&mut db)
-        .await
-        .unwrap();
-    db.close().await.unwrap();
-    let (code, text) = verify(&copy);
+    let (code, text) = tampered(&["DELETE FROM audit_events WHERE seq = 3"]).await;
     assert_eq!(code, Some(1));
     assert!(
         text.contains("BROKEN at event 3") && text.contains("missing"),
@@ -413,17 +394,12 @@ async fn audit_verify_finds_edited_and_removed_events() {
     );
 
     // Two events swapped (renumbered to hide it).
-    copy_db();
-    let mut db = sqlx::SqliteConnection::connect(&url(&copy)).await.unwrap();
-    for sql in [
+    let (code, text) = tampered(&[
         "UPDATE audit_events SET seq = 100 WHERE seq = 5",
         "UPDATE audit_events SET seq = 5 WHERE seq = 6",
         "UPDATE audit_events SET seq = 6 WHERE seq = 100",
-    ] {
-        sqlx::query(sql).execute(&mut db).await.unwrap();
-    }
-    db.close().await.unwrap();
-    let (code, text) = verify(&copy);
+    ])
+    .await;
     assert_eq!(code, Some(1));
     assert!(text.contains("BROKEN at event 5"), "{text}");
 }
@@ -445,6 +421,8 @@ fn a_key_file_others_can_read_is_refused_at_start() {
         "--dev",
         "--data-dir",
         server.data_dir.to_str().unwrap(),
+        "--database-url",
+        &server.database_url(),
         "--grpc-listen",
         "127.0.0.1:0",
         "--http-listen",

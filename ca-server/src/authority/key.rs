@@ -231,12 +231,8 @@ impl CaKey {
         Self::from_pem(&pem, path)
     }
 
-    /// Writes the key as PKCS#8 PEM to a new file created with mode 0600; never overwrites.
-    pub fn write_new_file(&self, path: &Path) -> Result<(), KeyError> {
-        let io = |source| KeyError::Io {
-            path: path.display().to_string(),
-            source,
-        };
+    /// The key as PKCS#8 PEM, in a buffer zeroized on drop.
+    pub fn to_pkcs8_pem(&self) -> Result<Zeroizing<String>, KeyError> {
         let der: Zeroizing<Vec<u8>> = Zeroizing::new(
             match &self.kind {
                 SignerKind::Ec(k) => k.to_pkcs8v1().map(|d| d.as_ref().to_vec()),
@@ -248,8 +244,16 @@ impl CaKey {
             }
             .map_err(|_| KeyError::Generate("the key could not be serialized".into()))?,
         );
-        let pem = Zeroizing::new(crate::files::pem("PRIVATE KEY", &der));
-        crate::files::write_private_new(path, pem.as_bytes()).map_err(io)
+        Ok(Zeroizing::new(crate::files::pem("PRIVATE KEY", &der)))
+    }
+
+    /// Writes the key as PKCS#8 PEM to a new file created with mode 0600; never overwrites.
+    pub fn write_new_file(&self, path: &Path) -> Result<(), KeyError> {
+        let pem = self.to_pkcs8_pem()?;
+        crate::files::write_private_new(path, pem.as_bytes()).map_err(|source| KeyError::Io {
+            path: path.display().to_string(),
+            source,
+        })
     }
 
     /// The public half, for comparing with a certificate.

@@ -3,8 +3,9 @@
 
 pub mod import;
 mod key;
+mod keystore;
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use rcgen::{CertificateParams, DnType, IsCa, KeyUsagePurpose, SanType, SerialNumber};
 use rustls_pki_types::CertificateDer;
@@ -13,6 +14,7 @@ use time::{Duration, OffsetDateTime};
 
 pub use import::{ImportError, ImportedCa, read_cacerts};
 pub use key::{CaKey, KeyError, KeyType, check_private};
+pub use keystore::{Kek, KeyStore, StoredKey};
 
 use crate::spiffe::TrustDomain;
 use crate::store::{
@@ -53,6 +55,14 @@ pub enum AuthorityError {
         /// The reference.
         key_ref: String,
     },
+    /// A key sealed in the database could not be opened (the message says why).
+    #[error("authority {id}: {detail}")]
+    SealedKey {
+        /// The authority.
+        id: i64,
+        /// Why, and what to do.
+        detail: String,
+    },
     /// Building or signing a certificate failed.
     #[error("signing failed: {0}")]
     Sign(String),
@@ -86,9 +96,8 @@ impl std::fmt::Debug for Authority {
 
 impl Authority {
     /// Loads a stored authority and its key.
-    pub fn load(record: &AuthorityRecord, data_dir: &Path) -> Result<Self, AuthorityError> {
-        let key_path = key_path(record, data_dir)?;
-        let key = CaKey::read_file(&key_path)?;
+    pub fn load(record: &AuthorityRecord, keys: &KeyStore) -> Result<Self, AuthorityError> {
+        let key = keys.load(record)?;
         let bad = |detail: String| AuthorityError::BadCertificate {
             id: record.id,
             detail,
@@ -169,16 +178,6 @@ impl Authority {
         params
             .signed_by(public_key, &self.issuer)
             .map_err(|e| AuthorityError::Sign(e.to_string()))
-    }
-}
-
-fn key_path(record: &AuthorityRecord, data_dir: &Path) -> Result<PathBuf, AuthorityError> {
-    match record.key_ref.strip_prefix("file:") {
-        Some(rel) => Ok(data_dir.join(rel)),
-        None => Err(AuthorityError::UnsupportedKeyRef {
-            id: record.id,
-            key_ref: record.key_ref.clone(),
-        }),
     }
 }
 
@@ -265,12 +264,12 @@ pub fn root_params(trust_domain: &TrustDomain, id: i64, now: OffsetDateTime) -> 
     params
 }
 
-/// Generates a self-signed root, writes its key 0600 under `<data-dir>/keys/`, and records it
+/// Generates a self-signed root, keeps its key in `keys`, and records it
 /// in `state` together with `event` (an authority event; its `authority_id` is filled in).
 /// Returns the new authority's id.
 pub async fn create_self_signed_root(
     store: &Store,
-    data_dir: &Path,
+    keys: &KeyStore,
     trust_domain: &TrustDomain,
     key_type: KeyType,
     state: AuthorityState,
@@ -282,8 +281,7 @@ pub async fn create_self_signed_root(
     let cert = params
         .self_signed(&key)
         .map_err(|e| AuthorityError::Sign(e.to_string()))?;
-    let key_ref = format!("keys/{id}.key.pem");
-    key.write_new_file(&data_dir.join(&key_ref))?;
+    let stored = keys.put(id, &key.to_pkcs8_pem()?)?;
     let (_, parsed) = x509_parser::parse_x509_certificate(cert.der()).map_err(|e| {
         AuthorityError::BadCertificate {
             id,
@@ -298,7 +296,8 @@ pub async fn create_self_signed_root(
         cert_pem: pem.clone(),
         chain_pem: String::new(),
         root_pem: pem,
-        key_ref: format!("file:{key_ref}"),
+        key_ref: stored.key_ref,
+        sealed_key: stored.sealed_key,
         not_before: parsed.validity().not_before.timestamp(),
         not_after: parsed.validity().not_after.timestamp(),
         fingerprint_sha256: sha256_hex(cert.der()),
@@ -308,23 +307,16 @@ pub async fn create_self_signed_root(
 }
 
 /// Imports the plug-in CA in `dir` (Istio's `cacerts` layout) as a `prepared` authority: its
-/// key is copied 0600 under `<data-dir>/keys/`. Returns the new authority's id.
+/// key is kept in `keys`. Returns the new authority's id.
 pub async fn import_authority(
     store: &Store,
-    data_dir: &Path,
+    keys: &KeyStore,
     dir: &Path,
     event: EventRow,
 ) -> Result<i64, AuthorityError> {
     let ca = read_cacerts(dir)?;
     let id = store.next_authority_id().await?;
-    let key_ref = format!("keys/{id}.key.pem");
-    let key_path = data_dir.join(&key_ref);
-    crate::files::write_private_new(&key_path, ca.key_pem.as_bytes()).map_err(|source| {
-        KeyError::Io {
-            path: key_path.display().to_string(),
-            source,
-        }
-    })?;
+    let stored = keys.put(id, &ca.key_pem)?;
     let new = NewAuthority {
         state: AuthorityState::Prepared,
         kind: AuthorityKind::Imported,
@@ -332,7 +324,8 @@ pub async fn import_authority(
         cert_pem: ca.cert_pem,
         chain_pem: ca.chain_pem,
         root_pem: ca.root_pem,
-        key_ref: format!("file:{key_ref}"),
+        key_ref: stored.key_ref,
+        sealed_key: stored.sealed_key,
         not_before: ca.not_before,
         not_after: ca.not_after,
         fingerprint_sha256: ca.fingerprint_sha256,

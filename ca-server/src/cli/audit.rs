@@ -132,7 +132,7 @@ pub(super) async fn open(common: &Common) -> anyhow::Result<Store> {
     }
     Store::open_read_only(&common.database_url)
         .await
-        .with_context(|| format!("opening {}", common.database_url))
+        .with_context(|| format!("opening {}", crate::store::redact_url(&common.database_url)))
 }
 
 /// Runs an `audit` subcommand.

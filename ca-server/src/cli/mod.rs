@@ -34,6 +34,11 @@ struct GlobalArgs {
     /// Database URL [default: sqlite://<data-dir>/ca.db]
     #[arg(long, global = true, env = "CA_DATABASE_URL")]
     database_url: Option<String>,
+    /// File holding a 32-byte key-encryption key (base64, hex or raw): new authority keys
+    /// are sealed with it (AES-256-GCM) into the database, where every replica finds them,
+    /// instead of being written under <data-dir>/keys/
+    #[arg(long, global = true, env = "CA_KEY_ENCRYPTION_KEY_FILE")]
+    key_encryption_key_file: Option<PathBuf>,
     /// TOML config file; flags override it
     #[arg(long, global = true, env = "CA_CONFIG")]
     config: Option<PathBuf>,
@@ -86,6 +91,7 @@ enum Command {
 struct FileConfig {
     data_dir: Option<PathBuf>,
     database_url: Option<String>,
+    key_encryption_key_file: Option<PathBuf>,
     #[serde(flatten)]
     run: run::FileRunConfig,
 }
@@ -94,6 +100,7 @@ struct FileConfig {
 struct Common {
     data_dir: PathBuf,
     database_url: String,
+    key_encryption_key_file: Option<PathBuf>,
     file: FileConfig,
 }
 
@@ -117,15 +124,33 @@ impl GlobalArgs {
             .clone()
             .or_else(|| file.database_url.clone())
             .unwrap_or_else(|| crate::store::default_url(&data_dir));
+        let key_encryption_key_file = self
+            .key_encryption_key_file
+            .clone()
+            .or_else(|| file.key_encryption_key_file.clone());
         Ok(Common {
             data_dir,
             database_url,
+            key_encryption_key_file,
             file,
         })
     }
 }
 
 impl Common {
+    /// Where authority keys are kept: sealed in the database under the KEK, if one is
+    /// given, else in files under the data dir.
+    fn key_store(&self) -> anyhow::Result<crate::authority::KeyStore> {
+        use crate::authority::{Kek, KeyStore};
+        Ok(match &self.key_encryption_key_file {
+            Some(path) => KeyStore::sealed(
+                &self.data_dir,
+                Kek::read_file(path).context("--key-encryption-key-file")?,
+            ),
+            None => KeyStore::files(&self.data_dir),
+        })
+    }
+
     /// The refresh hint the config file names, else 5 minutes, in seconds.
     fn refresh_hint_secs(&self) -> anyhow::Result<i64> {
         match self.file.run.bundle_refresh_hint() {
@@ -150,7 +175,7 @@ async fn open_store(common: &Common) -> anyhow::Result<crate::store::Store> {
         .with_context(|| format!("creating {}", common.data_dir.display()))?;
     crate::store::Store::open(&common.database_url)
         .await
-        .with_context(|| format!("opening {}", common.database_url))
+        .with_context(|| format!("opening {}", crate::store::redact_url(&common.database_url)))
 }
 
 /// Logs to stderr, filtered by `RUST_LOG` (default `info`), as text or JSON lines.

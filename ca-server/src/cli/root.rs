@@ -136,7 +136,7 @@ async fn run(cmd: RootCommand, common: &Common, store: &Store) -> anyhow::Result
                 Some(dir) => {
                     let mut event = authority_event();
                     event.reason = Some(format!("prepared an imported CA from {}", dir.display()));
-                    authority::import_authority(store, &common.data_dir, &dir, event).await?
+                    authority::import_authority(store, &common.key_store()?, &dir, event).await?
                 }
                 None => {
                     let td = match trust_domain {
@@ -154,7 +154,7 @@ async fn run(cmd: RootCommand, common: &Common, store: &Store) -> anyhow::Result
                     event.reason = Some(format!("prepared a self-signed root for {td}"));
                     authority::create_self_signed_root(
                         store,
-                        &common.data_dir,
+                        &common.key_store()?,
                         &td,
                         key_type,
                         AuthorityState::Prepared,

@@ -3,6 +3,7 @@
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::sync::Arc;
 
 use anyhow::{Context, bail};
 use clap::Args;
@@ -126,6 +127,7 @@ fn or_list(flag: Vec<String>, file: Option<Vec<String>>, default: &[&str]) -> Ve
 }
 
 fn settings(args: RunArgs, common: Common) -> anyhow::Result<Settings> {
+    let keys = Arc::new(common.key_store()?);
     let file = common.file.run;
     let trust_domain = args
         .trust_domain
@@ -247,6 +249,7 @@ fn settings(args: RunArgs, common: Common) -> anyhow::Result<Settings> {
     };
 
     Ok(Settings {
+        keys,
         data_dir: common.data_dir,
         database_url: common.database_url,
         grpc_listen: args

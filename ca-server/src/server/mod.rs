@@ -67,6 +67,8 @@ pub struct Settings {
     pub data_dir: PathBuf,
     /// The database.
     pub database_url: String,
+    /// Where authority keys are kept.
+    pub keys: Arc<crate::authority::KeyStore>,
     /// gRPC + HTTPS (TLS).
     pub grpc_listen: SocketAddr,
     /// Plain HTTP: health.
@@ -212,7 +214,7 @@ async fn active_authority(store: &Store, settings: &Settings) -> Result<Authorit
         ));
         let id = authority::create_self_signed_root(
             store,
-            &settings.data_dir,
+            &settings.keys,
             &settings.trust_domain,
             KeyType::EcP256,
             AuthorityState::Active,
@@ -225,7 +227,7 @@ async fn active_authority(store: &Store, settings: &Settings) -> Result<Authorit
         .active_authority()
         .await?
         .ok_or(AuthorityError::NoneActive)?;
-    Ok(Authority::load(&record, &settings.data_dir)?)
+    Ok(Authority::load(&record, &settings.keys)?)
 }
 
 fn build_authenticator(settings: &Settings) -> Result<Authenticator, StartError> {
@@ -410,6 +412,7 @@ pub async fn start(settings: Settings) -> Result<RunningServer, StartError> {
         follow_store(
             store.clone(),
             settings.data_dir.clone(),
+            Arc::clone(&settings.keys),
             version,
             active_tx,
             Arc::clone(&readiness),
@@ -659,14 +662,30 @@ async fn checkpoints(
 async fn follow_store(
     store: Store,
     data_dir: PathBuf,
+    keys: Arc<crate::authority::KeyStore>,
     mut version: (i64, Option<i64>),
     active: watch::Sender<Arc<Active>>,
     readiness: Arc<Readiness>,
     mut shutdown: watch::Receiver<bool>,
 ) {
+    // On PostgreSQL a change made through any replica or the CLI is announced; the poll
+    // stays as the fallback should the listening connection drop.
+    let mut listener = match store.authority_listener().await {
+        Ok(listener) => listener,
+        Err(e) => {
+            warn!(error = %e, "Listening for authority changes failed; polling only");
+            None
+        }
+    };
     loop {
         tokio::select! {
             _ = tokio::time::sleep(STORE_POLL_INTERVAL) => {}
+            notified = next_notification(&mut listener) => {
+                if let Err(e) = notified {
+                    warn!(error = %e, "Listening for authority changes failed; polling only");
+                    listener = None;
+                }
+            }
             _ = shutdown.wait_for(|stop| *stop) => return,
         }
         let current = match store.authority_version().await {
@@ -679,7 +698,7 @@ async fn follow_store(
         if current == version {
             continue;
         }
-        match reload(&store, &data_dir, current, &active).await {
+        match reload(&store, &data_dir, &keys, current, &active).await {
             Ok(()) => {
                 readiness.authority.store(true, Ordering::Release);
                 version = current;
@@ -695,9 +714,20 @@ async fn follow_store(
     }
 }
 
+/// The next authority change announced to `listener`; never, without one.
+async fn next_notification(
+    listener: &mut Option<sqlx::postgres::PgListener>,
+) -> Result<(), sqlx::Error> {
+    match listener {
+        Some(listener) => listener.recv().await.map(drop),
+        None => std::future::pending().await,
+    }
+}
+
 async fn reload(
     store: &Store,
     data_dir: &std::path::Path,
+    keys: &crate::authority::KeyStore,
     (sequence, active_id): (i64, Option<i64>),
     active: &watch::Sender<Arc<Active>>,
 ) -> Result<(), StartError> {
@@ -709,7 +739,7 @@ async fn reload(
                 .active_authority()
                 .await?
                 .ok_or(AuthorityError::NoneActive)?;
-            Arc::new(Authority::load(&record, data_dir)?)
+            Arc::new(Authority::load(&record, keys)?)
         }
         None => return Err(AuthorityError::NoneActive.into()),
     };

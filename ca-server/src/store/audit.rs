@@ -465,7 +465,17 @@ async fn append_sqlite(
             // The insert rolls the transaction back on a conflict; anything else may leave it
             // open, and the connection is used again.
             let _ = sqlx::query("ROLLBACK").execute(&mut *conn).await;
-            Err(e.into())
+            let conflict = matches!(&e, sqlx::Error::Database(d) if d.is_unique_violation());
+            if !conflict {
+                return Err(e.into());
+            }
+            // Someone else appended (the CLI, another server on the file): chain onto the
+            // head as it is read under the write lock.
+            let mut tx = store.begin_write().await?;
+            let fresh = append_in_tx(&mut tx, events).await?;
+            tx.commit().await?;
+            *head = Some(fresh);
+            Ok(())
         }
     }
 }
@@ -477,8 +487,8 @@ async fn append_sqlite(
 /// whenever another connection commits, and on a connection of its own the pages a commit
 /// touches stay cached. The whole transaction (begin, insert, commit) is one statement list,
 /// one round trip to SQLite's thread. If someone else appended since (the CLI, say), the
-/// insert collides with their row (seq is the primary key) and fails; the head is then
-/// forgotten, and a retry reads it afresh.
+/// insert collides with their row (seq is the primary key) and rolls back; the events are
+/// then chained onto the head as read inside a locked transaction.
 ///
 /// On PostgreSQL other replicas append all the time, so a remembered head would mostly be
 /// stale: each commit takes the write lock and reads the head inside its transaction.

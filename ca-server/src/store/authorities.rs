@@ -86,8 +86,10 @@ pub struct AuthorityRecord {
     pub chain_pem: String,
     /// The root its leaves chain to.
     pub root_pem: String,
-    /// Where the private key lives, e.g. `file:keys/1.key.pem`.
+    /// Where the private key lives, e.g. `file:keys/1.key.pem` or `sealed:<kek id>`.
     pub key_ref: String,
+    /// The key sealed under a key-encryption key, when `key_ref` is `sealed:…`.
+    pub sealed_key: Option<String>,
     /// Validity of the signing certificate, unix seconds.
     pub not_before: i64,
     /// Validity of the signing certificate, unix seconds.
@@ -124,6 +126,8 @@ pub struct NewAuthority {
     /// See [`AuthorityRecord`].
     pub key_ref: String,
     /// See [`AuthorityRecord`].
+    pub sealed_key: Option<String>,
+    /// See [`AuthorityRecord`].
     pub not_before: i64,
     /// See [`AuthorityRecord`].
     pub not_after: i64,
@@ -144,6 +148,7 @@ fn record_from_row(row: &AnyRow) -> Result<AuthorityRecord, StoreError> {
         chain_pem: column(row, "chain_pem")?,
         root_pem: column(row, "root_pem")?,
         key_ref: column(row, "key_ref")?,
+        sealed_key: column(row, "sealed_key")?,
         not_before: column(row, "not_before")?,
         not_after: column(row, "not_after")?,
         fingerprint_sha256: column(row, "fingerprint_sha256")?,
@@ -156,8 +161,8 @@ fn record_from_row(row: &AnyRow) -> Result<AuthorityRecord, StoreError> {
 }
 
 const SELECT_AUTHORITIES: &str = "SELECT id, state, subject, cert_pem, chain_pem, root_pem, \
-     key_ref, not_before, not_after, fingerprint_sha256, kind, created_at, activated_at, \
-     retiring_at, retired_at FROM authorities ORDER BY id";
+     key_ref, sealed_key, not_before, not_after, fingerprint_sha256, kind, created_at, \
+     activated_at, retiring_at, retired_at FROM authorities ORDER BY id";
 
 impl Store {
     /// The next authority id (ids are never reused, so subjects `root <n>` stay unique).
@@ -181,8 +186,9 @@ impl Store {
         let before = bundle_roots(&mut tx).await?;
         sqlx::query(
             "INSERT INTO authorities (id, state, kind, subject, cert_pem, chain_pem, root_pem, \
-             key_ref, not_before, not_after, fingerprint_sha256, created_at, activated_at) \
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13)",
+             key_ref, sealed_key, not_before, not_after, fingerprint_sha256, created_at, \
+             activated_at) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14)",
         )
         .bind(id)
         .bind(new.state.as_str())
@@ -192,6 +198,7 @@ impl Store {
         .bind(&new.chain_pem)
         .bind(&new.root_pem)
         .bind(&new.key_ref)
+        .bind(&new.sealed_key)
         .bind(new.not_before)
         .bind(new.not_after)
         .bind(&new.fingerprint_sha256)

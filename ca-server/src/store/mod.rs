@@ -113,17 +113,33 @@ pub fn redact_url(url: &str) -> String {
 }
 
 fn migrator(dialect: Dialect) -> Migrator {
-    let sql = match dialect {
-        Dialect::Sqlite => include_str!("migrations/sqlite/0001_init.sql"),
-        Dialect::Postgres => include_str!("migrations/postgres/0001_init.sql"),
+    let migrations = match dialect {
+        Dialect::Sqlite => [
+            include_str!("migrations/sqlite/0001_init.sql"),
+            include_str!("migrations/sqlite/0002_sealed_keys.sql"),
+        ],
+        Dialect::Postgres => [
+            include_str!("migrations/postgres/0001_init.sql"),
+            include_str!("migrations/postgres/0002_sealed_keys.sql"),
+        ],
     };
-    Migrator::with_migrations(vec![Migration::new(
-        1,
-        Cow::Borrowed("init"),
-        MigrationType::Simple,
-        sql.into_sql_str(),
-        false,
-    )])
+    let names = ["init", "sealed keys"];
+    Migrator::with_migrations(
+        migrations
+            .into_iter()
+            .zip(names)
+            .zip(1..)
+            .map(|((sql, name), version)| {
+                Migration::new(
+                    version,
+                    Cow::Borrowed(name),
+                    MigrationType::Simple,
+                    sql.into_sql_str(),
+                    false,
+                )
+            })
+            .collect(),
+    )
 }
 
 /// The SQLite settings every connection gets: WAL, and FULL sync, so that a committed audit
@@ -147,6 +163,8 @@ fn with_sqlite_mode(url: &str, mode: &str) -> String {
 const SQLITE_PRAGMAS: &str = "PRAGMA journal_mode = WAL; PRAGMA synchronous = FULL; \
      PRAGMA busy_timeout = 5000; PRAGMA foreign_keys = ON;";
 const SQLITE_READ_ONLY_PRAGMAS: &str = "PRAGMA busy_timeout = 5000;";
+/// Settings of every PostgreSQL session.
+const POSTGRES_SESSION: &str = "SET lock_timeout = '2s'";
 
 async fn connect_pool(url: &str, dialect: Dialect, read_only: bool) -> Result<AnyPool, StoreError> {
     sqlx::any::install_default_drivers();
@@ -172,6 +190,11 @@ async fn connect_pool(url: &str, dialect: Dialect, read_only: bool) -> Result<An
             options
                 .max_connections(8)
                 .acquire_timeout(Duration::from_secs(10))
+                // A writer stuck behind another's lock is a fault to report, as SQLite's
+                // busy timeout makes it: requests are waiting for their answers.
+                .after_connect(|conn, _| {
+                    Box::pin(async move { conn.execute(POSTGRES_SESSION).await.map(drop) })
+                })
                 .connect(url)
                 .await?
         }

@@ -1,0 +1,285 @@
+//! Where authorities' private keys live: files under the data dir (the default, for one
+//! server), or sealed into the database under a key-encryption key (KEK) that every replica
+//! holds and the database never sees.
+//!
+//! A sealed key is `v1:` followed by base64 of a random 96-bit nonce and the AES-256-GCM
+//! ciphertext of the key's PEM. The associated data names the authority, so a sealed key
+//! copied onto another authority's row does not open. The authority's `key_ref` says which
+//! KEK sealed it (`sealed:<kek id>`), the id being a short hash of the KEK, so a replica
+//! given the wrong KEK says so rather than failing to decrypt.
+
+use std::path::{Path, PathBuf};
+
+use aws_lc_rs::aead::{AES_256_GCM, Aad, LessSafeKey, NONCE_LEN, Nonce, UnboundKey};
+use base64::Engine;
+use base64::engine::general_purpose::STANDARD;
+use zeroize::Zeroizing;
+
+use super::{AuthorityError, CaKey, KeyError, check_private};
+use crate::store::AuthorityRecord;
+
+/// A key-encryption key: 32 bytes for AES-256-GCM.
+pub struct Kek {
+    key: LessSafeKey,
+    id: String,
+}
+
+impl std::fmt::Debug for Kek {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Kek").field("id", &self.id).finish()
+    }
+}
+
+impl Kek {
+    /// Reads a KEK file: 32 bytes as base64 (`openssl rand -base64 32`), as 64 hex digits,
+    /// or raw. The file must not be readable by group or others.
+    pub fn read_file(path: &Path) -> Result<Self, KeyError> {
+        check_private(path)?;
+        let bytes = Zeroizing::new(std::fs::read(path).map_err(|source| KeyError::Io {
+            path: path.display().to_string(),
+            source,
+        })?);
+        let key = decode_kek(&bytes).ok_or_else(|| KeyError::Invalid {
+            path: path.display().to_string(),
+            detail: "a key-encryption key is 32 bytes: base64 (`openssl rand -base64 32`), \
+                     64 hex digits, or 32 raw bytes"
+                .into(),
+        })?;
+        Self::new(&key).map_err(|detail| KeyError::Invalid {
+            path: path.display().to_string(),
+            detail,
+        })
+    }
+
+    /// A KEK from its 32 bytes.
+    pub fn new(key: &[u8; 32]) -> Result<Self, String> {
+        use sha2::{Digest, Sha256};
+        let mut hasher = Sha256::new();
+        hasher.update(b"ca-server key-encryption key\n");
+        hasher.update(key);
+        let id = hex::encode(&hasher.finalize()[..8]);
+        let key = UnboundKey::new(&AES_256_GCM, key).map_err(|e| e.to_string())?;
+        Ok(Self {
+            key: LessSafeKey::new(key),
+            id,
+        })
+    }
+
+    /// Its id: 16 hex digits of a hash of the key, safe to show and store.
+    pub fn id(&self) -> &str {
+        &self.id
+    }
+
+    /// Seals `plaintext` (a key's PEM) for authority `authority_id`.
+    pub fn seal(&self, authority_id: i64, plaintext: &[u8]) -> Result<String, KeyError> {
+        let mut nonce = [0u8; NONCE_LEN];
+        aws_lc_rs::rand::fill(&mut nonce)
+            .map_err(|_| KeyError::Generate("no randomness for a nonce".into()))?;
+        let mut buffer = Zeroizing::new(plaintext.to_vec());
+        let in_out: &mut Vec<u8> = &mut buffer;
+        self.key
+            .seal_in_place_append_tag(
+                Nonce::assume_unique_for_key(nonce),
+                Aad::from(associated_data(authority_id)),
+                in_out,
+            )
+            .map_err(|_| KeyError::Generate("sealing the key failed".into()))?;
+        let mut out = nonce.to_vec();
+        out.extend_from_slice(&buffer);
+        Ok(format!("v1:{}", STANDARD.encode(out)))
+    }
+
+    /// Opens what [`Kek::seal`] sealed for `authority_id`; `None` if it does not open (another
+    /// KEK, another authority's key, or altered).
+    pub fn open(&self, authority_id: i64, sealed: &str) -> Option<Zeroizing<Vec<u8>>> {
+        let bytes = STANDARD.decode(sealed.strip_prefix("v1:")?).ok()?;
+        if bytes.len() < NONCE_LEN {
+            return None;
+        }
+        let (nonce, ciphertext) = bytes.split_at(NONCE_LEN);
+        let nonce = Nonce::try_assume_unique_for_key(nonce).ok()?;
+        let mut buffer = Zeroizing::new(ciphertext.to_vec());
+        let plain_len = self
+            .key
+            .open_in_place(
+                nonce,
+                Aad::from(associated_data(authority_id)),
+                &mut buffer,
+            )
+            .ok()?
+            .len();
+        buffer.truncate(plain_len);
+        Some(buffer)
+    }
+}
+
+fn associated_data(authority_id: i64) -> Vec<u8> {
+    format!("ca-server authority {authority_id} key").into_bytes()
+}
+
+/// The 32 bytes of a KEK file's contents, if they are base64, hex or raw 32 bytes.
+fn decode_kek(bytes: &[u8]) -> Option<Zeroizing<[u8; 32]>> {
+    let mut key = Zeroizing::new([0u8; 32]);
+    if bytes.len() == 32 && std::str::from_utf8(bytes).is_err() {
+        key.copy_from_slice(bytes);
+        return Some(key);
+    }
+    let text = std::str::from_utf8(bytes).ok()?.trim();
+    if text.len() == 64 && hex::decode_to_slice(text, &mut *key).is_ok() {
+        return Some(key);
+    }
+    let decoded = Zeroizing::new(STANDARD.decode(text).ok()?);
+    if decoded.len() != 32 {
+        return None;
+    }
+    key.copy_from_slice(&decoded);
+    Some(key)
+}
+
+/// Where a new key went: the authority's `key_ref`, and its sealed form when it lives in the
+/// database.
+#[derive(Debug, Clone)]
+pub struct StoredKey {
+    /// `file:keys/<id>.key.pem` or `sealed:<kek id>`.
+    pub key_ref: String,
+    /// The sealed key, for the authority's row.
+    pub sealed_key: Option<String>,
+}
+
+/// Where authorities' keys are kept and found.
+#[derive(Debug)]
+pub struct KeyStore {
+    data_dir: PathBuf,
+    kek: Option<Kek>,
+}
+
+impl KeyStore {
+    /// Keys as files under `<data_dir>/keys/`, mode 0600.
+    pub fn files(data_dir: &Path) -> Self {
+        Self {
+            data_dir: data_dir.to_owned(),
+            kek: None,
+        }
+    }
+
+    /// New keys sealed into the database under `kek`; keys already in files still load.
+    pub fn sealed(data_dir: &Path, kek: Kek) -> Self {
+        Self {
+            data_dir: data_dir.to_owned(),
+            kek: Some(kek),
+        }
+    }
+
+    /// The KEK, if keys are sealed.
+    pub fn kek(&self) -> Option<&Kek> {
+        self.kek.as_ref()
+    }
+
+    /// Keeps `pem` (a private key) as authority `id`'s key.
+    pub fn put(&self, id: i64, pem: &str) -> Result<StoredKey, KeyError> {
+        if let Some(kek) = &self.kek {
+            return Ok(StoredKey {
+                key_ref: format!("sealed:{}", kek.id()),
+                sealed_key: Some(kek.seal(id, pem.as_bytes())?),
+            });
+        }
+        let rel = format!("keys/{id}.key.pem");
+        let path = self.data_dir.join(&rel);
+        crate::files::write_private_new(&path, pem.as_bytes()).map_err(|source| KeyError::Io {
+            path: path.display().to_string(),
+            source,
+        })?;
+        Ok(StoredKey {
+            key_ref: format!("file:{rel}"),
+            sealed_key: None,
+        })
+    }
+
+    /// Loads `record`'s key from wherever its `key_ref` says it lives.
+    pub fn load(&self, record: &AuthorityRecord) -> Result<CaKey, AuthorityError> {
+        if let Some(rel) = record.key_ref.strip_prefix("file:") {
+            return Ok(CaKey::read_file(&self.data_dir.join(rel))?);
+        }
+        let Some(kek_id) = record.key_ref.strip_prefix("sealed:") else {
+            return Err(AuthorityError::UnsupportedKeyRef {
+                id: record.id,
+                key_ref: record.key_ref.clone(),
+            });
+        };
+        let sealed_error = |detail: String| AuthorityError::SealedKey {
+            id: record.id,
+            detail,
+        };
+        let Some(kek) = &self.kek else {
+            return Err(sealed_error(format!(
+                "its key is sealed in the database under key-encryption key {kek_id}: pass \
+                 --key-encryption-key-file with that key"
+            )));
+        };
+        if kek.id() != kek_id {
+            return Err(sealed_error(format!(
+                "its key is sealed under key-encryption key {kek_id}, but \
+                 --key-encryption-key-file holds key {}: give every replica the same KEK",
+                kek.id()
+            )));
+        }
+        let sealed = record
+            .sealed_key
+            .as_deref()
+            .ok_or_else(|| sealed_error("its row holds no sealed key".into()))?;
+        let pem = kek.open(record.id, sealed).ok_or_else(|| {
+            sealed_error(
+                "its sealed key does not open with the key-encryption key: it was altered or \
+                 belongs to another authority"
+                    .into(),
+            )
+        })?;
+        let pem = std::str::from_utf8(&pem)
+            .map_err(|_| sealed_error("its sealed key is not a PEM text".into()))?;
+        let place = PathBuf::from(format!("the sealed key of authority {}", record.id));
+        Ok(CaKey::from_pem(pem, &place)?)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn kek(byte: u8) -> Kek {
+        Kek::new(&[byte; 32]).unwrap()
+    }
+
+    #[test]
+    fn sealed_keys_open_only_for_their_authority_and_kek() {
+        let k = kek(7);
+        let sealed = k.seal(3, b"secret pem").unwrap();
+        assert!(!sealed.contains("secret"));
+        assert_eq!(k.open(3, &sealed).unwrap().as_slice(), b"secret pem");
+        assert!(k.open(4, &sealed).is_none(), "another authority's row");
+        assert!(kek(8).open(3, &sealed).is_none(), "another KEK");
+        let mut altered = sealed.clone().into_bytes();
+        let last = altered.len() - 3;
+        altered[last] = if altered[last] == b'A' { b'B' } else { b'A' };
+        assert!(
+            k.open(3, std::str::from_utf8(&altered).unwrap()).is_none(),
+            "altered"
+        );
+        assert_ne!(k.seal(3, b"secret pem").unwrap(), sealed, "fresh nonce");
+    }
+
+    #[test]
+    fn kek_files_in_base64_hex_or_raw() {
+        let raw = [0x5au8; 32];
+        let b64 = STANDARD.encode(raw);
+        let hex = hex::encode(raw);
+        for text in [format!("{b64}\n"), hex] {
+            assert_eq!(*decode_kek(text.as_bytes()).unwrap(), raw);
+        }
+        let binary = [0xffu8; 32];
+        assert_eq!(*decode_kek(&binary).unwrap(), binary);
+        assert!(decode_kek(b"too short").is_none());
+        assert!(decode_kek(STANDARD.encode([1u8; 16]).as_bytes()).is_none());
+        assert_eq!(kek(1).id(), kek(1).id());
+        assert_ne!(kek(1).id(), kek(2).id());
+    }
+}
