@@ -76,6 +76,11 @@ impl Claims {
         self.iss.as_deref()
     }
 
+    /// The `exp` claim, unverified: only ever used to shorten how long an answer is kept.
+    pub fn expiry(&self) -> Option<i64> {
+        self.exp.as_ref().and_then(seconds)
+    }
+
     /// Applies every rule of DESIGN.md's "Caller authentication".
     pub fn check(&self, policy: &ClaimPolicy, now: i64) -> Result<ServiceAccount, AuthError> {
         match &self.iss {

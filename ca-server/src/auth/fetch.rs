@@ -29,21 +29,7 @@ impl Fetcher {
     /// A client trusting the system's roots and, if given, the CA certificates in `extra_ca`
     /// (PEM), such as a cluster's CA for its API server.
     pub fn new(extra_ca: Option<&str>) -> Result<Self, String> {
-        let mut roots = rustls::RootCertStore::empty();
-        let native = rustls_native_roots();
-        roots.add_parsable_certificates(native);
-        if let Some(pem) = extra_ca {
-            let mut reader = pem.as_bytes();
-            for cert in rustls_pemfile::certs(&mut reader) {
-                let cert = cert.map_err(|e| format!("bad CA certificate: {e}"))?;
-                roots
-                    .add(cert)
-                    .map_err(|e| format!("bad CA certificate: {e}"))?;
-            }
-        }
-        let tls = rustls::ClientConfig::builder()
-            .with_root_certificates(roots)
-            .with_no_client_auth();
+        let tls = tls_config(extra_ca)?;
         let https = hyper_rustls::HttpsConnectorBuilder::new()
             .with_tls_config(tls)
             .https_or_http()
@@ -71,6 +57,25 @@ impl Fetcher {
             .map_err(|e| format!("GET {url}: {e}"))?;
         Ok(body.to_bytes().to_vec())
     }
+}
+
+/// TLS for fetching from issuers and the Kubernetes API: the system's roots and, if given,
+/// the CA certificates in `extra_ca` (PEM).
+pub(super) fn tls_config(extra_ca: Option<&str>) -> Result<rustls::ClientConfig, String> {
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add_parsable_certificates(rustls_native_roots());
+    if let Some(pem) = extra_ca {
+        let mut reader = pem.as_bytes();
+        for cert in rustls_pemfile::certs(&mut reader) {
+            let cert = cert.map_err(|e| format!("bad CA certificate: {e}"))?;
+            roots
+                .add(cert)
+                .map_err(|e| format!("bad CA certificate: {e}"))?;
+        }
+    }
+    Ok(rustls::ClientConfig::builder()
+        .with_root_certificates(roots)
+        .with_no_client_auth())
 }
 
 fn rustls_native_roots() -> Vec<rustls_pki_types::CertificateDer<'static>> {

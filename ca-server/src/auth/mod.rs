@@ -4,6 +4,7 @@ mod claims;
 pub mod dev;
 mod fetch;
 mod jwks;
+pub mod review;
 
 use std::fmt;
 use std::sync::Arc;
@@ -120,12 +121,18 @@ pub enum AuthError {
     /// The namespace or service account cannot form a SPIFFE ID.
     #[error("namespace/service account {0:?} cannot form a SPIFFE ID")]
     BadIdentity(String),
+    /// The Kubernetes API server could not review the token.
+    #[error("the Kubernetes TokenReview failed: {0}")]
+    ReviewUnavailable(String),
+    /// The Kubernetes API server says the token is not valid.
+    #[error("the Kubernetes API server refused the token: {0}")]
+    ReviewRefused(String),
 }
 
 impl AuthError {
     /// Whether the fault is on our side (the caller should retry), not the caller's.
     pub fn is_unavailable(&self) -> bool {
-        matches!(self, Self::KeysUnavailable(_))
+        matches!(self, Self::KeysUnavailable(_) | Self::ReviewUnavailable(_))
     }
 }
 
@@ -210,6 +217,8 @@ pub struct Authenticator {
     issuers: Vec<Arc<TokenIssuer>>,
     fetcher: Fetcher,
     verified: VerifiedTokens,
+    /// Reviews the tokens no configured issuer claims, when TokenReview is on.
+    reviewer: Option<review::TokenReviewer>,
 }
 
 /// Tokens that passed every check, by the SHA-256 of the token (never the token itself), until
@@ -279,7 +288,14 @@ impl Authenticator {
             issuers: issuers.into_iter().map(Arc::new).collect(),
             fetcher,
             verified: VerifiedTokens::new(VERIFIED_TOKENS),
+            reviewer: None,
         }
+    }
+
+    /// Sends tokens that no configured issuer claims to the Kubernetes API's TokenReview.
+    pub fn with_reviewer(mut self, reviewer: review::TokenReviewer) -> Self {
+        self.reviewer = Some(reviewer);
+        self
     }
 
     /// The configured issuers' names.
@@ -318,6 +334,14 @@ impl Authenticator {
         // Pick the issuer by the (not yet verified) `iss`; the verified claims are checked
         // against that issuer's policy below.
         let unverified: Claims = decode_part(payload, "payload")?;
+        if let Some(reviewer) = &self.reviewer {
+            let claimed = unverified
+                .issuer()
+                .is_some_and(|iss| self.issuers.iter().any(|i| i.name() == iss));
+            if !claimed {
+                return self.review(reviewer, token, &unverified, now).await;
+            }
+        }
         let issuer = self.select_issuer(unverified.issuer())?;
         let key = issuer
             .keys
@@ -362,6 +386,41 @@ impl Authenticator {
                 issuer: issuer.policy.issuer.clone(),
             },
             account.expires_at,
+        ))
+    }
+
+    /// Has the API server check `token`; its answer is trusted for [`review::REVIEW_CACHE_SECS`]
+    /// at most, and never past the token's `exp`.
+    async fn review(
+        &self,
+        reviewer: &review::TokenReviewer,
+        token: &BearerToken,
+        unverified: &Claims,
+        now: i64,
+    ) -> Result<(Identity, i64), AuthError> {
+        let reviewed = reviewer.review(token).await?;
+        let account = reviewed
+            .username
+            .strip_prefix("system:serviceaccount:")
+            .and_then(|rest| rest.split_once(':'))
+            .ok_or_else(|| AuthError::BadSubject(reviewed.username.clone()))?;
+        let (namespace, name) = (account.0.to_owned(), account.1.to_owned());
+        let spiffe_id = SpiffeId::for_service_account(&self.trust_domain, &namespace, &name)
+            .map_err(|_| AuthError::BadIdentity(format!("{namespace}/{name}")))?;
+        let mut expires_at = now + review::REVIEW_CACHE_SECS;
+        if let Some(exp) = unverified.expiry() {
+            expires_at = expires_at.min(exp);
+        }
+        Ok((
+            Identity {
+                spiffe_id,
+                namespace,
+                service_account: name,
+                pod_name: reviewed.pod_name,
+                pod_uid: reviewed.pod_uid,
+                issuer: format!("TokenReview {}", reviewer.api_url()),
+            },
+            expires_at,
         ))
     }
 

@@ -101,11 +101,7 @@ impl Kek {
         let mut buffer = Zeroizing::new(ciphertext.to_vec());
         let plain_len = self
             .key
-            .open_in_place(
-                nonce,
-                Aad::from(associated_data(authority_id)),
-                &mut buffer,
-            )
+            .open_in_place(nonce, Aad::from(associated_data(authority_id)), &mut buffer)
             .ok()?
             .len();
         buffer.truncate(plain_len);

@@ -10,6 +10,7 @@ use clap::Args;
 use tracing::info;
 
 use super::{Common, parse_duration};
+use crate::auth::review::KubeApi;
 use crate::issuance::LeafPolicy;
 use crate::server::limits::Rate;
 use crate::server::{self, IssuerKeysFrom, IssuerSettings, LimitSettings, Settings};
@@ -46,6 +47,20 @@ pub struct RunArgs {
     /// Accepted token audience (repeatable) [default: istio-ca]
     #[arg(long = "token-audience")]
     token_audiences: Vec<String>,
+    /// Have the Kubernetes API server check tokens (TokenReview) that no --token-issuer
+    /// claims; in a pod it is found as client-go finds it, elsewhere give --kube-api-url
+    #[arg(long)]
+    token_review: bool,
+    /// The Kubernetes API server, e.g. https://10.0.0.1:6443 [default: in-cluster]
+    #[arg(long)]
+    kube_api_url: Option<String>,
+    /// File holding this server's own token for the API server (re-read on each use)
+    /// [default: the pod's service-account token]
+    #[arg(long)]
+    kube_token_file: Option<PathBuf>,
+    /// The CA (PEM) that signed the API server's certificate [default: the pod's ca.crt]
+    #[arg(long)]
+    kube_ca_file: Option<PathBuf>,
     /// TTL of a certificate when the request asks for none [default: 1h]
     #[arg(long)]
     default_ttl: Option<String>,
@@ -94,6 +109,10 @@ pub struct FileRunConfig {
     token_jwks_url: Option<String>,
     token_jwks_ca: Option<PathBuf>,
     token_audience: Option<Vec<String>>,
+    token_review: Option<bool>,
+    kube_api_url: Option<String>,
+    kube_token_file: Option<PathBuf>,
+    kube_ca_file: Option<PathBuf>,
     default_ttl: Option<String>,
     max_ttl: Option<String>,
     bundle_refresh_hint: Option<String>,
@@ -124,6 +143,40 @@ fn or_list(flag: Vec<String>, file: Option<Vec<String>>, default: &[&str]) -> Ve
     } else {
         file.unwrap_or_else(|| default.iter().map(|s| s.to_string()).collect())
     }
+}
+
+/// The Kubernetes API to review tokens with, if `--token-review` is on: the in-cluster one,
+/// with each flag given overriding its part.
+fn kube_api(
+    on: bool,
+    url: Option<String>,
+    token_file: Option<PathBuf>,
+    ca_file: Option<PathBuf>,
+) -> anyhow::Result<Option<KubeApi>> {
+    if !on {
+        if url.is_some() || token_file.is_some() || ca_file.is_some() {
+            bail!("--kube-api-url, --kube-token-file and --kube-ca-file need --token-review");
+        }
+        return Ok(None);
+    }
+    let mut api = match url {
+        Some(url) => KubeApi {
+            url: url.trim_end_matches('/').to_owned(),
+            token_file: PathBuf::from(crate::auth::review::IN_CLUSTER_TOKEN),
+            ca_pem: std::fs::read_to_string(crate::auth::review::IN_CLUSTER_CA).ok(),
+        },
+        None => KubeApi::in_cluster().map_err(|e| anyhow::anyhow!("--token-review: {e}"))?,
+    };
+    if let Some(path) = token_file {
+        api.token_file = path;
+    }
+    if let Some(path) = ca_file {
+        api.ca_pem = Some(
+            std::fs::read_to_string(&path)
+                .with_context(|| format!("--kube-ca-file {}", path.display()))?,
+        );
+    }
+    Ok(Some(api))
 }
 
 fn settings(args: RunArgs, common: Common) -> anyhow::Result<Settings> {
@@ -267,6 +320,12 @@ fn settings(args: RunArgs, common: Common) -> anyhow::Result<Settings> {
             &["localhost", "127.0.0.1"],
         ),
         issuers,
+        kube_api: kube_api(
+            args.token_review || file.token_review.unwrap_or(false),
+            args.kube_api_url.or(file.kube_api_url),
+            args.kube_token_file.or(file.kube_token_file),
+            args.kube_ca_file.or(file.kube_ca_file),
+        )?,
         audiences: or_list(args.token_audiences, file.token_audience, &["istio-ca"]),
         jwks_ca_file: args.token_jwks_ca.or(file.token_jwks_ca),
         dev: args.dev || file.dev.unwrap_or(false),

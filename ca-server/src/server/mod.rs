@@ -81,6 +81,8 @@ pub struct Settings {
     pub issuers: Vec<IssuerSettings>,
     /// Accepted token audiences.
     pub audiences: Vec<String>,
+    /// The Kubernetes API that reviews tokens no issuer claims (`--token-review`).
+    pub kube_api: Option<crate::auth::review::KubeApi>,
     /// Extra CA (PEM file) trusted when fetching JWKS URLs.
     pub jwks_ca_file: Option<PathBuf>,
     /// Enables the development issuer.
@@ -258,7 +260,7 @@ fn build_authenticator(settings: &Settings) -> Result<Authenticator, StartError>
             IssuerKeys::fixed(dev.key_set()),
         ));
     }
-    if issuers.is_empty() {
+    if issuers.is_empty() && settings.kube_api.is_none() {
         return Err(StartError::NoIssuer);
     }
     let extra_ca =
@@ -269,11 +271,17 @@ fn build_authenticator(settings: &Settings) -> Result<Authenticator, StartError>
             None => None,
         };
     let fetcher = Fetcher::new(extra_ca.as_deref()).map_err(StartError::Issuer)?;
-    Ok(Authenticator::new(
-        settings.trust_domain.clone(),
-        issuers,
-        fetcher,
-    ))
+    let authn = Authenticator::new(settings.trust_domain.clone(), issuers, fetcher);
+    Ok(match &settings.kube_api {
+        Some(api) => {
+            info!(api = %api.url, "Tokens no issuer claims go to the Kubernetes TokenReview API");
+            authn.with_reviewer(
+                crate::auth::review::TokenReviewer::new(api.clone(), settings.audiences.clone())
+                    .map_err(StartError::Issuer)?,
+            )
+        }
+        None => authn,
+    })
 }
 
 /// Starts the server: opens the store, loads (or creates) the authority, mints the server's
