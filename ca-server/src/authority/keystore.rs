@@ -15,7 +15,7 @@ use base64::Engine;
 use base64::engine::general_purpose::STANDARD;
 use zeroize::Zeroizing;
 
-use super::{AuthorityError, CaKey, KeyError, check_private};
+use super::{AuthorityError, CaKey, KeyError};
 use crate::store::AuthorityRecord;
 
 /// A key-encryption key: 32 bytes for AES-256-GCM.
@@ -32,9 +32,10 @@ impl std::fmt::Debug for Kek {
 
 impl Kek {
     /// Reads a KEK file: 32 bytes as base64 (`openssl rand -base64 32`), as 64 hex digits,
-    /// or raw. The file must not be readable by group or others.
+    /// or raw. Others may not read it, nor the group write it; the group may read it, as
+    /// Kubernetes makes a secret volume's files readable by the pod's `fsGroup`.
     pub fn read_file(path: &Path) -> Result<Self, KeyError> {
-        check_private(path)?;
+        check_kek_mode(path)?;
         let bytes = Zeroizing::new(std::fs::read(path).map_err(|source| KeyError::Io {
             path: path.display().to_string(),
             source,
@@ -107,6 +108,28 @@ impl Kek {
         buffer.truncate(plain_len);
         Some(buffer)
     }
+}
+
+fn check_kek_mode(path: &Path) -> Result<(), KeyError> {
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(path)
+        .map_err(|source| KeyError::Io {
+            path: path.display().to_string(),
+            source,
+        })?
+        .permissions()
+        .mode()
+        & 0o777;
+    if mode & 0o027 != 0 {
+        return Err(KeyError::Invalid {
+            path: path.display().to_string(),
+            detail: format!(
+                "a key-encryption key must not be readable by others or writable by the group \
+                 (mode {mode:o}): run `chmod 600` on it, or 0440 for a Kubernetes secret volume"
+            ),
+        });
+    }
+    Ok(())
 }
 
 fn associated_data(authority_id: i64) -> Vec<u8> {
@@ -261,6 +284,25 @@ mod tests {
             "altered"
         );
         assert_ne!(k.seal(3, b"secret pem").unwrap(), sealed, "fresh nonce");
+    }
+
+    #[test]
+    fn kek_files_others_can_read_are_refused() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("kek");
+        std::fs::write(&path, "11".repeat(32)).unwrap();
+        for (mode, ok) in [
+            (0o600, true),
+            (0o440, true),
+            (0o640, true),
+            (0o604, false),
+            (0o660, false),
+        ] {
+            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(mode)).unwrap();
+            let result = Kek::read_file(&path);
+            assert_eq!(result.is_ok(), ok, "mode {mode:o}: {result:?}");
+        }
     }
 
     #[test]
