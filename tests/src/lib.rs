@@ -405,6 +405,21 @@ impl TestServer {
     }
 }
 
+impl TestServer {
+    /// Runs a CLI subcommand against this server's store, asserts it succeeded, and returns
+    /// what it printed.
+    pub fn cli_ok(&self, args: &[&str]) -> String {
+        let out = self.cli(args);
+        assert!(
+            out.status.success(),
+            "{args:?}: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).expect("utf-8")
+    }
+}
+
 impl Drop for TestServer {
     fn drop(&mut self) {
         self.kill();

@@ -19,17 +19,6 @@ fn start() -> (tempfile::TempDir, TestServer, TestIssuer) {
     (dir, server, issuer)
 }
 
-fn cli_ok(server: &TestServer, args: &[&str]) -> String {
-    let out = server.cli(args);
-    assert!(
-        out.status.success(),
-        "{args:?}: {}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout).unwrap()
-}
-
 fn cli_err(server: &TestServer, args: &[&str]) -> String {
     let out = server.cli(args);
     assert_eq!(out.status.code(), Some(1), "{args:?} should fail");
@@ -83,7 +72,7 @@ async fn rotation_never_breaks_mtls_between_proxies_that_follow_the_bundle() {
     tokio::time::sleep(Duration::from_millis(500)).await;
 
     // 1. Prepare: the new root joins the bundle; every proxy has it within 2 s.
-    let new_id = cli_ok(&server, &["root", "prepare"]).trim().to_owned();
+    let new_id = server.cli_ok(&["root", "prepare"]).trim().to_owned();
     assert_eq!(new_id, "2");
     let took = within(
         Duration::from_secs(2),
@@ -98,7 +87,7 @@ async fn rotation_never_breaks_mtls_between_proxies_that_follow_the_bundle() {
     eprintln!("prepare reached the proxies in {took:?}");
 
     // 2. Activate: new certificates come from the new root as the proxies renew.
-    cli_ok(&server, &["root", "activate", "2"]);
+    server.cli_ok(&["root", "activate", "2"]);
     let activated = Instant::now();
     within(
         Duration::from_secs(ttl as u64 + 4),
@@ -127,7 +116,7 @@ async fn rotation_never_breaks_mtls_between_proxies_that_follow_the_bundle() {
         refused.contains("1 unexpired certificate(s)"),
         "only the stale one is left: {refused}"
     );
-    cli_ok(&server, &["root", "retire", "1", "--force"]);
+    server.cli_ok(&["root", "retire", "1", "--force"]);
     within(
         Duration::from_secs(2),
         "retirement reaches the proxies",
@@ -178,7 +167,11 @@ async fn rotation_never_breaks_mtls_between_proxies_that_follow_the_bundle() {
     );
     assert!(reasons[2].contains("prepared a self-signed root"));
     assert!(authority_events.iter().all(|e| e["operator"].is_string()));
-    assert!(cli_ok(&server, &["audit", "verify"]).starts_with("audit log intact"));
+    assert!(
+        server
+            .cli_ok(&["audit", "verify"])
+            .starts_with("audit log intact")
+    );
 }
 
 #[tokio::test]
@@ -259,18 +252,18 @@ async fn the_bundle_is_published_as_pem_jwks_and_a_stream() {
     );
 
     // Each change arrives within 2 s; the sequence moves on each change and never otherwise.
-    cli_ok(&server, &["root", "prepare"]);
+    server.cli_ok(&["root", "prepare"]);
     let (msg, took) = next(&mut stream).await;
     assert_eq!((msg.sequence, msg.root_certificates.len()), (2, 2));
     eprintln!("prepare delivered in {took:?}");
-    cli_ok(&server, &["root", "activate", "2"]);
+    server.cli_ok(&["root", "activate", "2"]);
     // Activation leaves the roots alone: no message, no new sequence.
     assert!(
         tokio::time::timeout(Duration::from_millis(2500), stream.message())
             .await
             .is_err()
     );
-    cli_ok(&server, &["root", "retire", "1"]);
+    server.cli_ok(&["root", "retire", "1"]);
     let (msg, _) = next(&mut stream).await;
     assert_eq!((msg.sequence, msg.root_certificates.len()), (3, 1));
 
@@ -292,16 +285,16 @@ async fn the_bundle_is_published_as_pem_jwks_and_a_stream() {
     );
 
     // The CLI shows the same bundle, read from the store.
-    assert_eq!(cli_ok(&server, &["bundle", "show"]), file);
+    assert_eq!(server.cli_ok(&["bundle", "show"]), file);
     let shown: serde_json::Value =
-        serde_json::from_str(&cli_ok(&server, &["bundle", "show", "--format", "jwks"])).unwrap();
+        serde_json::from_str(&server.cli_ok(&["bundle", "show", "--format", "jwks"])).unwrap();
     assert_eq!(shown, jwks);
 
     // State survives a restart.
-    let status_before = cli_ok(&server, &["root", "status", "--format", "json"]);
+    let status_before = server.cli_ok(&["root", "status", "--format", "json"]);
     server.restart();
     assert_eq!(
-        cli_ok(&server, &["root", "status", "--format", "json"]),
+        server.cli_ok(&["root", "status", "--format", "json"]),
         status_before
     );
     let states: Vec<serde_json::Value> = status_before
@@ -350,8 +343,8 @@ fn wrong_transitions_are_refused_with_a_reason() {
     assert!(msg.contains("already active"), "{msg}");
     let msg = cli_err(&server, &["root", "activate", "9"]);
     assert!(msg.contains("no authority with id 9"), "{msg}");
-    cli_ok(&server, &["root", "prepare", "--key-type", "ec-p384"]);
-    cli_ok(&server, &["root", "retire", "2"]);
+    server.cli_ok(&["root", "prepare", "--key-type", "ec-p384"]);
+    server.cli_ok(&["root", "retire", "2"]);
     let msg = cli_err(&server, &["root", "activate", "2"]);
     assert!(
         msg.contains("authority 2 is retired") && msg.contains("prepare a new authority"),
@@ -359,7 +352,11 @@ fn wrong_transitions_are_refused_with_a_reason() {
     );
     let msg = cli_err(&server, &["root", "retire", "2"]);
     assert!(msg.contains("already retired"), "{msg}");
-    assert!(cli_ok(&server, &["audit", "verify"]).starts_with("audit log intact"));
+    assert!(
+        server
+            .cli_ok(&["audit", "verify"])
+            .starts_with("audit log intact")
+    );
 }
 
 fn pem_certs(pem: &str) -> Vec<Vec<u8>> {

@@ -22,17 +22,6 @@ fn kek_file(dir: &Path, name: &str, byte: u8) -> PathBuf {
     path
 }
 
-fn cli_ok(server: &TestServer, args: &[&str]) -> String {
-    let out = server.cli(args);
-    assert!(
-        out.status.success(),
-        "{args:?}: {}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout).unwrap()
-}
-
 /// The stored authorities' (id, key_ref, sealed_key).
 async fn stored_keys(url: &str) -> Vec<(i64, String, Option<String>)> {
     use sqlx::Connection;
@@ -60,11 +49,8 @@ async fn authority_keys_sealed_under_a_kek_live_in_the_store() {
 
     // A root prepared through the CLI with the same KEK is sealed too, and the server
     // signs with it once it is activated.
-    let id = cli_ok(
-        &server,
-        &["root", "prepare", "--key-encryption-key-file", kek_arg],
-    );
-    cli_ok(&server, &["root", "activate", id.trim()]);
+    let id = server.cli_ok(&["root", "prepare", "--key-encryption-key-file", kek_arg]);
+    server.cli_ok(&["root", "activate", id.trim()]);
     let new_root = format!("root {}", id.trim());
     let token = issuer.token("shop", "web");
     let (csr, _) = csr(&rcgen::PKCS_ECDSA_P256_SHA256, &[]);
@@ -198,12 +184,10 @@ async fn two_replicas_share_authorities_the_bundle_and_the_audit_chain() {
     let on_a = keep_issuing(&a, &issuer, "cart", Arc::clone(&stop)).await;
     tokio::time::sleep(Duration::from_millis(500)).await;
 
-    let id = cli_ok(
-        &a,
-        &["root", "prepare", "--key-encryption-key-file", kek_arg],
-    );
+    let id = a.cli_ok(&["root", "prepare", "--key-encryption-key-file", kek_arg]);
     let prepared = Instant::now();
-    let new_root = cli_ok(&a, &["bundle", "show"])
+    let new_root = a
+        .cli_ok(&["bundle", "show"])
         .split_inclusive("-----END CERTIFICATE-----\n")
         .last()
         .unwrap()
@@ -214,7 +198,7 @@ async fn two_replicas_share_authorities_the_bundle_and_the_audit_chain() {
     .await;
     let reached = prepared.elapsed();
 
-    cli_ok(&a, &["root", "activate", id.trim()]);
+    a.cli_ok(&["root", "activate", id.trim()]);
     let activated = Instant::now();
     let token = issuer.token("shop", "probe");
     let (csr, _) = csr(&rcgen::PKCS_ECDSA_P256_SHA256, &[]);

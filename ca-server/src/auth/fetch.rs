@@ -29,14 +29,8 @@ impl Fetcher {
     /// A client trusting the system's roots and, if given, the CA certificates in `extra_ca`
     /// (PEM), such as a cluster's CA for its API server.
     pub fn new(extra_ca: Option<&str>) -> Result<Self, String> {
-        let tls = tls_config(extra_ca)?;
-        let https = hyper_rustls::HttpsConnectorBuilder::new()
-            .with_tls_config(tls)
-            .https_or_http()
-            .enable_http1()
-            .build();
         Ok(Self {
-            client: Client::builder(TokioExecutor::new()).build(https),
+            client: http_client(extra_ca)?,
         })
     }
 
@@ -59,9 +53,26 @@ impl Fetcher {
     }
 }
 
+/// An HTTP/1.1 client (HTTPS, or plain HTTP for loopback tests) for issuers and the
+/// Kubernetes API, trusting what [`tls_config`] trusts.
+pub(super) fn http_client<B>(
+    extra_ca: Option<&str>,
+) -> Result<Client<hyper_rustls::HttpsConnector<HttpConnector>, B>, String>
+where
+    B: hyper::body::Body + Send,
+    B::Data: Send,
+{
+    let https = hyper_rustls::HttpsConnectorBuilder::new()
+        .with_tls_config(tls_config(extra_ca)?)
+        .https_or_http()
+        .enable_http1()
+        .build();
+    Ok(Client::builder(TokioExecutor::new()).build(https))
+}
+
 /// TLS for fetching from issuers and the Kubernetes API: the system's roots and, if given,
 /// the CA certificates in `extra_ca` (PEM).
-pub(super) fn tls_config(extra_ca: Option<&str>) -> Result<rustls::ClientConfig, String> {
+fn tls_config(extra_ca: Option<&str>) -> Result<rustls::ClientConfig, String> {
     let mut roots = rustls::RootCertStore::empty();
     roots.add_parsable_certificates(rustls_native_roots());
     if let Some(pem) = extra_ca {

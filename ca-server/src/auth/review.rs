@@ -11,7 +11,6 @@ use bytes::Bytes;
 use http_body_util::{BodyExt, Full, Limited};
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::rt::TokioExecutor;
 use zeroize::Zeroizing;
 
 use super::{AuthError, BearerToken};
@@ -123,16 +122,10 @@ struct ReviewUser {
 impl TokenReviewer {
     /// A reviewer asking `api`, for tokens meant for one of `audiences`.
     pub fn new(api: KubeApi, audiences: Vec<String>) -> Result<Self, String> {
-        let tls = super::fetch::tls_config(api.ca_pem.as_deref())?;
-        let https = hyper_rustls::HttpsConnectorBuilder::new()
-            .with_tls_config(tls)
-            .https_or_http()
-            .enable_http1()
-            .build();
         Ok(Self {
+            client: super::fetch::http_client(api.ca_pem.as_deref())?,
             api,
             audiences,
-            client: Client::builder(TokioExecutor::new()).build(https),
         })
     }
 
