@@ -87,7 +87,9 @@ fn bench(c: &mut Criterion) {
         .build()
         .unwrap();
     let now = time::OffsetDateTime::now_utc().unix_timestamp();
-    let identity = runtime.block_on(authn.authenticate(&token, now)).unwrap();
+    let identity = runtime
+        .block_on(authn.authenticate(&token, None, now))
+        .unwrap();
 
     c.bench_function("check_csr (P-256)", |b| {
         b.iter(|| check_csr(black_box(&csr)).unwrap())
@@ -109,7 +111,9 @@ fn bench(c: &mut Criterion) {
     });
     c.bench_function("pipeline (cached token + check_csr + issue)", |b| {
         b.iter(|| {
-            let id = runtime.block_on(authn.authenticate(&token, now)).unwrap();
+            let id = runtime
+                .block_on(authn.authenticate(&token, None, now))
+                .unwrap();
             let checked = check_csr(black_box(&csr)).unwrap();
             issue(
                 &authority,

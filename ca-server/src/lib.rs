@@ -14,6 +14,7 @@ pub mod bundle;
 pub mod cli;
 pub mod files;
 pub mod issuance;
+pub mod kube;
 pub mod metrics;
 pub mod rfc3339;
 pub mod server;

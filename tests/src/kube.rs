@@ -111,8 +111,14 @@ impl FakeKubeApi {
 
     /// The `run` flags that point `ca-server` at this API with `--token-review`.
     pub fn flags(&self) -> Vec<String> {
+        let mut flags = vec!["--token-review".to_owned()];
+        flags.extend(self.api_flags());
+        flags
+    }
+
+    /// The `run` flags that point `ca-server` at this API.
+    pub fn api_flags(&self) -> Vec<String> {
         vec![
-            "--token-review".into(),
             "--kube-api-url".into(),
             self.url.clone(),
             "--kube-ca-file".into(),

@@ -55,7 +55,7 @@ impl Fetcher {
 
 /// An HTTP/1.1 client (HTTPS, or plain HTTP for loopback tests) for issuers and the
 /// Kubernetes API, trusting what [`tls_config`] trusts.
-pub(super) fn http_client<B>(
+pub(crate) fn http_client<B>(
     extra_ca: Option<&str>,
 ) -> Result<Client<hyper_rustls::HttpsConnector<HttpConnector>, B>, String>
 where

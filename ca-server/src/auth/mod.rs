@@ -16,6 +16,7 @@ use zeroize::Zeroizing;
 
 pub use claims::{ClaimPolicy, Claims, LEEWAY_SECS, ServiceAccount};
 pub use fetch::Fetcher;
+pub(crate) use fetch::http_client;
 pub use jwks::{ALLOWED_ALGORITHMS, IssuerKeys, KeySet};
 
 use crate::spiffe::{SpiffeId, TrustDomain};
@@ -71,6 +72,19 @@ pub enum AuthError {
         /// The token's `iss`.
         got: String,
         /// What we accept.
+        want: String,
+    },
+    /// The request's `clusterid` selects an issuer the token is not from.
+    #[error(
+        "token issuer {got:?} is not the issuer of cluster {cluster:?} ({want:?}), which the \
+         request's clusterid header names: check the proxy's CLUSTER_ID"
+    )]
+    NotTheClustersIssuer {
+        /// The `clusterid` header.
+        cluster: String,
+        /// The token's `iss`.
+        got: String,
+        /// That cluster's issuer.
         want: String,
     },
     /// `aud` does not contain a configured audience.
@@ -194,6 +208,7 @@ pub struct Identity {
 pub struct TokenIssuer {
     policy: ClaimPolicy,
     keys: IssuerKeys,
+    cluster_id: Option<String>,
 }
 
 impl TokenIssuer {
@@ -202,7 +217,14 @@ impl TokenIssuer {
         Self {
             policy: ClaimPolicy { issuer, audiences },
             keys,
+            cluster_id: None,
         }
+    }
+
+    /// Makes requests whose `clusterid` is `cluster_id` go to this issuer alone.
+    pub fn for_cluster(mut self, cluster_id: Option<String>) -> Self {
+        self.cluster_id = cluster_id;
+        self
     }
 
     /// Its `iss`.
@@ -303,20 +325,37 @@ impl Authenticator {
         self.issuers.iter().map(|i| i.name()).collect()
     }
 
-    /// Checks `token` and returns the caller's identity. `now` is unix seconds.
-    pub async fn authenticate(&self, token: &BearerToken, now: i64) -> Result<Identity, AuthError> {
+    /// Checks `token` and returns the caller's identity. `cluster` is the request's
+    /// `clusterid`: when an issuer is configured for that cluster, the token must be that
+    /// issuer's; otherwise the issuer is chosen by the token's `iss`. `now` is unix seconds.
+    pub async fn authenticate(
+        &self,
+        token: &BearerToken,
+        cluster: Option<&str>,
+        now: i64,
+    ) -> Result<Identity, AuthError> {
         let key = VerifiedTokens::key(token);
-        if let Some(identity) = self.verified.get(&key, now) {
+        // A remembered answer counts only if the issuer that gave it is the one this
+        // request's cluster selects.
+        let selected = self.issuer_for_cluster(cluster).map(|i| i.name());
+        if let Some(identity) = self.verified.get(&key, now)
+            && selected.is_none_or(|name| name == identity.issuer)
+        {
             crate::metrics::metrics().token_cache_hits.inc();
             return Ok(identity);
         }
         crate::metrics::metrics().token_cache_misses.inc();
-        let (identity, expires_at) = self.verify(token, now).await?;
+        let (identity, expires_at) = self.verify(token, cluster, now).await?;
         self.verified.insert(key, identity.clone(), expires_at, now);
         Ok(identity)
     }
 
-    async fn verify(&self, token: &BearerToken, now: i64) -> Result<(Identity, i64), AuthError> {
+    async fn verify(
+        &self,
+        token: &BearerToken,
+        cluster: Option<&str>,
+        now: i64,
+    ) -> Result<(Identity, i64), AuthError> {
         let text = token.expose();
         let mut parts = text.split('.');
         let (Some(header), Some(payload), Some(_sig), None) =
@@ -334,7 +373,8 @@ impl Authenticator {
         // Pick the issuer by the (not yet verified) `iss`; the verified claims are checked
         // against that issuer's policy below.
         let unverified: Claims = decode_part(payload, "payload")?;
-        if let Some(reviewer) = &self.reviewer {
+        let for_cluster = self.issuer_for_cluster(cluster);
+        if let (None, Some(reviewer)) = (for_cluster, &self.reviewer) {
             let claimed = unverified
                 .issuer()
                 .is_some_and(|iss| self.issuers.iter().any(|i| i.name() == iss));
@@ -342,7 +382,20 @@ impl Authenticator {
                 return self.review(reviewer, token, &unverified, now).await;
             }
         }
-        let issuer = self.select_issuer(unverified.issuer())?;
+        let issuer = match for_cluster {
+            Some(issuer) => {
+                let got = unverified.issuer().unwrap_or_default();
+                if got != issuer.name() {
+                    return Err(AuthError::NotTheClustersIssuer {
+                        cluster: cluster.unwrap_or_default().to_owned(),
+                        got: got.to_owned(),
+                        want: issuer.name().to_owned(),
+                    });
+                }
+                issuer
+            }
+            None => self.select_issuer(unverified.issuer())?,
+        };
         let key = issuer
             .keys
             .find(header.kid.as_deref(), &self.fetcher)
@@ -424,6 +477,15 @@ impl Authenticator {
         ))
     }
 
+    /// The issuer configured for `cluster`, if any.
+    fn issuer_for_cluster(&self, cluster: Option<&str>) -> Option<&TokenIssuer> {
+        let cluster = cluster?;
+        self.issuers
+            .iter()
+            .find(|i| i.cluster_id.as_deref() == Some(cluster))
+            .map(|i| &**i)
+    }
+
     fn select_issuer(&self, iss: Option<&str>) -> Result<&TokenIssuer, AuthError> {
         if let [only] = self.issuers.as_slice() {
             // Its policy names the mismatch, if any.
@@ -460,17 +522,23 @@ mod tests {
         );
         let token = BearerToken::new(&dev.mint("a", "b", "istio-ca", 60, None).unwrap()).unwrap();
         let now = time::OffsetDateTime::now_utc().unix_timestamp();
-        let id = authn.authenticate(&token, now).await.unwrap();
+        let id = authn.authenticate(&token, None, now).await.unwrap();
         assert_eq!(id.spiffe_id.to_string(), "spiffe://cluster.local/ns/a/sa/b");
         let key = VerifiedTokens::key(&token);
         assert_eq!(authn.verified.get(&key, now + 30), Some(id.clone()));
-        assert_eq!(authn.authenticate(&token, now + 30).await.unwrap(), id);
+        assert_eq!(
+            authn.authenticate(&token, None, now + 30).await.unwrap(),
+            id
+        );
         // Past its exp, the remembered answer is gone and the token is refused.
-        let err = authn.authenticate(&token, now + 61).await.unwrap_err();
+        let err = authn
+            .authenticate(&token, None, now + 61)
+            .await
+            .unwrap_err();
         assert!(matches!(err, AuthError::Expired { .. }), "{err}");
         // Refusals are never remembered.
         let bad = BearerToken::new("x.y.z").unwrap();
-        assert!(authn.authenticate(&bad, now).await.is_err());
+        assert!(authn.authenticate(&bad, None, now).await.is_err());
         assert!(
             authn
                 .verified

@@ -10,8 +10,8 @@ use clap::Args;
 use tracing::info;
 
 use super::{Common, parse_duration};
-use crate::auth::review::KubeApi;
 use crate::issuance::LeafPolicy;
+use crate::kube::KubeApi;
 use crate::server::limits::Rate;
 use crate::server::{self, IssuerKeysFrom, IssuerSettings, LimitSettings, Settings};
 use crate::spiffe::TrustDomain;
@@ -61,6 +61,11 @@ pub struct RunArgs {
     /// The CA (PEM) that signed the API server's certificate [default: the pod's ca.crt]
     #[arg(long)]
     kube_ca_file: Option<PathBuf>,
+    /// Publish the trust bundle (PEM, key root-cert.pem) into a ConfigMap of this name in
+    /// every namespace, as istiod does with istio-ca-root-cert; uses the Kubernetes API as
+    /// --token-review does
+    #[arg(long)]
+    publish_configmap: Option<String>,
     /// TTL of a certificate when the request asks for none [default: 1h]
     #[arg(long)]
     default_ttl: Option<String>,
@@ -109,10 +114,12 @@ pub struct FileRunConfig {
     token_jwks_url: Option<String>,
     token_jwks_ca: Option<PathBuf>,
     token_audience: Option<Vec<String>>,
+    token_issuers: Option<Vec<FileIssuer>>,
     token_review: Option<bool>,
     kube_api_url: Option<String>,
     kube_token_file: Option<PathBuf>,
     kube_ca_file: Option<PathBuf>,
+    publish_configmap: Option<String>,
     default_ttl: Option<String>,
     max_ttl: Option<String>,
     bundle_refresh_hint: Option<String>,
@@ -123,6 +130,22 @@ pub struct FileRunConfig {
     unauthenticated_rate: Option<f64>,
     unauthenticated_burst: Option<f64>,
     dev: Option<bool>,
+}
+
+/// One entry of the config file's `[[token_issuers]]`: a cluster whose tokens are accepted,
+/// for meshes spanning several clusters.
+#[derive(Debug, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileIssuer {
+    /// The tokens' `iss`.
+    issuer: String,
+    /// The issuer's JWKS file.
+    jwks_file: Option<PathBuf>,
+    /// The issuer's JWKS URL.
+    jwks_url: Option<String>,
+    /// The `clusterid` proxies of that cluster send (Istio's `CLUSTER_ID`); requests naming
+    /// it are checked against this issuer only.
+    cluster_id: Option<String>,
 }
 
 impl FileRunConfig {
@@ -145,8 +168,8 @@ fn or_list(flag: Vec<String>, file: Option<Vec<String>>, default: &[&str]) -> Ve
     }
 }
 
-/// The Kubernetes API to review tokens with, if `--token-review` is on: the in-cluster one,
-/// with each flag given overriding its part.
+/// The Kubernetes API, if something needs it (`--token-review`, `--publish-configmap`): the
+/// in-cluster one, with each flag given overriding its part.
 fn kube_api(
     on: bool,
     url: Option<String>,
@@ -155,17 +178,20 @@ fn kube_api(
 ) -> anyhow::Result<Option<KubeApi>> {
     if !on {
         if url.is_some() || token_file.is_some() || ca_file.is_some() {
-            bail!("--kube-api-url, --kube-token-file and --kube-ca-file need --token-review");
+            bail!(
+                "--kube-api-url, --kube-token-file and --kube-ca-file need --token-review or \
+                 --publish-configmap"
+            );
         }
         return Ok(None);
     }
     let mut api = match url {
         Some(url) => KubeApi {
             url: url.trim_end_matches('/').to_owned(),
-            token_file: PathBuf::from(crate::auth::review::IN_CLUSTER_TOKEN),
-            ca_pem: std::fs::read_to_string(crate::auth::review::IN_CLUSTER_CA).ok(),
+            token_file: PathBuf::from(crate::kube::IN_CLUSTER_TOKEN),
+            ca_pem: std::fs::read_to_string(crate::kube::IN_CLUSTER_CA).ok(),
         },
-        None => KubeApi::in_cluster().map_err(|e| anyhow::anyhow!("--token-review: {e}"))?,
+        None => KubeApi::in_cluster().map_err(|e| anyhow::anyhow!("the Kubernetes API: {e}"))?,
     };
     if let Some(path) = token_file {
         api.token_file = path;
@@ -182,6 +208,8 @@ fn kube_api(
 fn settings(args: RunArgs, common: Common) -> anyhow::Result<Settings> {
     let keys = Arc::new(common.key_store()?);
     let file = common.file.run;
+    let token_review = args.token_review || file.token_review.unwrap_or(false);
+    let publish_configmap = args.publish_configmap.or(file.publish_configmap);
     let trust_domain = args
         .trust_domain
         .or(file.trust_domain)
@@ -200,10 +228,12 @@ fn settings(args: RunArgs, common: Common) -> anyhow::Result<Settings> {
         (Some(issuer), Some(file), None) => vec![IssuerSettings {
             issuer,
             keys: IssuerKeysFrom::File(file),
+            cluster_id: None,
         }],
         (Some(issuer), None, Some(url)) => vec![IssuerSettings {
             issuer,
             keys: IssuerKeysFrom::Url(url),
+            cluster_id: None,
         }],
         (Some(_), None, None) => {
             bail!(
@@ -215,6 +245,32 @@ fn settings(args: RunArgs, common: Common) -> anyhow::Result<Settings> {
              https://kubernetes.default.svc.cluster.local)"
         ),
     };
+    let mut issuers = issuers;
+    for (i, entry) in file.token_issuers.into_iter().flatten().enumerate() {
+        let keys = match (entry.jwks_file, entry.jwks_url) {
+            (Some(path), None) => IssuerKeysFrom::File(path),
+            (None, Some(url)) => IssuerKeysFrom::Url(url),
+            _ => bail!(
+                "token_issuers[{i}] ({}) in the config file needs exactly one of jwks_file and \
+                 jwks_url",
+                entry.issuer
+            ),
+        };
+        if issuers.iter().any(|other| {
+            other.issuer == entry.issuer
+                || (entry.cluster_id.is_some() && other.cluster_id == entry.cluster_id)
+        }) {
+            bail!(
+                "token_issuers[{i}] ({}) repeats an issuer or a cluster_id already configured",
+                entry.issuer
+            );
+        }
+        issuers.push(IssuerSettings {
+            issuer: entry.issuer,
+            keys,
+            cluster_id: entry.cluster_id,
+        });
+    }
 
     let ttl = |flag: &str, value: Option<String>, default: time::Duration| match value {
         Some(text) => parse_duration(&text).map_err(|e| anyhow::anyhow!("{flag}: {e}")),
@@ -321,11 +377,13 @@ fn settings(args: RunArgs, common: Common) -> anyhow::Result<Settings> {
         ),
         issuers,
         kube_api: kube_api(
-            args.token_review || file.token_review.unwrap_or(false),
+            token_review || publish_configmap.is_some(),
             args.kube_api_url.or(file.kube_api_url),
             args.kube_token_file.or(file.kube_token_file),
             args.kube_ca_file.or(file.kube_ca_file),
         )?,
+        token_review,
+        publish_configmap,
         audiences: or_list(args.token_audiences, file.token_audience, &["istio-ca"]),
         jwks_ca_file: args.token_jwks_ca.or(file.token_jwks_ca),
         dev: args.dev || file.dev.unwrap_or(false),

@@ -55,6 +55,8 @@ pub struct CsrRequest {
     pub peer: Option<SocketAddr>,
     /// The `authorization` header, if any.
     pub authorization: Option<String>,
+    /// The `clusterid` header (Istio's `CLUSTER_ID`), if any.
+    pub cluster_id: Option<String>,
     /// The PEM CSR.
     pub csr: String,
     /// Requested TTL in seconds; 0 for the default.
@@ -275,7 +277,7 @@ impl CertificateAuthority {
         let token = BearerToken::from_header(header)?;
         let identity = self
             .authn
-            .authenticate(&token, now.unix_timestamp())
+            .authenticate(&token, request.cluster_id.as_deref(), now.unix_timestamp())
             .await?;
         drop(token);
         known.identity = Some(identity.clone());

@@ -93,6 +93,12 @@ impl IstioCertificateService for CertificateService {
             .metadata()
             .get("authorization")
             .map(|v| v.to_str().map(str::to_owned).unwrap_or_default());
+        let cluster_id = request
+            .metadata()
+            .get("clusterid")
+            .and_then(|v| v.to_str().ok())
+            .filter(|v| !v.is_empty())
+            .map(str::to_owned);
         let body = request.into_inner();
         let impersonated_identity = body.metadata.as_ref().and_then(|m| {
             m.fields
@@ -107,6 +113,7 @@ impl IstioCertificateService for CertificateService {
         let work = self.ca.create_certificate(CsrRequest {
             peer,
             authorization,
+            cluster_id,
             csr: body.csr,
             validity_secs: body.validity_duration,
             impersonated_identity,

@@ -3,6 +3,7 @@
 
 mod audit_service;
 mod ca;
+pub mod configmap;
 mod grpc;
 mod http;
 pub mod limits;
@@ -58,6 +59,8 @@ pub struct IssuerSettings {
     pub issuer: String,
     /// Where its keys come from.
     pub keys: IssuerKeysFrom,
+    /// The `clusterid` that selects it, for several clusters.
+    pub cluster_id: Option<String>,
 }
 
 /// Everything `run` needs, resolved from flags, the config file and defaults.
@@ -81,8 +84,12 @@ pub struct Settings {
     pub issuers: Vec<IssuerSettings>,
     /// Accepted token audiences.
     pub audiences: Vec<String>,
-    /// The Kubernetes API that reviews tokens no issuer claims (`--token-review`).
-    pub kube_api: Option<crate::auth::review::KubeApi>,
+    /// The Kubernetes API, when something needs it.
+    pub kube_api: Option<crate::kube::KubeApi>,
+    /// Tokens no issuer claims go to the API's TokenReview.
+    pub token_review: bool,
+    /// The ConfigMap to publish the bundle into, in every namespace.
+    pub publish_configmap: Option<String>,
     /// Extra CA (PEM file) trusted when fetching JWKS URLs.
     pub jwks_ca_file: Option<PathBuf>,
     /// Enables the development issuer.
@@ -241,11 +248,10 @@ fn build_authenticator(settings: &Settings) -> Result<Authenticator, StartError>
             }
             IssuerKeysFrom::Url(url) => IssuerKeys::from_url(url.clone()),
         };
-        issuers.push(TokenIssuer::new(
-            issuer.issuer.clone(),
-            settings.audiences.clone(),
-            keys,
-        ));
+        issuers.push(
+            TokenIssuer::new(issuer.issuer.clone(), settings.audiences.clone(), keys)
+                .for_cluster(issuer.cluster_id.clone()),
+        );
     }
     if settings.dev {
         let dev = DevIssuer::load_or_create(&settings.data_dir)
@@ -260,7 +266,7 @@ fn build_authenticator(settings: &Settings) -> Result<Authenticator, StartError>
             IssuerKeys::fixed(dev.key_set()),
         ));
     }
-    if issuers.is_empty() && settings.kube_api.is_none() {
+    if issuers.is_empty() && !settings.token_review {
         return Err(StartError::NoIssuer);
     }
     let extra_ca =
@@ -272,16 +278,21 @@ fn build_authenticator(settings: &Settings) -> Result<Authenticator, StartError>
         };
     let fetcher = Fetcher::new(extra_ca.as_deref()).map_err(StartError::Issuer)?;
     let authn = Authenticator::new(settings.trust_domain.clone(), issuers, fetcher);
-    Ok(match &settings.kube_api {
-        Some(api) => {
-            info!(api = %api.url, "Tokens no issuer claims go to the Kubernetes TokenReview API");
-            authn.with_reviewer(
-                crate::auth::review::TokenReviewer::new(api.clone(), settings.audiences.clone())
+    Ok(
+        match settings.kube_api.as_ref().filter(|_| settings.token_review) {
+            Some(api) => {
+                info!(api = %api.url, "Tokens no issuer claims go to the Kubernetes TokenReview API");
+                authn.with_reviewer(
+                    crate::auth::review::TokenReviewer::new(
+                        api.clone(),
+                        settings.audiences.clone(),
+                    )
                     .map_err(StartError::Issuer)?,
-            )
-        }
-        None => authn,
-    })
+                )
+            }
+            None => authn,
+        },
+    )
 }
 
 /// Starts the server: opens the store, loads (or creates) the authority, mints the server's
@@ -399,6 +410,19 @@ pub async fn start(settings: Settings) -> Result<RunningServer, StartError> {
             error!(error = %e, "Health listener failed");
         }
     });
+    if let (Some(name), Some(api)) = (&settings.publish_configmap, &settings.kube_api) {
+        let client = crate::kube::KubeClient::new(api.clone()).map_err(StartError::Issuer)?;
+        info!(configmap = %name, api = %api.url, "Publishing the trust bundle into every namespace");
+        tasks.spawn(
+            configmap::publish_configmaps(
+                client,
+                name.clone(),
+                active_rx.clone(),
+                shutdown_rx.clone(),
+            )
+            .instrument(info_span!("configmaps")),
+        );
+    }
     tasks.spawn(renew_server_cert(
         server_cert.clone(),
         active_rx,
