@@ -200,6 +200,8 @@ pub struct TestServer {
     /// `--database-url` for it and its CLI calls: its own database when the suite runs on
     /// PostgreSQL, or another server's store (see [`TestServer::start_on`]).
     store_url: Option<String>,
+    /// Extra environment for it and its CLI calls.
+    env: Vec<(String, String)>,
     child: Option<Child>,
     stderr_path: PathBuf,
     /// `RUST_LOG` for the server (default `info`).
@@ -210,16 +212,23 @@ impl TestServer {
     /// Starts the server on `data_dir` with `args` (beyond data dir and listeners) and waits
     /// until `/readyz` answers 200.
     pub fn start(data_dir: &Path, args: &[&str]) -> Self {
-        let mut server = Self {
-            data_dir: data_dir.to_owned(),
-            grpc: SocketAddr::from(([127, 0, 0, 1], free_port())),
-            http: SocketAddr::from(([127, 0, 0, 1], free_port())),
-            args: args.iter().map(|s| s.to_string()).collect(),
-            store_url: postgres_admin_url().map(|admin| postgres_database_for(&admin, data_dir)),
-            child: None,
-            stderr_path: data_dir.with_extension("stderr.log"),
-            log_filter: "info".into(),
-        };
+        Self::start_with_env(data_dir, args, &[])
+    }
+
+    /// [`TestServer::start`] with extra environment variables (for it and its CLI calls).
+    pub fn start_with_env(data_dir: &Path, args: &[&str], env: &[(&str, &str)]) -> Self {
+        let mut server = Self::stopped();
+        server.data_dir = data_dir.to_owned();
+        server.grpc = SocketAddr::from(([127, 0, 0, 1], free_port()));
+        server.http = SocketAddr::from(([127, 0, 0, 1], free_port()));
+        server.args = args.iter().map(|s| s.to_string()).collect();
+        server.store_url =
+            postgres_admin_url().map(|admin| postgres_database_for(&admin, data_dir));
+        server.env = env
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        server.stderr_path = data_dir.with_extension("stderr.log");
         server.spawn();
         server
     }
@@ -269,6 +278,7 @@ impl TestServer {
                     .flat_map(|url| ["--database-url", url.as_str()]),
             )
             .args(&self.args)
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
             .env("RUST_LOG", &self.log_filter)
             .stdout(Stdio::null())
             .stderr(stderr)
@@ -319,6 +329,7 @@ impl TestServer {
             http: SocketAddr::from(([127, 0, 0, 1], 0)),
             args: Vec::new(),
             store_url: None,
+            env: Vec::new(),
             child: None,
             stderr_path: PathBuf::new(),
             log_filter: "info".into(),
@@ -401,7 +412,12 @@ impl TestServer {
         if let Some(url) = &self.store_url {
             full.extend(["--database-url", url]);
         }
-        ca_server(&full)
+        Command::new(bin())
+            .args(&full)
+            .env_remove("RUST_LOG")
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
+            .output()
+            .expect("run ca-server")
     }
 }
 

@@ -45,6 +45,9 @@ pub enum KeyError {
     /// Generating a key failed.
     #[error("key generation failed: {0}")]
     Generate(String),
+    /// The PKCS#11 token failed or refused.
+    #[error("PKCS#11: {0}")]
+    Pkcs11(String),
 }
 
 /// The key types an authority can be generated with.
@@ -75,6 +78,8 @@ enum SignerKind {
     Ec(EcdsaKeyPair),
     Rsa(RsaKeyPair),
     Ed(Ed25519KeyPair),
+    /// In a PKCS#11 token; only a handle is held here.
+    Hsm(super::pkcs11::HsmKey),
 }
 
 impl fmt::Debug for CaKey {
@@ -111,6 +116,18 @@ impl rcgen::SigningKey for CaKey {
                 Ok(sig)
             }
             SignerKind::Ed(k) => Ok(k.sign(msg).as_ref().to_vec()),
+            SignerKind::Hsm(k) => k.sign(msg).map_err(|_| rcgen::Error::RemoteKeyError),
+        }
+    }
+}
+
+impl CaKey {
+    /// A key that lives in a PKCS#11 token.
+    pub fn from_hsm(key: super::pkcs11::HsmKey) -> Self {
+        Self {
+            public: key.public().to_vec(),
+            algorithm: key.algorithm(),
+            kind: SignerKind::Hsm(key),
         }
     }
 }
@@ -233,6 +250,11 @@ impl CaKey {
 
     /// The key as PKCS#8 PEM, in a buffer zeroized on drop.
     pub fn to_pkcs8_pem(&self) -> Result<Zeroizing<String>, KeyError> {
+        if let SignerKind::Hsm(_) = &self.kind {
+            return Err(KeyError::Pkcs11(
+                "a key in a PKCS#11 token cannot be exported".into(),
+            ));
+        }
         let der: Zeroizing<Vec<u8>> = Zeroizing::new(
             match &self.kind {
                 SignerKind::Ec(k) => k.to_pkcs8v1().map(|d| d.as_ref().to_vec()),
@@ -241,6 +263,7 @@ impl CaKey {
                     let der: Result<aws_lc_rs::encoding::Pkcs8V1Der<'static>, _> = k.as_der();
                     der.map(|d| d.as_ref().to_vec())
                 }
+                SignerKind::Hsm(_) => return Err(KeyError::Pkcs11("not exportable".into())),
             }
             .map_err(|_| KeyError::Generate("the key could not be serialized".into()))?,
         );

@@ -9,13 +9,15 @@
 //! given the wrong KEK says so rather than failing to decrypt.
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use aws_lc_rs::aead::{AES_256_GCM, Aad, LessSafeKey, NONCE_LEN, Nonce, UnboundKey};
 use base64::Engine;
 use base64::engine::general_purpose::STANDARD;
 use zeroize::Zeroizing;
 
-use super::{AuthorityError, CaKey, KeyError};
+use super::pkcs11::Token;
+use super::{AuthorityError, CaKey, KeyError, KeyType};
 use crate::store::AuthorityRecord;
 
 /// A key-encryption key: 32 bytes for AES-256-GCM.
@@ -170,6 +172,7 @@ pub struct StoredKey {
 pub struct KeyStore {
     data_dir: PathBuf,
     kek: Option<Kek>,
+    token: Option<Arc<Token>>,
 }
 
 impl KeyStore {
@@ -178,6 +181,7 @@ impl KeyStore {
         Self {
             data_dir: data_dir.to_owned(),
             kek: None,
+            token: None,
         }
     }
 
@@ -186,7 +190,33 @@ impl KeyStore {
         Self {
             data_dir: data_dir.to_owned(),
             kek: Some(kek),
+            token: None,
         }
+    }
+
+    /// New generated keys made inside `token` (imported keys still go to files or the KEK).
+    pub fn with_token(mut self, token: Arc<Token>) -> Self {
+        self.token = Some(token);
+        self
+    }
+
+    /// Generates authority `id`'s key: inside the PKCS#11 token if there is one, else here,
+    /// kept by [`KeyStore::put`].
+    pub fn generate(&self, id: i64, key_type: KeyType) -> Result<(CaKey, StoredKey), KeyError> {
+        if let Some(token) = &self.token {
+            let object = format!("ca-server-authority-{id}");
+            let key = token.generate(&object, key_type)?;
+            return Ok((
+                CaKey::from_hsm(key),
+                StoredKey {
+                    key_ref: format!("pkcs11:token={};object={object}", token.label()),
+                    sealed_key: None,
+                },
+            ));
+        }
+        let key = CaKey::generate(key_type)?;
+        let stored = self.put(id, &key.to_pkcs8_pem()?)?;
+        Ok((key, stored))
     }
 
     /// The KEK, if keys are sealed.
@@ -218,6 +248,9 @@ impl KeyStore {
     pub fn load(&self, record: &AuthorityRecord) -> Result<CaKey, AuthorityError> {
         if let Some(rel) = record.key_ref.strip_prefix("file:") {
             return Ok(CaKey::read_file(&self.data_dir.join(rel))?);
+        }
+        if let Some(uri) = record.key_ref.strip_prefix("pkcs11:") {
+            return self.load_from_token(record.id, uri);
         }
         let Some(kek_id) = record.key_ref.strip_prefix("sealed:") else {
             return Err(AuthorityError::UnsupportedKeyRef {
@@ -257,6 +290,37 @@ impl KeyStore {
             .map_err(|_| sealed_error("its sealed key is not a PEM text".into()))?;
         let place = PathBuf::from(format!("the sealed key of authority {}", record.id));
         Ok(CaKey::from_pem(pem, &place)?)
+    }
+}
+
+impl KeyStore {
+    /// Finds the key `pkcs11:token=…;object=…` names in the configured token.
+    fn load_from_token(&self, id: i64, uri: &str) -> Result<CaKey, AuthorityError> {
+        let part = |name: &str| {
+            uri.split(';')
+                .find_map(|p| p.strip_prefix(name)?.strip_prefix('='))
+                .map(str::to_owned)
+        };
+        let fail = |detail: String| AuthorityError::SealedKey { id, detail };
+        let (Some(token_label), Some(object)) = (part("token"), part("object")) else {
+            return Err(AuthorityError::UnsupportedKeyRef {
+                id,
+                key_ref: format!("pkcs11:{uri}"),
+            });
+        };
+        let Some(token) = &self.token else {
+            return Err(fail(format!(
+                "its key is in PKCS#11 token {token_label:?}: pass --pkcs11-module, \
+                 --pkcs11-token and --pkcs11-pin-file"
+            )));
+        };
+        if token.label() != token_label {
+            return Err(fail(format!(
+                "its key is in PKCS#11 token {token_label:?}, but --pkcs11-token names {:?}",
+                token.label()
+            )));
+        }
+        Ok(CaKey::from_hsm(token.find(&object)?))
     }
 }
 

@@ -4,6 +4,7 @@
 pub mod import;
 mod key;
 mod keystore;
+pub mod pkcs11;
 
 use std::path::Path;
 
@@ -276,12 +277,11 @@ pub async fn create_self_signed_root(
     event: EventRow,
 ) -> Result<i64, AuthorityError> {
     let id = store.next_authority_id().await?;
-    let key = CaKey::generate(key_type)?;
+    let (key, stored) = keys.generate(id, key_type)?;
     let params = root_params(trust_domain, id, OffsetDateTime::now_utc());
     let cert = params
         .self_signed(&key)
         .map_err(|e| AuthorityError::Sign(e.to_string()))?;
-    let stored = keys.put(id, &key.to_pkcs8_pem()?)?;
     let (_, parsed) = x509_parser::parse_x509_certificate(cert.der()).map_err(|e| {
         AuthorityError::BadCertificate {
             id,

@@ -39,6 +39,16 @@ struct GlobalArgs {
     /// instead of being written under <data-dir>/keys/
     #[arg(long, global = true, env = "CA_KEY_ENCRYPTION_KEY_FILE")]
     key_encryption_key_file: Option<PathBuf>,
+    /// PKCS#11 module holding the token for CA keys (e.g. /usr/lib/softhsm/libsofthsm2.so):
+    /// new roots are generated inside the token and never leave it
+    #[arg(long, global = true, env = "CA_PKCS11_MODULE")]
+    pkcs11_module: Option<PathBuf>,
+    /// The PKCS#11 token's label
+    #[arg(long, global = true, env = "CA_PKCS11_TOKEN")]
+    pkcs11_token: Option<String>,
+    /// File holding the PKCS#11 token's user PIN
+    #[arg(long, global = true, env = "CA_PKCS11_PIN_FILE")]
+    pkcs11_pin_file: Option<PathBuf>,
     /// TOML config file; flags override it
     #[arg(long, global = true, env = "CA_CONFIG")]
     config: Option<PathBuf>,
@@ -92,6 +102,9 @@ struct FileConfig {
     data_dir: Option<PathBuf>,
     database_url: Option<String>,
     key_encryption_key_file: Option<PathBuf>,
+    pkcs11_module: Option<PathBuf>,
+    pkcs11_token: Option<String>,
+    pkcs11_pin_file: Option<PathBuf>,
     #[serde(flatten)]
     run: run::FileRunConfig,
 }
@@ -101,6 +114,7 @@ struct Common {
     data_dir: PathBuf,
     database_url: String,
     key_encryption_key_file: Option<PathBuf>,
+    pkcs11: Option<crate::authority::pkcs11::Pkcs11Config>,
     file: FileConfig,
 }
 
@@ -128,26 +142,59 @@ impl GlobalArgs {
             .key_encryption_key_file
             .clone()
             .or_else(|| file.key_encryption_key_file.clone());
+        let module = self
+            .pkcs11_module
+            .clone()
+            .or_else(|| file.pkcs11_module.clone());
+        let token = self
+            .pkcs11_token
+            .clone()
+            .or_else(|| file.pkcs11_token.clone());
+        let pin_file = self
+            .pkcs11_pin_file
+            .clone()
+            .or_else(|| file.pkcs11_pin_file.clone());
+        let pkcs11 = match (module, token, pin_file) {
+            (None, None, None) => None,
+            (Some(module), Some(token), Some(pin_file)) => {
+                Some(crate::authority::pkcs11::Pkcs11Config {
+                    module,
+                    token,
+                    pin_file,
+                })
+            }
+            _ => anyhow::bail!(
+                "PKCS#11 needs all three of --pkcs11-module, --pkcs11-token and --pkcs11-pin-file"
+            ),
+        };
         Ok(Common {
             data_dir,
             database_url,
             key_encryption_key_file,
+            pkcs11,
             file,
         })
     }
 }
 
 impl Common {
-    /// Where authority keys are kept: sealed in the database under the KEK, if one is
+    /// Where authority keys are kept: generated in the PKCS#11 token, if one is given;
+    /// otherwise, and for imported keys, sealed in the database under the KEK, if one is
     /// given, else in files under the data dir.
     fn key_store(&self) -> anyhow::Result<crate::authority::KeyStore> {
         use crate::authority::{Kek, KeyStore};
-        Ok(match &self.key_encryption_key_file {
+        let keys = match &self.key_encryption_key_file {
             Some(path) => KeyStore::sealed(
                 &self.data_dir,
                 Kek::read_file(path).context("--key-encryption-key-file")?,
             ),
             None => KeyStore::files(&self.data_dir),
+        };
+        Ok(match &self.pkcs11 {
+            Some(config) => keys.with_token(
+                crate::authority::pkcs11::Token::open(config).context("--pkcs11-module")?,
+            ),
+            None => keys,
         })
     }
 

@@ -104,6 +104,7 @@ async fn run(cmd: RootCommand, common: &Common, store: &Store) -> anyhow::Result
                             "not_before": rfc3339(a.not_before),
                             "not_after": rfc3339(a.not_after),
                             "fingerprint_sha256": a.fingerprint_sha256,
+                            "key": a.key_ref,
                             "in_bundle": a.state != AuthorityState::Retired,
                             "prepared_at": rfc3339(a.created_at),
                             "activated_at": a.activated_at.map(rfc3339),
