@@ -7,6 +7,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use ca_tests::*;
+use x509_parser::prelude::FromDer;
 
 const MODULE: &str = "/usr/lib/softhsm/libsofthsm2.so";
 
@@ -160,4 +161,160 @@ async fn root_keys_live_in_the_token() {
         stderr.contains("PKCS#11 token \"ca\"") && stderr.contains("--pkcs11-pin-file"),
         "{stderr}"
     );
+}
+
+/// The public key a CSR carries, for signing a certificate for it with rcgen.
+struct CsrKey(Vec<u8>);
+
+impl rcgen::PublicKeyData for CsrKey {
+    fn der_bytes(&self) -> &[u8] {
+        &self.0
+    }
+
+    fn algorithm(&self) -> &'static rcgen::SignatureAlgorithm {
+        &rcgen::PKCS_ECDSA_P256_SHA256
+    }
+}
+
+/// CA parameters as an offline root issues them.
+fn ca_params(org: &str, cn: &str) -> rcgen::CertificateParams {
+    let mut p = rcgen::CertificateParams::default();
+    p.distinguished_name = rcgen::DistinguishedName::new();
+    p.distinguished_name
+        .push(rcgen::DnType::OrganizationName, org);
+    p.distinguished_name.push(rcgen::DnType::CommonName, cn);
+    p.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    p.key_usages = vec![
+        rcgen::KeyUsagePurpose::KeyCertSign,
+        rcgen::KeyUsagePurpose::CrlSign,
+    ];
+    p.not_before = ::time::OffsetDateTime::now_utc() - ::time::Duration::hours(1);
+    p.not_after = ::time::OffsetDateTime::now_utc() + ::time::Duration::days(365);
+    p
+}
+
+#[tokio::test]
+async fn an_intermediate_key_made_in_the_token_is_signed_offline_and_imported() {
+    let dir = tempfile::tempdir().unwrap();
+    let Some((conf, pin)) = softhsm(dir.path()) else {
+        return;
+    };
+    let conf = conf.to_str().unwrap().to_owned();
+    let pin = pin.to_str().unwrap();
+    let token_flags = [
+        "--pkcs11-module",
+        MODULE,
+        "--pkcs11-token",
+        "ca",
+        "--pkcs11-pin-file",
+        pin,
+    ];
+    let issuer = TestIssuer::new(dir.path());
+    let mut flags = issuer.flags();
+    flags.extend(token_flags.iter().map(|s| s.to_string()));
+    let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
+    let server = TestServer::start_with_env(
+        &dir.path().join("data"),
+        &flags,
+        &[("SOFTHSM2_CONF", &conf)],
+    );
+
+    // The key is made in the token; the CSR comes out, and the label to import it by.
+    let mut args = vec!["root", "csr"];
+    args.extend(token_flags);
+    let out = server.cli(&args);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let csr_pem = String::from_utf8(out.stdout).unwrap();
+    let advice = String::from_utf8_lossy(&out.stderr).into_owned();
+    let object = advice
+        .split('"')
+        .nth(1)
+        .expect("the key's label in quotes")
+        .to_owned();
+    assert!(object.starts_with("ca-server-csr-"), "{advice}");
+    let csr_der = {
+        use base64::Engine;
+        let body: String = csr_pem
+            .lines()
+            .filter(|l| !l.starts_with("-----"))
+            .collect();
+        base64::engine::general_purpose::STANDARD
+            .decode(body)
+            .unwrap()
+    };
+    let (_, request) =
+        x509_parser::certification_request::X509CertificationRequest::from_der(&csr_der).unwrap();
+    request
+        .verify_signature()
+        .expect("the token signed the CSR");
+    assert_eq!(
+        request.certification_request_info.subject.to_string(),
+        "O=cluster.local, CN=cluster.local intermediate"
+    );
+
+    // The offline root signs it; the cacerts directory has no ca-key.pem.
+    let root_key = rcgen::KeyPair::generate().unwrap();
+    let root_params = ca_params("Example Corp", "Offline Root");
+    let root_pem = root_params.self_signed(&root_key).unwrap().pem();
+    let offline = rcgen::Issuer::from_params(&root_params, &root_key);
+    let mut params = ca_params("cluster.local", "cluster.local intermediate");
+    params.use_authority_key_identifier_extension = true;
+    let public = CsrKey(
+        request
+            .certification_request_info
+            .subject_pki
+            .subject_public_key
+            .data
+            .to_vec(),
+    );
+    let intermediate = params.signed_by(&public, &offline).unwrap().pem();
+    let cacerts = dir.path().join("cacerts");
+    std::fs::create_dir_all(&cacerts).unwrap();
+    std::fs::write(cacerts.join("ca-cert.pem"), &intermediate).unwrap();
+    std::fs::write(
+        cacerts.join("cert-chain.pem"),
+        format!("{intermediate}{root_pem}"),
+    )
+    .unwrap();
+    std::fs::write(cacerts.join("root-cert.pem"), &root_pem).unwrap();
+
+    // Imported under another key of the token, it is refused: the key is not the cert's.
+    let mut args = vec!["root", "prepare", "--import-dir", cacerts.to_str().unwrap()];
+    args.extend(token_flags);
+    let wrong = server.cli(&[&args[..], &["--pkcs11-object", "ca-server-authority-1"]].concat());
+    assert!(!wrong.status.success());
+    assert!(
+        String::from_utf8_lossy(&wrong.stderr).contains("does not match"),
+        "{}",
+        String::from_utf8_lossy(&wrong.stderr)
+    );
+
+    // Imported with its own key, activated, it signs leaves that chain to the offline root.
+    let id = server.cli_ok(&[&args[..], &["--pkcs11-object", &object]].concat());
+    server.cli_ok(&["root", "activate", id.trim()]);
+    let status = server.cli_ok(&["root", "status", "--format", "json"]);
+    assert!(
+        status.contains(&format!("pkcs11:token=ca;object={object}")),
+        "{status}"
+    );
+    let token = issuer.token("shop", "web");
+    let (csr, _) = csr(&rcgen::PKCS_ECDSA_P256_SHA256, &[]);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    let chain = loop {
+        let chain = create_certificate(&mut server.client().await, Some(&token), &csr, 0)
+            .await
+            .unwrap();
+        if chain.last().unwrap().trim() == root_pem.trim() {
+            break chain;
+        }
+        assert!(std::time::Instant::now() < deadline, "still the old root");
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    };
+    assert_eq!(chain[1].trim(), intermediate.trim());
+    webpki_verify(&chain, &root_pem).unwrap();
+    openssl_verify(dir.path(), &chain, "sslclient").unwrap();
 }

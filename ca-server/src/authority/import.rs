@@ -38,9 +38,7 @@ pub enum ImportError {
         detail: String,
     },
     /// The key is not the certificate's.
-    #[error(
-        "ca-key.pem does not match ca-cert.pem: the key's public half is not the certificate's"
-    )]
+    #[error("the key does not match ca-cert.pem: its public half is not the certificate's")]
     KeyMismatch,
     /// The CA certificate may not sign certificates.
     #[error("{subject} cannot sign certificates: {why}")]
@@ -172,6 +170,23 @@ pub fn read_cacerts(dir: &Path) -> Result<ImportedCa, ImportError> {
     check_cacerts(dir, &ca_text, key_text, &chain_text, &root_text)
 }
 
+/// Reads and checks a `cacerts` directory without `ca-key.pem`, whose key is `key` (one in a
+/// PKCS#11 token): the checks of [`read_cacerts`], the key's public half against
+/// `ca-cert.pem`. The result's `key_pem` is empty.
+pub fn read_cacerts_with_key(dir: &Path, key: &super::CaKey) -> Result<ImportedCa, ImportError> {
+    let (_, ca_text) = read(dir, "ca-cert.pem")?;
+    let (_, chain_text) = read(dir, "cert-chain.pem")?;
+    let (_, root_text) = read(dir, "root-cert.pem")?;
+    check_with_key(
+        dir,
+        &ca_text,
+        key,
+        Zeroizing::new(String::new()),
+        &chain_text,
+        &root_text,
+    )
+}
+
 /// The checks of [`read_cacerts`] on the four files' texts (`dir` names them in errors).
 pub fn check_cacerts(
     dir: &Path,
@@ -180,15 +195,7 @@ pub fn check_cacerts(
     chain_text: &str,
     root_text: &str,
 ) -> Result<ImportedCa, ImportError> {
-    let ca_path = dir.join("ca-cert.pem");
     let key_path = dir.join("ca-key.pem");
-    let chain_path = dir.join("cert-chain.pem");
-    let root_path = dir.join("root-cert.pem");
-
-    let ca_der = certs(&ca_path, ca_text)?.remove(0);
-    let root_der = certs(&root_path, root_text)?.remove(0);
-    let chain = certs(&chain_path, chain_text)?;
-
     let key = super::CaKey::from_pem(&key_text, &key_path).map_err(|e| ImportError::BadKey {
         detail: match e {
             super::KeyError::Invalid { detail, .. } => detail,
@@ -196,6 +203,25 @@ pub fn check_cacerts(
         },
         path: key_path,
     })?;
+    check_with_key(dir, ca_text, &key, key_text, chain_text, root_text)
+}
+
+fn check_with_key(
+    dir: &Path,
+    ca_text: &str,
+    key: &super::CaKey,
+    key_text: Zeroizing<String>,
+    chain_text: &str,
+    root_text: &str,
+) -> Result<ImportedCa, ImportError> {
+    let ca_path = dir.join("ca-cert.pem");
+    let chain_path = dir.join("cert-chain.pem");
+    let root_path = dir.join("root-cert.pem");
+
+    let ca_der = certs(&ca_path, ca_text)?.remove(0);
+    let root_der = certs(&root_path, root_text)?.remove(0);
+    let chain = certs(&chain_path, chain_text)?;
+
     let ca = parse(&ca_path, &ca_der)?;
     use rcgen::PublicKeyData;
     if key.subject_public_key_info().as_slice() != ca.public_key().raw {

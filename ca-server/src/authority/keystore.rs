@@ -200,6 +200,42 @@ impl KeyStore {
         self
     }
 
+    /// The key pair labelled `object` in the PKCS#11 token, and the reference to it.
+    pub fn in_token(&self, object: &str) -> Result<(CaKey, StoredKey), KeyError> {
+        let token = self.token.as_ref().ok_or_else(|| {
+            KeyError::Pkcs11(
+                "no PKCS#11 token: pass --pkcs11-module, --pkcs11-token and --pkcs11-pin-file"
+                    .into(),
+            )
+        })?;
+        let key = token.find(object)?;
+        Ok((
+            CaKey::from_hsm(key),
+            StoredKey {
+                key_ref: format!("pkcs11:token={};object={object}", token.label()),
+                sealed_key: None,
+            },
+        ))
+    }
+
+    /// Generates a key pair in the PKCS#11 token for a CA not yet signed (`root csr`);
+    /// returns it and its object label.
+    pub fn generate_in_token(&self, key_type: KeyType) -> Result<(CaKey, String), KeyError> {
+        let token = self.token.as_ref().ok_or_else(|| {
+            KeyError::Pkcs11(
+                "`root csr` makes the key in a PKCS#11 token: pass --pkcs11-module, \
+                 --pkcs11-token and --pkcs11-pin-file"
+                    .into(),
+            )
+        })?;
+        let mut suffix = [0u8; 6];
+        aws_lc_rs::rand::fill(&mut suffix)
+            .map_err(|_| KeyError::Generate("no randomness for a key label".into()))?;
+        let object = format!("ca-server-csr-{}", hex::encode(suffix));
+        let key = token.generate(&object, key_type)?;
+        Ok((CaKey::from_hsm(key), object))
+    }
+
     /// Generates authority `id`'s key: inside the PKCS#11 token if there is one, else here,
     /// kept by [`KeyStore::put`].
     pub fn generate(&self, id: i64, key_type: KeyType) -> Result<(CaKey, StoredKey), KeyError> {

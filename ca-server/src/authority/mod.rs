@@ -13,7 +13,7 @@ use rustls_pki_types::CertificateDer;
 use sha2::{Digest, Sha256};
 use time::{Duration, OffsetDateTime};
 
-pub use import::{ImportError, ImportedCa, read_cacerts};
+pub use import::{ImportError, ImportedCa, read_cacerts, read_cacerts_with_key};
 pub use key::{CaKey, KeyError, KeyType, check_private};
 pub use keystore::{Kek, KeyStore, StoredKey};
 
@@ -265,6 +265,28 @@ pub fn root_params(trust_domain: &TrustDomain, id: i64, now: OffsetDateTime) -> 
     params
 }
 
+/// A CSR for an intermediate CA of `trust_domain` whose key is `key` (in a PKCS#11 token),
+/// for an offline root to sign: subject `O=<td>, CN=<td> intermediate`, URI SAN
+/// `spiffe://<td>`.
+pub fn intermediate_csr(trust_domain: &TrustDomain, key: &CaKey) -> Result<String, AuthorityError> {
+    let mut params = CertificateParams::default();
+    params.distinguished_name = rcgen::DistinguishedName::new();
+    params
+        .distinguished_name
+        .push(DnType::OrganizationName, trust_domain.to_string());
+    params
+        .distinguished_name
+        .push(DnType::CommonName, format!("{trust_domain} intermediate"));
+    let uri = format!("spiffe://{trust_domain}")
+        .try_into()
+        .map_err(|e: rcgen::Error| AuthorityError::Sign(e.to_string()))?;
+    params.subject_alt_names = vec![SanType::URI(uri)];
+    params
+        .serialize_request(key)
+        .and_then(|csr| csr.pem())
+        .map_err(|e| AuthorityError::Sign(e.to_string()))
+}
+
 /// Generates a self-signed root, keeps its key in `keys`, and records it
 /// in `state` together with `event` (an authority event; its `authority_id` is filled in).
 /// Returns the new authority's id.
@@ -307,16 +329,27 @@ pub async fn create_self_signed_root(
 }
 
 /// Imports the plug-in CA in `dir` (Istio's `cacerts` layout) as a `prepared` authority: its
-/// key is kept in `keys`. Returns the new authority's id.
+/// key is kept in `keys`, or, with `pkcs11_object`, is that key pair already in the PKCS#11
+/// token (made by `root csr`; `dir` then has no `ca-key.pem`). Returns the new authority's id.
 pub async fn import_authority(
     store: &Store,
     keys: &KeyStore,
     dir: &Path,
+    pkcs11_object: Option<&str>,
     event: EventRow,
 ) -> Result<i64, AuthorityError> {
-    let ca = read_cacerts(dir)?;
+    let (ca, stored) = match pkcs11_object {
+        Some(object) => {
+            let (key, stored) = keys.in_token(object)?;
+            (read_cacerts_with_key(dir, &key)?, Some(stored))
+        }
+        None => (read_cacerts(dir)?, None),
+    };
     let id = store.next_authority_id().await?;
-    let stored = keys.put(id, &ca.key_pem)?;
+    let stored = match stored {
+        Some(stored) => stored,
+        None => keys.put(id, &ca.key_pem)?,
+    };
     let new = NewAuthority {
         state: AuthorityState::Prepared,
         kind: AuthorityKind::Imported,

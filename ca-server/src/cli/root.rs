@@ -39,10 +39,25 @@ pub enum RootCommand {
         /// ca-key.pem, cert-chain.pem, root-cert.pem) instead of generating a root
         #[arg(long)]
         import_dir: Option<PathBuf>,
+        /// With --import-dir: the CA's key is this key pair in the PKCS#11 token (made by
+        /// `root csr`), and the directory has no ca-key.pem
+        #[arg(long, requires = "import_dir")]
+        pkcs11_object: Option<String>,
         /// Key type of a generated root
         #[arg(long, value_enum, default_value = "ec-p256")]
         key_type: KeyType,
         /// Trust domain of a generated root [default: that of the current roots, else the
+        /// config file's, else cluster.local]
+        #[arg(long)]
+        trust_domain: Option<String>,
+    },
+    /// Generate an intermediate CA's key in the PKCS#11 token and print a CSR for it, to be
+    /// signed by an offline root; then `root prepare --import-dir DIR --pkcs11-object LABEL`
+    Csr {
+        /// Key type (EC only in a token)
+        #[arg(long, value_enum, default_value = "ec-p256")]
+        key_type: KeyType,
+        /// Trust domain named in the CSR [default: that of the current roots, else the
         /// config file's, else cluster.local]
         #[arg(long)]
         trust_domain: Option<String>,
@@ -74,10 +89,19 @@ fn trust_domain_of(record: &AuthorityRecord) -> Option<TrustDomain> {
     SpiffeId::from_certificate(&der).map(|id| id.trust_domain().clone())
 }
 
+/// The trust domain of the newest root, else the config file's, else `cluster.local`.
+async fn current_trust_domain(common: &Common, store: &Store) -> anyhow::Result<TrustDomain> {
+    let existing = store.authorities().await?;
+    match existing.iter().rev().find_map(trust_domain_of) {
+        Some(td) => Ok(td),
+        None => common.trust_domain(),
+    }
+}
+
 /// Runs a `root` subcommand.
 pub async fn root(cmd: RootCommand, common: &Common) -> anyhow::Result<ExitCode> {
     let store = super::open_store(common).await?;
-    let changed = !matches!(cmd, RootCommand::Status { .. });
+    let changed = !matches!(cmd, RootCommand::Status { .. } | RootCommand::Csr { .. });
     let code = run(cmd, common, &store).await?;
     if changed {
         // Every authority change is covered by a signed checkpoint at once.
@@ -128,28 +152,56 @@ async fn run(cmd: RootCommand, common: &Common, store: &Store) -> anyhow::Result
             }
             Ok(ExitCode::SUCCESS)
         }
+        RootCommand::Csr {
+            key_type,
+            trust_domain,
+        } => {
+            let td = match trust_domain {
+                Some(td) => TrustDomain::new(&td)
+                    .map_err(|e| anyhow::anyhow!("--trust-domain {td:?} {e}"))?,
+                None => current_trust_domain(common, store).await?,
+            };
+            let (key, object) = common.key_store()?.generate_in_token(key_type)?;
+            let csr = authority::intermediate_csr(&td, &key)?;
+            print!("{csr}");
+            eprintln!(
+                "The key is {object:?} in the PKCS#11 token. Have the root sign this CSR as a \
+                 CA certificate, put ca-cert.pem, cert-chain.pem and root-cert.pem in a \
+                 directory, then run `ca-server root prepare --import-dir DIR \
+                 --pkcs11-object {object}`."
+            );
+            Ok(ExitCode::SUCCESS)
+        }
         RootCommand::Prepare {
             import_dir,
+            pkcs11_object,
             key_type,
             trust_domain,
         } => {
             let id = match import_dir {
                 Some(dir) => {
                     let mut event = authority_event();
-                    event.reason = Some(format!("prepared an imported CA from {}", dir.display()));
-                    authority::import_authority(store, &common.key_store()?, &dir, event).await?
+                    event.reason = Some(match &pkcs11_object {
+                        Some(object) => format!(
+                            "prepared an imported CA from {} with key {object} in the PKCS#11 token",
+                            dir.display()
+                        ),
+                        None => format!("prepared an imported CA from {}", dir.display()),
+                    });
+                    authority::import_authority(
+                        store,
+                        &common.key_store()?,
+                        &dir,
+                        pkcs11_object.as_deref(),
+                        event,
+                    )
+                    .await?
                 }
                 None => {
                     let td = match trust_domain {
                         Some(td) => TrustDomain::new(&td)
                             .map_err(|e| anyhow::anyhow!("--trust-domain {td:?} {e}"))?,
-                        None => {
-                            let existing = store.authorities().await?;
-                            match existing.iter().rev().find_map(trust_domain_of) {
-                                Some(td) => td,
-                                None => common.trust_domain()?,
-                            }
-                        }
+                        None => current_trust_domain(common, store).await?,
                     };
                     let mut event = authority_event();
                     event.reason = Some(format!("prepared a self-signed root for {td}"));
