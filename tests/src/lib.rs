@@ -217,18 +217,11 @@ impl TestServer {
 
     /// [`TestServer::start`] with extra environment variables (for it and its CLI calls).
     pub fn start_with_env(data_dir: &Path, args: &[&str], env: &[(&str, &str)]) -> Self {
-        let mut server = Self::stopped();
-        server.data_dir = data_dir.to_owned();
-        server.grpc = SocketAddr::from(([127, 0, 0, 1], free_port()));
-        server.http = SocketAddr::from(([127, 0, 0, 1], free_port()));
-        server.args = args.iter().map(|s| s.to_string()).collect();
-        server.store_url =
-            postgres_admin_url().map(|admin| postgres_database_for(&admin, data_dir));
+        let mut server = Self::configured(data_dir, args);
         server.env = env
             .iter()
             .map(|(k, v)| (k.to_string(), v.to_string()))
             .collect();
-        server.stderr_path = data_dir.with_extension("stderr.log");
         server.spawn();
         server
     }
@@ -236,19 +229,23 @@ impl TestServer {
     /// [`TestServer::start`] on the store at `database_url` (another server's, say: a
     /// replica).
     pub fn start_on(data_dir: &Path, database_url: &str, args: &[&str]) -> Self {
-        let mut server = Self::stopped();
-        server.data_dir = data_dir.to_owned();
-        server.grpc = SocketAddr::from(([127, 0, 0, 1], free_port()));
-        server.http = SocketAddr::from(([127, 0, 0, 1], free_port()));
-        server.args = args.iter().map(|s| s.to_string()).collect();
+        let mut server = Self::configured(data_dir, args);
         server.store_url = Some(database_url.to_owned());
-        server.stderr_path = data_dir.with_extension("stderr.log");
         server.spawn();
         server
     }
 
     /// [`TestServer::start`] logging everything, down to `trace`.
     pub fn start_verbose(data_dir: &Path, args: &[&str]) -> Self {
+        let mut server = Self::configured(data_dir, args);
+        server.log_filter = "trace".into();
+        server.spawn();
+        server
+    }
+
+    /// A server not started yet: free loopback ports, its own store (a PostgreSQL database
+    /// when the suite runs there), logging at `info`.
+    fn configured(data_dir: &Path, args: &[&str]) -> Self {
         let mut server = Self::stopped();
         server.data_dir = data_dir.to_owned();
         server.grpc = SocketAddr::from(([127, 0, 0, 1], free_port()));
@@ -257,8 +254,6 @@ impl TestServer {
         server.store_url =
             postgres_admin_url().map(|admin| postgres_database_for(&admin, data_dir));
         server.stderr_path = data_dir.with_extension("stderr.log");
-        server.log_filter = "trace".into();
-        server.spawn();
         server
     }
 

@@ -3,7 +3,7 @@
 
 #![allow(clippy::unwrap_used)] // Tests may unwrap: a panic is a failed assertion.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 
 use ca_tests::*;
@@ -11,9 +11,31 @@ use x509_parser::prelude::FromDer;
 
 const MODULE: &str = "/usr/lib/softhsm/libsofthsm2.so";
 
+/// A SoftHSM2 token labelled `ca`, its files under a test's directory.
+struct SoftHsm {
+    /// `SOFTHSM2_CONF` for every process that uses it.
+    conf: String,
+    /// `--pkcs11-module … --pkcs11-token ca --pkcs11-pin-file …`.
+    token_flags: Vec<String>,
+}
+
+impl SoftHsm {
+    fn token_flags(&self) -> Vec<&str> {
+        self.token_flags.iter().map(String::as_str).collect()
+    }
+
+    /// A server trusting `issuer`'s tokens, with its keys in this token.
+    fn start(&self, data: &Path, issuer: &TestIssuer) -> TestServer {
+        let mut flags = issuer.flags();
+        flags.extend(self.token_flags.iter().cloned());
+        let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
+        TestServer::start_with_env(data, &flags, &[("SOFTHSM2_CONF", &self.conf)])
+    }
+}
+
 /// A SoftHSM2 configuration with its token directory under `dir`, and a token labelled
-/// `ca` initialised in it; returns (SOFTHSM2_CONF path, PIN file).
-fn softhsm(dir: &Path) -> Option<(PathBuf, PathBuf)> {
+/// `ca` initialised in it (user PIN in a 0600 file).
+fn softhsm(dir: &Path) -> Option<SoftHsm> {
     if !Path::new(MODULE).exists() {
         eprintln!("skipped: {MODULE} is missing (apt-get install softhsm2; .ci/run does)");
         return None;
@@ -52,31 +74,29 @@ fn softhsm(dir: &Path) -> Option<(PathBuf, PathBuf)> {
     let pin = dir.join("pin");
     std::fs::write(&pin, "4321\n").unwrap();
     std::fs::set_permissions(&pin, std::fs::Permissions::from_mode(0o600)).unwrap();
-    Some((conf, pin))
+    Some(SoftHsm {
+        conf: conf.display().to_string(),
+        token_flags: vec![
+            "--pkcs11-module".into(),
+            MODULE.into(),
+            "--pkcs11-token".into(),
+            "ca".into(),
+            "--pkcs11-pin-file".into(),
+            pin.display().to_string(),
+        ],
+    })
 }
 
 #[tokio::test]
 async fn root_keys_live_in_the_token() {
     let dir = tempfile::tempdir().unwrap();
-    let Some((conf, pin)) = softhsm(dir.path()) else {
+    let Some(hsm) = softhsm(dir.path()) else {
         return;
     };
-    let conf = conf.to_str().unwrap().to_owned();
+    let token_flags = hsm.token_flags();
     let issuer = TestIssuer::new(dir.path());
-    let pin = pin.to_str().unwrap();
-    let token_flags = [
-        "--pkcs11-module",
-        MODULE,
-        "--pkcs11-token",
-        "ca",
-        "--pkcs11-pin-file",
-        pin,
-    ];
-    let mut flags = issuer.flags();
-    flags.extend(token_flags.iter().map(|s| s.to_string()));
-    let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
     let data = dir.path().join("data");
-    let mut server = TestServer::start_with_env(&data, &flags, &[("SOFTHSM2_CONF", &conf)]);
+    let mut server = hsm.start(&data, &issuer);
 
     // The first root's key was made in the token: no key file, a pkcs11: reference.
     let text = server.cli_ok(&["root", "status", "--format", "json"]);
@@ -104,7 +124,7 @@ async fn root_keys_live_in_the_token() {
     // A second root prepared through the CLI (P-384) is made in the token too, and signs
     // once active; after a restart the server finds its key there again.
     let mut prepare = vec!["root", "prepare", "--key-type", "ec-p384"];
-    prepare.extend(token_flags);
+    prepare.extend(&token_flags);
     let id = server.cli_ok(&prepare);
     server.cli_ok(&["root", "activate", id.trim()]);
     server.restart();
@@ -152,7 +172,7 @@ async fn root_keys_live_in_the_token() {
             "127.0.0.1:0",
         ])
         .args(issuer.flags())
-        .env("SOFTHSM2_CONF", &conf)
+        .env("SOFTHSM2_CONF", &hsm.conf)
         .output()
         .unwrap();
     assert_eq!(out.status.code(), Some(1));
@@ -196,32 +216,16 @@ fn ca_params(org: &str, cn: &str) -> rcgen::CertificateParams {
 #[tokio::test]
 async fn an_intermediate_key_made_in_the_token_is_signed_offline_and_imported() {
     let dir = tempfile::tempdir().unwrap();
-    let Some((conf, pin)) = softhsm(dir.path()) else {
+    let Some(hsm) = softhsm(dir.path()) else {
         return;
     };
-    let conf = conf.to_str().unwrap().to_owned();
-    let pin = pin.to_str().unwrap();
-    let token_flags = [
-        "--pkcs11-module",
-        MODULE,
-        "--pkcs11-token",
-        "ca",
-        "--pkcs11-pin-file",
-        pin,
-    ];
+    let token_flags = hsm.token_flags();
     let issuer = TestIssuer::new(dir.path());
-    let mut flags = issuer.flags();
-    flags.extend(token_flags.iter().map(|s| s.to_string()));
-    let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
-    let server = TestServer::start_with_env(
-        &dir.path().join("data"),
-        &flags,
-        &[("SOFTHSM2_CONF", &conf)],
-    );
+    let server = hsm.start(&dir.path().join("data"), &issuer);
 
     // The key is made in the token; the CSR comes out, and the label to import it by.
     let mut args = vec!["root", "csr"];
-    args.extend(token_flags);
+    args.extend(&token_flags);
     let out = server.cli(&args);
     assert!(
         out.status.success(),
@@ -284,7 +288,7 @@ async fn an_intermediate_key_made_in_the_token_is_signed_offline_and_imported() 
 
     // Imported under another key of the token, it is refused: the key is not the cert's.
     let mut args = vec!["root", "prepare", "--import-dir", cacerts.to_str().unwrap()];
-    args.extend(token_flags);
+    args.extend(&token_flags);
     let wrong = server.cli(&[&args[..], &["--pkcs11-object", "ca-server-authority-1"]].concat());
     assert!(!wrong.status.success());
     assert!(

@@ -38,8 +38,11 @@ pub enum ImportError {
         detail: String,
     },
     /// The key is not the certificate's.
-    #[error("the key does not match ca-cert.pem: its public half is not the certificate's")]
-    KeyMismatch,
+    #[error("{key} does not match ca-cert.pem: the key's public half is not the certificate's")]
+    KeyMismatch {
+        /// Which key: `ca-key.pem`, or the token's key.
+        key: String,
+    },
     /// The CA certificate may not sign certificates.
     #[error("{subject} cannot sign certificates: {why}")]
     NotACa {
@@ -173,14 +176,18 @@ pub fn read_cacerts(dir: &Path) -> Result<ImportedCa, ImportError> {
 /// Reads and checks a `cacerts` directory without `ca-key.pem`, whose key is `key` (one in a
 /// PKCS#11 token): the checks of [`read_cacerts`], the key's public half against
 /// `ca-cert.pem`. The result's `key_pem` is empty.
-pub fn read_cacerts_with_key(dir: &Path, key: &super::CaKey) -> Result<ImportedCa, ImportError> {
+pub fn read_cacerts_with_key(
+    dir: &Path,
+    key: &super::CaKey,
+    key_name: &str,
+) -> Result<ImportedCa, ImportError> {
     let (_, ca_text) = read(dir, "ca-cert.pem")?;
     let (_, chain_text) = read(dir, "cert-chain.pem")?;
     let (_, root_text) = read(dir, "root-cert.pem")?;
     check_with_key(
         dir,
         &ca_text,
-        key,
+        (key, key_name),
         Zeroizing::new(String::new()),
         &chain_text,
         &root_text,
@@ -203,13 +210,20 @@ pub fn check_cacerts(
         },
         path: key_path,
     })?;
-    check_with_key(dir, ca_text, &key, key_text, chain_text, root_text)
+    check_with_key(
+        dir,
+        ca_text,
+        (&key, "ca-key.pem"),
+        key_text,
+        chain_text,
+        root_text,
+    )
 }
 
 fn check_with_key(
     dir: &Path,
     ca_text: &str,
-    key: &super::CaKey,
+    (key, key_name): (&super::CaKey, &str),
     key_text: Zeroizing<String>,
     chain_text: &str,
     root_text: &str,
@@ -225,7 +239,9 @@ fn check_with_key(
     let ca = parse(&ca_path, &ca_der)?;
     use rcgen::PublicKeyData;
     if key.subject_public_key_info().as_slice() != ca.public_key().raw {
-        return Err(ImportError::KeyMismatch);
+        return Err(ImportError::KeyMismatch {
+            key: key_name.to_owned(),
+        });
     }
     check_ca(&ca)?;
 

@@ -341,7 +341,8 @@ pub async fn import_authority(
     let (ca, stored) = match pkcs11_object {
         Some(object) => {
             let (key, stored) = keys.in_token(object)?;
-            (read_cacerts_with_key(dir, &key)?, Some(stored))
+            let name = format!("the PKCS#11 key {object:?}");
+            (read_cacerts_with_key(dir, &key, &name)?, Some(stored))
         }
         None => (read_cacerts(dir)?, None),
     };
