@@ -235,9 +235,9 @@ async fn an_intermediate_key_made_in_the_token_is_signed_offline_and_imported() 
     let csr_pem = String::from_utf8(out.stdout).unwrap();
     let advice = String::from_utf8_lossy(&out.stderr).into_owned();
     let object = advice
-        .split('"')
-        .nth(1)
-        .expect("the key's label in quotes")
+        .split(['"', ' ', '`', '.'])
+        .find(|w| w.starts_with("ca-server-csr-"))
+        .expect("the key's label")
         .to_owned();
     assert!(object.starts_with("ca-server-csr-"), "{advice}");
     let csr_der = {

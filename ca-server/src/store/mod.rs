@@ -163,8 +163,9 @@ fn with_sqlite_mode(url: &str, mode: &str) -> String {
 const SQLITE_PRAGMAS: &str = "PRAGMA journal_mode = WAL; PRAGMA synchronous = FULL; \
      PRAGMA busy_timeout = 5000; PRAGMA foreign_keys = ON;";
 const SQLITE_READ_ONLY_PRAGMAS: &str = "PRAGMA busy_timeout = 5000;";
-/// Settings of every PostgreSQL session.
-const POSTGRES_SESSION: &str = "SET lock_timeout = '2s'";
+/// Settings of every PostgreSQL session: the lock timeout, and no NOTICE chatter (such as
+/// "relation already exists, skipping" from the migrator) in the logs.
+const POSTGRES_SESSION: &str = "SET lock_timeout = '2s'; SET client_min_messages = warning";
 
 async fn connect_pool(url: &str, dialect: Dialect, read_only: bool) -> Result<AnyPool, StoreError> {
     sqlx::any::install_default_drivers();
