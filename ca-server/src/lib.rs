@@ -12,6 +12,7 @@ pub mod auth;
 pub mod authority;
 pub mod bundle;
 pub mod cli;
+pub mod diagnose;
 pub mod files;
 pub mod issuance;
 pub mod kube;

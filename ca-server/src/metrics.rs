@@ -47,6 +47,9 @@ pub struct Metrics {
     pub audit_commit_seconds: Histogram,
     /// Seconds until each authority's certificate expires (negative once it has).
     pub authority_expiry_seconds: Family<AuthorityLabels, Gauge<f64, AtomicU64>>,
+    /// 1 for each authority still in the bundle that expires within the warning window
+    /// (`--expiry-warning`), 0 for the others.
+    pub authority_expiring: Family<AuthorityLabels, Gauge>,
     /// The published bundle's sequence.
     pub bundle_sequence: Gauge,
     /// Token checks answered from the verified-token cache.
@@ -95,6 +98,13 @@ impl Metrics {
             "Seconds until each authority's certificate expires (negative once it has)",
             authority_expiry_seconds.clone(),
         );
+        let authority_expiring = Family::<AuthorityLabels, Gauge>::default();
+        registry.register(
+            "authority_expiring",
+            "1 if the authority is in the bundle and expires within the warning window \
+             (--expiry-warning), else 0",
+            authority_expiring.clone(),
+        );
         let bundle_sequence = Gauge::default();
         registry.register(
             "bundle_sequence",
@@ -121,6 +131,7 @@ impl Metrics {
             audit_batch_events,
             audit_commit_seconds,
             authority_expiry_seconds,
+            authority_expiring,
             bundle_sequence,
             token_cache_hits,
             token_cache_misses,

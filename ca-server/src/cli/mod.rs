@@ -93,6 +93,8 @@ enum Command {
     /// Show the trust bundle
     #[command(subcommand)]
     Bundle(bundle::BundleCommand),
+    /// Say which layer an error message points at, and how to confirm it
+    Explain(ExplainArgs),
 }
 
 /// The config file: the same names as the flags, with `_` for `-`.
@@ -254,8 +256,44 @@ pub fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
             Command::Agent(args) => request::agent(args).await,
             Command::Audit(cmd) => audit::audit(cmd, &common).await,
             Command::Bundle(cmd) => bundle::bundle(cmd, &common).await,
+            Command::Explain(args) => explain(args),
         }
     })
+}
+
+/// Arguments of `explain`.
+#[derive(Debug, Args)]
+struct ExplainArgs {
+    /// The error text as printed (an OpenSSL or Envoy message, an alert name such as
+    /// TLSV1_ALERT_UNKNOWN_CA, or this server's refusal); `-` or nothing reads stdin
+    text: Vec<String>,
+}
+
+/// `explain`: the layers the text points at, each with what to run to confirm it. Exit 1 if
+/// nothing known matches.
+fn explain(args: ExplainArgs) -> anyhow::Result<ExitCode> {
+    use crate::diagnose::explain::{EXPLANATIONS, explain, render};
+    let text = if args.text.is_empty() || args.text == ["-"] {
+        let mut text = String::new();
+        std::io::Read::read_to_string(&mut std::io::stdin(), &mut text)
+            .context("reading the error text from stdin")?;
+        text
+    } else {
+        args.text.join(" ")
+    };
+    let found = explain(&text);
+    if found.is_empty() {
+        let known: Vec<&str> = EXPLANATIONS.iter().map(|e| e.name).collect();
+        eprintln!(
+            "no known error in that text. Paste the error line as printed (for example \
+             TLSV1_ALERT_UNKNOWN_CA or \"certificate verify failed\"). Known: {}",
+            known.join(", ")
+        );
+        return Ok(ExitCode::FAILURE);
+    }
+    let rendered: Vec<String> = found.into_iter().map(render).collect();
+    print!("{}", rendered.join("\n"));
+    Ok(ExitCode::SUCCESS)
 }
 
 /// Parses `90s`, `15m`, `1h`, `24h`, `7d` (or bare seconds).

@@ -32,6 +32,13 @@ pub enum RootCommand {
         /// Output format
         #[arg(long, value_enum, default_value = "table")]
         format: StatusFormat,
+        /// Exit 1, naming each, if an authority in the bundle expires within
+        /// --expiry-warning or has expired, or if none is active (for monitoring)
+        #[arg(long)]
+        check: bool,
+        /// How close to expiry an authority is flagged [default: 30d]
+        #[arg(long, default_value = "30d")]
+        expiry_warning: String,
     },
     /// Add an authority whose root joins the bundle but does not sign yet; prints its id
     Prepare {
@@ -113,9 +120,17 @@ pub async fn root(cmd: RootCommand, common: &Common) -> anyhow::Result<ExitCode>
 
 async fn run(cmd: RootCommand, common: &Common, store: &Store) -> anyhow::Result<ExitCode> {
     match cmd {
-        RootCommand::Status { format } => {
+        RootCommand::Status {
+            format,
+            check,
+            expiry_warning,
+        } => {
             let authorities = store.authorities().await?;
             let sequence = store.bundle_sequence().await?;
+            let window = super::parse_duration(&expiry_warning)
+                .map_err(|e| anyhow::anyhow!("--expiry-warning: {e}"))?;
+            let now = OffsetDateTime::now_utc().unix_timestamp();
+            let expiring = crate::diagnose::expiry::expiring(&authorities, now, window);
             let mut out = std::io::stdout().lock();
             match format {
                 StatusFormat::Json => {
@@ -129,6 +144,7 @@ async fn run(cmd: RootCommand, common: &Common, store: &Store) -> anyhow::Result
                             "not_after": rfc3339(a.not_after),
                             "fingerprint_sha256": a.fingerprint_sha256,
                             "key": a.key_ref,
+                            "expiring": expiring.iter().any(|e| e.id == a.id),
                             "in_bundle": a.state != AuthorityState::Retired,
                             "prepared_at": rfc3339(a.created_at),
                             "activated_at": a.activated_at.map(rfc3339),
@@ -145,12 +161,33 @@ async fn run(cmd: RootCommand, common: &Common, store: &Store) -> anyhow::Result
                             "no authorities yet: `ca-server run` creates the first root on its first start"
                         )?;
                     } else {
-                        write_status_table(&mut out, &authorities)?;
+                        write_status_table(&mut out, &authorities, &expiring)?;
                         writeln!(out, "\nbundle sequence {sequence}")?;
+                        for e in &expiring {
+                            writeln!(out, "{e}")?;
+                        }
                     }
                 }
             }
-            Ok(ExitCode::SUCCESS)
+            if !check {
+                return Ok(ExitCode::SUCCESS);
+            }
+            let mut problems: Vec<String> = expiring.iter().map(ToString::to_string).collect();
+            if !authorities
+                .iter()
+                .any(|a| a.state == AuthorityState::Active)
+            {
+                problems
+                    .push("ca: no authority is active: `ca-server root activate ID`".to_owned());
+            }
+            for problem in &problems {
+                eprintln!("{problem}");
+            }
+            Ok(if problems.is_empty() {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            })
         }
         RootCommand::Csr {
             key_type,
@@ -241,6 +278,7 @@ async fn run(cmd: RootCommand, common: &Common, store: &Store) -> anyhow::Result
 fn write_status_table(
     out: &mut impl Write,
     authorities: &[AuthorityRecord],
+    expiring: &[crate::diagnose::expiry::Expiring],
 ) -> std::io::Result<()> {
     let now = OffsetDateTime::now_utc().unix_timestamp();
     let header = [
@@ -258,7 +296,11 @@ fn write_status_table(
                 a.id.to_string(),
                 a.state.as_str().to_owned(),
                 a.subject.clone(),
-                format!("{} ({days} days)", rfc3339(a.not_after)),
+                if expiring.iter().any(|e| e.id == a.id) {
+                    format!("{} ({days} days) EXPIRING", rfc3339(a.not_after))
+                } else {
+                    format!("{} ({days} days)", rfc3339(a.not_after))
+                },
                 a.fingerprint_sha256[..16.min(a.fingerprint_sha256.len())].to_owned() + "…",
             ]
         })

@@ -61,6 +61,10 @@ pub struct RunArgs {
     /// The CA (PEM) that signed the API server's certificate [default: the pod's ca.crt]
     #[arg(long)]
     kube_ca_file: Option<PathBuf>,
+    /// Warn (log, /metrics ca_authority_expiring) when an authority in the bundle expires
+    /// within this long [default: 30d]
+    #[arg(long)]
+    expiry_warning: Option<String>,
     /// Publish the trust bundle (PEM, key root-cert.pem) into a ConfigMap of this name in
     /// every namespace, as istiod does with istio-ca-root-cert; uses the Kubernetes API as
     /// --token-review does
@@ -120,6 +124,7 @@ pub struct FileRunConfig {
     kube_token_file: Option<PathBuf>,
     kube_ca_file: Option<PathBuf>,
     publish_configmap: Option<String>,
+    expiry_warning: Option<String>,
     default_ttl: Option<String>,
     max_ttl: Option<String>,
     bundle_refresh_hint: Option<String>,
@@ -384,6 +389,11 @@ fn settings(args: RunArgs, common: Common) -> anyhow::Result<Settings> {
         )?,
         token_review,
         publish_configmap,
+        expiry_warning: ttl(
+            "--expiry-warning",
+            args.expiry_warning.or(file.expiry_warning),
+            crate::diagnose::expiry::DEFAULT_WARNING,
+        )?,
         audiences: or_list(args.token_audiences, file.token_audience, &["istio-ca"]),
         jwks_ca_file: args.token_jwks_ca.or(file.token_jwks_ca),
         dev: args.dev || file.dev.unwrap_or(false),

@@ -27,10 +27,16 @@ struct HealthState {
     readiness: Arc<Readiness>,
     store: Store,
     audit: AuditLog,
+    expiry_warning: time::Duration,
 }
 
 /// The routes of the plain HTTP listener.
-pub fn health_routes(readiness: Arc<Readiness>, store: Store, audit: AuditLog) -> Router {
+pub fn health_routes(
+    readiness: Arc<Readiness>,
+    store: Store,
+    audit: AuditLog,
+    expiry_warning: time::Duration,
+) -> Router {
     Router::new()
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(readyz))
@@ -39,6 +45,7 @@ pub fn health_routes(readiness: Arc<Readiness>, store: Store, audit: AuditLog) -
             readiness,
             store,
             audit,
+            expiry_warning,
         })
 }
 
@@ -49,13 +56,19 @@ async fn metrics(State(state): State<HealthState>) -> impl axum::response::IntoR
     if let Ok(authorities) = state.store.authorities().await {
         // Rebuilt each time: a retired authority's series goes once it is gone from the store.
         m.authority_expiry_seconds.clear();
+        m.authority_expiring.clear();
+        let expiring = crate::diagnose::expiry::expiring(&authorities, now, state.expiry_warning);
         for a in authorities {
+            let labels = crate::metrics::AuthorityLabels {
+                authority_id: a.id.to_string(),
+                state: a.state.as_str().to_owned(),
+            };
             m.authority_expiry_seconds
-                .get_or_create(&crate::metrics::AuthorityLabels {
-                    authority_id: a.id.to_string(),
-                    state: a.state.as_str().to_owned(),
-                })
+                .get_or_create(&labels)
                 .set((a.not_after - now) as f64);
+            m.authority_expiring
+                .get_or_create(&labels)
+                .set(i64::from(expiring.iter().any(|e| e.id == a.id)));
         }
     }
     if let Ok((sequence, _)) = state.store.authority_version().await {

@@ -90,6 +90,8 @@ pub struct Settings {
     pub token_review: bool,
     /// The ConfigMap to publish the bundle into, in every namespace.
     pub publish_configmap: Option<String>,
+    /// How long before an authority's expiry it is warned about.
+    pub expiry_warning: time::Duration,
     /// Extra CA (PEM file) trusted when fetching JWKS URLs.
     pub jwks_ca_file: Option<PathBuf>,
     /// Enables the development issuer.
@@ -398,7 +400,16 @@ pub async fn start(settings: Settings) -> Result<RunningServer, StartError> {
             .instrument(info_span!("grpc", addr = %grpc_addr)),
     );
     readiness.grpc.store(true, Ordering::Release);
-    let health = http::health_routes(Arc::clone(&readiness), store.clone(), audit.clone());
+    let health = http::health_routes(
+        Arc::clone(&readiness),
+        store.clone(),
+        audit.clone(),
+        settings.expiry_warning,
+    );
+    tasks.spawn(
+        warn_of_expiry(store.clone(), settings.expiry_warning, shutdown_rx.clone())
+            .instrument(info_span!("expiry")),
+    );
     let mut health_shutdown = shutdown_rx.clone();
     tasks.spawn(async move {
         let result = axum::serve(http_listener, health)
@@ -742,6 +753,30 @@ async fn follow_store(
                     readiness.authority.store(false, Ordering::Release);
                 }
             }
+        }
+    }
+}
+
+/// How often the authorities' expiry is checked (and warned about, while it is near).
+pub const EXPIRY_CHECK_INTERVAL: Duration = Duration::from_secs(3600);
+
+/// Logs a warning, at start and then hourly, for each authority in the bundle that expires
+/// within `window`. `/readyz` stays green: the server still works; `/metrics`
+/// (`ca_authority_expiring`) and `root status --check` carry it to monitoring.
+async fn warn_of_expiry(store: Store, window: time::Duration, mut shutdown: watch::Receiver<bool>) {
+    loop {
+        match store.authorities().await {
+            Ok(authorities) => {
+                let now = time::OffsetDateTime::now_utc().unix_timestamp();
+                for e in crate::diagnose::expiry::expiring(&authorities, now, window) {
+                    warn!(authority_id = e.id, state = %e.state, "{e}");
+                }
+            }
+            Err(e) => warn!(error = %e, "Reading the authorities to check their expiry failed"),
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(EXPIRY_CHECK_INTERVAL) => {}
+            _ = shutdown.wait_for(|stop| *stop) => return,
         }
     }
 }

@@ -1,0 +1,6 @@
+//! Diagnosis: what an operator needs when mTLS breaks. `expiry` finds authorities close to
+//! their end; `explain` maps pasted error texts to the layer that failed and the commands
+//! that confirm it.
+
+pub mod expiry;
+pub mod explain;
