@@ -164,3 +164,181 @@ async fn explain_maps_pasted_errors_to_layers_and_commands() {
         "{err}"
     );
 }
+
+/// Runs `inspect` on `pem` (written to a file) against `server`'s store.
+fn inspect(server: &TestServer, dir: &std::path::Path, name: &str, pem: &str) -> (i32, String) {
+    let path = dir.join(name);
+    std::fs::write(&path, pem).unwrap();
+    let out = server.cli(&["inspect", path.to_str().unwrap()]);
+    (
+        out.status.code().unwrap(),
+        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr),
+    )
+}
+
+/// A leaf made with this CA's own key (read from the data dir), as a broken issuer would.
+fn leaf_from_the_ca(
+    server: &TestServer,
+    sans: Vec<rcgen::SanType>,
+    not_before: ::time::OffsetDateTime,
+    not_after: ::time::OffsetDateTime,
+) -> String {
+    let key_pem = std::fs::read_to_string(server.data_dir.join("keys/1.key.pem")).unwrap();
+    let ca_key = rcgen::KeyPair::from_pem(&key_pem).unwrap();
+    let root_pem = server.bundle_pem();
+    let issuer = rcgen::Issuer::from_ca_cert_pem(&root_pem, ca_key).unwrap();
+    let mut params = rcgen::CertificateParams::default();
+    params.distinguished_name = rcgen::DistinguishedName::new();
+    params.subject_alt_names = sans;
+    params.not_before = not_before;
+    params.not_after = not_after;
+    params.key_usages = vec![rcgen::KeyUsagePurpose::DigitalSignature];
+    params.extended_key_usages = vec![
+        rcgen::ExtendedKeyUsagePurpose::ServerAuth,
+        rcgen::ExtendedKeyUsagePurpose::ClientAuth,
+    ];
+    let key = rcgen::KeyPair::generate().unwrap();
+    format!(
+        "{}{root_pem}",
+        params.signed_by(&key, &issuer).unwrap().pem()
+    )
+}
+
+fn uri(text: &str) -> rcgen::SanType {
+    rcgen::SanType::URI(text.try_into().unwrap())
+}
+
+#[tokio::test]
+async fn inspect_reports_each_broken_case_by_layer() {
+    let f = Fixture::start(&[]);
+    let server = &f.server;
+    let dir = f.dir.path();
+    let now = ::time::OffsetDateTime::now_utc();
+    let day = ::time::Duration::days(1);
+
+    // A good certificate: identity, trust, authority and audit all answer.
+    let token = f.issuer.token("shop", "web");
+    let (csr_pem, _) = csr(&rcgen::PKCS_ECDSA_P256_SHA256, &[]);
+    let good = create_certificate(&mut server.client().await, Some(&token), &csr_pem, 0)
+        .await
+        .unwrap()
+        .concat();
+    let (code, out) = inspect(server, dir, "good.pem", &good);
+    assert_eq!(code, 0, "{out}");
+    for fact in [
+        "identity: spiffe://cluster.local/ns/shop/sa/web (a valid SPIFFE ID)",
+        "trust: its root is in the current bundle",
+        "authority: signed by authority 1 (active)",
+        "issued to spiffe://cluster.local/ns/shop/sa/web",
+        "no problems found",
+    ] {
+        assert!(out.contains(fact), "{fact:?} missing:\n{out}");
+    }
+    let path = dir.join("good.pem");
+    let json = server.cli_ok(&["inspect", path.to_str().unwrap(), "--format", "json"]);
+    let report: serde_json::Value = serde_json::from_str(&json).unwrap();
+    assert_eq!(report["certificates"][0]["role"], "leaf");
+    assert_eq!(report["problems"].as_array().unwrap().len(), 0);
+
+    // Expired.
+    let expired = leaf_from_the_ca(
+        server,
+        vec![uri("spiffe://cluster.local/ns/shop/sa/old")],
+        now - day * 2,
+        now - day,
+    );
+    let (code, out) = inspect(server, dir, "expired.pem", &expired);
+    assert_eq!(code, 1, "{out}");
+    assert!(
+        out.contains("expiry: certificate 1 (leaf") && out.contains("renew it"),
+        "{out}"
+    );
+
+    // Another trust domain.
+    let foreign_td = leaf_from_the_ca(
+        server,
+        vec![uri("spiffe://other.example/ns/shop/sa/web")],
+        now - day,
+        now + day,
+    );
+    let (code, out) = inspect(server, dir, "td.pem", &foreign_td);
+    assert_eq!(code, 1, "{out}");
+    assert!(
+        out.contains("identity: trust domain other.example is not this mesh's (cluster.local)"),
+        "{out}"
+    );
+
+    // No SPIFFE ID: a DNS name only.
+    let dns_only = leaf_from_the_ca(
+        server,
+        vec![rcgen::SanType::DnsName("web.shop.svc".try_into().unwrap())],
+        now - day,
+        now + day,
+    );
+    let (code, out) = inspect(server, dir, "dns.pem", &dns_only);
+    assert_eq!(code, 1, "{out}");
+    assert!(out.contains("identity: the leaf has no URI SAN"), "{out}");
+
+    // An unknown CA.
+    let stranger_key = rcgen::KeyPair::generate().unwrap();
+    let mut stranger = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+    stranger.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    let stranger_pem = stranger.self_signed(&stranger_key).unwrap().pem();
+    let stranger_issuer = rcgen::Issuer::from_params(&stranger, &stranger_key);
+    let mut leaf = rcgen::CertificateParams::default();
+    leaf.subject_alt_names = vec![uri("spiffe://cluster.local/ns/shop/sa/web")];
+    leaf.key_usages = vec![rcgen::KeyUsagePurpose::DigitalSignature];
+    let leaf_key = rcgen::KeyPair::generate().unwrap();
+    let unknown = format!(
+        "{}{stranger_pem}",
+        leaf.signed_by(&leaf_key, &stranger_issuer).unwrap().pem()
+    );
+    let (code, out) = inspect(server, dir, "unknown.pem", &unknown);
+    assert_eq!(code, 1, "{out}");
+    assert!(
+        out.contains("trust: its root") && out.contains("is not in the current bundle"),
+        "{out}"
+    );
+    assert!(
+        out.contains("authority: not signed by any authority"),
+        "{out}"
+    );
+
+    // Out of order: the root first.
+    let swapped: String = {
+        let parts: Vec<&str> = good
+            .split_inclusive("-----END CERTIFICATE-----\n")
+            .collect();
+        parts.iter().rev().copied().collect()
+    };
+    let (code, out) = inspect(server, dir, "swapped.pem", &swapped);
+    assert_eq!(code, 1, "{out}");
+    assert!(out.contains("chain: certificate 1"), "{out}");
+
+    // A CSR asking for a name that is not a SPIFFE ID.
+    let (dns_csr, _) = csr(&rcgen::PKCS_ECDSA_P256_SHA256, &["https://web.example.com"]);
+    let (code, out) = inspect(server, dir, "req.pem", &dns_csr);
+    assert_eq!(code, 1, "{out}");
+    assert!(out.contains("identity: asks for"), "{out}");
+
+    // The SPIFFE JWKS bundle: each root, in the bundle, with its authority.
+    let jwks = server.cli_ok(&["bundle", "show", "--format", "jwks"]);
+    let (code, out) = inspect(server, dir, "bundle.json", &jwks);
+    assert_eq!(code, 0, "{out}");
+    assert!(
+        out.contains("trust: root 1") && out.contains("authority 1 (active)"),
+        "{out}"
+    );
+
+    // A retired root: the certificate issued under it is reported so.
+    let id = server.cli_ok(&["root", "prepare"]);
+    server.cli_ok(&["root", "activate", id.trim()]);
+    server.cli_ok(&["root", "retire", "1", "--force"]);
+    let (code, out) = inspect(server, dir, "good.pem", &good);
+    assert_eq!(code, 1, "{out}");
+    assert!(
+        out.contains("trust: signed by authority 1, retired")
+            && out.contains("not in the current bundle"),
+        "{out}"
+    );
+}

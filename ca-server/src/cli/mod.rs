@@ -95,6 +95,9 @@ enum Command {
     Bundle(bundle::BundleCommand),
     /// Say which layer an error message points at, and how to confirm it
     Explain(ExplainArgs),
+    /// Read a certificate chain, a bundle (PEM or SPIFFE JWKS) or a CSR, and check it against
+    /// this CA's bundle, authorities and audit log
+    Inspect(InspectArgs),
 }
 
 /// The config file: the same names as the flags, with `_` for `-`.
@@ -257,7 +260,75 @@ pub fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
             Command::Audit(cmd) => audit::audit(cmd, &common).await,
             Command::Bundle(cmd) => bundle::bundle(cmd, &common).await,
             Command::Explain(args) => explain(args),
+            Command::Inspect(args) => inspect(args, &common).await,
         }
+    })
+}
+
+/// Arguments of `inspect`.
+#[derive(Debug, Args)]
+struct InspectArgs {
+    /// The file (PEM chain or bundle, PEM CSR, or SPIFFE JWKS bundle); `-` for stdin
+    file: PathBuf,
+    /// Output format
+    #[arg(long, value_enum, default_value = "text")]
+    format: InspectFormat,
+}
+
+/// How `inspect` prints.
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+enum InspectFormat {
+    /// For a person.
+    Text,
+    /// One JSON object, for scripts.
+    Json,
+}
+
+/// `inspect`: the report, and exit 1 if anything fails.
+async fn inspect(args: InspectArgs, common: &Common) -> anyhow::Result<ExitCode> {
+    use crate::diagnose::inspect::{Known, certificates_in, inspect_certificates, inspect_csr};
+    let text = if args.file.as_os_str() == "-" {
+        let mut text = String::new();
+        std::io::Read::read_to_string(&mut std::io::stdin(), &mut text).context("reading stdin")?;
+        text
+    } else {
+        std::fs::read_to_string(&args.file)
+            .with_context(|| format!("reading {}", args.file.display()))?
+    };
+    let report = if text.contains("-----BEGIN CERTIFICATE REQUEST-----") {
+        inspect_csr(&text)
+    } else {
+        let ders =
+            certificates_in(&text).map_err(|e| anyhow::anyhow!("{}: {e}", args.file.display()))?;
+        if ders.is_empty() {
+            anyhow::bail!(
+                "{}: no certificate, CSR or JWKS bundle in it",
+                args.file.display()
+            );
+        }
+        // The store is optional: without it the report says what it could not check.
+        let store = match audit::open(common).await {
+            Ok(store) => Some(store),
+            Err(e) => {
+                tracing::debug!(error = %e, "No store to inspect against");
+                None
+            }
+        };
+        let known = match &store {
+            Some(store) => Known::load(store).await.ok(),
+            None => None,
+        };
+        let now = time::OffsetDateTime::now_utc().unix_timestamp();
+        inspect_certificates(&ders, known.as_ref(), store.as_ref(), now).await
+    };
+    match args.format {
+        InspectFormat::Text => print!("{}", crate::diagnose::inspect::render(&report)),
+        InspectFormat::Json => println!("{}", serde_json::to_string(&report)?),
+    }
+    Ok(if report.problems.is_empty() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
     })
 }
 
