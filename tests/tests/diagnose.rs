@@ -342,3 +342,119 @@ async fn inspect_reports_each_broken_case_by_layer() {
         "{out}"
     );
 }
+
+/// Runs `check` against `target` with `chain`/`key`, extra flags; returns (exit, output).
+fn check(
+    server: &TestServer,
+    dir: &std::path::Path,
+    target: &str,
+    chain: &str,
+    key: &str,
+    extra: &[&str],
+) -> (i32, String) {
+    let cert_path = dir.join("check-chain.pem");
+    let key_path = dir.join("check-key.pem");
+    std::fs::write(&cert_path, chain).unwrap();
+    std::fs::write(&key_path, key).unwrap();
+    let mut args = vec![
+        "check",
+        target,
+        "--cert",
+        cert_path.to_str().unwrap(),
+        "--key",
+        key_path.to_str().unwrap(),
+    ];
+    args.extend(extra);
+    let out = server.cli(&args);
+    (
+        out.status.code().unwrap(),
+        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr),
+    )
+}
+
+#[tokio::test]
+async fn check_reports_the_handshake_in_layers() {
+    let f = Fixture::start(&[]);
+    let server = &f.server;
+    let dir = f.dir.path();
+    let token = f.issuer.token("shop", "web");
+    let (csr_pem, key) = csr(&rcgen::PKCS_ECDSA_P256_SHA256, &[]);
+    let chain = create_certificate(&mut server.client().await, Some(&token), &csr_pem, 0)
+        .await
+        .unwrap()
+        .concat();
+    let key_pem = key.serialize_pem();
+    let grpc = server.grpc.to_string();
+
+    // A peer that trusts our CA and is trusted by us: both identities reported.
+    let (code, out) = check(server, dir, &grpc, &chain, &key_pem, &[]);
+    assert_eq!(code, 0, "{out}");
+    assert!(out.contains("tls: handshake complete"), "{out}");
+    assert!(
+        out.contains("accepted our certificate (spiffe://cluster.local/ns/shop/sa/web)"),
+        "{out}"
+    );
+
+    // The server is not who we expected.
+    let (code, out) = check(
+        server,
+        dir,
+        &grpc,
+        &chain,
+        &key_pem,
+        &["--expect-id", "spiffe://cluster.local/ns/shop/sa/db"],
+    );
+    assert_eq!(code, 1, "{out}");
+    assert!(out.contains("identity: the server's certificate has no SPIFFE ID; expected spiffe://cluster.local/ns/shop/sa/db"), "{out}");
+
+    // Plaintext where TLS is expected: the health port speaks plain HTTP.
+    let (code, out) = check(server, dir, &server.http.to_string(), &chain, &key_pem, &[]);
+    assert_eq!(code, 1, "{out}");
+    assert!(out.contains("transport:") && out.contains("TLS"), "{out}");
+
+    // We do not trust the server's CA.
+    let stranger_key = rcgen::KeyPair::generate().unwrap();
+    let mut stranger = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+    stranger.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    let stranger_pem = stranger.self_signed(&stranger_key).unwrap().pem();
+    let foreign_bundle = dir.join("foreign-bundle.pem");
+    std::fs::write(&foreign_bundle, &stranger_pem).unwrap();
+    let (code, out) = check(
+        server,
+        dir,
+        &grpc,
+        &chain,
+        &key_pem,
+        &["--ca-bundle", foreign_bundle.to_str().unwrap()],
+    );
+    assert_eq!(code, 1, "{out}");
+    assert!(
+        out.contains("trust: the server's certificate") && out.contains("unknown CA"),
+        "{out}"
+    );
+
+    // The server does not trust ours: a certificate from another CA.
+    let issuer = rcgen::Issuer::from_params(&stranger, &stranger_key);
+    let mut leaf = rcgen::CertificateParams::default();
+    leaf.subject_alt_names = vec![uri("spiffe://cluster.local/ns/shop/sa/web")];
+    leaf.key_usages = vec![rcgen::KeyUsagePurpose::DigitalSignature];
+    leaf.extended_key_usages = vec![rcgen::ExtendedKeyUsagePurpose::ClientAuth];
+    let leaf_key = rcgen::KeyPair::generate().unwrap();
+    let foreign_chain = format!(
+        "{}{stranger_pem}",
+        leaf.signed_by(&leaf_key, &issuer).unwrap().pem()
+    );
+    let (code, out) = check(
+        server,
+        dir,
+        &grpc,
+        &foreign_chain,
+        &leaf_key.serialize_pem(),
+        &[],
+    );
+    assert_eq!(code, 1, "{out}");
+    assert!(
+        out.contains("trust: the server refused our certificate") && out.contains("UnknownCA"),
+        "{out}"
+    );
+}

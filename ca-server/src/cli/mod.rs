@@ -98,6 +98,9 @@ enum Command {
     /// Read a certificate chain, a bundle (PEM or SPIFFE JWKS) or a CSR, and check it against
     /// this CA's bundle, authorities and audit log
     Inspect(InspectArgs),
+    /// Shake hands with HOST:PORT as a workload would (its chain and key, the mesh's
+    /// bundle) and say which layer fails
+    Check(CheckArgs),
 }
 
 /// The config file: the same names as the flags, with `_` for `-`.
@@ -261,6 +264,7 @@ pub fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
             Command::Bundle(cmd) => bundle::bundle(cmd, &common).await,
             Command::Explain(args) => explain(args),
             Command::Inspect(args) => inspect(args, &common).await,
+            Command::Check(args) => check(args, &common).await,
         }
     })
 }
@@ -323,6 +327,86 @@ async fn inspect(args: InspectArgs, common: &Common) -> anyhow::Result<ExitCode>
     };
     match args.format {
         InspectFormat::Text => print!("{}", crate::diagnose::inspect::render(&report)),
+        InspectFormat::Json => println!("{}", serde_json::to_string(&report)?),
+    }
+    Ok(if report.problems.is_empty() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
+}
+
+/// Arguments of `check`.
+#[derive(Debug, Args)]
+struct CheckArgs {
+    /// The peer, host:port
+    target: String,
+    /// Our certificate chain (PEM, leaf first)
+    #[arg(long)]
+    cert: PathBuf,
+    /// Our private key (PEM)
+    #[arg(long)]
+    key: PathBuf,
+    /// The roots to trust (PEM) [default: the store's current bundle]
+    #[arg(long)]
+    ca_bundle: Option<PathBuf>,
+    /// The SPIFFE ID the server should have
+    #[arg(long)]
+    expect_id: Option<String>,
+    /// Output format
+    #[arg(long, value_enum, default_value = "text")]
+    format: InspectFormat,
+}
+
+/// `check`: the handshake in layers; exit 1 if a layer fails.
+async fn check(args: CheckArgs, common: &Common) -> anyhow::Result<ExitCode> {
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+    let read = |path: &std::path::Path| {
+        std::fs::read(path).with_context(|| format!("reading {}", path.display()))
+    };
+    let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(&read(&args.cert)?)
+        .collect::<Result<_, _>>()
+        .map_err(|e| anyhow::anyhow!("{}: {e}", args.cert.display()))?;
+    if chain.is_empty() {
+        anyhow::bail!("{}: no certificate in it", args.cert.display());
+    }
+    let key_text = zeroize::Zeroizing::new(read(&args.key)?);
+    let key = PrivateKeyDer::from_pem_slice(&key_text)
+        .map_err(|e| anyhow::anyhow!("{}: no usable private key: {e}", args.key.display()))?;
+    let roots_pem = match &args.ca_bundle {
+        Some(path) => read(path)?,
+        None => {
+            let store = audit::open(common).await.context(
+                "the bundle to trust comes from the store: pass --data-dir/--database-url, or \
+                 --ca-bundle FILE",
+            )?;
+            crate::bundle::load(&store).await?.to_pem().into_bytes()
+        }
+    };
+    let roots: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(&roots_pem)
+        .collect::<Result<_, _>>()
+        .map_err(|e| anyhow::anyhow!("the bundle: {e}"))?;
+    let target = crate::diagnose::check::CheckTarget {
+        target: &args.target,
+        chain,
+        key,
+        roots,
+        expect_id: args.expect_id.clone(),
+    };
+    let report = tokio::task::block_in_place(|| crate::diagnose::check::check(target));
+    match args.format {
+        InspectFormat::Text => {
+            for fact in &report.facts {
+                println!("{fact}");
+            }
+            for p in &report.problems {
+                println!("{}: {}", p.layer, p.message);
+            }
+            if report.problems.is_empty() {
+                println!("ok: mTLS with {} works", args.target);
+            }
+        }
         InspectFormat::Json => println!("{}", serde_json::to_string(&report)?),
     }
     Ok(if report.problems.is_empty() {
