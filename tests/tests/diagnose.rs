@@ -458,3 +458,78 @@ async fn check_reports_the_handshake_in_layers() {
         "{out}"
     );
 }
+
+/// A mesh peer on loopback: mTLS with `config` (client certificates required), saying hello.
+fn serve_mtls(config: std::sync::Arc<rustls::ServerConfig>) -> std::net::SocketAddr {
+    use std::io::Write;
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    std::thread::spawn(move || {
+        for stream in listener.incoming().flatten() {
+            let config = std::sync::Arc::clone(&config);
+            std::thread::spawn(move || {
+                let Ok(conn) = rustls::ServerConnection::new(config) else {
+                    return;
+                };
+                let mut tls = rustls::StreamOwned::new(conn, stream);
+                let _ = tls.write_all(b"hello\n").and_then(|()| tls.flush());
+                std::thread::sleep(std::time::Duration::from_secs(1));
+            });
+        }
+    });
+    addr
+}
+
+#[tokio::test]
+async fn check_names_the_peers_identity_and_a_mismatch() {
+    let f = Fixture::start(&[]);
+    let server = &f.server;
+    let dir = f.dir.path();
+    // The peer: a proxy for shop/db, serving mTLS with its certificate from this CA.
+    let db = ca_tests::mesh::Proxy::start(server, f.issuer.token("shop", "db"), 3600, false).await;
+    let peer = serve_mtls(db.server_config()).to_string();
+    // The workload checking it: shop/web.
+    let (csr_pem, key) = csr(&rcgen::PKCS_ECDSA_P256_SHA256, &[]);
+    let chain = create_certificate(
+        &mut server.client().await,
+        Some(&f.issuer.token("shop", "web")),
+        &csr_pem,
+        0,
+    )
+    .await
+    .unwrap()
+    .concat();
+    let key_pem = key.serialize_pem();
+
+    let (code, out) = check(
+        server,
+        dir,
+        &peer,
+        &chain,
+        &key_pem,
+        &["--expect-id", "spiffe://cluster.local/ns/shop/sa/db"],
+    );
+    assert_eq!(code, 0, "{out}");
+    assert!(
+        out.contains("accepted our certificate (spiffe://cluster.local/ns/shop/sa/web)"),
+        "{out}"
+    );
+    assert!(
+        out.contains("identity: the server is spiffe://cluster.local/ns/shop/sa/db"),
+        "{out}"
+    );
+
+    let (code, out) = check(
+        server,
+        dir,
+        &peer,
+        &chain,
+        &key_pem,
+        &["--expect-id", "spiffe://cluster.local/ns/shop/sa/cart"],
+    );
+    assert_eq!(code, 1, "{out}");
+    assert!(
+        out.contains("identity: the server is spiffe://cluster.local/ns/shop/sa/db, not spiffe://cluster.local/ns/shop/sa/cart"),
+        "{out}"
+    );
+}
