@@ -329,11 +329,7 @@ async fn inspect(args: InspectArgs, common: &Common) -> anyhow::Result<ExitCode>
         InspectFormat::Text => print!("{}", crate::diagnose::inspect::render(&report)),
         InspectFormat::Json => println!("{}", serde_json::to_string(&report)?),
     }
-    Ok(if report.problems.is_empty() {
-        ExitCode::SUCCESS
-    } else {
-        ExitCode::FAILURE
-    })
+    Ok(report.findings.exit_code())
 }
 
 /// Arguments of `check`.
@@ -409,11 +405,7 @@ async fn check(args: CheckArgs, common: &Common) -> anyhow::Result<ExitCode> {
         }
         InspectFormat::Json => println!("{}", serde_json::to_string(&report)?),
     }
-    Ok(if report.problems.is_empty() {
-        ExitCode::SUCCESS
-    } else {
-        ExitCode::FAILURE
-    })
+    Ok(report.exit_code())
 }
 
 /// Arguments of `explain`.

@@ -12,7 +12,6 @@ use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, Server
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
 use rustls::{AlertDescription, CertificateError, DigitallySignedStruct, Error, SignatureScheme};
 
-use super::inspect::Problem;
 use crate::spiffe::SpiffeId;
 
 /// How long to wait for the connection, the handshake, and an alert after it.
@@ -22,22 +21,7 @@ const TIMEOUT: Duration = Duration::from_secs(5);
 const AFTER_HANDSHAKE: Duration = Duration::from_millis(700);
 
 /// What the handshake showed.
-#[derive(Debug, Default, serde::Serialize)]
-pub struct CheckReport {
-    /// What held, one line each.
-    pub facts: Vec<String>,
-    /// What failed, by layer.
-    pub problems: Vec<Problem>,
-}
-
-impl CheckReport {
-    fn problem(&mut self, layer: &'static str, message: impl Into<String>) {
-        self.problems.push(Problem {
-            layer,
-            message: message.into(),
-        });
-    }
-}
+pub type CheckReport = super::Findings;
 
 /// What to check.
 pub struct CheckTarget<'a> {

@@ -7,18 +7,10 @@ use x509_parser::certificate::X509Certificate;
 use x509_parser::extensions::GeneralName;
 use x509_parser::prelude::FromDer;
 
+use super::Findings;
 use crate::authority::sha256_hex;
 use crate::spiffe::SpiffeId;
 use crate::store::{AuditQuery, AuthorityRecord, AuthorityState, EventKind, Store};
-
-/// One problem: the layer that fails and what to do.
-#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
-pub struct Problem {
-    /// `expiry`, `identity`, `trust`, `profile` or `chain`.
-    pub layer: &'static str,
-    /// What is wrong and what to do.
-    pub message: String,
-}
 
 /// One certificate, as a person reads it.
 #[derive(Debug, Clone, Serialize)]
@@ -56,19 +48,9 @@ pub struct Report {
     pub kind: &'static str,
     /// The certificates, in the file's order.
     pub certificates: Vec<CertInfo>,
-    /// What holds (chain, trust, authority, audit), one line each.
-    pub facts: Vec<String>,
-    /// What fails.
-    pub problems: Vec<Problem>,
-}
-
-impl Report {
-    fn problem(&mut self, layer: &'static str, message: impl Into<String>) {
-        self.problems.push(Problem {
-            layer,
-            message: message.into(),
-        });
-    }
+    /// What holds (chain, trust, authority, audit) and what fails.
+    #[serde(flatten)]
+    pub findings: Findings,
 }
 
 /// What the store tells about trust, gathered once.
@@ -234,7 +216,7 @@ pub async fn inspect_certificates(
         .filter_map(|d| X509Certificate::from_der(d).ok().map(|(_, c)| c))
         .collect();
     if parsed.len() != ders.len() || parsed.is_empty() {
-        report.problem(
+        report.findings.problem(
             "chain",
             "a certificate in the input does not parse as X.509",
         );
@@ -268,7 +250,7 @@ pub async fn inspect_certificates(
             } else {
                 "the CA must be replaced: `ca-server root prepare`, then `root activate ID`"
             };
-            report.problem(
+            report.findings.problem(
                 "expiry",
                 format!(
                     "{which} expired {} ago ({}): {advice}",
@@ -277,7 +259,7 @@ pub async fn inspect_certificates(
                 ),
             );
         } else if parsed[i].validity().not_before.timestamp() > now {
-            report.problem(
+            report.findings.problem(
                 "expiry",
                 format!(
                     "{which} is not valid before {}: check the clocks of the hosts involved",
@@ -285,7 +267,7 @@ pub async fn inspect_certificates(
                 ),
             );
         } else if c.role == "leaf" {
-            report.facts.push(format!(
+            report.findings.facts.push(format!(
                 "expiry: the leaf is valid for {} more ({})",
                 super::expiry::span(c.seconds_left),
                 c.not_after
@@ -308,7 +290,7 @@ pub async fn inspect_certificates(
             || child.verify_signature(Some(parent.public_key())).is_err()
         {
             chain_ok = false;
-            report.problem(
+            report.findings.problem(
                 "chain",
                 format!(
                     "certificate {} ({}) is not signed by certificate {} ({}): the chain is out \
@@ -323,6 +305,7 @@ pub async fn inspect_certificates(
     }
     if chain_ok && n > 1 {
         report
+            .findings
             .facts
             .push("chain: each certificate is signed by the next".into());
     }
@@ -345,15 +328,15 @@ pub async fn inspect_certificates(
         })
     };
     match (known, &root_der) {
-        (None, _) => report.facts.push(
+        (None, _) => report.findings.facts.push(
             "trust: not checked: no store to compare with (pass --data-dir or --database-url)"
                 .into(),
         ),
-        (Some(k), Some(root)) if k.roots.contains(root) => report.facts.push(format!(
+        (Some(k), Some(root)) if k.roots.contains(root) => report.findings.facts.push(format!(
             "trust: its root is in the current bundle (sequence {})",
             k.sequence
         )),
-        (Some(_), Some(root)) => report.problem(
+        (Some(_), Some(root)) => report.findings.problem(
             "trust",
             format!(
                 "its root (SHA-256 {}) is not in the current bundle: peers that follow the \
@@ -362,7 +345,7 @@ pub async fn inspect_certificates(
                 &sha256_hex(root)[..16]
             ),
         ),
-        (Some(_), None) => report.problem(
+        (Some(_), None) => report.findings.problem(
             "trust",
             format!(
                 "the chain stops at {}, and no root in the current bundle signed it: peers \
@@ -389,6 +372,7 @@ fn check_trust_of_root(report: &mut Report, i: usize, der: &[u8], known: Option<
     let Some(k) = known else {
         if i == 0 {
             report
+                .findings
                 .facts
                 .push("trust: not checked: no store to compare with".into());
         }
@@ -399,7 +383,7 @@ fn check_trust_of_root(report: &mut Report, i: usize, der: &[u8], known: Option<
         let authority = k.authorities.iter().find(|(a, _)| {
             crate::authority::pem_to_der(&a.root_pem).is_ok_and(|r| r.as_ref() == der)
         });
-        report.facts.push(match authority {
+        report.findings.facts.push(match authority {
             Some((a, _)) => format!(
                 "trust: root {} ({subject}) is in the current bundle: authority {} ({})",
                 i + 1,
@@ -409,7 +393,7 @@ fn check_trust_of_root(report: &mut Report, i: usize, der: &[u8], known: Option<
             None => format!("trust: root {} ({subject}) is in the current bundle", i + 1),
         });
     } else {
-        report.problem(
+        report.findings.problem(
             "trust",
             format!(
                 "root {} ({subject}) is not in the current bundle: a peer holding this bundle \
@@ -430,12 +414,13 @@ fn check_authority(report: &mut Report, first: &X509Certificate<'_>, k: &Known) 
     });
     let Some((a, _)) = signer else {
         report
+            .findings
             .facts
             .push("authority: not signed by any authority of this CA".into());
         return;
     };
     match a.state {
-        AuthorityState::Retired => report.problem(
+        AuthorityState::Retired => report.findings.problem(
             "trust",
             format!(
                 "signed by authority {}, retired {}: its root has left the bundle, so peers \
@@ -447,6 +432,7 @@ fn check_authority(report: &mut Report, first: &X509Certificate<'_>, k: &Known) 
             ),
         ),
         state => report
+            .findings
             .facts
             .push(format!("authority: signed by authority {} ({state})", a.id)),
     }
@@ -455,7 +441,7 @@ fn check_authority(report: &mut Report, first: &X509Certificate<'_>, k: &Known) 
 fn check_leaf(report: &mut Report, leaf: &X509Certificate<'_>, known: Option<&Known>) {
     let uris = report.certificates[0].uris.clone();
     match uris.as_slice() {
-        [] => report.problem(
+        [] => report.findings.problem(
             "identity",
             "the leaf has no URI SAN, so no SPIFFE ID: Istio peers authorize by SPIFFE ID and \
              reject it; request it from the CA with the pod's service-account token",
@@ -463,12 +449,13 @@ fn check_leaf(report: &mut Report, leaf: &X509Certificate<'_>, known: Option<&Kn
         [uri] => match SpiffeId::parse(uri) {
             Ok(id) => {
                 report
+                    .findings
                     .facts
                     .push(format!("identity: {id} (a valid SPIFFE ID)"));
                 if let Some(td) = known.and_then(|k| k.trust_domain.as_ref())
                     && id.trust_domain().to_string() != *td
                 {
-                    report.problem(
+                    report.findings.problem(
                         "identity",
                         format!(
                             "trust domain {} is not this mesh's ({td}): peers expecting \
@@ -478,12 +465,12 @@ fn check_leaf(report: &mut Report, leaf: &X509Certificate<'_>, known: Option<&Kn
                     );
                 }
             }
-            Err(e) => report.problem(
+            Err(e) => report.findings.problem(
                 "identity",
                 format!("{uri:?} is not a valid SPIFFE ID ({e}): peers reject the SAN"),
             ),
         },
-        _ => report.problem(
+        _ => report.findings.problem(
             "identity",
             format!(
                 "the leaf has {} URI SANs; an X509-SVID has exactly one",
@@ -492,21 +479,21 @@ fn check_leaf(report: &mut Report, leaf: &X509Certificate<'_>, known: Option<&Kn
         ),
     }
     if is_ca(leaf) {
-        report.problem(
+        report.findings.problem(
             "profile",
             "the leaf is a CA: a workload certificate must not be one",
         );
     }
     let usages = report.certificates[0].usages.clone();
     if !usages.iter().any(|u| u == "Digital Signature") {
-        report.problem(
+        report.findings.problem(
             "profile",
             "the leaf's key usage lacks digitalSignature: TLS handshakes with it fail",
         );
     }
     for eku in ["serverAuth", "clientAuth"] {
         if !usages.iter().any(|u| u == eku) {
-            report.problem(
+            report.findings.problem(
                 "profile",
                 format!("the leaf's extended key usage lacks {eku}: mTLS needs both directions"),
             );
@@ -516,7 +503,7 @@ fn check_leaf(report: &mut Report, leaf: &X509Certificate<'_>, known: Option<&Kn
     if let Some(bits) = key.strip_prefix("RSA ").and_then(|b| b.parse::<u32>().ok())
         && bits < 2048
     {
-        report.problem(
+        report.findings.problem(
             "profile",
             format!("the leaf's {key} key is too weak (2048 bits at least)"),
         );
@@ -533,18 +520,21 @@ async fn check_audit(report: &mut Report, store: &Store) {
     };
     match store.audit_events(&query).await {
         Ok(events) => match events.first() {
-            Some(e) => report.facts.push(format!(
+            Some(e) => report.findings.facts.push(format!(
                 "audit: event {} records serial {serial} issued to {} at {}",
                 e.seq,
                 e.spiffe_id.as_deref().unwrap_or("?"),
                 crate::rfc3339::from_millis(e.time_ms).unwrap_or_default()
             )),
-            None => report.facts.push(format!(
+            None => report.findings.facts.push(format!(
                 "audit: serial {serial} is not in the audit log (not issued by this CA, or \
                  pruned)"
             )),
         },
-        Err(e) => report.facts.push(format!("audit: not checked: {e}")),
+        Err(e) => report
+            .findings
+            .facts
+            .push(format!("audit: not checked: {e}")),
     }
 }
 
@@ -557,6 +547,7 @@ pub fn inspect_csr(pem: &str) -> Report {
     match crate::issuance::check_csr(pem) {
         Ok(csr) => {
             report
+                .findings
                 .facts
                 .push(format!("profile: key {:?}, signature verifies", csr.key));
             let ids: Vec<&String> = csr
@@ -566,26 +557,29 @@ pub fn inspect_csr(pem: &str) -> Report {
                 .collect();
             if ids.is_empty() {
                 report
+                    .findings
                     .facts
                     .push("identity: asks for no SPIFFE ID; the CA fills in the caller's".into());
             }
             for san in &csr.requested_sans {
                 match san.strip_prefix("spiffe://").map(|_| SpiffeId::parse(san)) {
-                    Some(Ok(id)) => report.facts.push(format!(
+                    Some(Ok(id)) => report.findings.facts.push(format!(
                         "identity: asks for {id}; granted only if it is the caller's own"
                     )),
-                    Some(Err(e)) => report.problem(
+                    Some(Err(e)) => report.findings.problem(
                         "identity",
                         format!("{san:?} is not a valid SPIFFE ID ({e}): the CA refuses it"),
                     ),
-                    None => report.problem(
+                    None => report.findings.problem(
                         "identity",
                         format!("asks for {san}: the CA certifies SPIFFE IDs only and refuses it"),
                     ),
                 }
             }
         }
-        Err(e) => report.problem("profile", format!("the CA would refuse it: {e}")),
+        Err(e) => report
+            .findings
+            .problem("profile", format!("the CA would refuse it: {e}")),
     }
     report
 }
@@ -617,14 +611,14 @@ pub fn render(report: &Report) -> String {
         out.push_str(&format!("  serial       {}\n", c.serial));
         out.push_str(&format!("  sha-256      {}\n", c.fingerprint_sha256));
     }
-    for fact in &report.facts {
+    for fact in &report.findings.facts {
         out.push_str(&format!("{fact}\n"));
     }
-    if report.problems.is_empty() {
+    if report.findings.problems.is_empty() {
         out.push_str("no problems found\n");
     } else {
-        out.push_str(&format!("{} problem(s):\n", report.problems.len()));
-        for p in &report.problems {
+        out.push_str(&format!("{} problem(s):\n", report.findings.problems.len()));
+        for p in &report.findings.problems {
             out.push_str(&format!("{}: {}\n", p.layer, p.message));
         }
     }
