@@ -149,6 +149,15 @@ impl SpiffeId {
     pub fn path(&self) -> &str {
         &self.path
     }
+
+    /// The namespace and service account of a `/ns/<ns>/sa/<sa>` identity, the form this CA
+    /// issues; `None` for any other path.
+    pub fn service_account(&self) -> Option<(&str, &str)> {
+        let rest = self.path.strip_prefix("/ns/")?;
+        let (namespace, rest) = rest.split_once('/')?;
+        let service_account = rest.strip_prefix("sa/")?;
+        (!service_account.contains('/')).then_some((namespace, service_account))
+    }
 }
 
 fn validate_segment(segment: &str) -> Result<(), SpiffeIdError> {
@@ -231,7 +240,22 @@ mod tests {
             "spiffe://cluster.local/ns/istio-system/sa/ztunnel"
         );
         assert_eq!(id.path(), "/ns/istio-system/sa/ztunnel");
+        assert_eq!(id.service_account(), Some(("istio-system", "ztunnel")));
         assert!(SpiffeId::for_service_account(&td, "a/b", "c").is_err());
+        for other in [
+            "spiffe://td",
+            "spiffe://td/ns/a",
+            "spiffe://td/ns/a/sa",
+            "spiffe://td/ns/a/sa/b/c",
+            "spiffe://td/ns/a/pod/b",
+            "spiffe://td/x/ns/a/sa/b",
+        ] {
+            assert_eq!(
+                SpiffeId::parse(other).unwrap().service_account(),
+                None,
+                "{other}"
+            );
+        }
     }
 
     mod properties {

@@ -9,7 +9,7 @@ use crate::store::{AuditQuery, EventKind};
 /// Filters as text, one per flag (or request field). Empty means "any".
 #[derive(Debug, Clone, Default)]
 pub struct Filters {
-    /// Exact SPIFFE ID.
+    /// Exact SPIFFE ID: the identity issued (or asked for), or the caller's.
     pub spiffe_id: Option<String>,
     /// Exact namespace.
     pub namespace: Option<String>,
@@ -17,6 +17,8 @@ pub struct Filters {
     pub service_account: Option<String>,
     /// Serial, hex; colons and case are ignored.
     pub serial: Option<String>,
+    /// Exact node name: events of callers running there.
+    pub node: Option<String>,
     /// `issued`, `denied`, `authority` or `prune`.
     pub kind: Option<String>,
     /// RFC 3339: events at or after.
@@ -138,6 +140,7 @@ impl Filters {
             namespace: non_empty("namespace", &self.namespace)?,
             service_account: non_empty("service-account", &self.service_account)?,
             serial: self.serial.as_deref().map(normalize_serial).transpose()?,
+            node: non_empty("node", &self.node)?,
             kind,
             authority_id: self.authority,
             valid_at: valid_at.map(|t| t.unix_timestamp()),

@@ -6,7 +6,7 @@ use crate::store::EventRow;
 pub use crate::rfc3339::{from_millis as rfc3339_ms, from_secs as rfc3339_secs};
 
 /// The keys of DESIGN.md, in its order.
-pub const KEYS: [&str; 22] = [
+pub const KEYS: [&str; 24] = [
     "seq",
     "time",
     "kind",
@@ -27,12 +27,14 @@ pub const KEYS: [&str; 22] = [
     "reason",
     "count",
     "operator",
+    "caller",
+    "node",
     "hash",
     "prev_hash",
 ];
 
 /// The values of an event, in the order of [`KEYS`].
-pub fn values(e: &EventRow) -> [serde_json::Value; 22] {
+pub fn values(e: &EventRow) -> [serde_json::Value; 24] {
     use serde_json::Value;
     let s = |v: &Option<String>| v.clone().map_or(Value::Null, Value::String);
     let i = |v: Option<i64>| v.map_or(Value::Null, Value::from);
@@ -61,6 +63,8 @@ pub fn values(e: &EventRow) -> [serde_json::Value; 22] {
         s(&e.reason),
         i(e.count),
         s(&e.operator),
+        s(&e.caller),
+        s(&e.node),
         Value::String(e.hash.clone()),
         Value::String(e.prev_hash.clone()),
     ]

@@ -34,6 +34,9 @@ struct KubernetesClaim {
     namespace: Option<String>,
     serviceaccount: Option<Named>,
     pod: Option<Named>,
+    /// The node the pod was scheduled on (Kubernetes 1.30 and later put it in pod-bound
+    /// tokens).
+    node: Option<Named>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -53,6 +56,8 @@ pub struct ServiceAccount {
     pub pod_name: Option<String>,
     /// The pod's uid.
     pub pod_uid: Option<String>,
+    /// The pod's node, where the `kubernetes.io` claim names one.
+    pub node_name: Option<String>,
     /// When the token expires (unix seconds).
     pub expires_at: i64,
 }
@@ -145,6 +150,7 @@ impl Claims {
             name: name.to_owned(),
             pod_name: None,
             pod_uid: None,
+            node_name: None,
             expires_at: exp,
         };
         if let Some(k) = &self.kubernetes {
@@ -160,6 +166,7 @@ impl Claims {
                 account.pod_name = pod.name.clone();
                 account.pod_uid = pod.uid.clone();
             }
+            account.node_name = k.node.as_ref().and_then(|n| n.name.clone());
         }
         Ok(account)
     }
@@ -199,7 +206,8 @@ mod tests {
             "kubernetes.io": {
                 "namespace": "shop",
                 "serviceaccount": {"name": "web", "uid": "u1"},
-                "pod": {"name": "web-1", "uid": "p1"}
+                "pod": {"name": "web-1", "uid": "p1"},
+                "node": {"name": "node-a", "uid": "n1"}
             }
         })
     }
@@ -217,6 +225,7 @@ mod tests {
         assert_eq!(sa.name, "web");
         assert_eq!(sa.pod_name.as_deref(), Some("web-1"));
         assert_eq!(sa.pod_uid.as_deref(), Some("p1"));
+        assert_eq!(sa.node_name.as_deref(), Some("node-a"));
         let mut single_aud = good();
         single_aud["aud"] = json!("istio-ca");
         check(single_aud).unwrap();

@@ -4,6 +4,7 @@ mod claims;
 pub mod dev;
 mod fetch;
 mod jwks;
+pub mod node;
 pub mod review;
 
 use std::fmt;
@@ -200,6 +201,8 @@ pub struct Identity {
     pub pod_name: Option<String>,
     /// The pod's uid.
     pub pod_uid: Option<String>,
+    /// The pod's node, if the token (or its review) names one.
+    pub node: Option<String>,
     /// The token's issuer.
     pub issuer: String,
 }
@@ -436,6 +439,7 @@ impl Authenticator {
                 service_account: account.name,
                 pod_name: account.pod_name,
                 pod_uid: account.pod_uid,
+                node: account.node_name,
                 issuer: issuer.policy.issuer.clone(),
             },
             account.expires_at,
@@ -471,6 +475,7 @@ impl Authenticator {
                 service_account: name,
                 pod_name: reviewed.pod_name,
                 pod_uid: reviewed.pod_uid,
+                node: reviewed.node_name,
                 issuer: format!("TokenReview {}", reviewer.api_url()),
             },
             expires_at,
@@ -556,6 +561,7 @@ mod tests {
             service_account: "b".into(),
             pod_name: None,
             pod_uid: None,
+            node: None,
             issuer: "i".into(),
         };
         for i in 0..10u8 {

@@ -19,6 +19,7 @@ pub const REVIEW_CACHE_SECS: i64 = 60;
 /// Extra fields the API server puts in a review of a pod-bound token.
 const POD_NAME_EXTRA: &str = "authentication.kubernetes.io/pod-name";
 const POD_UID_EXTRA: &str = "authentication.kubernetes.io/pod-uid";
+const NODE_NAME_EXTRA: &str = "authentication.kubernetes.io/node-name";
 
 /// Asks the API server about tokens.
 #[derive(Debug)]
@@ -36,6 +37,8 @@ pub struct Reviewed {
     pub pod_name: Option<String>,
     /// That pod's uid.
     pub pod_uid: Option<String>,
+    /// The node that pod runs on, if the API server says (Kubernetes 1.30 and later).
+    pub node_name: Option<String>,
 }
 
 #[derive(serde::Deserialize)]
@@ -132,6 +135,7 @@ impl TokenReviewer {
         Ok(Reviewed {
             pod_name: first(POD_NAME_EXTRA),
             pod_uid: first(POD_UID_EXTRA),
+            node_name: first(NODE_NAME_EXTRA),
             username: user.username,
         })
     }

@@ -57,7 +57,8 @@ impl Kind {
 pub enum AuditCommand {
     /// List events, newest first
     List {
-        /// Only this SPIFFE ID
+        /// Only this SPIFFE ID: the identity issued or asked for, or the caller's (a node
+        /// proxy asking for its pods' identities)
         #[arg(long)]
         spiffe_id: Option<String>,
         /// Only this namespace
@@ -69,6 +70,9 @@ pub enum AuditCommand {
         /// Only this serial (hex; colons and case are ignored)
         #[arg(long)]
         serial: Option<String>,
+        /// Only callers on this Kubernetes node (from their tokens)
+        #[arg(long)]
+        node: Option<String>,
         /// Only this kind of event
         #[arg(long, value_enum)]
         kind: Option<Kind>,
@@ -143,6 +147,7 @@ pub async fn audit(cmd: AuditCommand, common: &Common) -> anyhow::Result<ExitCod
             namespace,
             service_account,
             serial,
+            node,
             kind,
             since,
             until,
@@ -156,6 +161,7 @@ pub async fn audit(cmd: AuditCommand, common: &Common) -> anyhow::Result<ExitCod
                 namespace,
                 service_account,
                 serial,
+                node,
                 kind: kind.map(|k| k.as_str().to_owned()),
                 since,
                 until,

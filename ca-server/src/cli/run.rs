@@ -10,6 +10,7 @@ use clap::Args;
 use tracing::info;
 
 use super::{Common, parse_duration};
+use crate::auth::node::NodeAccount;
 use crate::issuance::LeafPolicy;
 use crate::kube::KubeApi;
 use crate::server::limits::Rate;
@@ -100,6 +101,15 @@ pub struct RunArgs {
     /// Failed authentications one peer address may make at once [default: 50]
     #[arg(long)]
     unauthenticated_burst: Option<f64>,
+    /// Service account NS/SA whose callers may ask for other identities through
+    /// ImpersonatedIdentity: a node proxy such as Istio's ztunnel (istio-system/ztunnel);
+    /// repeatable. With the Kubernetes API, only for pods on the caller's own node
+    #[arg(long = "trusted-node-account", value_name = "NS/SA")]
+    trusted_node_accounts: Vec<String>,
+    /// Without Kubernetes API access, let trusted node accounts have any identity in the
+    /// trust domain (no node check): a compromised node proxy could then get every identity
+    #[arg(long)]
+    allow_impersonation_without_node_check: bool,
     /// Add a local development token issuer (see `ca-server token issue`)
     #[arg(long)]
     dev: bool,
@@ -134,6 +144,8 @@ pub struct FileRunConfig {
     identity_burst: Option<f64>,
     unauthenticated_rate: Option<f64>,
     unauthenticated_burst: Option<f64>,
+    trusted_node_account: Option<Vec<String>>,
+    allow_impersonation_without_node_check: Option<bool>,
     dev: Option<bool>,
 }
 
@@ -173,19 +185,31 @@ fn or_list(flag: Vec<String>, file: Option<Vec<String>>, default: &[&str]) -> Ve
     }
 }
 
-/// The Kubernetes API, if something needs it (`--token-review`, `--publish-configmap`): the
-/// in-cluster one, with each flag given overriding its part.
+/// Who uses the Kubernetes API.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum KubeUse {
+    /// Nothing.
+    None,
+    /// The node check of trusted node accounts: used where it is found, and without it
+    /// impersonation is refused (or unchecked), not the start.
+    Wanted,
+    /// `--token-review` or `--publish-configmap`: the server cannot work without it.
+    Required,
+}
+
+/// The Kubernetes API, if something uses it: the in-cluster one, with each flag given
+/// overriding its part.
 fn kube_api(
-    on: bool,
+    used: KubeUse,
     url: Option<String>,
     token_file: Option<PathBuf>,
     ca_file: Option<PathBuf>,
 ) -> anyhow::Result<Option<KubeApi>> {
-    if !on {
+    if used == KubeUse::None {
         if url.is_some() || token_file.is_some() || ca_file.is_some() {
             bail!(
-                "--kube-api-url, --kube-token-file and --kube-ca-file need --token-review or \
-                 --publish-configmap"
+                "--kube-api-url, --kube-token-file and --kube-ca-file need --token-review, \
+                 --publish-configmap or --trusted-node-account"
             );
         }
         return Ok(None);
@@ -196,7 +220,12 @@ fn kube_api(
             token_file: PathBuf::from(crate::kube::IN_CLUSTER_TOKEN),
             ca_pem: std::fs::read_to_string(crate::kube::IN_CLUSTER_CA).ok(),
         },
-        None => KubeApi::in_cluster().map_err(|e| anyhow::anyhow!("the Kubernetes API: {e}"))?,
+        None => match KubeApi::in_cluster() {
+            Ok(api) => api,
+            // Not in a pod: the node check is off, and start-up says what that means.
+            Err(_) if used == KubeUse::Wanted => return Ok(None),
+            Err(e) => bail!("the Kubernetes API: {e}"),
+        },
     };
     if let Some(path) = token_file {
         api.token_file = path;
@@ -313,6 +342,13 @@ fn settings(args: RunArgs, common: Common) -> anyhow::Result<Settings> {
         bail!("--bundle-refresh-hint must be at least 1s");
     }
 
+    let trusted_node_accounts = or_list(args.trusted_node_accounts, file.trusted_node_account, &[])
+        .iter()
+        .map(|a| {
+            a.parse::<NodeAccount>()
+                .map_err(|e| anyhow::anyhow!("--trusted-node-account {e}"))
+        })
+        .collect::<anyhow::Result<Vec<_>>>()?;
     let auditors = or_list(args.auditors, file.auditor, &[])
         .iter()
         .map(|id| {
@@ -382,12 +418,21 @@ fn settings(args: RunArgs, common: Common) -> anyhow::Result<Settings> {
         ),
         issuers,
         kube_api: kube_api(
-            token_review || publish_configmap.is_some(),
+            if token_review || publish_configmap.is_some() {
+                KubeUse::Required
+            } else if !trusted_node_accounts.is_empty() {
+                KubeUse::Wanted
+            } else {
+                KubeUse::None
+            },
             args.kube_api_url.or(file.kube_api_url),
             args.kube_token_file.or(file.kube_token_file),
             args.kube_ca_file.or(file.kube_ca_file),
         )?,
         token_review,
+        trusted_node_accounts,
+        impersonation_without_node_check: args.allow_impersonation_without_node_check
+            || file.allow_impersonation_without_node_check.unwrap_or(false),
         publish_configmap,
         expiry_warning: ttl(
             "--expiry-warning",

@@ -72,6 +72,8 @@ fn to_proto(e: EventRow) -> AuditEvent {
         reason: e.reason,
         count: e.count,
         operator: e.operator,
+        caller: e.caller,
+        node: e.node,
         hash: e.hash,
         prev_hash: e.prev_hash,
     }
@@ -105,6 +107,7 @@ impl AuditService for RemoteAudit {
             namespace: r.namespace,
             service_account: r.service_account,
             serial: r.serial,
+            node: r.node,
             kind: r.kind,
             since: r.since,
             until: r.until,

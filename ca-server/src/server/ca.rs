@@ -13,6 +13,7 @@ use super::limits::{Aggregator, Rate, RateLimiter, Repeated};
 use super::pool::CryptoPool;
 use super::status::{Refusal, code_name};
 use crate::audit::AuditLog;
+use crate::auth::node::ImpersonationPolicy;
 use crate::auth::{AuthError, Authenticator, BearerToken, Identity};
 use crate::authority::{Authority, AuthorityError};
 use crate::bundle::Bundle;
@@ -68,6 +69,7 @@ pub struct CsrRequest {
 /// The certificate authority: everything a request needs.
 pub struct CertificateAuthority {
     authn: Authenticator,
+    impersonation: ImpersonationPolicy,
     audit: AuditLog,
     policy: LeafPolicy,
     active: watch::Receiver<Arc<Active>>,
@@ -98,10 +100,13 @@ type RefusalKey = (Option<IpAddr>, &'static str, Option<String>, String);
 /// How long identical refusals are counted before their event is written.
 pub const REFUSAL_WINDOW: Duration = Duration::from_secs(10);
 
-/// What a refusal event can say about the request.
+/// What an event can say about the request.
 #[derive(Default)]
 struct Known {
+    /// The identity issued (or to be): the caller's own, or the one it may have instead.
     identity: Option<Identity>,
+    /// The caller, when it asked for an identity other than its own.
+    caller: Option<Identity>,
     csr_sha256: Option<String>,
     public_key_sha256: Option<String>,
 }
@@ -114,6 +119,7 @@ impl CertificateAuthority {
     /// A pipeline over these parts.
     pub fn new(
         authn: Authenticator,
+        impersonation: ImpersonationPolicy,
         audit: AuditLog,
         policy: LeafPolicy,
         active: watch::Receiver<Arc<Active>>,
@@ -122,6 +128,7 @@ impl CertificateAuthority {
     ) -> Self {
         Self {
             authn,
+            impersonation,
             audit,
             policy,
             active,
@@ -170,7 +177,7 @@ impl CertificateAuthority {
         match outcome {
             Ok(issued) => {
                 let identity = known.identity.as_ref();
-                let mut event = event_for(EventKind::Issued, now, identity, request.peer);
+                let mut event = event_for(EventKind::Issued, now, &known, request.peer);
                 event.serial = Some(issued.serial.clone());
                 event.not_before = Some(issued.validity.not_before.unix_timestamp());
                 event.not_after = Some(issued.validity.not_after.unix_timestamp());
@@ -207,18 +214,24 @@ impl CertificateAuthority {
                         reason: refusal.metric_reason(),
                     })
                     .inc();
-                let mut event = event_for(
-                    EventKind::Denied,
-                    now,
-                    known.identity.as_ref(),
-                    request.peer,
-                );
+                let mut event = event_for(EventKind::Denied, now, &known, request.peer);
                 event.code = Some(code_name(code).to_owned());
                 event.reason = Some(refusal.to_string());
                 event.csr_sha256 = known.csr_sha256;
                 event.public_key_sha256 = known.public_key_sha256;
                 if event.spiffe_id.is_none() {
+                    // Refused before the identity asked for was granted: record what was
+                    // asked, so that the refusal is found under that identity too.
                     event.spiffe_id = request.impersonated_identity.clone();
+                    if let Some(asked) = request
+                        .impersonated_identity
+                        .as_deref()
+                        .and_then(|id| crate::spiffe::SpiffeId::parse(id).ok())
+                        && let Some((ns, sa)) = asked.service_account()
+                    {
+                        event.namespace = Some(ns.to_owned());
+                        event.service_account = Some(sa.to_owned());
+                    }
                 }
                 let ip = request.peer.map(|p| p.ip());
                 if code == tonic::Code::Unauthenticated
@@ -275,29 +288,32 @@ impl CertificateAuthority {
         }
         let header = request.authorization.as_deref().ok_or(AuthError::NoToken)?;
         let token = BearerToken::from_header(header)?;
-        let identity = self
+        let caller = self
             .authn
             .authenticate(&token, request.cluster_id.as_deref(), now.unix_timestamp())
             .await?;
         drop(token);
+        let own_id = caller.spiffe_id.to_string();
+        // The rate is per identity issued; a node proxy's are counted per node as well, since
+        // every node's proxy asks for the identities of its own pods.
+        let (identity, limited) = match request.impersonated_identity.as_deref() {
+            Some(asked) if asked != own_id => {
+                known.caller = Some(caller.clone());
+                let granted = self.impersonation.authorize(&caller, asked).await?;
+                let on = granted.node.as_deref().unwrap_or(&own_id);
+                let limited = format!("{} (for {on})", granted.spiffe_id);
+                (granted, limited)
+            }
+            _ => (caller, own_id),
+        };
         known.identity = Some(identity.clone());
-        let id = identity.spiffe_id.to_string();
-        if let Err(wait) = self.limits.per_identity.take(&id, Instant::now()) {
+        if let Err(wait) = self.limits.per_identity.take(&limited, Instant::now()) {
             let rate = self.limits.settings.per_identity;
             return Err(Refusal::IdentityRate {
-                identity: id,
+                identity: limited,
                 per_second: rate.per_second,
                 burst: rate.burst,
                 retry_after_ms: wait.as_millis(),
-            });
-        }
-
-        if let Some(asked) = &request.impersonated_identity
-            && *asked != identity.spiffe_id.to_string()
-        {
-            return Err(Refusal::Impersonation {
-                caller: identity.spiffe_id.to_string(),
-                requested: asked.clone(),
             });
         }
 
@@ -335,23 +351,32 @@ impl CertificateAuthority {
     }
 }
 
-/// An event of `kind` about `identity`, with the common fields filled in.
+/// An event of `kind` about what is `known` of the request, with the common fields filled
+/// in: the identity issued (or asked for), and the caller when that is someone else.
 fn event_for(
     kind: EventKind,
     now: OffsetDateTime,
-    identity: Option<&Identity>,
+    known: &Known,
     peer: Option<SocketAddr>,
 ) -> EventRow {
     let mut event = EventRow::new(kind);
     event.time_ms = unix_ms(now);
     event.peer = peer.map(|p| p.to_string());
-    if let Some(id) = identity {
+    if let Some(id) = &known.identity {
         event.spiffe_id = Some(id.spiffe_id.to_string());
         event.namespace = Some(id.namespace.clone());
         event.service_account = Some(id.service_account.clone());
         event.pod_name = id.pod_name.clone();
         event.pod_uid = id.pod_uid.clone();
         event.token_issuer = Some(id.issuer.clone());
+        event.node = id.node.clone();
+    }
+    if let Some(caller) = &known.caller {
+        event.caller = Some(caller.spiffe_id.to_string());
+        event.token_issuer = Some(caller.issuer.clone());
+        if event.node.is_none() {
+            event.node = caller.node.clone();
+        }
     }
     event
 }

@@ -88,6 +88,10 @@ pub struct Settings {
     pub kube_api: Option<crate::kube::KubeApi>,
     /// Tokens no issuer claims go to the API's TokenReview.
     pub token_review: bool,
+    /// Service accounts whose callers may ask for other identities (node proxies).
+    pub trusted_node_accounts: Vec<crate::auth::node::NodeAccount>,
+    /// Without the Kubernetes API, let them have any identity in the trust domain.
+    pub impersonation_without_node_check: bool,
     /// The ConfigMap to publish the bundle into, in every namespace.
     pub publish_configmap: Option<String>,
     /// How long before an authority's expiry it is warned about.
@@ -297,6 +301,62 @@ fn build_authenticator(settings: &Settings) -> Result<Authenticator, StartError>
     )
 }
 
+/// Who may ask for identities other than their own, and how that is checked; says so in the
+/// log, with a warning where the check is off or impossible.
+fn impersonation_policy(
+    settings: &Settings,
+) -> Result<crate::auth::node::ImpersonationPolicy, StartError> {
+    use crate::auth::node::{ImpersonationPolicy, NodeAuthorizer, NodeCheck};
+    let trusted = settings.trusted_node_accounts.clone();
+    let td = settings.trust_domain.clone();
+    if trusted.is_empty() {
+        if settings.impersonation_without_node_check {
+            warn!(
+                "--allow-impersonation-without-node-check has no effect without \
+                 --trusted-node-account"
+            );
+        }
+        return Ok(ImpersonationPolicy::nobody(td));
+    }
+    let names = trusted
+        .iter()
+        .map(ToString::to_string)
+        .collect::<Vec<_>>()
+        .join(", ");
+    let check = match &settings.kube_api {
+        Some(api) => {
+            info!(
+                trusted_node_accounts = %names,
+                api = %api.url,
+                "Node proxies may ask for the identities of pods on their own node, checked \
+                 through the Kubernetes API"
+            );
+            NodeCheck::Api(Box::new(
+                NodeAuthorizer::new(api.clone()).map_err(StartError::Issuer)?,
+            ))
+        }
+        None if settings.impersonation_without_node_check => {
+            warn!(
+                trusted_node_accounts = %names,
+                "Impersonation WITHOUT node check: these accounts may get a certificate for any \
+                 identity in the trust domain; give the server the Kubernetes API to check \
+                 that the identity runs on the caller's node"
+            );
+            NodeCheck::Skipped
+        }
+        None => {
+            warn!(
+                trusted_node_accounts = %names,
+                "Trusted node accounts are configured but the Kubernetes API is not: their \
+                 requests for other identities will be refused; give the server the API \
+                 (--kube-api-url) or pass --allow-impersonation-without-node-check"
+            );
+            NodeCheck::Unavailable
+        }
+    };
+    Ok(ImpersonationPolicy::new(td, trusted, check))
+}
+
 /// Starts the server: opens the store, loads (or creates) the authority, mints the server's
 /// certificate, writes the bundle file, binds both listeners.
 pub async fn start(settings: Settings) -> Result<RunningServer, StartError> {
@@ -338,6 +398,7 @@ pub async fn start(settings: Settings) -> Result<RunningServer, StartError> {
     let pool = pool::CryptoPool::per_core(CRYPTO_QUEUE).map_err(StartError::Threads)?;
     let ca = Arc::new(CertificateAuthority::new(
         authn,
+        impersonation_policy(&settings)?,
         audit.clone(),
         settings.leaf_policy,
         active_rx.clone(),

@@ -5,6 +5,7 @@ use tonic::{Code, Status};
 use super::pool::PoolError;
 use crate::audit::AuditError;
 use crate::auth::AuthError;
+use crate::auth::node::ImpersonationError;
 use crate::issuance::{IssueError, ValidityError};
 
 /// Why a certificate request was refused.
@@ -19,17 +20,9 @@ pub enum Refusal {
     /// The audit log could not record the issuance.
     #[error(transparent)]
     Audit(#[from] AuditError),
-    /// The caller asked for an identity not its own.
-    #[error(
-        "caller {caller} asked for identity {requested} through ImpersonatedIdentity; only \
-         trusted node accounts may do that (--trusted-node-account NS/SA)"
-    )]
-    Impersonation {
-        /// The caller's own identity.
-        caller: String,
-        /// What it asked for.
-        requested: String,
-    },
+    /// The caller asked for an identity not its own, and may not have it.
+    #[error(transparent)]
+    Impersonation(#[from] ImpersonationError),
     /// The caller's identity asks for certificates faster than its limit.
     #[error(
         "{identity} asks for certificates faster than its limit ({per_second}/s, burst {burst}, \
@@ -70,7 +63,9 @@ impl Refusal {
         match self {
             Self::Auth(e) if e.is_unavailable() => Code::Unavailable,
             Self::Auth(_) => Code::Unauthenticated,
-            Self::Issue(IssueError::SanMismatch { .. }) | Self::Impersonation { .. } => {
+            Self::Impersonation(e) if e.is_unavailable() => Code::Unavailable,
+            Self::Impersonation(e) if e.is_malformed() => Code::InvalidArgument,
+            Self::Issue(IssueError::SanMismatch { .. }) | Self::Impersonation(_) => {
                 Code::PermissionDenied
             }
             Self::Issue(IssueError::Csr(_))
@@ -115,7 +110,13 @@ impl Refusal {
             Self::Issue(IssueError::SelfCheck(_)) => "self_check",
             Self::Audit(AuditError::Unavailable(_)) => "audit_unavailable",
             Self::Audit(AuditError::Overloaded) => "audit_overloaded",
-            Self::Impersonation { .. } => "impersonation",
+            Self::Impersonation(ImpersonationError::Api { .. }) => "kube_api_unavailable",
+            Self::Impersonation(
+                ImpersonationError::NoNodeCheck { .. }
+                | ImpersonationError::CallerNode { .. }
+                | ImpersonationError::NotOnNode { .. },
+            ) => "impersonation_node",
+            Self::Impersonation(_) => "impersonation",
             Self::IdentityRate { .. } => "identity_rate",
             Self::PeerRate { .. } => "peer_rate",
             Self::Pool(_) => "capacity",

@@ -103,6 +103,14 @@ pub struct EventRow {
     pub count: Option<i64>,
     /// The OS user behind an authority change.
     pub operator: Option<String>,
+    /// The caller's SPIFFE ID, when it is not `spiffe_id`: a node proxy (ztunnel) asking for
+    /// a pod's identity. Fields from here on are left out of the canonical encoding when
+    /// empty, so that events written before they existed hash as they did.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub caller: Option<String>,
+    /// The node the caller runs on, from its token (or its TokenReview).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub node: Option<String>,
     /// The hash of the previous event (or of the anchor), hex.
     #[serde(skip)]
     pub prev_hash: String,
@@ -114,7 +122,7 @@ pub struct EventRow {
 /// Filters of `audit list` (and of the gRPC audit service, later). Every field narrows.
 #[derive(Debug, Clone, Default)]
 pub struct AuditQuery {
-    /// Exact SPIFFE ID.
+    /// Exact SPIFFE ID, issued (or asked for) or the caller's.
     pub spiffe_id: Option<String>,
     /// Exact namespace.
     pub namespace: Option<String>,
@@ -122,6 +130,8 @@ pub struct AuditQuery {
     pub service_account: Option<String>,
     /// Exact serial, lowercase hex.
     pub serial: Option<String>,
+    /// Exact node of the caller.
+    pub node: Option<String>,
     /// Kind of event.
     pub kind: Option<EventKind>,
     /// Signed by this authority.
@@ -140,7 +150,10 @@ pub struct AuditQuery {
 
 const COLUMNS: &str = "seq, time_ms, kind, spiffe_id, namespace, service_account, pod_name, \
      pod_uid, token_issuer, serial, not_before, not_after, authority_id, public_key_sha256, \
-     csr_sha256, peer, code, reason, count, operator, prev_hash, hash";
+     csr_sha256, peer, code, reason, count, operator, caller, node, prev_hash, hash";
+
+/// How many columns [`COLUMNS`] names.
+const COLUMN_COUNT: usize = 24;
 
 fn event_from_row(row: &AnyRow) -> Result<EventRow, StoreError> {
     let kind: String = column(row, "kind")?;
@@ -168,6 +181,8 @@ fn event_from_row(row: &AnyRow) -> Result<EventRow, StoreError> {
         reason: column(row, "reason")?,
         count: column(row, "count")?,
         operator: column(row, "operator")?,
+        caller: column(row, "caller")?,
+        node: column(row, "node")?,
         prev_hash: column(row, "prev_hash")?,
         hash: column(row, "hash")?,
     })
@@ -223,6 +238,8 @@ impl EventRow {
             reason: None,
             count: None,
             operator: None,
+            caller: None,
+            node: None,
             prev_hash: String::new(),
             hash: String::new(),
         }
@@ -307,7 +324,7 @@ pub(super) async fn append_in_tx(
 const RAISE_MAX_LIFETIME: &str = "UPDATE audit_meta SET max_lifetime = \
      CASE WHEN max_lifetime < $1 THEN $1 ELSE max_lifetime END WHERE id = 1";
 
-/// Rows per multi-row INSERT: 22 columns each, well under SQLite's 32,766 variables and
+/// Rows per multi-row INSERT: 24 columns each, well under SQLite's 32,766 variables and
 /// PostgreSQL's 65,535.
 const ROWS_PER_INSERT: usize = 512;
 
@@ -320,7 +337,7 @@ fn insert_sql(rows: usize, verb: &str, bound: &mut usize) -> String {
             sql.push(',');
         }
         sql.push('(');
-        for column in 0..22 {
+        for column in 0..COLUMN_COUNT {
             if column > 0 {
                 sql.push_str(", ");
             }
@@ -367,6 +384,8 @@ where
             .bind(&e.reason)
             .bind(e.count)
             .bind(&e.operator)
+            .bind(&e.caller)
+            .bind(&e.node)
             .bind(&e.prev_hash)
             .bind(&e.hash);
     }
@@ -588,10 +607,17 @@ impl Store {
                 sql.text.push_str(&format!(" AND {column} = {p}"));
             }
         };
-        text(&mut sql, "spiffe_id", &query.spiffe_id);
+        if let Some(id) = &query.spiffe_id {
+            // The identity issued or the caller's: a node proxy's requests are found under
+            // either. Each side has its own index.
+            let p = sql.bind(Bind::Text(id.clone()));
+            sql.text
+                .push_str(&format!(" AND (spiffe_id = {p} OR caller = {p})"));
+        }
         text(&mut sql, "namespace", &query.namespace);
         text(&mut sql, "service_account", &query.service_account);
         text(&mut sql, "serial", &query.serial);
+        text(&mut sql, "node", &query.node);
         // kind and authority_id have few distinct values: next to a selective filter, their
         // indexes would make SQLite walk most of the log, so `+` keeps it off them (the
         // planner has no statistics on a read-only copy of the store). PostgreSQL keeps
@@ -600,6 +626,7 @@ impl Store {
             || query.namespace.is_some()
             || query.service_account.is_some()
             || query.serial.is_some()
+            || query.node.is_some()
             || query.valid_at.is_some();
         let weak = if selective && self.dialect() == Dialect::Sqlite {
             "+"
@@ -759,5 +786,51 @@ impl Store {
             .fetch_all(self.pool())
             .await?;
         rows.iter().map(event_from_row).collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn event() -> EventRow {
+        let mut e = EventRow::new(EventKind::Issued);
+        e.seq = 7;
+        e.time_ms = 1_800_000_000_000;
+        e.spiffe_id = Some("spiffe://cluster.local/ns/shop/sa/web".into());
+        e.serial = Some("ab".into());
+        e.prev_hash = GENESIS_HASH.into();
+        e
+    }
+
+    #[test]
+    fn fields_added_later_leave_older_events_encoded_as_they_were() {
+        // The encoding every event had before `caller` and `node` existed: their hashes,
+        // already in logs, must still verify.
+        let before = concat!(
+            r#"{"seq":7,"time_ms":1800000000000,"kind":"issued","#,
+            r#""spiffe_id":"spiffe://cluster.local/ns/shop/sa/web","namespace":null,"#,
+            r#""service_account":null,"pod_name":null,"pod_uid":null,"token_issuer":null,"#,
+            r#""serial":"ab","not_before":null,"not_after":null,"authority_id":null,"#,
+            r#""public_key_sha256":null,"csr_sha256":null,"peer":null,"code":null,"#,
+            r#""reason":null,"count":null,"operator":null}"#
+        );
+        let e = event();
+        assert_eq!(String::from_utf8(canonical_encoding(&e)).unwrap(), before);
+
+        // Set, they are encoded (and so hashed) after every older field.
+        let mut ambient = event();
+        ambient.caller = Some("spiffe://cluster.local/ns/istio-system/sa/ztunnel".into());
+        ambient.node = Some("node-a".into());
+        let text = String::from_utf8(canonical_encoding(&ambient)).unwrap();
+        assert_eq!(
+            text,
+            format!(
+                "{},\"caller\":\"spiffe://cluster.local/ns/istio-system/sa/ztunnel\",\
+                 \"node\":\"node-a\"}}",
+                before.trim_end_matches('}')
+            )
+        );
+        assert_ne!(event_hash(&ambient), event_hash(&e));
     }
 }

@@ -117,13 +117,15 @@ fn migrator(dialect: Dialect) -> Migrator {
         Dialect::Sqlite => [
             include_str!("migrations/sqlite/0001_init.sql"),
             include_str!("migrations/sqlite/0002_sealed_keys.sql"),
+            include_str!("migrations/sqlite/0003_caller_and_node.sql"),
         ],
         Dialect::Postgres => [
             include_str!("migrations/postgres/0001_init.sql"),
             include_str!("migrations/postgres/0002_sealed_keys.sql"),
+            include_str!("migrations/postgres/0003_caller_and_node.sql"),
         ],
     };
-    let names = ["init", "sealed keys"];
+    let names = ["init", "sealed keys", "caller and node"];
     Migrator::with_migrations(
         migrations
             .into_iter()
