@@ -35,10 +35,13 @@ impl KubeApi {
     /// The in-cluster API: `KUBERNETES_SERVICE_HOST`/`_PORT` and the pod's service-account
     /// token and CA, as client-go's in-cluster config finds them.
     pub fn in_cluster() -> Result<Self, String> {
-        let host = std::env::var("KUBERNETES_SERVICE_HOST").map_err(|_| {
-            "not running in a pod (KUBERNETES_SERVICE_HOST is unset): pass --kube-api-url"
-                .to_owned()
-        })?;
+        let host = std::env::var("KUBERNETES_SERVICE_HOST")
+            .ok()
+            .filter(|h| !h.is_empty())
+            .ok_or_else(|| {
+                "not running in a pod (KUBERNETES_SERVICE_HOST is unset): pass --kube-api-url"
+                    .to_owned()
+            })?;
         let port = std::env::var("KUBERNETES_SERVICE_PORT").unwrap_or_else(|_| "443".into());
         let host = if host.contains(':') {
             format!("[{host}]")

@@ -221,3 +221,141 @@ pub fn review_refused(error: &str) -> serde_json::Value {
         "status": { "authenticated": false, "error": error },
     })
 }
+
+/// A pod object as the API serves it.
+pub fn pod(
+    ns: &str,
+    name: &str,
+    uid: &str,
+    sa: &str,
+    node: &str,
+    phase: &str,
+) -> serde_json::Value {
+    serde_json::json!({
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {"namespace": ns, "name": name, "uid": uid},
+        "spec": {"serviceAccountName": sa, "nodeName": node, "containers": [{"name": "app"}]},
+        "status": {"phase": phase},
+    })
+}
+
+/// The pods of a fake cluster, for the node check. Answers what the API answers:
+/// `GET /api/v1/pods?fieldSelector=spec.nodeName%3D<node>` (two pods a page, with a
+/// `continue` token, as an API server may page at any size at or below the limit; a list of
+/// every pod, without the selector, is refused) and `GET /api/v1/namespaces/<ns>/pods/<name>`.
+#[derive(Clone, Default)]
+pub struct FakePods {
+    pods: Arc<Mutex<Vec<serde_json::Value>>>,
+}
+
+/// Pods per page the fake answers with.
+const FAKE_PAGE: usize = 2;
+
+impl FakePods {
+    /// Schedules a pod (see [`pod`]).
+    pub fn add(&self, pod: serde_json::Value) {
+        self.pods.lock().expect("lock").push(pod);
+    }
+
+    /// A handler for [`FakeKubeApi`] serving these pods, and 404 for anything else.
+    pub fn handler(&self) -> Arc<Handler> {
+        let pods = self.clone();
+        Arc::new(move |request| {
+            pods.answer(request).unwrap_or((
+                404,
+                serde_json::json!({"kind": "Status", "reason": "NotFound"}),
+            ))
+        })
+    }
+
+    /// The answer to a pods request; `None` if `request` is not one.
+    pub fn answer(&self, request: &ApiRequest) -> Option<(u16, serde_json::Value)> {
+        if request.method != "GET" {
+            return None;
+        }
+        let (path, query) = request.path.split_once('?').unwrap_or((&request.path, ""));
+        let pods = self.pods.lock().expect("lock");
+        let parts: Vec<&str> = path.trim_start_matches('/').split('/').collect();
+        match parts.as_slice() {
+            ["api", "v1", "pods"] => {
+                let params: std::collections::HashMap<String, String> = query
+                    .split('&')
+                    .filter_map(|kv| kv.split_once('='))
+                    .map(|(k, v)| (k.to_owned(), percent_decode(v)))
+                    .collect();
+                let Some(node) = params
+                    .get("fieldSelector")
+                    .and_then(|s| s.strip_prefix("spec.nodeName="))
+                else {
+                    return Some((
+                        400,
+                        serde_json::json!({"kind": "Status", "message": "the test cluster lists pods by node only"}),
+                    ));
+                };
+                let on_node: Vec<&serde_json::Value> = pods
+                    .iter()
+                    .filter(|p| p["spec"]["nodeName"] == *node)
+                    .collect();
+                let start: usize = params
+                    .get("continue")
+                    .and_then(|c| c.strip_prefix("from-"))
+                    .and_then(|n| n.parse().ok())
+                    .unwrap_or(0);
+                let page: Vec<serde_json::Value> = on_node
+                    .iter()
+                    .skip(start)
+                    .take(FAKE_PAGE)
+                    .map(|p| (*p).clone())
+                    .collect();
+                let next = start + page.len();
+                let cont = if next < on_node.len() {
+                    format!("from-{next}")
+                } else {
+                    String::new()
+                };
+                Some((
+                    200,
+                    serde_json::json!({
+                        "apiVersion": "v1",
+                        "kind": "PodList",
+                        "metadata": {"resourceVersion": "1", "continue": cont},
+                        "items": page,
+                    }),
+                ))
+            }
+            ["api", "v1", "namespaces", ns, "pods", name] => Some(
+                pods.iter()
+                    .find(|p| p["metadata"]["namespace"] == *ns && p["metadata"]["name"] == *name)
+                    .map(|p| (200, p.clone()))
+                    .unwrap_or((
+                        404,
+                        serde_json::json!({"kind": "Status", "reason": "NotFound"}),
+                    )),
+            ),
+            _ => None,
+        }
+    }
+}
+
+/// Undoes percent-encoding in a query value.
+fn percent_decode(s: &str) -> String {
+    let bytes = s.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'%'
+            && i + 2 < bytes.len()
+            && let Some(b) = std::str::from_utf8(&bytes[i + 1..i + 3])
+                .ok()
+                .and_then(|hex| u8::from_str_radix(hex, 16).ok())
+        {
+            out.push(b);
+            i += 3;
+        } else {
+            out.push(bytes[i]);
+            i += 1;
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}

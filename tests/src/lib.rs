@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 
 pub mod kube;
 pub mod mesh;
+pub mod ztunnel;
 
 use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
@@ -495,6 +496,9 @@ pub struct TestIssuer {
 }
 
 impl TestIssuer {
+    /// The node the pods of [`TestIssuer::claims`] run on.
+    pub const NODE: &'static str = "test-node";
+
     /// A new issuer; writes its JWKS into `dir`.
     pub fn new(dir: &Path) -> Self {
         let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).expect("key");
@@ -535,7 +539,8 @@ impl TestIssuer {
         ]
     }
 
-    /// Claims of a good projected token for `ns`/`sa`.
+    /// Claims of a good projected token for `ns`/`sa`, bound to pod `<sa>-pod` on node
+    /// [`TestIssuer::NODE`] (as Kubernetes 1.30 and later issue them).
     pub fn claims(&self, ns: &str, sa: &str) -> serde_json::Value {
         let now = time::OffsetDateTime::now_utc().unix_timestamp();
         serde_json::json!({
@@ -546,7 +551,8 @@ impl TestIssuer {
             "kubernetes.io": {
                 "namespace": ns,
                 "serviceaccount": {"name": sa, "uid": "sa-uid"},
-                "pod": {"name": format!("{sa}-pod"), "uid": "pod-uid"}
+                "pod": {"name": format!("{sa}-pod"), "uid": "pod-uid"},
+                "node": {"name": Self::NODE, "uid": "node-uid"}
             }
         })
     }
@@ -587,7 +593,7 @@ pub fn der(pem: &str) -> Vec<u8> {
     rustls_pemfile_certs(&mut reader).remove(0)
 }
 
-fn rustls_pemfile_certs(reader: &mut &[u8]) -> Vec<Vec<u8>> {
+pub(crate) fn rustls_pemfile_certs(reader: &mut &[u8]) -> Vec<Vec<u8>> {
     use rustls_pki_types::pem::PemObject;
     rustls_pki_types::CertificateDer::pem_slice_iter(reader)
         .map(|c| c.expect("pem").as_ref().to_vec())

@@ -130,8 +130,14 @@ async fn every_filter_and_format_returns_exactly_the_right_events() {
     };
     check(
         &["--spiffe-id", "spiffe://cluster.local/ns/shop/sa/web"],
-        &|e| e["spiffe_id"] == "spiffe://cluster.local/ns/shop/sa/web",
+        &|e| {
+            e["spiffe_id"] == "spiffe://cluster.local/ns/shop/sa/web"
+                || e["caller"] == "spiffe://cluster.local/ns/shop/sa/web"
+        },
     );
+    check(&["--node", TestIssuer::NODE], &|e| {
+        e["node"] == TestIssuer::NODE
+    });
     check(&["--namespace", "bank"], &|e| e["namespace"] == "bank");
     check(&["--service-account", "web"], &|e| {
         e["service_account"] == "web"
@@ -202,7 +208,7 @@ async fn every_filter_and_format_returns_exactly_the_right_events() {
     let rows: Vec<&str> = csv.lines().collect();
     assert_eq!(
         rows[0],
-        "seq,time,kind,spiffe_id,namespace,service_account,pod_name,pod_uid,token_issuer,serial,not_before,not_after,authority_id,public_key_sha256,csr_sha256,peer,code,reason,count,operator,hash,prev_hash"
+        "seq,time,kind,spiffe_id,namespace,service_account,pod_name,pod_uid,token_issuer,serial,not_before,not_after,authority_id,public_key_sha256,csr_sha256,peer,code,reason,count,operator,caller,node,hash,prev_hash"
     );
     assert_eq!(rows.len(), all.len() + 1);
     for (row, e) in rows[1..].iter().zip(&all) {
@@ -336,6 +342,7 @@ fn as_json(e: &ca_proto::ca::v1::AuditEvent) -> Value {
         "not_before": s(&e.not_before), "not_after": s(&e.not_after), "authority_id": i(e.authority_id),
         "public_key_sha256": s(&e.public_key_sha256), "csr_sha256": s(&e.csr_sha256), "peer": s(&e.peer),
         "code": s(&e.code), "reason": s(&e.reason), "count": i(e.count), "operator": s(&e.operator),
+        "caller": s(&e.caller), "node": s(&e.node),
         "hash": e.hash, "prev_hash": e.prev_hash,
     })
 }
@@ -370,6 +377,13 @@ async fn remote_auditors_see_what_the_cli_sees_and_no_one_else_does() {
                 ..Default::default()
             },
             vec!["--since", &s.middle],
+        ),
+        (
+            ListEventsRequest {
+                node: Some(TestIssuer::NODE.into()),
+                ..Default::default()
+            },
+            vec!["--node", TestIssuer::NODE],
         ),
     ] {
         let cli = audit_json(&s.server, &cli_args);
@@ -484,7 +498,7 @@ async fn tampering_is_found_and_a_consistent_rewrite_fails_against_an_exported_c
             vec![
                 "UPDATE audit_events SET seq = seq + 1000 WHERE seq > 3".into(),
                 "UPDATE audit_events SET seq = seq - 999 WHERE seq > 1000".into(),
-                "INSERT INTO audit_events SELECT 4, time_ms, kind, spiffe_id, namespace, service_account, pod_name, pod_uid, token_issuer, serial, not_before, not_after, authority_id, public_key_sha256, csr_sha256, peer, code, reason, count, operator, prev_hash, hash FROM audit_events WHERE seq = 3".into(),
+                "INSERT INTO audit_events SELECT 4, time_ms, kind, spiffe_id, namespace, service_account, pod_name, pod_uid, token_issuer, serial, not_before, not_after, authority_id, public_key_sha256, csr_sha256, peer, code, reason, count, operator, prev_hash, hash, caller, node FROM audit_events WHERE seq = 3".into(),
             ],
             4,
             "",
