@@ -281,6 +281,8 @@ async fn audit_list_filters_and_formats() {
             "reason",
             "count",
             "operator",
+            "caller",
+            "node",
             "hash",
             "prev_hash"
         ]

@@ -229,6 +229,8 @@ pub const EXPLANATIONS: &[Explanation] = &[
             "permission_denied",
             "permission denied",
             "impersonat",
+            "no running pod with service account",
+            "its node is unknown",
             "resource_exhausted",
             "identity rate",
             "peer rate",
@@ -239,9 +241,15 @@ pub const EXPLANATIONS: &[Explanation] = &[
         causes: &[
             "a CSR with a SAN other than the caller's own SPIFFE ID, a weak key, or a bad signature",
             "asking for another identity without being a trusted node account",
+            "a node proxy (ztunnel) asking for a pod that is not running on its own node, or \
+             before the pod is scheduled; or the CA has no Kubernetes API to check the node",
             "too many requests for one identity (--identity-rate)",
         ],
-        confirm: &["ca-server audit list --kind denied --limit 10"],
+        confirm: &[
+            "ca-server audit list --kind denied --limit 10",
+            "ca-server audit list --node NODE --kind denied (what a node's proxy was refused)",
+            "kubectl get pods -A --field-selector spec.nodeName=NODE -o wide",
+        ],
     },
     Explanation {
         name: "CA unavailable",
@@ -323,6 +331,22 @@ mod tests {
             "transport"
         );
         assert!(explain("nothing we know").is_empty());
+        // ztunnel's log, after the CA refused a pod that is not on its node.
+        let refused = crate::auth::node::ImpersonationError::NotOnNode {
+            caller: "spiffe://cluster.local/ns/istio-system/sa/ztunnel".into(),
+            requested: "spiffe://cluster.local/ns/shop/sa/db".into(),
+            node: "node-a".into(),
+            namespace: "shop".into(),
+            service_account: "db".into(),
+        }
+        .to_string();
+        let found = explain(&refused);
+        assert!(
+            found
+                .iter()
+                .any(|e| e.causes.iter().any(|c| c.contains("ztunnel"))),
+            "{refused}"
+        );
     }
 
     #[test]

@@ -597,23 +597,15 @@ impl Store {
 
     /// Events matching `query`, newest first.
     pub async fn audit_events(&self, query: &AuditQuery) -> Result<Vec<EventRow>, StoreError> {
-        let mut sql = DynamicSql {
-            text: format!("SELECT {COLUMNS} FROM audit_events WHERE 1 = 1"),
-            ..DynamicSql::default()
-        };
+        // `sql.text` gathers the conditions (` AND …`) first; the statement is built around
+        // them at the end.
+        let mut sql = DynamicSql::default();
         let text = |sql: &mut DynamicSql, column: &str, value: &Option<String>| {
             if let Some(v) = value {
                 let p = sql.bind(Bind::Text(v.clone()));
                 sql.text.push_str(&format!(" AND {column} = {p}"));
             }
         };
-        if let Some(id) = &query.spiffe_id {
-            // The identity issued or the caller's: a node proxy's requests are found under
-            // either. Each side has its own index.
-            let p = sql.bind(Bind::Text(id.clone()));
-            sql.text
-                .push_str(&format!(" AND (spiffe_id = {p} OR caller = {p})"));
-        }
         text(&mut sql, "namespace", &query.namespace);
         text(&mut sql, "service_account", &query.service_account);
         text(&mut sql, "serial", &query.serial);
@@ -658,11 +650,33 @@ impl Store {
                 sql.text.push_str(&p);
             }
         }
-        sql.text.push_str(" ORDER BY seq DESC");
-        if let Some(limit) = query.limit {
-            let p = sql.bind(Bind::Int(limit));
-            sql.text.push_str(&format!(" LIMIT {p}"));
-        }
+        let conditions = std::mem::take(&mut sql.text);
+        let limit = query
+            .limit
+            .map(|limit| format!(" LIMIT {}", sql.bind(Bind::Int(limit))))
+            .unwrap_or_default();
+        let select = |first: &str| {
+            format!(
+                "SELECT {COLUMNS} FROM audit_events WHERE {first}{conditions} \
+                 ORDER BY seq DESC{limit}"
+            )
+        };
+        sql.text = match &query.spiffe_id {
+            None => select("1 = 1"),
+            Some(id) => {
+                // The identity issued, or the caller's (a node proxy's requests are found
+                // under either): two index walks, newest first, merged. `caller` is set only
+                // when it differs from `spiffe_id`, so no event is in both. (An `OR` would
+                // read every event of the identity and sort them, whatever the limit.)
+                let p = sql.bind(Bind::Text(id.clone()));
+                format!(
+                    "SELECT {COLUMNS} FROM ({}) AS issued_to UNION ALL \
+                     SELECT {COLUMNS} FROM ({}) AS asked_by ORDER BY seq DESC{limit}",
+                    select(&format!("spiffe_id = {p}")),
+                    select(&format!("caller = {p}")),
+                )
+            }
+        };
         // The SQL text is built only from the fixed fragments above; values are bound.
         let rows = sql.query().fetch_all(self.pool()).await?;
         rows.iter().map(event_from_row).collect()
