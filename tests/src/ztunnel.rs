@@ -48,27 +48,7 @@ pub struct ZtunnelRequest<'a> {
 impl Ztunnel {
     /// Connects to `server` at `https://127.0.0.1:PORT`, trusting only its bundle file.
     pub async fn connect(server: &TestServer) -> Self {
-        use rustls::crypto::aws_lc_rs::{cipher_suite, default_provider};
-        let provider = rustls::crypto::CryptoProvider {
-            cipher_suites: vec![
-                cipher_suite::TLS13_AES_256_GCM_SHA384,
-                cipher_suite::TLS13_AES_128_GCM_SHA256,
-            ],
-            ..default_provider()
-        };
-        let mut roots = rustls::RootCertStore::empty();
-        for cert in crate::rustls_pemfile_certs(&mut server.bundle_pem().as_bytes()) {
-            roots
-                .add(rustls_pki_types::CertificateDer::from(cert))
-                .expect("root");
-        }
-        let mut config = rustls::ClientConfig::builder_with_provider(Arc::new(provider))
-            .with_protocol_versions(&[&rustls::version::TLS13])
-            .expect("tls 1.3")
-            .with_root_certificates(roots)
-            .with_no_client_auth();
-        config.alpn_protocols = vec![b"h2".to_vec()];
-        let config = Arc::new(config);
+        let config = Arc::new(ztunnel_tls(server));
         let addr = server.grpc;
         let negotiated = Arc::new(Mutex::new(None));
         let seen = Arc::clone(&negotiated);
@@ -136,6 +116,32 @@ impl Ztunnel {
             .await
             .map(|r| r.into_inner().cert_chain)
     }
+}
+
+/// What ztunnel's TLS client offers: TLS 1.3 only, AES-GCM suites only, ALPN `h2`; trusting
+/// only `server`'s bundle file.
+pub fn ztunnel_tls(server: &TestServer) -> rustls::ClientConfig {
+    use rustls::crypto::aws_lc_rs::{cipher_suite, default_provider};
+    let provider = rustls::crypto::CryptoProvider {
+        cipher_suites: vec![
+            cipher_suite::TLS13_AES_256_GCM_SHA384,
+            cipher_suite::TLS13_AES_128_GCM_SHA256,
+        ],
+        ..default_provider()
+    };
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in crate::rustls_pemfile_certs(&mut server.bundle_pem().as_bytes()) {
+        roots
+            .add(rustls_pki_types::CertificateDer::from(cert))
+            .expect("root");
+    }
+    let mut config = rustls::ClientConfig::builder_with_provider(Arc::new(provider))
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .expect("tls 1.3")
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    config.alpn_protocols = vec![b"h2".to_vec()];
+    config
 }
 
 /// The CSR ztunnel makes for `identity`: empty subject, a new EC P-256 key, one URI SAN

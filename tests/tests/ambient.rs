@@ -62,17 +62,41 @@ fn cluster() -> FakePods {
     pods
 }
 
-/// A server trusting `issuer`, with the fake API for the node check and ztunnel's account
-/// trusted.
-fn start(dir: &std::path::Path, issuer: &TestIssuer, api: &FakeKubeApi) -> TestServer {
-    let mut flags = issuer.flags();
-    flags.extend(api.api_flags());
-    flags.extend([
-        "--trusted-node-account".into(),
-        "istio-system/ztunnel".into(),
-    ]);
-    let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
-    TestServer::start(&dir.join("data"), &flags)
+/// A server trusting a test issuer, with the fake API serving [`cluster`] for the node check,
+/// ztunnel's account trusted, and a ztunnel-like client connected.
+struct Ambient {
+    dir: tempfile::TempDir,
+    issuer: TestIssuer,
+    pods: FakePods,
+    api: FakeKubeApi,
+    server: TestServer,
+    ztunnel: Ztunnel,
+}
+
+impl Ambient {
+    async fn start() -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let issuer = TestIssuer::new(dir.path());
+        let pods = cluster();
+        let api = FakeKubeApi::start(dir.path(), pods.handler());
+        let mut flags = issuer.flags();
+        flags.extend(api.api_flags());
+        flags.extend([
+            "--trusted-node-account".into(),
+            "istio-system/ztunnel".into(),
+        ]);
+        let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
+        let server = TestServer::start(&dir.path().join("data"), &flags);
+        let ztunnel = Ztunnel::connect(&server).await;
+        Self {
+            dir,
+            issuer,
+            pods,
+            api,
+            server,
+            ztunnel,
+        }
+    }
 }
 
 fn ask<'a>(token: &'a str, identity: &'a str) -> ZtunnelRequest<'a> {
@@ -106,12 +130,14 @@ fn refused(result: Result<Vec<String>, tonic::Status>, code: Code, parts: &[&str
 
 #[tokio::test]
 async fn a_trusted_ztunnel_gets_the_identities_of_pods_on_its_node_and_nothing_else() {
-    let dir = tempfile::tempdir().unwrap();
-    let issuer = TestIssuer::new(dir.path());
-    let pods = cluster();
-    let api = FakeKubeApi::start(dir.path(), pods.handler());
-    let server = start(dir.path(), &issuer, &api);
-    let mut ztunnel = Ztunnel::connect(&server).await;
+    let Ambient {
+        dir,
+        issuer,
+        pods,
+        api,
+        server,
+        mut ztunnel,
+    } = Ambient::start().await;
     let token = ztunnel_token(&issuer, Some("node-a"));
     let web = spiffe("shop", "web");
 
@@ -322,12 +348,14 @@ fn der_of_csr(pem: &str) -> Vec<u8> {
 
 #[tokio::test]
 async fn without_a_node_in_its_token_the_callers_node_comes_from_its_pod() {
-    let dir = tempfile::tempdir().unwrap();
-    let issuer = TestIssuer::new(dir.path());
-    let pods = cluster();
-    let api = FakeKubeApi::start(dir.path(), pods.handler());
-    let server = start(dir.path(), &issuer, &api);
-    let mut ztunnel = Ztunnel::connect(&server).await;
+    let Ambient {
+        dir: _dir,
+        issuer,
+        api,
+        server,
+        mut ztunnel,
+        ..
+    } = Ambient::start().await;
     // As clusters before Kubernetes 1.30 issue them: the pod, no node.
     let token = ztunnel_token(&issuer, None);
     let web = spiffe("shop", "web");

@@ -169,30 +169,11 @@ fn health_and_readiness() {
 
 #[test]
 fn tls_offers_h2_with_tls13_aes_gcm_and_its_cert_is_audited() {
-    use rustls::crypto::aws_lc_rs::{cipher_suite, default_provider};
     let dir = tempfile::tempdir().unwrap();
     let server = TestServer::start(&dir.path().join("data"), &["--dev"]);
 
     // What ztunnel offers: TLS 1.3, AES-GCM suites only, ALPN h2.
-    let provider = rustls::crypto::CryptoProvider {
-        cipher_suites: vec![
-            cipher_suite::TLS13_AES_256_GCM_SHA384,
-            cipher_suite::TLS13_AES_128_GCM_SHA256,
-        ],
-        ..default_provider()
-    };
-    let mut roots = rustls::RootCertStore::empty();
-    roots
-        .add(rustls_pki_types::CertificateDer::from(der(
-            &server.bundle_pem()
-        )))
-        .unwrap();
-    let mut config = rustls::ClientConfig::builder_with_provider(Arc::new(provider))
-        .with_protocol_versions(&[&rustls::version::TLS13])
-        .unwrap()
-        .with_root_certificates(roots)
-        .with_no_client_auth();
-    config.alpn_protocols = vec![b"h2".to_vec()];
+    let config = ca_tests::ztunnel::ztunnel_tls(&server);
 
     let mut served_serials = Vec::new();
     for name in ["localhost", "127.0.0.1"] {

@@ -276,8 +276,8 @@ impl ImpersonationPolicy {
             detail,
         };
         let node = match authorizer.node_of(caller).await.map_err(api)? {
-            Ok(node) => node,
-            Err(detail) => {
+            CallerNode::Known(node) => node,
+            CallerNode::Unknown(detail) => {
                 return Err(ImpersonationError::CallerNode {
                     caller: caller_id,
                     requested: requested.to_owned(),
@@ -338,6 +338,15 @@ fn must_list(age: Option<Duration>, found: bool) -> bool {
 
 type Slot = Arc<tokio::sync::Mutex<Option<NodePods>>>;
 
+/// Where a caller runs, as far as its token and the API tell.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CallerNode {
+    /// On this node.
+    Known(String),
+    /// Nobody can say; why.
+    Unknown(String),
+}
+
 /// Answers "which pods run on this node" and "which node does this pod run on" through the
 /// Kubernetes API.
 pub struct NodeAuthorizer {
@@ -370,34 +379,34 @@ impl NodeAuthorizer {
         self.api.url()
     }
 
-    /// The node `caller` runs on: from its token, or else from its pod. The outer error is
-    /// the API failing; the inner one says why the node cannot be known.
-    pub async fn node_of(&self, caller: &Identity) -> Result<Result<String, String>, String> {
+    /// The node `caller` runs on: from its token, or else from its pod. An error is the API
+    /// failing to answer.
+    pub async fn node_of(&self, caller: &Identity) -> Result<CallerNode, String> {
         if let Some(node) = &caller.node {
             return Ok(if is_dns_name(node) {
-                Ok(node.clone())
+                CallerNode::Known(node.clone())
             } else {
-                Err(format!("its token names node {node:?}, not a node name"))
+                CallerNode::Unknown(format!("its token names node {node:?}, not a node name"))
             });
         }
         let (Some(name), Some(uid)) = (&caller.pod_name, &caller.pod_uid) else {
-            return Ok(Err(
+            return Ok(CallerNode::Unknown(
                 "its token names neither a node nor a pod: give the node proxy a projected, \
                  pod-bound service-account token"
                     .to_owned(),
             ));
         };
         if let Some(node) = lock(&self.callers).get(uid) {
-            return Ok(Ok(node.clone()));
+            return Ok(CallerNode::Known(node.clone()));
         }
         let Some(pod) = self.get_pod(&caller.namespace, name).await? else {
-            return Ok(Err(format!(
+            return Ok(CallerNode::Unknown(format!(
                 "its pod {}/{name} is not running (not found, finished, or not scheduled)",
                 caller.namespace
             )));
         };
         if pod.uid != *uid || pod.service_account != caller.service_account {
-            return Ok(Err(format!(
+            return Ok(CallerNode::Unknown(format!(
                 "its pod {}/{name} is now another pod (uid {}, service account {}) than its \
                  token was issued for",
                 caller.namespace, pod.uid, pod.service_account
@@ -408,7 +417,7 @@ impl NodeAuthorizer {
             callers.clear();
         }
         callers.insert(uid.clone(), pod.node.clone());
-        Ok(Ok(pod.node))
+        Ok(CallerNode::Known(pod.node))
     }
 
     /// The running pods of `namespace`/`service_account` scheduled on `node`, by name.
