@@ -237,6 +237,16 @@ async fn a_trusted_ztunnel_gets_the_identities_of_pods_on_its_node_and_nothing_e
     assert_eq!(event["pod_name"], "web-1", "{event}");
     assert_eq!(event["pod_uid"], "uid-web-1", "{event}");
     assert_eq!(event["token_issuer"], issuer.iss.as_str(), "{event}");
+    // inspect, given the chain, says who asked for it.
+    let chain_file = dir.path().join("web-chain.pem");
+    std::fs::write(&chain_file, chain.concat()).unwrap();
+    let out = server.cli(&["inspect", chain_file.to_str().unwrap()]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains(&format!("issued to {web}"))
+            && text.contains(&format!("asked for by {ZTUNNEL_ID} on node node-a")),
+        "{text}"
+    );
     for filter in [["--spiffe-id", ZTUNNEL_ID], ["--node", "node-a"]] {
         let found = audit_json(&server, &[filter[0], filter[1], "--kind", "issued"]);
         assert!(

@@ -520,12 +520,20 @@ async fn check_audit(report: &mut Report, store: &Store) {
     };
     match store.audit_events(&query).await {
         Ok(events) => match events.first() {
-            Some(e) => report.findings.facts.push(format!(
-                "audit: event {} records serial {serial} issued to {} at {}",
-                e.seq,
-                e.spiffe_id.as_deref().unwrap_or("?"),
-                crate::rfc3339::from_millis(e.time_ms).unwrap_or_default()
-            )),
+            Some(e) => {
+                // A node proxy's request: the certificate went to the proxy, for the pod.
+                let through = match (&e.caller, &e.node) {
+                    (Some(caller), Some(node)) => format!(", asked for by {caller} on node {node}"),
+                    (Some(caller), None) => format!(", asked for by {caller}"),
+                    _ => String::new(),
+                };
+                report.findings.facts.push(format!(
+                    "audit: event {} records serial {serial} issued to {} at {}{through}",
+                    e.seq,
+                    e.spiffe_id.as_deref().unwrap_or("?"),
+                    crate::rfc3339::from_millis(e.time_ms).unwrap_or_default()
+                ))
+            }
             None => report.findings.facts.push(format!(
                 "audit: serial {serial} is not in the audit log (not issued by this CA, or \
                  pruned)"
