@@ -285,11 +285,11 @@ impl ImpersonationPolicy {
                 });
             }
         };
-        let pods = authorizer
-            .pods_on_node(&node, namespace, service_account)
+        let found = authorizer
+            .pod_on_node(&node, namespace, service_account)
             .await
             .map_err(api)?;
-        let Some(pod) = pods.first() else {
+        let Some(pod) = found else {
             return Err(ImpersonationError::NotOnNode {
                 caller: caller_id,
                 requested: requested.to_owned(),
@@ -298,8 +298,8 @@ impl ImpersonationPolicy {
                 service_account: service_account.to_owned(),
             });
         };
-        granted.pod_name = Some(pod.name.clone());
-        granted.pod_uid = Some(pod.uid.clone());
+        granted.pod_name = Some(pod.name);
+        granted.pod_uid = Some(pod.uid);
         granted.node = Some(node);
         Ok(granted)
     }
@@ -320,10 +320,18 @@ pub struct Pod {
     pub node: String,
 }
 
-/// A node's pods by (namespace, service account), and when they were listed.
+/// A node's pods by (namespace, service account), the first by name of each, and when they
+/// were listed.
 struct NodePods {
     listed: Instant,
-    by_account: HashMap<(String, String), Vec<Pod>>,
+    by_account: HashMap<(String, String), Pod>,
+}
+
+impl NodePods {
+    /// The pod of `key` in `pods`, if a list was made and has one.
+    fn find<'a>(pods: &'a Option<Self>, key: &(String, String)) -> Option<&'a Pod> {
+        pods.as_ref()?.by_account.get(key)
+    }
 }
 
 /// Whether a lookup can be answered from a list of `age` (none yet: `None`) that does or does
@@ -420,38 +428,30 @@ impl NodeAuthorizer {
         Ok(CallerNode::Known(pod.node))
     }
 
-    /// The running pods of `namespace`/`service_account` scheduled on `node`, by name.
-    pub async fn pods_on_node(
+    /// A running pod of `namespace`/`service_account` scheduled on `node` (the first by
+    /// name), if there is one.
+    pub async fn pod_on_node(
         &self,
         node: &str,
         namespace: &str,
         service_account: &str,
-    ) -> Result<Vec<Pod>, String> {
+    ) -> Result<Option<Pod>, String> {
         let slot = self.slot(node);
         let mut pods = slot.lock().await;
         let key = (namespace.to_owned(), service_account.to_owned());
-        let found = |pods: &Option<NodePods>| {
-            pods.as_ref()
-                .and_then(|p| p.by_account.get(&key))
-                .cloned()
-                .unwrap_or_default()
-        };
         let age = pods.as_ref().map(|p| p.listed.elapsed());
-        if must_list(age, !found(&pods).is_empty()) {
+        if must_list(age, NodePods::find(&pods, &key).is_some()) {
             let listed = Instant::now();
-            let mut by_account: HashMap<(String, String), Vec<Pod>> = HashMap::new();
+            let mut by_account: HashMap<(String, String), Pod> = HashMap::new();
             for pod in self.list_node(node).await? {
-                by_account
-                    .entry((pod.namespace.clone(), pod.service_account.clone()))
-                    .or_default()
-                    .push(pod);
-            }
-            for list in by_account.values_mut() {
-                list.sort_by(|a, b| a.name.cmp(&b.name));
+                let key = (pod.namespace.clone(), pod.service_account.clone());
+                if by_account.get(&key).is_none_or(|kept| pod.name < kept.name) {
+                    by_account.insert(key, pod);
+                }
             }
             *pods = Some(NodePods { listed, by_account });
         }
-        Ok(found(&pods))
+        Ok(NodePods::find(&pods, &key).cloned())
     }
 
     /// The slot for `node`'s list, made if need be.

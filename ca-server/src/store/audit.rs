@@ -847,4 +847,9 @@ mod tests {
         );
         assert_ne!(event_hash(&ambient), event_hash(&e));
     }
+
+    #[test]
+    fn the_column_count_is_the_columns_named() {
+        assert_eq!(COLUMNS.split(',').count(), COLUMN_COUNT);
+    }
 }
