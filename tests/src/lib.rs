@@ -6,6 +6,7 @@ use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
 pub mod kube;
@@ -44,12 +45,38 @@ pub fn ca_server(args: &[&str]) -> Output {
         .expect("run ca-server")
 }
 
-/// A port on 127.0.0.1 that was free a moment ago.
+/// A port on 127.0.0.1 that was free a moment ago, for a server started next.
+///
+/// It is taken from below the kernel's ephemeral range (`ip_local_port_range`), so no
+/// outgoing connection (to PostgreSQL, say) can be given it as its source port between this
+/// check and the server's bind; a port that `bind(0)` hands out can be. Within this process
+/// each call moves on to the next port, so parallel tests never pick the same one.
 pub fn free_port() -> u16 {
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    let (first, count) = ports_below_ephemeral();
+    let start = std::process::id().wrapping_mul(7919);
+    for _ in 0..count {
+        let port =
+            first + ((start.wrapping_add(NEXT.fetch_add(1, Ordering::Relaxed))) % count) as u16;
+        if TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
     TcpListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())
         .map(|a| a.port())
         .expect("free port")
+}
+
+/// The ports `free_port` takes from: up to 12,000 just below the ephemeral range, never under
+/// 10,000.
+fn ports_below_ephemeral() -> (u16, u32) {
+    let low = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|range| range.split_whitespace().next()?.parse::<u16>().ok())
+        .unwrap_or(32768);
+    let first = low.saturating_sub(12_000).max(10_000);
+    (first, u32::from(low.saturating_sub(first)).max(1))
 }
 
 /// A plain HTTP GET on loopback; returns (status, body).
