@@ -20,7 +20,7 @@ fn main() -> ExitCode {
         }
         Err(e) => {
             // A user's mistake gets one clear line, not a backtrace.
-            eprintln!("error: {e:#}");
+            eprintln!("error: {}", ca_server::cli::error_line(&e));
             ExitCode::FAILURE
         }
     }

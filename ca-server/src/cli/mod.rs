@@ -469,6 +469,20 @@ pub fn parse_duration(text: &str) -> Result<time::Duration, String> {
         .ok_or_else(|| format!("{text:?} is too long"))
 }
 
+/// The one line a failed command prints: the error, then each cause the text so far does not
+/// already end with (an error whose message shows its source would otherwise say it twice).
+pub fn error_line(e: &anyhow::Error) -> String {
+    let mut line = e.to_string();
+    for cause in e.chain().skip(1) {
+        let text = cause.to_string();
+        if !line.ends_with(&text) {
+            line.push_str(": ");
+            line.push_str(&text);
+        }
+    }
+    line
+}
+
 /// Reads a small text file, naming it in the error.
 fn read_text(path: &Path, what: &str) -> anyhow::Result<String> {
     std::fs::read_to_string(path).with_context(|| format!("reading {what} {}", path.display()))
@@ -477,6 +491,25 @@ fn read_text(path: &Path, what: &str) -> anyhow::Result<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_error_line_says_each_cause_once() {
+        let bind = crate::server::StartError::Bind {
+            addr: "127.0.0.1:15012".parse().unwrap(),
+            source: std::io::Error::from(std::io::ErrorKind::AddrInUse),
+        };
+        let e = anyhow::Error::from(bind).context("starting the server");
+        assert_eq!(
+            error_line(&e),
+            "starting the server: cannot listen on 127.0.0.1:15012: address in use"
+        );
+        let e = anyhow::Error::from(std::io::Error::from(std::io::ErrorKind::NotFound))
+            .context("reading the config file /etc/ca.toml");
+        assert_eq!(
+            error_line(&e),
+            "reading the config file /etc/ca.toml: entity not found"
+        );
+    }
 
     #[test]
     fn durations() {
