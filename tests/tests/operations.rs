@@ -420,6 +420,38 @@ fn a_key_file_others_can_read_is_refused_at_start() {
     assert!(!stderr.contains("BEGIN"), "no key material in the message");
 }
 
+#[test]
+fn a_port_in_use_stops_a_first_start_before_anything_is_written() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let taken = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = taken.local_addr().unwrap().to_string();
+    let out = ca_server(&[
+        "run",
+        "--dev",
+        "--data-dir",
+        data.to_str().unwrap(),
+        "--grpc-listen",
+        &addr,
+        "--http-listen",
+        "127.0.0.1:0",
+    ]);
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let line = stderr
+        .lines()
+        .find(|l| l.starts_with("error: "))
+        .unwrap_or_else(|| panic!("no error line: {stderr}"));
+    assert_eq!(
+        line,
+        format!("error: cannot listen on {addr}: Address already in use (os error 98)"),
+        "the address once, the OS error once"
+    );
+    assert!(!stderr.contains("Created the first root"), "{stderr}");
+    assert!(!data.join("ca.db").exists(), "no store was created");
+    assert!(!data.join("keys").exists(), "no key was created");
+}
+
 /// A tiny HTTP server that serves whatever JWKS it holds and counts requests.
 struct JwksServer {
     addr: std::net::SocketAddr,

@@ -357,11 +357,15 @@ fn impersonation_policy(
     Ok(ImpersonationPolicy::new(td, trusted, check))
 }
 
-/// Starts the server: opens the store, loads (or creates) the authority, mints the server's
-/// certificate, writes the bundle file, binds both listeners.
+/// Starts the server: binds both listeners, opens the store, loads (or creates) the
+/// authority, mints the server's certificate, writes the bundle file.
 pub async fn start(settings: Settings) -> Result<RunningServer, StartError> {
     create_data_dir(&settings.data_dir)?;
     let authn = build_authenticator(&settings)?;
+    // Bound before anything is written, so a port in use stops a first start before it
+    // creates a root. Connections wait in the backlog until the server serves.
+    let grpc_listener = bind(settings.grpc_listen).await?;
+    let http_listener = bind(settings.http_listen).await?;
     let store = Store::open(&settings.database_url).await?;
     let audit = AuditLog::start(store.clone(), 16 * 1024);
     let readiness = Arc::new(Readiness::default());
@@ -408,9 +412,7 @@ pub async fn start(settings: Settings) -> Result<RunningServer, StartError> {
         pool,
         settings.limits,
     ));
-    let grpc_listener = bind(settings.grpc_listen).await?;
     let refusals_ca = Arc::clone(&ca);
-    let http_listener = bind(settings.http_listen).await?;
     let grpc_addr = grpc_listener
         .local_addr()
         .map_err(|source| StartError::Bind {
