@@ -389,7 +389,13 @@ pub async fn start(settings: Settings) -> Result<RunningServer, StartError> {
     let server_cert = tls::mint_server_cert(&authority, &settings.server_names, &audit).await?;
     // The log as it stands at start is signed before any request can move its head, so an
     // auditor's first checkpoint of this run never covers a request of it.
-    sign_checkpoint(&store, &audit_key).await;
+    sign_checkpoint(&store, &audit_key)
+        .instrument(info_span!("checkpoints"))
+        .await;
+    // Likewise an expiry warning is in the log before the server reports ready.
+    check_expiry(&store, settings.expiry_warning)
+        .instrument(info_span!("expiry"))
+        .await;
     let (cert_tx, cert_rx) = watch::channel(Arc::clone(&server_cert.certified));
 
     let version = store.authority_version().await?;
@@ -476,17 +482,6 @@ pub async fn start(settings: Settings) -> Result<RunningServer, StartError> {
         warn_of_expiry(store.clone(), settings.expiry_warning, shutdown_rx.clone())
             .instrument(info_span!("expiry")),
     );
-    let mut health_shutdown = shutdown_rx.clone();
-    tasks.spawn(async move {
-        let result = axum::serve(http_listener, health)
-            .with_graceful_shutdown(async move {
-                let _ = health_shutdown.wait_for(|stop| *stop).await;
-            })
-            .await;
-        if let Err(e) = result {
-            error!(error = %e, "Health listener failed");
-        }
-    });
     if let (Some(name), Some(api)) = (&settings.publish_configmap, &settings.kube_api) {
         let client = crate::kube::KubeClient::new(api.clone()).map_err(StartError::Issuer)?;
         info!(configmap = %name, api = %api.url, "Publishing the trust bundle into every namespace");
@@ -525,7 +520,7 @@ pub async fn start(settings: Settings) -> Result<RunningServer, StartError> {
             version,
             active_tx,
             Arc::clone(&readiness),
-            shutdown_rx,
+            shutdown_rx.clone(),
         )
         .instrument(info_span!("follow_store")),
     );
@@ -551,6 +546,19 @@ pub async fn start(settings: Settings) -> Result<RunningServer, StartError> {
     });
 
     info!(grpc = %grpc_addr, http = %http_addr, trust_domain = %settings.trust_domain, "Listening");
+    // The health listener serves last: once `/readyz` answers, everything above is done and
+    // logged.
+    let mut health_shutdown = shutdown_rx;
+    tasks.spawn(async move {
+        let result = axum::serve(http_listener, health)
+            .with_graceful_shutdown(async move {
+                let _ = health_shutdown.wait_for(|stop| *stop).await;
+            })
+            .await;
+        if let Err(e) = result {
+            error!(error = %e, "Health listener failed");
+        }
+    });
     Ok(RunningServer {
         grpc_addr,
         http_addr,
@@ -836,21 +844,28 @@ pub const EXPIRY_CHECK_INTERVAL: Duration = Duration::from_secs(3600);
 /// Logs a warning, at start and then hourly, for each authority in the bundle that expires
 /// within `window`. `/readyz` stays green: the server still works; `/metrics`
 /// (`ca_authority_expiring`) and `root status --check` carry it to monitoring.
+/// `start` makes the first check itself, so the warning is in the log before the server
+/// serves or reports ready.
 async fn warn_of_expiry(store: Store, window: time::Duration, mut shutdown: watch::Receiver<bool>) {
     loop {
-        match store.authorities().await {
-            Ok(authorities) => {
-                let now = time::OffsetDateTime::now_utc().unix_timestamp();
-                for e in crate::diagnose::expiry::expiring(&authorities, now, window) {
-                    warn!(authority_id = e.id, state = %e.state, "{e}");
-                }
-            }
-            Err(e) => warn!(error = %e, "Reading the authorities to check their expiry failed"),
-        }
         tokio::select! {
             _ = tokio::time::sleep(EXPIRY_CHECK_INTERVAL) => {}
             _ = shutdown.wait_for(|stop| *stop) => return,
         }
+        check_expiry(&store, window).await;
+    }
+}
+
+/// One check of [`warn_of_expiry`].
+async fn check_expiry(store: &Store, window: time::Duration) {
+    match store.authorities().await {
+        Ok(authorities) => {
+            let now = time::OffsetDateTime::now_utc().unix_timestamp();
+            for e in crate::diagnose::expiry::expiring(&authorities, now, window) {
+                warn!(authority_id = e.id, state = %e.state, "{e}");
+            }
+        }
+        Err(e) => warn!(error = %e, "Reading the authorities to check their expiry failed"),
     }
 }
 
