@@ -57,7 +57,7 @@ pub fn free_port() -> u16 {
     let start = std::process::id().wrapping_mul(7919);
     for _ in 0..count {
         let port =
-            first + ((start.wrapping_add(NEXT.fetch_add(1, Ordering::Relaxed))) % count) as u16;
+            first + (start.wrapping_add(NEXT.fetch_add(1, Ordering::Relaxed)) % count) as u16;
         if TcpListener::bind(("127.0.0.1", port)).is_ok() {
             return port;
         }

@@ -841,11 +841,10 @@ async fn follow_store(
 /// How often the authorities' expiry is checked (and warned about, while it is near).
 pub const EXPIRY_CHECK_INTERVAL: Duration = Duration::from_secs(3600);
 
-/// Logs a warning, at start and then hourly, for each authority in the bundle that expires
-/// within `window`. `/readyz` stays green: the server still works; `/metrics`
-/// (`ca_authority_expiring`) and `root status --check` carry it to monitoring.
-/// `start` makes the first check itself, so the warning is in the log before the server
-/// serves or reports ready.
+/// Logs a warning, hourly, for each authority in the bundle that expires within `window`
+/// (`start` makes the first check itself, before it serves). `/readyz` stays green: the
+/// server still works; `/metrics` (`ca_authority_expiring`) and `root status --check` carry
+/// it to monitoring.
 async fn warn_of_expiry(store: Store, window: time::Duration, mut shutdown: watch::Receiver<bool>) {
     loop {
         tokio::select! {
