@@ -63,12 +63,59 @@ pub struct Answer {
     pub status: http::StatusCode,
     /// The body (JSON, normally).
     pub body: Bytes,
+    /// The `Retry-After` the server sent, in seconds.
+    pub retry_after: Option<Duration>,
 }
 
-/// Calls the Kubernetes API.
+/// Calls the Kubernetes API. When the API server says it is overloaded (429, or a 5xx) or
+/// does not answer, calls stop for a while (its `Retry-After`, else a backoff doubling from
+/// [`BACKOFF_FIRST`] to [`BACKOFF_MAX`]) and fail at once meanwhile: our callers retry at
+/// their own pace, the API server is not asked at theirs.
 pub struct KubeClient {
     api: KubeApi,
     client: Client<hyper_rustls::HttpsConnector<HttpConnector>, Full<Bytes>>,
+    backoff: std::sync::Mutex<Backoff>,
+}
+
+/// The first pause after the API server is overloaded or away.
+pub const BACKOFF_FIRST: Duration = Duration::from_millis(500);
+/// The longest pause.
+pub const BACKOFF_MAX: Duration = Duration::from_secs(30);
+
+/// When the API server may be called again, and how long the next pause is.
+#[derive(Debug, Default)]
+struct Backoff {
+    until: Option<std::time::Instant>,
+    why: String,
+    next: Duration,
+}
+
+impl Backoff {
+    /// The pause after a failure: `retry_after` if the server named one (within the bounds),
+    /// else the next step of the doubling.
+    fn fail(&mut self, now: std::time::Instant, retry_after: Option<Duration>, why: String) {
+        let step = if self.next.is_zero() {
+            BACKOFF_FIRST
+        } else {
+            self.next
+        };
+        let pause = retry_after
+            .unwrap_or(step)
+            .clamp(BACKOFF_FIRST, BACKOFF_MAX);
+        self.next = (step * 2).min(BACKOFF_MAX);
+        self.until = Some(now + pause);
+        self.why = why;
+    }
+
+    fn succeed(&mut self) {
+        *self = Self::default();
+    }
+
+    /// Why calls are paused and for how long, if they are at `now`.
+    fn paused(&self, now: std::time::Instant) -> Option<(Duration, &str)> {
+        let until = self.until?;
+        (now < until).then(|| (until - now, self.why.as_str()))
+    }
 }
 
 impl std::fmt::Debug for KubeClient {
@@ -85,6 +132,7 @@ impl KubeClient {
         Ok(Self {
             client: crate::auth::http_client(api.ca_pem.as_deref())?,
             api,
+            backoff: std::sync::Mutex::new(Backoff::default()),
         })
     }
 
@@ -96,6 +144,43 @@ impl KubeClient {
     /// `method path` with a JSON `body`; any answer the server gives is returned, errors are
     /// failures to get one (each naming the API server).
     pub async fn call(
+        &self,
+        method: http::Method,
+        path: &str,
+        body: Option<Vec<u8>>,
+    ) -> Result<Answer, String> {
+        let fail = |detail: String| format!("{} {path}: {detail}", self.api.url);
+        if let Some((left, why)) = self.backoff().paused(std::time::Instant::now()) {
+            return Err(fail(format!(
+                "not called for another {} ms: {why}",
+                left.as_millis()
+            )));
+        }
+        let answer = self.send(method, path, body).await;
+        let mut backoff = self.backoff();
+        let now = std::time::Instant::now();
+        match &answer {
+            Ok(a)
+                if a.status == http::StatusCode::TOO_MANY_REQUESTS
+                    || a.status.is_server_error() =>
+            {
+                backoff.fail(
+                    now,
+                    a.retry_after,
+                    format!("the API server answered HTTP {}", a.status),
+                );
+            }
+            Ok(_) => backoff.succeed(),
+            Err(e) => backoff.fail(now, None, format!("the last call failed ({e})")),
+        }
+        answer
+    }
+
+    fn backoff(&self) -> std::sync::MutexGuard<'_, Backoff> {
+        self.backoff.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    async fn send(
         &self,
         method: http::Method,
         path: &str,
@@ -124,11 +209,51 @@ impl KubeClient {
             .map_err(|_| fail("timed out".into()))?
             .map_err(|e| fail(e.to_string()))?;
         let status = response.status();
+        let retry_after = response
+            .headers()
+            .get(http::header::RETRY_AFTER)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.trim().parse::<u64>().ok())
+            .map(Duration::from_secs);
         let body = Limited::new(response.into_body(), MAX_BODY)
             .collect()
             .await
             .map_err(|e| fail(e.to_string()))?
             .to_bytes();
-        Ok(Answer { status, body })
+        Ok(Answer {
+            status,
+            body,
+            retry_after,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_overloaded_api_is_left_alone_for_a_while() {
+        let t0 = std::time::Instant::now();
+        let mut b = Backoff::default();
+        assert!(b.paused(t0).is_none());
+        b.fail(t0, None, "HTTP 429".into());
+        assert_eq!(b.paused(t0).map(|p| p.0), Some(BACKOFF_FIRST));
+        assert!(b.paused(t0 + BACKOFF_FIRST).is_none());
+        // Each failure in a row doubles the pause, up to the maximum.
+        let mut pauses = Vec::new();
+        for _ in 0..10 {
+            b.fail(t0, None, "HTTP 503".into());
+            pauses.push(b.paused(t0).unwrap().0.as_millis());
+        }
+        assert_eq!(pauses[..4], [1000, 2000, 4000, 8000]);
+        assert_eq!(*pauses.last().unwrap(), BACKOFF_MAX.as_millis());
+        // The server's Retry-After wins, within the bounds.
+        b.fail(t0, Some(Duration::from_secs(7)), "HTTP 429".into());
+        assert_eq!(b.paused(t0).unwrap().0, Duration::from_secs(7));
+        b.fail(t0, Some(Duration::from_secs(3600)), "HTTP 429".into());
+        assert_eq!(b.paused(t0).unwrap().0, BACKOFF_MAX);
+        b.succeed();
+        assert!(b.paused(t0).is_none());
     }
 }

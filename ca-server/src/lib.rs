@@ -21,5 +21,6 @@ pub mod rfc3339;
 pub mod server;
 pub mod spiffe;
 pub mod store;
+pub mod untrusted;
 
 pub use spiffe::{SpiffeId, TrustDomain};

@@ -22,6 +22,13 @@ pub struct RefusalLabels {
     pub reason: &'static str,
 }
 
+/// A refused connection's label: the limit it was over.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ConnectionLabels {
+    /// `max_connections` or `max_connections_per_ip`.
+    pub limit: &'static str,
+}
+
 /// An authority's labels.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct AuthorityLabels {
@@ -56,6 +63,10 @@ pub struct Metrics {
     pub token_cache_hits: Counter,
     /// Token checks that needed a signature verification.
     pub token_cache_misses: Counter,
+    /// Connections closed at accept because a limit was reached.
+    pub connections_refused: Family<ConnectionLabels, Counter>,
+    /// Connections open on the gRPC/HTTPS listener.
+    pub connections_open: Gauge,
 }
 
 impl Metrics {
@@ -123,8 +134,23 @@ impl Metrics {
             "Token checks that needed a signature verification",
             token_cache_misses.clone(),
         );
+        let connections_refused = Family::<ConnectionLabels, Counter>::default();
+        registry.register(
+            "connections_refused",
+            "Connections closed at accept because --max-connections or \
+             --max-connections-per-ip was reached",
+            connections_refused.clone(),
+        );
+        let connections_open = Gauge::default();
+        registry.register(
+            "connections_open",
+            "Connections open on the gRPC/HTTPS listener",
+            connections_open.clone(),
+        );
         Self {
             registry,
+            connections_refused,
+            connections_open,
             issuances,
             refusals,
             issuance_seconds,

@@ -192,7 +192,7 @@ fn only_tls_1_2_and_1_3_with_modern_suites() {
 async fn a_request_ends_at_the_clients_deadline() {
     // A JWKS endpoint that accepts connections and never answers: authentication hangs.
     let hanging = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let url = format!("http://{}/openid/v1/jwks", hanging.local_addr().unwrap());
+    let url = format!("https://{}/openid/v1/jwks", hanging.local_addr().unwrap());
     let held = std::thread::spawn(move || {
         let mut open = Vec::new();
         for stream in hanging.incoming().take(4) {

@@ -208,7 +208,7 @@ async fn every_filter_and_format_returns_exactly_the_right_events() {
     let rows: Vec<&str> = csv.lines().collect();
     assert_eq!(
         rows[0],
-        "seq,time,kind,spiffe_id,namespace,service_account,pod_name,pod_uid,token_issuer,serial,not_before,not_after,authority_id,public_key_sha256,csr_sha256,peer,code,reason,count,operator,caller,node,hash,prev_hash"
+        "seq,time,kind,spiffe_id,namespace,service_account,pod_name,pod_uid,token_issuer,serial,not_before,not_after,authority_id,public_key_sha256,csr_sha256,peer,code,reason,count,operator,caller,node,requested,hash,prev_hash"
     );
     assert_eq!(rows.len(), all.len() + 1);
     for (row, e) in rows[1..].iter().zip(&all) {
@@ -342,7 +342,7 @@ fn as_json(e: &ca_proto::ca::v1::AuditEvent) -> Value {
         "not_before": s(&e.not_before), "not_after": s(&e.not_after), "authority_id": i(e.authority_id),
         "public_key_sha256": s(&e.public_key_sha256), "csr_sha256": s(&e.csr_sha256), "peer": s(&e.peer),
         "code": s(&e.code), "reason": s(&e.reason), "count": i(e.count), "operator": s(&e.operator),
-        "caller": s(&e.caller), "node": s(&e.node),
+        "caller": s(&e.caller), "node": s(&e.node), "requested": s(&e.requested),
         "hash": e.hash, "prev_hash": e.prev_hash,
     })
 }
@@ -448,8 +448,22 @@ async fn remote_auditors_see_what_the_cli_sees_and_no_one_else_does() {
     assert!(anonymous.message().contains("mutual TLS"));
 }
 
-fn verify(url: &str, checkpoint: Option<&std::path::Path>) -> (bool, String) {
-    let mut args = vec!["audit", "verify", "--database-url", url];
+/// `audit verify` on the store at `url` (a copy, with no data dir of its own), trusting the
+/// audit key in `key` (what `audit key` printed on the server).
+fn verify(
+    url: &str,
+    key: &std::path::Path,
+    checkpoint: Option<&std::path::Path>,
+) -> (bool, String) {
+    let key = key.display().to_string();
+    let mut args = vec![
+        "audit",
+        "verify",
+        "--database-url",
+        url,
+        "--trusted-audit-key",
+        &key,
+    ];
     let cp;
     if let Some(path) = checkpoint {
         cp = path.display().to_string();
@@ -475,10 +489,12 @@ async fn tampering_is_found_and_a_consistent_rewrite_fails_against_an_exported_c
     std::fs::write(&exported, &out.stdout).unwrap();
     let cp: Value = serde_json::from_slice(&out.stdout).unwrap();
     let cp_seq = cp["seq"].as_i64().unwrap();
+    let key = s.dir.path().join("audit-key.pub");
+    std::fs::write(&key, s.server.cli_ok(&["audit", "key"])).unwrap();
     s.server.kill();
     let copy = s.dir.path().join("copy.db");
     let url = copy_store(&s.server, &copy);
-    let (ok, text) = verify(&url, Some(&exported));
+    let (ok, text) = verify(&url, &key, Some(&exported));
     assert!(ok, "{text}");
 
     let cases: Vec<(Vec<String>, i64, &str)> = vec![
@@ -498,7 +514,7 @@ async fn tampering_is_found_and_a_consistent_rewrite_fails_against_an_exported_c
             vec![
                 "UPDATE audit_events SET seq = seq + 1000 WHERE seq > 3".into(),
                 "UPDATE audit_events SET seq = seq - 999 WHERE seq > 1000".into(),
-                "INSERT INTO audit_events SELECT 4, time_ms, kind, spiffe_id, namespace, service_account, pod_name, pod_uid, token_issuer, serial, not_before, not_after, authority_id, public_key_sha256, csr_sha256, peer, code, reason, count, operator, prev_hash, hash, caller, node FROM audit_events WHERE seq = 3".into(),
+                "INSERT INTO audit_events SELECT 4, time_ms, kind, spiffe_id, namespace, service_account, pod_name, pod_uid, token_issuer, serial, not_before, not_after, authority_id, public_key_sha256, csr_sha256, peer, code, reason, count, operator, prev_hash, hash, caller, node, requested FROM audit_events WHERE seq = 3".into(),
             ],
             4,
             "",
@@ -509,7 +525,7 @@ async fn tampering_is_found_and_a_consistent_rewrite_fails_against_an_exported_c
         let url = copy_store(&s.server, &copy);
         let statements: Vec<&str> = statements.iter().map(String::as_str).collect();
         run_sql(&url, &statements).await;
-        let (ok, text) = verify(&url, None);
+        let (ok, text) = verify(&url, &key, None);
         assert!(!ok, "{statements:?} went unnoticed: {text}");
         assert!(
             text.contains(&format!("BROKEN at event {seq}")) && text.contains(word),
@@ -542,12 +558,12 @@ async fn tampering_is_found_and_a_consistent_rewrite_fails_against_an_exported_c
     }
     let statements: Vec<&str> = statements.iter().map(String::as_str).collect();
     run_sql(&url, &statements).await;
-    let (ok, text) = verify(&url, None);
+    let (ok, text) = verify(&url, &key, None);
     assert!(
         ok,
         "a consistent rewrite passes the chain check alone: {text}"
     );
-    let (ok, text) = verify(&url, Some(&exported));
+    let (ok, text) = verify(&url, &key, Some(&exported));
     assert!(!ok, "{text}");
     assert!(
         text.contains(&format!("BROKEN at event {cp_seq}")) && text.contains("rewritten"),
@@ -558,7 +574,7 @@ async fn tampering_is_found_and_a_consistent_rewrite_fails_against_an_exported_c
     let mut forged = cp.clone();
     forged["hash"] = Value::String("0".repeat(64));
     std::fs::write(&exported, forged.to_string()).unwrap();
-    let (ok, text) = verify(&copy_store(&s.server, &copy), Some(&exported));
+    let (ok, text) = verify(&copy_store(&s.server, &copy), &key, Some(&exported));
     assert!(!ok && text.contains("not genuine"), "{text}");
 }
 

@@ -66,9 +66,18 @@ async fn metrics_count_issuances_refusals_commits_and_expiry() {
     let nine_years = 9.0 * 365.0 * 86_400.0;
     assert!(expiry > nine_years, "{expiry}");
 
-    // A rotation shows in the bundle sequence and the second authority's series.
+    // A rotation shows in the bundle sequence and the second authority's series, once the
+    // health task has read the store again (each second: a scrape never queries it).
     assert!(server.cli(&["root", "prepare"]).status.success());
-    let (_, text) = http_get(server.http, "/metrics").unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    let text = loop {
+        let (_, text) = http_get(server.http, "/metrics").unwrap();
+        if sample(&text, "ca_bundle_sequence") == Some(2.0) || std::time::Instant::now() > deadline
+        {
+            break text;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    };
     assert_eq!(sample(&text, "ca_bundle_sequence"), Some(2.0), "{text}");
     assert!(
         sample(

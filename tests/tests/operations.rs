@@ -3,9 +3,8 @@
 
 #![allow(clippy::unwrap_used)] // Tests may unwrap: a panic is a failed assertion.
 
-use std::io::{Read, Write};
 use std::net::TcpListener;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 use ca_tests::*;
 
@@ -264,6 +263,7 @@ async fn audit_list_filters_and_formats() {
             "operator",
             "caller",
             "node",
+            "requested",
             "hash",
             "prev_hash"
         ]
@@ -347,9 +347,18 @@ async fn audit_verify_finds_edited_and_removed_events() {
     // A copy of the database as the killed server left it, edited and verified.
     let tampered = |statements: &'static [&'static str]| {
         let url = copy_store(&server, &copy);
+        // The data dir's audit key vouches for the checkpoints in the copy.
+        let data_dir = server.data_dir.display().to_string();
         async move {
             run_sql(&url, statements).await;
-            let out = ca_server(&["audit", "verify", "--database-url", &url]);
+            let out = ca_server(&[
+                "audit",
+                "verify",
+                "--database-url",
+                &url,
+                "--data-dir",
+                &data_dir,
+            ]);
             (
                 out.status.code(),
                 String::from_utf8_lossy(&out.stdout).into_owned(),
@@ -453,103 +462,12 @@ fn a_port_in_use_stops_a_first_start_before_anything_is_written() {
 }
 
 /// A tiny HTTP server that serves whatever JWKS it holds and counts requests.
-struct JwksServer {
-    addr: std::net::SocketAddr,
-    body: Arc<Mutex<String>>,
-    hits: Arc<Mutex<u32>>,
-}
-
-impl JwksServer {
-    fn start(body: String) -> Self {
-        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-        let addr = listener.local_addr().unwrap();
-        let body = Arc::new(Mutex::new(body));
-        let hits = Arc::new(Mutex::new(0));
-        let (b, h) = (Arc::clone(&body), Arc::clone(&hits));
-        std::thread::spawn(move || {
-            for stream in listener.incoming() {
-                let Ok(mut stream) = stream else { return };
-                let mut buf = [0u8; 4096];
-                let _ = stream.read(&mut buf);
-                *h.lock().unwrap() += 1;
-                let body = b.lock().unwrap().clone();
-                let _ = write!(
-                    stream,
-                    "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-                    body.len()
-                );
-            }
-        });
-        Self { addr, body, hits }
-    }
-
-    /// The same over HTTPS with `cert_pem`/`key_pem`.
-    fn start_tls(body: String, cert_pem: &str, key_pem: &str) -> Self {
-        use rustls_pki_types::pem::PemObject;
-        let certs: Vec<_> = rustls_pki_types::CertificateDer::pem_slice_iter(cert_pem.as_bytes())
-            .map(|c| c.unwrap())
-            .collect();
-        let key = rustls_pki_types::PrivateKeyDer::from_pem_slice(key_pem.as_bytes()).unwrap();
-        let config = Arc::new(
-            rustls::ServerConfig::builder_with_provider(Arc::new(
-                rustls::crypto::aws_lc_rs::default_provider(),
-            ))
-            .with_safe_default_protocol_versions()
-            .unwrap()
-            .with_no_client_auth()
-            .with_single_cert(certs, key)
-            .unwrap(),
-        );
-        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-        let addr = listener.local_addr().unwrap();
-        let body = Arc::new(Mutex::new(body));
-        let hits = Arc::new(Mutex::new(0));
-        let (b, h) = (Arc::clone(&body), Arc::clone(&hits));
-        std::thread::spawn(move || {
-            for stream in listener.incoming() {
-                let Ok(mut tcp) = stream else { return };
-                let mut conn = rustls::ServerConnection::new(Arc::clone(&config)).unwrap();
-                let mut tls = rustls::Stream::new(&mut conn, &mut tcp);
-                let mut buf = [0u8; 4096];
-                if tls.read(&mut buf).is_err() {
-                    continue; // A client that did not trust us.
-                }
-                *h.lock().unwrap() += 1;
-                let body = b.lock().unwrap().clone();
-                let _ = write!(
-                    tls,
-                    "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-                    body.len()
-                );
-                let _ = tls.flush();
-                conn.send_close_notify();
-                let _ = conn.complete_io(&mut tcp);
-            }
-        });
-        Self { addr, body, hits }
-    }
-}
-
 #[tokio::test]
 async fn jwks_url_over_https_trusts_the_cluster_ca_given() {
-    use rcgen::{BasicConstraints, CertificateParams, IsCa, Issuer, KeyPair};
     let dir = tempfile::tempdir().unwrap();
     let issuer = TestIssuer::new(&dir.path().join("issuer"));
-    // A cluster CA and the API server's certificate for 127.0.0.1.
-    let ca_key = KeyPair::generate().unwrap();
-    let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
-    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    let ca_pem = ca_params.self_signed(&ca_key).unwrap().pem();
-    let api_key = KeyPair::generate().unwrap();
-    let api_cert = CertificateParams::new(vec!["127.0.0.1".to_owned()])
-        .unwrap()
-        .signed_by(&api_key, &Issuer::from_params(&ca_params, &ca_key))
-        .unwrap()
-        .pem();
-    let ca_file = dir.path().join("cluster-ca.pem");
-    std::fs::write(&ca_file, &ca_pem).unwrap();
-    let jwks = JwksServer::start_tls(issuer.jwks(), &api_cert, &api_key.serialize_pem());
-    let url = format!("https://{}/openid/v1/jwks", jwks.addr);
+    let jwks = ca_tests::jwks::JwksServer::start(&dir.path().join("api"), issuer.jwks());
+    let (url, ca_file) = (jwks.url(), jwks.ca_file.clone());
     let (csr, _) = csr(&rcgen::PKCS_ECDSA_P256_SHA256, &[]);
 
     // Without the cluster CA the keys cannot be fetched: refused as UNAVAILABLE, fail closed.
@@ -599,7 +517,7 @@ async fn jwks_url_over_https_trusts_the_cluster_ca_given() {
     )
     .await
     .expect("issued with keys fetched over HTTPS");
-    assert_eq!(*jwks.hits.lock().unwrap(), 1);
+    assert_eq!(jwks.hits(), 1);
 }
 
 #[tokio::test]
@@ -607,11 +525,17 @@ async fn jwks_url_is_fetched_and_refetched_on_an_unknown_kid() {
     let dir = tempfile::tempdir().unwrap();
     let first = TestIssuer::new(&dir.path().join("first"));
     std::fs::create_dir_all(dir.path().join("second")).unwrap();
-    let jwks = JwksServer::start(first.jwks());
-    let url = format!("http://{}/openid/v1/jwks", jwks.addr);
+    let jwks = ca_tests::jwks::JwksServer::start(&dir.path().join("api"), first.jwks());
     let server = TestServer::start(
         &dir.path().join("data"),
-        &["--token-issuer", &first.iss, "--token-jwks-url", &url],
+        &[
+            "--token-issuer",
+            &first.iss,
+            "--token-jwks-url",
+            &jwks.url(),
+            "--token-jwks-ca",
+            jwks.ca_file.to_str().unwrap(),
+        ],
     );
     let mut client = server.client().await;
     let (csr, _) = csr(&rcgen::PKCS_ECDSA_P256_SHA256, &[]);
@@ -621,7 +545,7 @@ async fn jwks_url_is_fetched_and_refetched_on_an_unknown_kid() {
     create_certificate(&mut client, Some(&first.token("a", "b")), &csr, 0)
         .await
         .expect("cached");
-    assert_eq!(*jwks.hits.lock().unwrap(), 1, "keys are cached");
+    assert_eq!(jwks.hits(), 1, "keys are cached");
 
     // The API server rotates its signing key: a token with the new kid triggers a refetch.
     std::fs::create_dir_all(dir.path().join("second")).unwrap();
@@ -633,7 +557,7 @@ async fn jwks_url_is_fetched_and_refetched_on_an_unknown_kid() {
         a["keys"].as_array_mut().unwrap().push(b["keys"][0].clone());
         a.to_string()
     };
-    *jwks.body.lock().unwrap() = both;
+    jwks.set_body(both);
     // Within the refetch interval (10 s) an unknown kid is refused without another fetch...
     let status = create_certificate(&mut client, Some(&second.token("a", "b")), &csr, 0)
         .await
@@ -643,13 +567,13 @@ async fn jwks_url_is_fetched_and_refetched_on_an_unknown_kid() {
         "{}",
         status.message()
     );
-    assert_eq!(*jwks.hits.lock().unwrap(), 1, "refetches are rate-limited");
+    assert_eq!(jwks.hits(), 1, "refetches are rate-limited");
     // ...after it, the unknown kid triggers one refetch, and the new key verifies.
     tokio::time::sleep(std::time::Duration::from_secs(11)).await;
     create_certificate(&mut client, Some(&second.token("a", "b")), &csr, 0)
         .await
         .expect("refetched");
-    assert_eq!(*jwks.hits.lock().unwrap(), 2);
+    assert_eq!(jwks.hits(), 2);
     // ...and a kid that is nowhere is refused, naming it, with at most one fetch per interval.
     let status = create_certificate(
         &mut client,
@@ -682,8 +606,5 @@ async fn jwks_url_is_fetched_and_refetched_on_an_unknown_kid() {
         )
         .await;
     }
-    assert!(
-        *jwks.hits.lock().unwrap() <= 3,
-        "refetches are rate-limited"
-    );
+    assert!(jwks.hits() <= 3, "refetches are rate-limited");
 }

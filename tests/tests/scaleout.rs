@@ -231,8 +231,24 @@ async fn two_replicas_share_authorities_the_bundle_and_the_audit_chain() {
     assert_eq!(roots_b.last().unwrap().trim(), new_root.trim());
     assert!(serials_a.is_disjoint(&serials_b), "no serial issued twice");
 
-    // One audit chain, written by both, holds every certificate either one issued.
-    assert_audit_intact(&a);
+    // One audit chain, written by both, holds every certificate either one issued. Each
+    // replica signs checkpoints with its own key: verified from one, the other's is pinned;
+    // without it, the other's checkpoints are reported.
+    let b_key = b.data_dir.with_extension("audit-key.pub");
+    std::fs::write(&b_key, b.cli_ok(&["audit", "key"])).unwrap();
+    let unpinned = a.cli(&["audit", "verify"]);
+    assert!(!unpinned.status.success());
+    assert!(
+        String::from_utf8_lossy(&unpinned.stdout).contains("--trusted-audit-key"),
+        "{}",
+        String::from_utf8_lossy(&unpinned.stdout)
+    );
+    a.cli_ok(&[
+        "audit",
+        "verify",
+        "--trusted-audit-key",
+        b_key.to_str().unwrap(),
+    ]);
     let spiffe = |sa: &str| format!("spiffe://cluster.local/ns/shop/sa/{sa}");
     assert_eq!(recorded_serials(&b, &spiffe("web")), serials_b);
     assert_eq!(recorded_serials(&a, &spiffe("cart")), serials_a);

@@ -4,7 +4,7 @@
 
 use std::collections::BTreeMap;
 
-use super::checkpoint::verify_signature;
+use super::checkpoint::{TrustedKeys, verify_signature};
 use crate::store::{Checkpoint, EventKind, GENESIS_HASH, Store, StoreError, event_hash};
 
 /// What `audit verify` found.
@@ -36,20 +36,39 @@ fn broken(seq: i64, problem: String) -> Result<VerifyReport, StoreError> {
     Ok(VerifyReport::Broken { seq, problem })
 }
 
+/// Why a checkpoint under a key nobody pinned is tampering, naming the key.
+fn untrusted_key(what: &str, cp: &Checkpoint, trusted: &TrustedKeys) -> String {
+    format!(
+        "{what} is signed by audit key {}, which is not trusted (trusted: {}): someone who \
+         can write the database may have rewritten the log and signed it anew; if that key is \
+         another replica's, pin it with --trusted-audit-key",
+        crate::untrusted::claim(&cp.public_key),
+        trusted.describe()
+    )
+}
+
 /// Walks the whole log in order and recomputes the chain; checks every stored checkpoint, and
-/// `exported` (a checkpoint kept elsewhere) if given, against it.
+/// `exported` (a checkpoint kept elsewhere) if given, against it. A checkpoint counts only if
+/// one of the `trusted` keys signed it: one under any other key is reported as tampering.
 pub async fn verify_chain(
     store: &Store,
     exported: Option<&Checkpoint>,
+    trusted: &TrustedKeys,
 ) -> Result<VerifyReport, StoreError> {
     const PAGE: i64 = 2_000;
-    if let Some(cp) = exported
-        && let Err(e) = verify_signature(cp)
-    {
-        return broken(
-            cp.seq,
-            format!("the exported checkpoint is not genuine: {e}"),
-        );
+    if let Some(cp) = exported {
+        if let Err(e) = verify_signature(cp) {
+            return broken(
+                cp.seq,
+                format!("the exported checkpoint is not genuine: {e}"),
+            );
+        }
+        if !trusted.trusts(cp) {
+            return broken(
+                cp.seq,
+                untrusted_key("the exported checkpoint", cp, trusted),
+            );
+        }
     }
 
     let mut prev = GENESIS_HASH.to_owned();
@@ -79,6 +98,10 @@ pub async fn verify_chain(
                         cp.seq
                     ),
                 );
+            }
+            if !trusted.trusts(&cp) {
+                let what = format!("the stored checkpoint at event {}", cp.seq);
+                return broken(cp.seq, untrusted_key(&what, &cp, trusted));
             }
             expected.insert(cp.seq, (cp.hash, "a stored checkpoint"));
         }

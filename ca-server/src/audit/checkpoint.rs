@@ -30,6 +30,14 @@ pub enum CheckpointError {
     /// The checkpoint is not well-formed.
     #[error("the checkpoint is malformed: {0}")]
     Malformed(String),
+    /// A file meant to hold a trusted public key does not.
+    #[error("--trusted-audit-key {path}: {detail}")]
+    TrustedKey {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong with it.
+        detail: String,
+    },
 }
 
 /// The bytes a checkpoint signs.
@@ -74,6 +82,19 @@ impl AuditKey {
         Ok(Self { pair })
     }
 
+    /// The public key, base64 (as checkpoints carry it).
+    pub fn public_key(&self) -> String {
+        STANDARD.encode(self.pair.public_key().as_ref())
+    }
+
+    /// The public key as a PEM `PUBLIC KEY` (SubjectPublicKeyInfo), for other servers and
+    /// auditors to pin with `--trusted-audit-key`.
+    pub fn public_key_pem(&self) -> String {
+        let mut spki = ED25519_SPKI_PREFIX.to_vec();
+        spki.extend_from_slice(self.pair.public_key().as_ref());
+        crate::files::pem("PUBLIC KEY", &spki)
+    }
+
     /// Signs the head `(seq, hash)` now.
     pub fn sign(&self, seq: i64, hash: &str) -> Checkpoint {
         let time_ms =
@@ -88,6 +109,104 @@ impl AuditKey {
             signature: STANDARD.encode(signature.as_ref()),
         }
     }
+}
+
+/// The DER of an Ed25519 SubjectPublicKeyInfo up to the 32 key bytes.
+const ED25519_SPKI_PREFIX: [u8; 12] = [
+    0x30, 0x2a, 0x30, 0x05, 0x06, 0x03, 0x2b, 0x65, 0x70, 0x03, 0x21, 0x00,
+];
+
+/// The audit keys whose checkpoints are believed: a checkpoint signed by any other key is
+/// what someone who rewrote the log and re-signed it with a key of their own would leave.
+#[derive(Debug, Clone, Default)]
+pub struct TrustedKeys {
+    /// Public keys (base64, as checkpoints carry them), each with where it came from.
+    keys: Vec<(String, String)>,
+}
+
+impl TrustedKeys {
+    /// The data dir's own audit key (if it has one) and the public keys in `files` (PEM
+    /// `PUBLIC KEY`, as `audit key` prints them, or the bare base64 of a checkpoint's
+    /// `public_key`).
+    pub fn load(data_dir: &Path, files: &[PathBuf]) -> Result<Self, CheckpointError> {
+        let mut trusted = Self::default();
+        if AuditKey::path(data_dir).exists() {
+            let own = AuditKey::load_or_create(data_dir)?;
+            trusted.add(
+                own.public_key(),
+                format!(
+                    "this data dir's audit key ({})",
+                    AuditKey::path(data_dir).display()
+                ),
+            );
+        }
+        for path in files {
+            let bad = |detail: String| CheckpointError::TrustedKey {
+                path: path.clone(),
+                detail,
+            };
+            let text = std::fs::read_to_string(path).map_err(|e| bad(e.to_string()))?;
+            let key = parse_public_key(&text).map_err(bad)?;
+            trusted.add(key, format!("--trusted-audit-key {}", path.display()));
+        }
+        Ok(trusted)
+    }
+
+    fn add(&mut self, key: String, origin: String) {
+        if !self.keys.iter().any(|(k, _)| *k == key) {
+            self.keys.push((key, origin));
+        }
+    }
+
+    /// Whether `checkpoint` is signed by a trusted key (its signature is checked apart).
+    pub fn trusts(&self, checkpoint: &Checkpoint) -> bool {
+        self.keys.iter().any(|(k, _)| *k == checkpoint.public_key)
+    }
+
+    /// Whether no key is trusted at all.
+    pub fn is_empty(&self) -> bool {
+        self.keys.is_empty()
+    }
+
+    /// The trusted keys, for a message.
+    pub fn describe(&self) -> String {
+        if self.keys.is_empty() {
+            return "no key (the data dir has no audit key and no --trusted-audit-key was \
+                    given)"
+                .to_owned();
+        }
+        self.keys
+            .iter()
+            .map(|(k, origin)| format!("{k} from {origin}"))
+            .collect::<Vec<_>>()
+            .join("; ")
+    }
+}
+
+/// A public key as `audit key` prints it (PEM `PUBLIC KEY`), or the base64 of its 32 bytes:
+/// returned as the base64 that checkpoints carry.
+fn parse_public_key(text: &str) -> Result<String, String> {
+    use rustls_pki_types::SubjectPublicKeyInfoDer;
+    let text = text.trim();
+    let raw = if text.starts_with("-----BEGIN") {
+        let spki = SubjectPublicKeyInfoDer::from_pem_slice(text.as_bytes())
+            .map_err(|e| format!("not a PEM PUBLIC KEY: {e}"))?;
+        spki.as_ref()
+            .strip_prefix(&ED25519_SPKI_PREFIX[..])
+            .ok_or("not an Ed25519 public key (an audit key is Ed25519)")?
+            .to_vec()
+    } else {
+        STANDARD
+            .decode(text)
+            .map_err(|_| "neither a PEM PUBLIC KEY nor a base64 public key".to_owned())?
+    };
+    if raw.len() != 32 {
+        return Err(format!(
+            "an Ed25519 public key has 32 bytes, not {}",
+            raw.len()
+        ));
+    }
+    Ok(STANDARD.encode(raw))
 }
 
 /// Checks a checkpoint's signature against the public key it carries.
@@ -143,5 +262,48 @@ mod tests {
             ));
         }
         assert!(!format!("{key:?}").contains("PRIVATE"));
+    }
+
+    #[test]
+    fn only_pinned_keys_are_trusted() {
+        let ours = tempfile::tempdir().unwrap();
+        let theirs = tempfile::tempdir().unwrap();
+        let key = AuditKey::load_or_create(ours.path()).unwrap();
+        let other = AuditKey::load_or_create(theirs.path()).unwrap();
+        let cp = key.sign(1, "h");
+        let foreign = other.sign(1, "h");
+
+        let trusted = TrustedKeys::load(ours.path(), &[]).unwrap();
+        assert!(trusted.trusts(&cp) && !trusted.trusts(&foreign));
+        assert!(trusted.describe().contains("this data dir's audit key"));
+
+        // The other key pinned, as `audit key` prints it, or as bare base64.
+        let pem = theirs.path().join("other.pem");
+        std::fs::write(&pem, other.public_key_pem()).unwrap();
+        assert!(
+            other
+                .public_key_pem()
+                .starts_with("-----BEGIN PUBLIC KEY-----")
+        );
+        let b64 = theirs.path().join("other.b64");
+        std::fs::write(&b64, format!("{}\n", other.public_key())).unwrap();
+        for file in [pem, b64] {
+            let trusted = TrustedKeys::load(ours.path(), std::slice::from_ref(&file)).unwrap();
+            assert!(trusted.trusts(&cp) && trusted.trusts(&foreign), "{file:?}");
+        }
+
+        // A data dir without a key trusts nothing by itself.
+        let empty = tempfile::tempdir().unwrap();
+        let none = TrustedKeys::load(empty.path(), &[]).unwrap();
+        assert!(none.is_empty() && !none.trusts(&cp));
+        assert!(
+            !AuditKey::path(empty.path()).exists(),
+            "loading created no key"
+        );
+
+        let junk = empty.path().join("junk");
+        std::fs::write(&junk, "hello").unwrap();
+        let err = TrustedKeys::load(empty.path(), &[junk]).unwrap_err();
+        assert!(err.to_string().contains("--trusted-audit-key"), "{err}");
     }
 }

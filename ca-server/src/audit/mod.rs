@@ -8,7 +8,7 @@ pub mod query;
 pub mod render;
 
 pub use chain::{VerifyReport, verify_chain};
-pub use checkpoint::{AuditKey, CheckpointError};
+pub use checkpoint::{AuditKey, CheckpointError, TrustedKeys};
 pub use query::{FilterError, Filters};
 
 use crate::store::{Checkpoint, Store, StoreError};

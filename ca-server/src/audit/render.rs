@@ -6,7 +6,7 @@ use crate::store::EventRow;
 pub use crate::rfc3339::{from_millis as rfc3339_ms, from_secs as rfc3339_secs};
 
 /// The keys of DESIGN.md, in its order.
-pub const KEYS: [&str; 24] = [
+pub const KEYS: [&str; 25] = [
     "seq",
     "time",
     "kind",
@@ -29,12 +29,13 @@ pub const KEYS: [&str; 24] = [
     "operator",
     "caller",
     "node",
+    "requested",
     "hash",
     "prev_hash",
 ];
 
 /// The values of an event, in the order of [`KEYS`].
-pub fn values(e: &EventRow) -> [serde_json::Value; 24] {
+pub fn values(e: &EventRow) -> [serde_json::Value; 25] {
     use serde_json::Value;
     let s = |v: &Option<String>| v.clone().map_or(Value::Null, Value::String);
     let i = |v: Option<i64>| v.map_or(Value::Null, Value::from);
@@ -65,6 +66,7 @@ pub fn values(e: &EventRow) -> [serde_json::Value; 24] {
         s(&e.operator),
         s(&e.caller),
         s(&e.node),
+        s(&e.requested),
         Value::String(e.hash.clone()),
         Value::String(e.prev_hash.clone()),
     ]

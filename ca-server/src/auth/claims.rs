@@ -92,7 +92,7 @@ impl Claims {
             Some(iss) if *iss == policy.issuer => {}
             Some(iss) => {
                 return Err(AuthError::WrongIssuer {
-                    got: iss.clone(),
+                    got: crate::untrusted::claim(iss),
                     want: policy.issuer.clone(),
                 });
             }
@@ -109,7 +109,11 @@ impl Claims {
             .any(|a| policy.audiences.iter().any(|w| w == a))
         {
             return Err(AuthError::WrongAudience {
-                got: audiences.iter().map(|s| s.to_string()).collect(),
+                got: audiences
+                    .iter()
+                    .take(8)
+                    .map(|s| crate::untrusted::claim(s))
+                    .collect(),
                 want: policy.audiences.clone(),
             });
         }
@@ -158,8 +162,12 @@ impl Claims {
             let k_sa = k.serviceaccount.as_ref().and_then(|s| s.name.as_deref());
             if k_ns.is_some_and(|ns| ns != namespace) || k_sa.is_some_and(|sa| sa != name) {
                 return Err(AuthError::SubjectMismatch {
-                    sub: sub.to_owned(),
-                    kubernetes: format!("{}/{}", k_ns.unwrap_or("?"), k_sa.unwrap_or("?")),
+                    sub: crate::untrusted::claim(sub),
+                    kubernetes: crate::untrusted::claim(&format!(
+                        "{}/{}",
+                        k_ns.unwrap_or("?"),
+                        k_sa.unwrap_or("?")
+                    )),
                 });
             }
             if let Some(pod) = &k.pod {
@@ -174,7 +182,7 @@ impl Claims {
 
 /// `system:serviceaccount:<ns>:<sa>` → (ns, sa).
 fn parse_subject(sub: &str) -> Result<(&str, &str), AuthError> {
-    let bad = || AuthError::BadSubject(sub.to_owned());
+    let bad = || AuthError::BadSubject(crate::untrusted::claim(sub));
     let rest = sub.strip_prefix("system:serviceaccount:").ok_or_else(bad)?;
     let (ns, sa) = rest.split_once(':').ok_or_else(bad)?;
     if ns.is_empty() || sa.is_empty() || sa.contains(':') {

@@ -13,7 +13,8 @@ const MAX_BODY: usize = 1 << 20;
 /// How long one fetch may take.
 const TIMEOUT: Duration = Duration::from_secs(10);
 
-/// Fetches documents over HTTPS (system roots, plus an optional extra CA) or plain HTTP.
+/// Fetches documents over HTTPS (system roots, plus an optional extra CA); never plain HTTP,
+/// where anyone in the middle could hand us keys of their own.
 #[derive(Clone)]
 pub struct Fetcher {
     client: Client<hyper_rustls::HttpsConnector<HttpConnector>, Empty<Bytes>>,
@@ -53,8 +54,8 @@ impl Fetcher {
     }
 }
 
-/// An HTTP/1.1 client (HTTPS, or plain HTTP for loopback tests) for issuers and the
-/// Kubernetes API, trusting what [`tls_config`] trusts.
+/// An HTTP/1.1 client for issuers and the Kubernetes API: HTTPS only, trusting what
+/// [`tls_config`] trusts.
 pub(crate) fn http_client<B>(
     extra_ca: Option<&str>,
 ) -> Result<Client<hyper_rustls::HttpsConnector<HttpConnector>, B>, String>
@@ -64,7 +65,7 @@ where
 {
     let https = hyper_rustls::HttpsConnectorBuilder::new()
         .with_tls_config(tls_config(extra_ca)?)
-        .https_or_http()
+        .https_only()
         .enable_http1()
         .build();
     Ok(Client::builder(TokioExecutor::new()).build(https))

@@ -3,7 +3,7 @@
 mod claims;
 pub mod dev;
 mod fetch;
-mod jwks;
+pub mod jwks;
 pub mod node;
 pub mod review;
 
@@ -142,12 +142,23 @@ pub enum AuthError {
     /// The Kubernetes API server says the token is not valid.
     #[error("the Kubernetes API server refused the token: {0}")]
     ReviewRefused(String),
+    /// As many TokenReviews as allowed are already waiting for the API server.
+    #[error(
+        "{0} TokenReviews are already waiting for the Kubernetes API server \
+         (--max-token-reviews); retry shortly"
+    )]
+    ReviewsBusy(usize),
 }
 
 impl AuthError {
     /// Whether the fault is on our side (the caller should retry), not the caller's.
     pub fn is_unavailable(&self) -> bool {
         matches!(self, Self::KeysUnavailable(_) | Self::ReviewUnavailable(_))
+    }
+
+    /// Whether the server is too busy to check the token now (the caller should retry).
+    pub fn is_overloaded(&self) -> bool {
+        matches!(self, Self::ReviewsBusy(_))
     }
 }
 
@@ -246,11 +257,30 @@ pub struct Authenticator {
     reviewer: Option<review::TokenReviewer>,
 }
 
+/// Which key verified a remembered token: the answer holds only while the issuer still has
+/// that key.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct VerifiedBy {
+    /// The issuer's index in [`Authenticator::issuers`].
+    issuer: usize,
+    kid: Option<String>,
+    thumbprint: [u8; 32],
+}
+
+/// A remembered answer: who the token proves, until when, and by which key (none for a
+/// TokenReview, whose answer is kept a short while instead).
+#[derive(Debug, Clone)]
+struct Verified {
+    identity: Identity,
+    expires_at: i64,
+    by: Option<VerifiedBy>,
+}
+
 /// Tokens that passed every check, by the SHA-256 of the token (never the token itself), until
 /// they expire: the same token gets the same answer, so a proxy renewing with its token does
-/// not pay for a signature check each time. Bounded; refusals are never cached.
+/// not pay for a signature check each time. Bounded; refusals are never kept here.
 struct VerifiedTokens {
-    entries: std::sync::Mutex<std::collections::HashMap<[u8; 32], (Identity, i64)>>,
+    entries: std::sync::Mutex<std::collections::HashMap<[u8; 32], Verified>>,
     capacity: usize,
 }
 
@@ -262,29 +292,51 @@ impl VerifiedTokens {
         }
     }
 
+    fn lock(&self) -> std::sync::MutexGuard<'_, std::collections::HashMap<[u8; 32], Verified>> {
+        self.entries.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
     fn key(token: &BearerToken) -> [u8; 32] {
         use sha2::{Digest, Sha256};
         Sha256::digest(token.expose().as_bytes()).into()
     }
 
-    fn get(&self, key: &[u8; 32], now: i64) -> Option<Identity> {
-        let entries = self.entries.lock().unwrap_or_else(|p| p.into_inner());
-        match entries.get(key) {
-            Some((identity, expires_at)) if now < *expires_at => Some(identity.clone()),
+    fn get(&self, key: &[u8; 32], now: i64) -> Option<Verified> {
+        match self.lock().get(key) {
+            Some(v) if now < v.expires_at => Some(v.clone()),
             _ => None,
         }
     }
 
-    fn insert(&self, key: [u8; 32], identity: Identity, expires_at: i64, now: i64) {
-        let mut entries = self.entries.lock().unwrap_or_else(|p| p.into_inner());
+    fn insert(&self, key: [u8; 32], verified: Verified, now: i64) {
+        let mut entries = self.lock();
         if entries.len() >= self.capacity {
-            entries.retain(|_, (_, exp)| now < *exp);
+            entries.retain(|_, v| now < v.expires_at);
             if entries.len() >= self.capacity {
-                // Still full of live tokens: start over rather than grow.
-                entries.clear();
+                // Still full of live tokens: drop about half (in no particular order) rather
+                // than grow; those callers pay for one more signature check.
+                let mut n = 0usize;
+                entries.retain(|_, _| {
+                    n += 1;
+                    n.is_multiple_of(2)
+                });
             }
         }
-        entries.insert(key, (identity, expires_at));
+        entries.insert(key, verified);
+    }
+
+    fn remove(&self, key: &[u8; 32]) {
+        self.lock().remove(key);
+    }
+
+    /// Forgets every answer that `keep` refuses.
+    fn retain(&self, mut keep: impl FnMut(&Verified) -> bool) {
+        self.lock().retain(|_, v| keep(v));
+    }
+
+    #[cfg(test)]
+    fn len(&self) -> usize {
+        self.lock().len()
     }
 }
 
@@ -301,8 +353,12 @@ fn decode_part<T: serde::de::DeserializeOwned>(part: &str, what: &str) -> Result
     let bytes = URL_SAFE_NO_PAD
         .decode(part.trim_end_matches('='))
         .map_err(|_| AuthError::Malformed(format!("the {what} is not base64url")))?;
-    serde_json::from_slice(&bytes)
-        .map_err(|e| AuthError::Malformed(format!("the {what} is not the expected JSON: {e}")))
+    serde_json::from_slice(&bytes).map_err(|e| {
+        AuthError::Malformed(format!(
+            "the {what} is not the expected JSON: {}",
+            crate::untrusted::claim(&e.to_string())
+        ))
+    })
 }
 
 impl Authenticator {
@@ -328,29 +384,89 @@ impl Authenticator {
         self.issuers.iter().map(|i| i.name()).collect()
     }
 
-    /// Checks `token` and returns the caller's identity. `cluster` is the request's
-    /// `clusterid`: when an issuer is configured for that cluster, the token must be that
-    /// issuer's; otherwise the issuer is chosen by the token's `iss`. `now` is unix seconds.
+    /// Checks `token` and returns the caller's identity: a remembered answer if there is
+    /// one ([`Authenticator::remembered`]), else [`Authenticator::verify_new`]. `cluster` is
+    /// the request's `clusterid`; `now` is unix seconds.
     pub async fn authenticate(
         &self,
         token: &BearerToken,
         cluster: Option<&str>,
         now: i64,
     ) -> Result<Identity, AuthError> {
-        let key = VerifiedTokens::key(token);
-        // A remembered answer counts only if the issuer that gave it is the one this
-        // request's cluster selects.
-        let selected = self.issuer_for_cluster(cluster).map(|i| i.name());
-        if let Some(identity) = self.verified.get(&key, now)
-            && selected.is_none_or(|name| name == identity.issuer)
-        {
-            crate::metrics::metrics().token_cache_hits.inc();
-            return Ok(identity);
+        match self.remembered(token, cluster, now) {
+            Some(identity) => Ok(identity),
+            None => self.verify_new(token, cluster, now).await,
         }
-        crate::metrics::metrics().token_cache_misses.inc();
-        let (identity, expires_at) = self.verify(token, cluster, now).await?;
-        self.verified.insert(key, identity.clone(), expires_at, now);
+    }
+
+    /// The identity `token` was already verified as, if it is remembered, has not expired,
+    /// came from the issuer this request's cluster selects, and the key that verified it is
+    /// still in its issuer's JWKS. Cheap: no signature, no network.
+    pub fn remembered(
+        &self,
+        token: &BearerToken,
+        cluster: Option<&str>,
+        now: i64,
+    ) -> Option<Identity> {
+        let key = VerifiedTokens::key(token);
+        let selected = self.issuer_for_cluster(cluster).map(|i| i.name());
+        let found = self
+            .verified
+            .get(&key, now)
+            .filter(|v| selected.is_none_or(|name| name == v.identity.issuer));
+        let Some(verified) = found else {
+            crate::metrics::metrics().token_cache_misses.inc();
+            return None;
+        };
+        if !self.key_still_trusted(&verified) {
+            self.verified.remove(&key);
+            crate::metrics::metrics().token_cache_misses.inc();
+            return None;
+        }
+        crate::metrics::metrics().token_cache_hits.inc();
+        Some(verified.identity)
+    }
+
+    fn key_still_trusted(&self, verified: &Verified) -> bool {
+        match &verified.by {
+            None => true,
+            Some(by) => self.issuers.get(by.issuer).is_some_and(|issuer| {
+                issuer
+                    .keys
+                    .current()
+                    .still_has(by.kid.as_deref(), &by.thumbprint)
+            }),
+        }
+    }
+
+    /// Verifies `token` from scratch (signature and claims, or a TokenReview) and remembers
+    /// the answer if it is positive. This is the expensive path: callers charge it to the
+    /// peer's budget first.
+    pub async fn verify_new(
+        &self,
+        token: &BearerToken,
+        cluster: Option<&str>,
+        now: i64,
+    ) -> Result<Identity, AuthError> {
+        let verified = self.verify(token, cluster, now).await?;
+        let identity = verified.identity.clone();
+        self.verified
+            .insert(VerifiedTokens::key(token), verified, now);
         Ok(identity)
+    }
+
+    /// Reads again each issuer's JWKS whose refresh is due, and forgets the tokens verified
+    /// by a key that is gone. Call it every second or so.
+    pub async fn refresh_keys(&self) {
+        let mut changed = false;
+        for issuer in &self.issuers {
+            if let Some(refreshed) = issuer.keys.refresh_if_due(&self.fetcher).await {
+                changed |= !refreshed.removed.is_empty();
+            }
+        }
+        if changed {
+            self.verified.retain(|v| self.key_still_trusted(v));
+        }
     }
 
     async fn verify(
@@ -358,7 +474,7 @@ impl Authenticator {
         token: &BearerToken,
         cluster: Option<&str>,
         now: i64,
-    ) -> Result<(Identity, i64), AuthError> {
+    ) -> Result<Verified, AuthError> {
         let text = token.expose();
         let mut parts = text.split('.');
         let (Some(header), Some(payload), Some(_sig), None) =
@@ -371,7 +487,9 @@ impl Authenticator {
         let header: Header = decode_part(header, "header")?;
         let alg = header.alg.unwrap_or_default();
         if !ALLOWED_ALGORITHMS.contains(&alg.as_str()) {
-            return Err(AuthError::AlgorithmNotAllowed(alg));
+            return Err(AuthError::AlgorithmNotAllowed(crate::untrusted::claim(
+                &alg,
+            )));
         }
         // Pick the issuer by the (not yet verified) `iss`; the verified claims are checked
         // against that issuer's policy below.
@@ -390,8 +508,8 @@ impl Authenticator {
                 let got = unverified.issuer().unwrap_or_default();
                 if got != issuer.name() {
                     return Err(AuthError::NotTheClustersIssuer {
-                        cluster: cluster.unwrap_or_default().to_owned(),
-                        got: got.to_owned(),
+                        cluster: crate::untrusted::claim(cluster.unwrap_or_default()),
+                        got: crate::untrusted::claim(got),
                         want: issuer.name().to_owned(),
                     });
                 }
@@ -399,11 +517,22 @@ impl Authenticator {
             }
             None => self.select_issuer(unverified.issuer())?,
         };
+        let issuer_index = self
+            .issuers
+            .iter()
+            .position(|i| std::ptr::eq(&**i, issuer))
+            .unwrap_or(usize::MAX);
         let key = issuer
             .keys
             .find(header.kid.as_deref(), &self.fetcher)
             .await?;
-        let kid = header.kid.unwrap_or_default();
+        let by = VerifiedBy {
+            issuer: issuer_index,
+            kid: header.kid.clone(),
+            thumbprint: key.thumbprint,
+        };
+        let kid = crate::untrusted::claim(&header.kid.unwrap_or_default());
+        let alg = crate::untrusted::claim(&alg);
 
         let mut validation = Validation::new(key.algorithms[0]);
         validation.algorithms = key.algorithms.clone();
@@ -422,7 +551,7 @@ impl Authenticator {
                         kid,
                         allowed: format!("{:?}", key.algorithms),
                     },
-                    _ => AuthError::Malformed(e.to_string()),
+                    _ => AuthError::Malformed(crate::untrusted::claim(&e.to_string())),
                 });
             }
         };
@@ -430,10 +559,13 @@ impl Authenticator {
         let spiffe_id =
             SpiffeId::for_service_account(&self.trust_domain, &account.namespace, &account.name)
                 .map_err(|_| {
-                    AuthError::BadIdentity(format!("{}/{}", account.namespace, account.name))
+                    AuthError::BadIdentity(crate::untrusted::claim(&format!(
+                        "{}/{}",
+                        account.namespace, account.name
+                    )))
                 })?;
-        Ok((
-            Identity {
+        Ok(Verified {
+            identity: Identity {
                 spiffe_id,
                 namespace: account.namespace,
                 service_account: account.name,
@@ -442,8 +574,9 @@ impl Authenticator {
                 node: account.node_name,
                 issuer: issuer.policy.issuer.clone(),
             },
-            account.expires_at,
-        ))
+            expires_at: account.expires_at,
+            by: Some(by),
+        })
     }
 
     /// Has the API server check `token`; its answer is trusted for [`review::REVIEW_CACHE_SECS`]
@@ -454,32 +587,38 @@ impl Authenticator {
         token: &BearerToken,
         unverified: &Claims,
         now: i64,
-    ) -> Result<(Identity, i64), AuthError> {
+    ) -> Result<Verified, AuthError> {
+        // A token with no exp is a legacy secret: refused before anyone is asked.
+        let exp = unverified.expiry().ok_or(AuthError::NoExpiry)?;
+        if exp <= now {
+            return Err(AuthError::Expired {
+                at: crate::rfc3339::secs_text(exp),
+            });
+        }
         let reviewed = reviewer.review(token).await?;
         let account = reviewed
             .username
             .strip_prefix("system:serviceaccount:")
             .and_then(|rest| rest.split_once(':'))
-            .ok_or_else(|| AuthError::BadSubject(reviewed.username.clone()))?;
+            .ok_or_else(|| AuthError::BadSubject(crate::untrusted::claim(&reviewed.username)))?;
         let (namespace, name) = (account.0.to_owned(), account.1.to_owned());
         let spiffe_id = SpiffeId::for_service_account(&self.trust_domain, &namespace, &name)
-            .map_err(|_| AuthError::BadIdentity(format!("{namespace}/{name}")))?;
-        let mut expires_at = now + review::REVIEW_CACHE_SECS;
-        if let Some(exp) = unverified.expiry() {
-            expires_at = expires_at.min(exp);
-        }
-        Ok((
-            Identity {
+            .map_err(|_| {
+                AuthError::BadIdentity(crate::untrusted::claim(&format!("{namespace}/{name}")))
+            })?;
+        Ok(Verified {
+            identity: Identity {
                 spiffe_id,
                 namespace,
                 service_account: name,
                 pod_name: reviewed.pod_name,
                 pod_uid: reviewed.pod_uid,
                 node: reviewed.node_name,
-                issuer: format!("TokenReview {}", reviewer.api_url()),
+                issuer: reviewer.issuer_name(),
             },
-            expires_at,
-        ))
+            expires_at: (now + review::REVIEW_CACHE_SECS).min(exp),
+            by: None,
+        })
     }
 
     /// The issuer configured for `cluster`, if any.
@@ -502,7 +641,7 @@ impl Authenticator {
             .find(|i| i.name() == iss)
             .map(|i| &**i)
             .ok_or_else(|| AuthError::WrongIssuer {
-                got: iss.to_owned(),
+                got: crate::untrusted::claim(iss),
                 want: self.issuer_names().join("\" or \""),
             })
     }
@@ -512,30 +651,31 @@ impl Authenticator {
 mod tests {
     use super::*;
 
-    #[tokio::test]
-    async fn verified_tokens_are_remembered_only_until_they_expire() {
-        let dir = tempfile::tempdir().unwrap();
-        let dev = dev::DevIssuer::load_or_create(dir.path()).unwrap();
-        let authn = Authenticator::new(
+    fn dev_authenticator(keys: IssuerKeys) -> Authenticator {
+        Authenticator::new(
             TrustDomain::new("cluster.local").unwrap(),
             vec![TokenIssuer::new(
                 dev::DEV_ISSUER.into(),
                 vec!["istio-ca".into()],
-                IssuerKeys::fixed(dev.key_set()),
+                keys,
             )],
             Fetcher::new(None).unwrap(),
-        );
+        )
+    }
+
+    #[tokio::test]
+    async fn verified_tokens_are_remembered_only_until_they_expire() {
+        let dir = tempfile::tempdir().unwrap();
+        let dev = dev::DevIssuer::load_or_create(dir.path()).unwrap();
+        let authn = dev_authenticator(IssuerKeys::fixed(dev.key_set()));
         let token = BearerToken::new(&dev.mint("a", "b", "istio-ca", 60, None).unwrap()).unwrap();
         let now = time::OffsetDateTime::now_utc().unix_timestamp();
+        assert!(authn.remembered(&token, None, now).is_none());
         let id = authn.authenticate(&token, None, now).await.unwrap();
         assert_eq!(id.spiffe_id.to_string(), "spiffe://cluster.local/ns/a/sa/b");
-        let key = VerifiedTokens::key(&token);
-        assert_eq!(authn.verified.get(&key, now + 30), Some(id.clone()));
-        assert_eq!(
-            authn.authenticate(&token, None, now + 30).await.unwrap(),
-            id
-        );
+        assert_eq!(authn.remembered(&token, None, now + 30), Some(id.clone()));
         // Past its exp, the remembered answer is gone and the token is refused.
+        assert!(authn.remembered(&token, None, now + 61).is_none());
         let err = authn
             .authenticate(&token, None, now + 61)
             .await
@@ -544,17 +684,43 @@ mod tests {
         // Refusals are never remembered.
         let bad = BearerToken::new("x.y.z").unwrap();
         assert!(authn.authenticate(&bad, None, now).await.is_err());
-        assert!(
-            authn
-                .verified
-                .get(&VerifiedTokens::key(&bad), now)
-                .is_none()
-        );
+        assert!(authn.remembered(&bad, None, now).is_none());
+    }
+
+    #[tokio::test]
+    async fn a_key_removed_from_the_jwks_stops_verifying_and_its_tokens_are_forgotten() {
+        let dir = tempfile::tempdir().unwrap();
+        let dev = dev::DevIssuer::load_or_create(dir.path()).unwrap();
+        let jwks = dir.path().join("jwks.json");
+        std::fs::write(&jwks, dev.jwks_json()).unwrap();
+        let keys = IssuerKeys::from_file(&jwks, std::time::Duration::ZERO).unwrap();
+        let authn = dev_authenticator(keys);
+        let token = BearerToken::new(&dev.mint("a", "b", "istio-ca", 600, None).unwrap()).unwrap();
+        let now = time::OffsetDateTime::now_utc().unix_timestamp();
+        authn.verify_new(&token, None, now).await.unwrap();
+        // A refresh that changes nothing keeps the answer.
+        authn.refresh_keys().await;
+        assert!(authn.remembered(&token, None, now).is_some());
+        // The key leaves the JWKS: the next refresh forgets the answer, and the token fails.
+        std::fs::write(&jwks, r#"{"keys": []}"#).unwrap();
+        authn.refresh_keys().await;
+        assert_eq!(authn.verified.len(), 0);
+        assert!(authn.remembered(&token, None, now).is_none());
+        let err = authn.verify_new(&token, None, now).await.unwrap_err();
+        assert!(matches!(err, AuthError::UnknownKid(_)), "{err}");
+        // A JWKS that cannot be read keeps the keys it had (none, here).
+        std::fs::write(&jwks, "not json").unwrap();
+        authn.refresh_keys().await;
+        std::fs::write(&jwks, dev.jwks_json()).unwrap();
+        authn.refresh_keys().await;
+        authn
+            .verify_new(&token, None, now)
+            .await
+            .expect("the key is back");
     }
 
     #[test]
     fn the_cache_stays_bounded() {
-        let cache = VerifiedTokens::new(2);
         let id = Identity {
             spiffe_id: SpiffeId::parse("spiffe://td/ns/a/sa/b").unwrap(),
             namespace: "a".into(),
@@ -564,15 +730,22 @@ mod tests {
             node: None,
             issuer: "i".into(),
         };
-        for i in 0..10u8 {
-            cache.insert([i; 32], id.clone(), 100, 0);
-            assert!(cache.entries.lock().unwrap().len() <= 2);
+        let until = |expires_at| Verified {
+            identity: id.clone(),
+            expires_at,
+            by: None,
+        };
+        let cache = VerifiedTokens::new(4);
+        for i in 0..100u8 {
+            cache.insert([i; 32], until(100), 0);
+            assert!(cache.len() <= 4);
         }
+        assert!(cache.get(&[99; 32], 0).is_some(), "the newest is kept");
         // Expired entries make room first.
         let cache = VerifiedTokens::new(2);
-        cache.insert([1; 32], id.clone(), 10, 0);
-        cache.insert([2; 32], id.clone(), 100, 0);
-        cache.insert([3; 32], id, 100, 50);
+        cache.insert([1; 32], until(10), 0);
+        cache.insert([2; 32], until(100), 0);
+        cache.insert([3; 32], until(100), 50);
         assert!(cache.get(&[2; 32], 50).is_some() && cache.get(&[3; 32], 50).is_some());
     }
 }

@@ -159,6 +159,22 @@ pub enum ImpersonationError {
         /// The identity's service account.
         service_account: String,
     },
+    /// The caller's token comes from a cluster whose API this server cannot ask, so nothing
+    /// can say which pods run on the caller's node there.
+    #[error(
+        "caller {caller} asked for identity {requested}, but its token comes from cluster \
+         {cluster}, whose Kubernetes API this server cannot ask which pods run on the \
+         caller's node; give that cluster's [[token_issuers]] entry kube_api_url, \
+         kube_token_file and kube_ca_file"
+    )]
+    ClusterUnreachable {
+        /// The caller's own identity.
+        caller: String,
+        /// What it asked for.
+        requested: String,
+        /// The caller's cluster: its `cluster_id` and issuer.
+        cluster: String,
+    },
     /// The Kubernetes API could not answer.
     #[error("the node check for {requested} could not reach the Kubernetes API: {detail}")]
     Api {
@@ -185,13 +201,23 @@ impl ImpersonationError {
 pub struct ImpersonationPolicy {
     trust_domain: TrustDomain,
     trusted: Vec<NodeAccount>,
-    check: NodeCheck,
+    /// How the node is checked, by the issuer of the caller's token: each cluster's callers
+    /// against that cluster's own API. An issuer not here is a cluster nobody can ask.
+    clusters: HashMap<String, ClusterCheck>,
+}
+
+/// How the callers of one cluster are checked.
+pub struct ClusterCheck {
+    /// The cluster, for messages: its `cluster_id` and issuer.
+    pub cluster: String,
+    /// The check.
+    pub check: NodeCheck,
 }
 
 /// How the identity's node is checked.
 pub enum NodeCheck {
-    /// Through the Kubernetes API.
-    Api(Box<NodeAuthorizer>),
+    /// Through the cluster's Kubernetes API.
+    Api(Arc<NodeAuthorizer>),
     /// Not at all (`--allow-impersonation-without-node-check`, without the API).
     Skipped,
     /// It cannot be: impersonation is refused.
@@ -199,19 +225,23 @@ pub enum NodeCheck {
 }
 
 impl ImpersonationPolicy {
-    /// A policy letting `trusted` accounts ask for identities in `trust_domain`, checked by
-    /// `check`.
-    pub fn new(trust_domain: TrustDomain, trusted: Vec<NodeAccount>, check: NodeCheck) -> Self {
+    /// A policy letting `trusted` accounts ask for identities in `trust_domain`, checked
+    /// for the callers of each issuer as `clusters` says.
+    pub fn new(
+        trust_domain: TrustDomain,
+        trusted: Vec<NodeAccount>,
+        clusters: HashMap<String, ClusterCheck>,
+    ) -> Self {
         Self {
             trust_domain,
             trusted,
-            check,
+            clusters,
         }
     }
 
     /// Nobody may ask for another identity.
     pub fn nobody(trust_domain: TrustDomain) -> Self {
-        Self::new(trust_domain, Vec::new(), NodeCheck::Unavailable)
+        Self::new(trust_domain, Vec::new(), HashMap::new())
     }
 
     /// Decides whether `caller` may have `requested` (not its own identity). On success, the
@@ -223,25 +253,27 @@ impl ImpersonationPolicy {
         requested: &str,
     ) -> Result<Identity, ImpersonationError> {
         let caller_id = caller.spiffe_id.to_string();
+        // The claim as messages show it; `requested` itself is what is parsed.
+        let shown = crate::untrusted::claim(requested);
         let trusted = self.trusted.iter().any(|a| {
             a.namespace == caller.namespace && a.service_account == caller.service_account
         });
         if !trusted {
             return Err(ImpersonationError::NotTrusted {
                 caller: caller_id,
-                requested: requested.to_owned(),
+                requested: shown.clone(),
             });
         }
         let asked =
             SpiffeId::parse(requested).map_err(|reason| ImpersonationError::NotSpiffeId {
                 caller: caller_id.clone(),
-                requested: requested.to_owned(),
+                requested: shown.clone(),
                 reason,
             })?;
         if *asked.trust_domain() != self.trust_domain {
             return Err(ImpersonationError::OtherTrustDomain {
                 caller: caller_id,
-                requested: requested.to_owned(),
+                requested: shown.clone(),
                 theirs: asked.trust_domain().to_string(),
                 ours: self.trust_domain.to_string(),
             });
@@ -249,7 +281,7 @@ impl ImpersonationPolicy {
         let Some((namespace, service_account)) = asked.service_account() else {
             return Err(ImpersonationError::NotServiceAccount {
                 caller: caller_id,
-                requested: requested.to_owned(),
+                requested: shown.clone(),
             });
         };
         let mut granted = Identity {
@@ -261,18 +293,25 @@ impl ImpersonationPolicy {
             node: caller.node.clone(),
             issuer: caller.issuer.clone(),
         };
-        let authorizer = match &self.check {
+        let Some(cluster) = self.clusters.get(&caller.issuer) else {
+            return Err(ImpersonationError::ClusterUnreachable {
+                caller: caller_id,
+                requested: shown.clone(),
+                cluster: caller.issuer.clone(),
+            });
+        };
+        let authorizer = match &cluster.check {
             NodeCheck::Api(authorizer) => authorizer,
             NodeCheck::Skipped => return Ok(granted),
             NodeCheck::Unavailable => {
                 return Err(ImpersonationError::NoNodeCheck {
                     caller: caller_id,
-                    requested: requested.to_owned(),
+                    requested: shown.clone(),
                 });
             }
         };
         let api = |detail: String| ImpersonationError::Api {
-            requested: requested.to_owned(),
+            requested: shown.clone(),
             detail,
         };
         let node = match authorizer.node_of(caller).await.map_err(api)? {
@@ -280,7 +319,7 @@ impl ImpersonationPolicy {
             CallerNode::Unknown(detail) => {
                 return Err(ImpersonationError::CallerNode {
                     caller: caller_id,
-                    requested: requested.to_owned(),
+                    requested: shown.clone(),
                     detail,
                 });
             }
@@ -292,7 +331,7 @@ impl ImpersonationPolicy {
         let Some(pod) = found else {
             return Err(ImpersonationError::NotOnNode {
                 caller: caller_id,
-                requested: requested.to_owned(),
+                requested: shown.clone(),
                 node,
                 namespace: namespace.to_owned(),
                 service_account: service_account.to_owned(),
@@ -676,10 +715,17 @@ mod tests {
     }
 
     fn policy(check: NodeCheck) -> ImpersonationPolicy {
+        let clusters = HashMap::from([(
+            caller(None).issuer,
+            ClusterCheck {
+                cluster: "local".into(),
+                check,
+            },
+        )]);
         ImpersonationPolicy::new(
             TrustDomain::new("cluster.local").unwrap(),
             vec!["istio-system/ztunnel".parse().unwrap()],
-            check,
+            clusters,
         )
     }
 
@@ -744,5 +790,26 @@ mod tests {
             matches!(err, ImpersonationError::NotTrusted { .. }),
             "{err}"
         );
+
+        // A trusted account of another cluster, whose API nobody configured, is refused,
+        // naming that cluster, even where the local cluster is not checked at all.
+        let mut remote = c.clone();
+        remote.issuer = "https://oidc.east.example".into();
+        let err = p.authorize(&remote, web).await.unwrap_err();
+        assert!(
+            matches!(err, ImpersonationError::ClusterUnreachable { .. })
+                && err
+                    .to_string()
+                    .contains("cluster https://oidc.east.example"),
+            "{err}"
+        );
+
+        // A huge claimed identity is cut before it reaches any message.
+        let huge = format!("spiffe://cluster.local/ns/shop/sa/{}", "w".repeat(4096));
+        let err = policy(NodeCheck::Unavailable)
+            .authorize(&other, &huge)
+            .await
+            .unwrap_err();
+        assert!(err.to_string().len() < 600, "{}", err.to_string().len());
     }
 }

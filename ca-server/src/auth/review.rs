@@ -4,6 +4,11 @@
 //! a round trip, so positive answers are remembered briefly (by the caller, see
 //! [`super::Authenticator`]).
 
+use std::collections::HashMap;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use tokio::sync::Semaphore;
 use zeroize::Zeroizing;
 
 use super::{AuthError, BearerToken};
@@ -16,16 +21,37 @@ pub const TOKEN_REVIEW_PATH: &str = "/apis/authentication.k8s.io/v1/tokenreviews
 /// the token's own `exp`).
 pub const REVIEW_CACHE_SECS: i64 = 60;
 
+/// How long a refusal from the API server is remembered: the same bad token, sent again, is
+/// refused without asking.
+pub const REFUSAL_CACHE: Duration = Duration::from_secs(10);
+
+/// How many refusals are remembered.
+const REFUSALS_KEPT: usize = 10_000;
+
+/// How many TokenReviews may wait for the API server at once by default
+/// (`--max-token-reviews`).
+pub const DEFAULT_MAX_REVIEWS: usize = 32;
+
 /// Extra fields the API server puts in a review of a pod-bound token.
 const POD_NAME_EXTRA: &str = "authentication.kubernetes.io/pod-name";
 const POD_UID_EXTRA: &str = "authentication.kubernetes.io/pod-uid";
 const NODE_NAME_EXTRA: &str = "authentication.kubernetes.io/node-name";
 
-/// Asks the API server about tokens.
+/// The issuer recorded for identities that the TokenReview API at `api_url` vouches for.
+pub fn issuer_name(api_url: &str) -> String {
+    format!("TokenReview {api_url}")
+}
+
+/// Asks the API server about tokens: at most a fixed number at once, and never twice within
+/// [`REFUSAL_CACHE`] about a token it refused.
 #[derive(Debug)]
 pub struct TokenReviewer {
     api: KubeClient,
     audiences: Vec<String>,
+    outstanding: Semaphore,
+    max_outstanding: usize,
+    /// Refused tokens by SHA-256, with the refusal and when it was given.
+    refused: Mutex<HashMap<[u8; 32], (AuthError, Instant)>>,
 }
 
 /// What the API server said about a token.
@@ -66,11 +92,19 @@ struct ReviewUser {
 }
 
 impl TokenReviewer {
-    /// A reviewer asking `api`, for tokens meant for one of `audiences`.
-    pub fn new(api: KubeApi, audiences: Vec<String>) -> Result<Self, String> {
+    /// A reviewer asking `api`, for tokens meant for one of `audiences`, with at most
+    /// `max_outstanding` reviews waiting for it at once.
+    pub fn new(
+        api: KubeApi,
+        audiences: Vec<String>,
+        max_outstanding: usize,
+    ) -> Result<Self, String> {
         Ok(Self {
             api: KubeClient::new(api)?,
             audiences,
+            outstanding: Semaphore::new(max_outstanding),
+            max_outstanding,
+            refused: Mutex::new(HashMap::new()),
         })
     }
 
@@ -79,8 +113,45 @@ impl TokenReviewer {
         self.api.url()
     }
 
-    /// Asks the API server whether `token` is valid for our audiences.
+    /// The issuer recorded for identities it vouches for ([`issuer_name`]).
+    pub fn issuer_name(&self) -> String {
+        issuer_name(self.api.url())
+    }
+
+    fn refusals(&self) -> std::sync::MutexGuard<'_, HashMap<[u8; 32], (AuthError, Instant)>> {
+        self.refused.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Asks the API server whether `token` is valid for our audiences: a refusal it gave in
+    /// the last [`REFUSAL_CACHE`] is given again without asking, and beyond the allowed
+    /// number of outstanding reviews the answer is [`AuthError::ReviewsBusy`] at once.
     pub async fn review(&self, token: &BearerToken) -> Result<Reviewed, AuthError> {
+        let key = super::VerifiedTokens::key(token);
+        if let Some((refusal, at)) = self.refusals().get(&key)
+            && at.elapsed() < REFUSAL_CACHE
+        {
+            return Err(refusal.clone());
+        }
+        let Ok(_permit) = self.outstanding.try_acquire() else {
+            return Err(AuthError::ReviewsBusy(self.max_outstanding));
+        };
+        let answer = self.ask(token).await;
+        if let Err(refusal @ (AuthError::ReviewRefused(_) | AuthError::WrongAudience { .. })) =
+            &answer
+        {
+            let mut refused = self.refusals();
+            if refused.len() >= REFUSALS_KEPT {
+                refused.retain(|_, (_, at)| at.elapsed() < REFUSAL_CACHE);
+                if refused.len() >= REFUSALS_KEPT {
+                    refused.clear();
+                }
+            }
+            refused.insert(key, (refusal.clone(), Instant::now()));
+        }
+        answer
+    }
+
+    async fn ask(&self, token: &BearerToken) -> Result<Reviewed, AuthError> {
         let unavailable = AuthError::ReviewUnavailable;
         let body = Zeroizing::new(
             serde_json::to_vec(&serde_json::json!({
@@ -118,13 +189,19 @@ impl TokenReviewer {
             } else {
                 status.error
             };
-            return Err(AuthError::ReviewRefused(why));
+            return Err(AuthError::ReviewRefused(crate::untrusted::claim(&why)));
         }
-        if !status.audiences.is_empty()
-            && !status.audiences.iter().any(|a| self.audiences.contains(a))
-        {
+        // The API server names the audiences it checked the token against; none of ours (or
+        // none at all: an authenticator that ignores audiences) means the token was not
+        // shown to be meant for this CA.
+        if !status.audiences.iter().any(|a| self.audiences.contains(a)) {
             return Err(AuthError::WrongAudience {
-                got: status.audiences,
+                got: status
+                    .audiences
+                    .iter()
+                    .take(8)
+                    .map(|a| crate::untrusted::claim(a))
+                    .collect(),
                 want: self.audiences.clone(),
             });
         }

@@ -13,7 +13,8 @@ use time::format_description::well_known::Rfc3339;
 use super::Common;
 use crate::audit::render::{KEYS, rfc3339_ms, rfc3339_secs, to_json, values};
 use crate::audit::{
-    AuditKey, FilterError, Filters, VerifyReport, operator_name, record_checkpoint, verify_chain,
+    AuditKey, FilterError, Filters, TrustedKeys, VerifyReport, operator_name, record_checkpoint,
+    verify_chain,
 };
 use crate::store::{AuditQuery, Checkpoint, EventKind, EventRow, Store};
 
@@ -105,13 +106,25 @@ pub enum AuditCommand {
         /// Also check the log against a checkpoint exported earlier (`audit checkpoint`)
         #[arg(long)]
         checkpoint: Option<PathBuf>,
+        /// Also trust checkpoints signed by this public key (`audit key` of another replica);
+        /// repeatable. The data dir's own audit key is always trusted; a checkpoint under any
+        /// other key is reported as tampering
+        #[arg(long = "trusted-audit-key", value_name = "FILE")]
+        trusted_audit_keys: Vec<PathBuf>,
     },
     /// Print the latest signed checkpoint (one JSON line) for safekeeping elsewhere
     Checkpoint {
         /// Sign and record a checkpoint of the current head first
         #[arg(long)]
         now: bool,
+        /// Also trust checkpoints signed by this public key; repeatable (see `audit verify`).
+        /// A checkpoint under a key not trusted is never exported
+        #[arg(long = "trusted-audit-key", value_name = "FILE")]
+        trusted_audit_keys: Vec<PathBuf>,
     },
+    /// Print this server's audit public key (PEM), for other replicas and auditors to pin
+    /// with --trusted-audit-key
+    Key,
     /// Remove events older than a time, keeping the chain verifiable
     Prune {
         /// Remove events before this time (RFC 3339)
@@ -184,7 +197,11 @@ pub async fn audit(cmd: AuditCommand, common: &Common) -> anyhow::Result<ExitCod
             Ok(ExitCode::SUCCESS)
         }
         AuditCommand::Show { serial } => show(&open(common).await?, &serial).await,
-        AuditCommand::Verify { checkpoint } => {
+        AuditCommand::Verify {
+            checkpoint,
+            trusted_audit_keys,
+        } => {
+            let trusted = trusted_keys(common, trusted_audit_keys)?;
             let exported = match &checkpoint {
                 Some(path) => {
                     let text = super::read_text(path, "--checkpoint")?;
@@ -199,7 +216,7 @@ pub async fn audit(cmd: AuditCommand, common: &Common) -> anyhow::Result<ExitCod
                 None => None,
             };
             let store = open(common).await?;
-            match verify_chain(&store, exported.as_ref()).await? {
+            match verify_chain(&store, exported.as_ref(), &trusted).await? {
                 VerifyReport::Intact {
                     events,
                     first,
@@ -219,14 +236,26 @@ pub async fn audit(cmd: AuditCommand, common: &Common) -> anyhow::Result<ExitCod
                 }
             }
         }
-        AuditCommand::Checkpoint { now } => {
+        AuditCommand::Checkpoint {
+            now,
+            trusted_audit_keys,
+        } => {
             if now {
                 let store = super::open_store(common).await?;
                 let key = AuditKey::load_or_create(&common.data_dir)?;
                 record_checkpoint(&store, &key).await?;
             }
+            let trusted = trusted_keys(common, trusted_audit_keys)?;
             let store = open(common).await?;
             match store.latest_checkpoint().await? {
+                Some(cp) if !trusted.trusts(&cp) => anyhow::bail!(
+                    "the latest checkpoint (event {}) is signed by audit key {}, which is not \
+                     trusted (trusted: {}); it is not exported: run `audit verify`, and pin \
+                     another replica's key with --trusted-audit-key",
+                    cp.seq,
+                    crate::untrusted::claim(&cp.public_key),
+                    trusted.describe()
+                ),
                 Some(cp) => {
                     println!("{}", serde_json::to_string(&cp)?);
                     Ok(ExitCode::SUCCESS)
@@ -236,6 +265,17 @@ pub async fn audit(cmd: AuditCommand, common: &Common) -> anyhow::Result<ExitCod
                      `audit checkpoint --now` signs one at once"
                 ),
             }
+        }
+        AuditCommand::Key => {
+            if !AuditKey::path(&common.data_dir).exists() {
+                anyhow::bail!(
+                    "no audit key at {}: a server makes one on its first start",
+                    AuditKey::path(&common.data_dir).display()
+                );
+            }
+            let key = AuditKey::load_or_create(&common.data_dir)?;
+            print!("{}", key.public_key_pem());
+            Ok(ExitCode::SUCCESS)
         }
         AuditCommand::Prune { before } => {
             let cut = OffsetDateTime::parse(&before, &Rfc3339).map_err(|_| {
@@ -264,6 +304,13 @@ pub async fn audit(cmd: AuditCommand, common: &Common) -> anyhow::Result<ExitCod
     }
 }
 
+/// The keys whose checkpoints are believed: the data dir's own, those given with
+/// `--trusted-audit-key`, and those in the config file's `trusted_audit_key`.
+fn trusted_keys(common: &Common, mut files: Vec<PathBuf>) -> anyhow::Result<TrustedKeys> {
+    files.extend(common.file.trusted_audit_key.iter().flatten().cloned());
+    Ok(TrustedKeys::load(&common.data_dir, &files)?)
+}
+
 /// `audit show SERIAL`.
 async fn show(store: &Store, serial: &str) -> anyhow::Result<ExitCode> {
     let serial = crate::audit::query::normalize_serial(serial).map_err(flag_error)?;
@@ -282,7 +329,7 @@ async fn show(store: &Store, serial: &str) -> anyhow::Result<ExitCode> {
     let mut out = std::io::stdout().lock();
     for e in &events {
         for (key, value) in KEYS.iter().zip(values(e).iter()) {
-            writeln!(out, "{key:<width$}  {}", plain(value))?;
+            writeln!(out, "{key:<width$}  {}", printable(value))?;
         }
         if e.kind == EventKind::Issued {
             let status = match (e.not_before, e.not_after) {
@@ -299,7 +346,10 @@ async fn show(store: &Store, serial: &str) -> anyhow::Result<ExitCode> {
                 writeln!(
                     out,
                     "{:<width$}  authority {} ({}), now {}",
-                    "signed_by", a.id, a.subject, a.state
+                    "signed_by",
+                    a.id,
+                    crate::untrusted::escape(&a.subject),
+                    a.state
                 )?;
             }
         }
@@ -319,6 +369,7 @@ fn human(secs: i64) -> String {
     }
 }
 
+/// A value as text, exactly as stored (for CSV, which quotes it).
 fn plain(v: &serde_json::Value) -> String {
     match v {
         serde_json::Value::Null => String::new(),
@@ -327,13 +378,21 @@ fn plain(v: &serde_json::Value) -> String {
     }
 }
 
+/// A value for a terminal: control characters escaped, so that what a peer put in a record
+/// (a claimed identity, a reason quoting its request) cannot move the cursor, recolour the
+/// screen or hide part of a line.
+fn printable(v: &serde_json::Value) -> String {
+    crate::untrusted::escape(&plain(v)).into_owned()
+}
+
 fn write_csv(out: &mut impl Write, events: &[EventRow]) -> std::io::Result<()> {
     writeln!(out, "{}", KEYS.join(","))?;
     for e in events {
         let row: Vec<String> = values(e)
             .iter()
             .map(|v| {
-                let s = plain(v);
+                // A spreadsheet would run a cell that starts like a formula.
+                let s = crate::untrusted::csv_safe(&plain(v)).into_owned();
                 if s.contains([',', '"', '\n', '\r']) {
                     format!("\"{}\"", s.replace('"', "\"\""))
                 } else {
@@ -360,17 +419,23 @@ fn write_table(out: &mut impl Write, events: &[EventRow]) -> std::io::Result<()>
     let rows: Vec<[String; 8]> = events
         .iter()
         .map(|e| {
+            let text = |v: &Option<String>| {
+                v.as_deref().map_or_else(
+                    || "-".to_owned(),
+                    |s| crate::untrusted::escape(s).into_owned(),
+                )
+            };
             [
                 e.seq.to_string(),
                 rfc3339_ms(e.time_ms).unwrap_or_default(),
                 e.kind.as_str().to_owned(),
-                e.spiffe_id.clone().unwrap_or_else(|| "-".into()),
-                e.serial.clone().unwrap_or_else(|| "-".into()),
+                text(&e.spiffe_id),
+                text(&e.serial),
                 e.not_after
                     .and_then(rfc3339_secs)
                     .unwrap_or_else(|| "-".into()),
-                e.code.clone().unwrap_or_else(|| "-".into()),
-                e.reason.clone().unwrap_or_default(),
+                text(&e.code),
+                crate::untrusted::escape(e.reason.as_deref().unwrap_or_default()).into_owned(),
             ]
         })
         .collect();

@@ -113,6 +113,9 @@ struct FileConfig {
     pkcs11_module: Option<PathBuf>,
     pkcs11_token: Option<String>,
     pkcs11_pin_file: Option<PathBuf>,
+    /// Public keys whose audit checkpoints `audit verify` and `audit checkpoint` believe,
+    /// besides the data dir's own (`--trusted-audit-key`).
+    trusted_audit_key: Option<Vec<PathBuf>>,
     #[serde(flatten)]
     run: run::FileRunConfig,
 }

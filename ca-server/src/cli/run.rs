@@ -14,7 +14,9 @@ use crate::auth::node::NodeAccount;
 use crate::issuance::LeafPolicy;
 use crate::kube::KubeApi;
 use crate::server::limits::Rate;
-use crate::server::{self, IssuerKeysFrom, IssuerSettings, LimitSettings, Settings};
+use crate::server::{
+    self, ConnectionLimits, IssuerApi, IssuerKeysFrom, IssuerSettings, LimitSettings, Settings,
+};
 use crate::spiffe::TrustDomain;
 
 /// Flags of `run`. Each may also be set in the config file (same name, `_` for `-`).
@@ -45,6 +47,10 @@ pub struct RunArgs {
     /// Extra CA certificate (PEM) trusted when fetching --token-jwks-url
     #[arg(long)]
     token_jwks_ca: Option<PathBuf>,
+    /// How often the issuers' JWKS (file or URL) are read again: a key removed from them
+    /// stops verifying then, and tokens it verified are forgotten [default: 5m]
+    #[arg(long)]
+    token_jwks_refresh: Option<String>,
     /// Accepted token audience (repeatable) [default: istio-ca]
     #[arg(long = "token-audience")]
     token_audiences: Vec<String>,
@@ -52,6 +58,10 @@ pub struct RunArgs {
     /// claims; in a pod it is found as client-go finds it, elsewhere give --kube-api-url
     #[arg(long)]
     token_review: bool,
+    /// The most TokenReviews waiting for the API server at once; more are refused with
+    /// RESOURCE_EXHAUSTED [default: 32]
+    #[arg(long)]
+    max_token_reviews: Option<usize>,
     /// The Kubernetes API server, e.g. https://10.0.0.1:6443 [default: in-cluster]
     #[arg(long)]
     kube_api_url: Option<String>,
@@ -101,6 +111,14 @@ pub struct RunArgs {
     /// Failed authentications one peer address may make at once [default: 50]
     #[arg(long)]
     unauthenticated_burst: Option<f64>,
+    /// Open connections the gRPC/HTTPS listener (and, separately, the health listener)
+    /// accepts in all; more are closed at once [default: 20000]
+    #[arg(long)]
+    max_connections: Option<usize>,
+    /// Open connections one peer address (IPv6: one /64) may hold on each listener; sized
+    /// for a node's pods behind one SNAT address [default: 1000]
+    #[arg(long)]
+    max_connections_per_ip: Option<usize>,
     /// Service account NS/SA whose callers may ask for other identities through
     /// ImpersonatedIdentity: a node proxy such as Istio's ztunnel (istio-system/ztunnel);
     /// repeatable. With the Kubernetes API, only for pods on the caller's own node
@@ -127,9 +145,11 @@ pub struct FileRunConfig {
     token_jwks_file: Option<PathBuf>,
     token_jwks_url: Option<String>,
     token_jwks_ca: Option<PathBuf>,
+    token_jwks_refresh: Option<String>,
     token_audience: Option<Vec<String>>,
     token_issuers: Option<Vec<FileIssuer>>,
     token_review: Option<bool>,
+    max_token_reviews: Option<usize>,
     kube_api_url: Option<String>,
     kube_token_file: Option<PathBuf>,
     kube_ca_file: Option<PathBuf>,
@@ -144,6 +164,8 @@ pub struct FileRunConfig {
     identity_burst: Option<f64>,
     unauthenticated_rate: Option<f64>,
     unauthenticated_burst: Option<f64>,
+    max_connections: Option<usize>,
+    max_connections_per_ip: Option<usize>,
     trusted_node_account: Option<Vec<String>>,
     allow_impersonation_without_node_check: Option<bool>,
     dev: Option<bool>,
@@ -163,6 +185,15 @@ pub struct FileIssuer {
     /// The `clusterid` proxies of that cluster send (Istio's `CLUSTER_ID`); requests naming
     /// it are checked against this issuer only.
     cluster_id: Option<String>,
+    /// How often its JWKS is read again (default: `token_jwks_refresh`).
+    jwks_refresh: Option<String>,
+    /// That cluster's Kubernetes API, so that its node proxies' requests for other
+    /// identities can be checked there (without it they are refused).
+    kube_api_url: Option<String>,
+    /// This server's token for that API.
+    kube_token_file: Option<PathBuf>,
+    /// The CA (PEM) of that API server's certificate.
+    kube_ca_file: Option<PathBuf>,
 }
 
 impl FileRunConfig {
@@ -183,6 +214,27 @@ fn or_list(flag: Vec<String>, file: Option<Vec<String>>, default: &[&str]) -> Ve
     } else {
         file.unwrap_or_else(|| default.iter().map(|s| s.to_string()).collect())
     }
+}
+
+/// Refuses a URL that is not `https://`: over plain HTTP anyone on the path could hand us
+/// keys or answers of their own, and so mint any identity.
+fn require_https(flag: &str, url: &str) -> anyhow::Result<()> {
+    if url
+        .get(..8)
+        .is_some_and(|scheme| scheme.eq_ignore_ascii_case("https://"))
+    {
+        return Ok(());
+    }
+    bail!(
+        "{flag} {url:?}: only https:// is accepted (over plain HTTP anyone on the path could \
+         substitute keys or answers and mint any identity); for a private CA give its \
+         certificate ({})",
+        if flag.contains("kube") {
+            "--kube-ca-file"
+        } else {
+            "--token-jwks-ca"
+        }
+    )
 }
 
 /// Who uses the Kubernetes API.
@@ -213,6 +265,9 @@ fn kube_api(
             );
         }
         return Ok(None);
+    }
+    if let Some(url) = &url {
+        require_https("--kube-api-url", url)?;
     }
     let mut api = match url {
         Some(url) => KubeApi {
@@ -251,24 +306,38 @@ fn settings(args: RunArgs, common: Common) -> anyhow::Result<Settings> {
     let trust_domain = TrustDomain::new(&trust_domain)
         .map_err(|e| anyhow::anyhow!("--trust-domain {trust_domain:?} {e}"))?;
 
+    let duration = |flag: &str, value: Option<String>, default: time::Duration| match value {
+        Some(text) => parse_duration(&text).map_err(|e| anyhow::anyhow!("{flag}: {e}")),
+        None => Ok(default),
+    };
+    let jwks_refresh = duration(
+        "--token-jwks-refresh",
+        args.token_jwks_refresh.or(file.token_jwks_refresh),
+        time::Duration::try_from(crate::auth::jwks::DEFAULT_REFRESH)?,
+    )?;
+    if jwks_refresh < time::Duration::SECOND {
+        bail!("--token-jwks-refresh must be at least 1s");
+    }
     let issuer = args.token_issuer.or(file.token_issuer);
     let jwks_file = args.token_jwks_file.or(file.token_jwks_file);
     let jwks_url = args.token_jwks_url.or(file.token_jwks_url);
-    let issuers = match (issuer, jwks_file, jwks_url) {
+    if let Some(url) = &jwks_url {
+        require_https("--token-jwks-url", url)?;
+    }
+    let local = |issuer: String, keys: IssuerKeysFrom| IssuerSettings {
+        issuer,
+        keys,
+        refresh: jwks_refresh.unsigned_abs(),
+        cluster_id: None,
+        api: IssuerApi::Local,
+    };
+    let mut issuers = match (issuer, jwks_file, jwks_url) {
         (None, None, None) => Vec::new(),
         (Some(_), Some(_), Some(_)) => {
             bail!("give --token-jwks-file or --token-jwks-url, not both")
         }
-        (Some(issuer), Some(file), None) => vec![IssuerSettings {
-            issuer,
-            keys: IssuerKeysFrom::File(file),
-            cluster_id: None,
-        }],
-        (Some(issuer), None, Some(url)) => vec![IssuerSettings {
-            issuer,
-            keys: IssuerKeysFrom::Url(url),
-            cluster_id: None,
-        }],
+        (Some(issuer), Some(file), None) => vec![local(issuer, IssuerKeysFrom::File(file))],
+        (Some(issuer), None, Some(url)) => vec![local(issuer, IssuerKeysFrom::Url(url))],
         (Some(_), None, None) => {
             bail!(
                 "--token-issuer needs the issuer's keys: add --token-jwks-file or --token-jwks-url"
@@ -279,37 +348,65 @@ fn settings(args: RunArgs, common: Common) -> anyhow::Result<Settings> {
              https://kubernetes.default.svc.cluster.local)"
         ),
     };
-    let mut issuers = issuers;
     for (i, entry) in file.token_issuers.into_iter().flatten().enumerate() {
+        let name = format!("token_issuers[{i}] ({})", entry.issuer);
         let keys = match (entry.jwks_file, entry.jwks_url) {
             (Some(path), None) => IssuerKeysFrom::File(path),
-            (None, Some(url)) => IssuerKeysFrom::Url(url),
-            _ => bail!(
-                "token_issuers[{i}] ({}) in the config file needs exactly one of jwks_file and \
-                 jwks_url",
-                entry.issuer
-            ),
+            (None, Some(url)) => {
+                require_https(&format!("{name} jwks_url"), &url)?;
+                IssuerKeysFrom::Url(url)
+            }
+            _ => bail!("{name} in the config file needs exactly one of jwks_file and jwks_url"),
         };
         if issuers.iter().any(|other| {
             other.issuer == entry.issuer
                 || (entry.cluster_id.is_some() && other.cluster_id == entry.cluster_id)
         }) {
-            bail!(
-                "token_issuers[{i}] ({}) repeats an issuer or a cluster_id already configured",
-                entry.issuer
-            );
+            bail!("{name} repeats an issuer or a cluster_id already configured");
         }
+        let refresh = duration(
+            &format!("{name} jwks_refresh"),
+            entry.jwks_refresh,
+            jwks_refresh,
+        )?;
+        if refresh < time::Duration::SECOND {
+            bail!("{name} jwks_refresh must be at least 1s");
+        }
+        let api = match (
+            entry.kube_api_url,
+            entry.kube_token_file,
+            entry.kube_ca_file,
+        ) {
+            (None, None, None) => IssuerApi::None,
+            (Some(url), Some(token_file), ca_file) => {
+                require_https(&format!("{name} kube_api_url"), &url)?;
+                let ca_pem = match ca_file {
+                    Some(path) => Some(
+                        std::fs::read_to_string(&path)
+                            .with_context(|| format!("{name} kube_ca_file {}", path.display()))?,
+                    ),
+                    None => None,
+                };
+                IssuerApi::Own(KubeApi {
+                    url: url.trim_end_matches('/').to_owned(),
+                    token_file,
+                    ca_pem,
+                })
+            }
+            _ => bail!(
+                "{name}: kube_api_url needs kube_token_file (and kube_ca_file for a private CA)"
+            ),
+        };
         issuers.push(IssuerSettings {
             issuer: entry.issuer,
             keys,
+            refresh: refresh.unsigned_abs(),
             cluster_id: entry.cluster_id,
+            api,
         });
     }
 
-    let ttl = |flag: &str, value: Option<String>, default: time::Duration| match value {
-        Some(text) => parse_duration(&text).map_err(|e| anyhow::anyhow!("{flag}: {e}")),
-        None => Ok(default),
-    };
+    let ttl = duration;
     let defaults = LeafPolicy::default();
     let leaf_policy = LeafPolicy {
         default_ttl: ttl(
@@ -430,6 +527,23 @@ fn settings(args: RunArgs, common: Common) -> anyhow::Result<Settings> {
             args.kube_ca_file.or(file.kube_ca_file),
         )?,
         token_review,
+        max_token_reviews: match args.max_token_reviews.or(file.max_token_reviews) {
+            Some(0) => bail!("--max-token-reviews must be at least 1"),
+            Some(n) => n,
+            None => crate::auth::review::DEFAULT_MAX_REVIEWS,
+        },
+        connections: ConnectionLimits {
+            total: match args.max_connections.or(file.max_connections) {
+                Some(0) => bail!("--max-connections must be at least 1"),
+                Some(n) => n,
+                None => ConnectionLimits::DEFAULT.total,
+            },
+            per_ip: match args.max_connections_per_ip.or(file.max_connections_per_ip) {
+                Some(0) => bail!("--max-connections-per-ip must be at least 1"),
+                Some(n) => n,
+                None => ConnectionLimits::DEFAULT.per_ip,
+            },
+        },
         trusted_node_accounts,
         impersonation_without_node_check: args.allow_impersonation_without_node_check
             || file.allow_impersonation_without_node_check.unwrap_or(false),

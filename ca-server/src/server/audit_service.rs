@@ -1,11 +1,15 @@
 //! `ca.v1.AuditService`: the same queries as `ca-server audit list`, for remote auditors who
 //! call with a client certificate whose SPIFFE ID is on `--auditor`.
 
+use std::sync::Arc;
+
 use ca_proto::ca::v1::audit_service_server::AuditService;
 use ca_proto::ca::v1::{AuditEvent, ListEventsRequest, ListEventsResponse};
+use tokio::sync::watch;
 use tonic::{Request, Response, Status};
 use tracing::{info, warn};
 
+use super::ca::Active;
 use super::grpc::PeerIdentity;
 use crate::audit::Filters;
 use crate::audit::render::{rfc3339_ms, rfc3339_secs};
@@ -21,30 +25,62 @@ const MAX_PAGE: i64 = 1000;
 pub struct RemoteAudit {
     store: Store,
     auditors: Vec<SpiffeId>,
+    active: watch::Receiver<Arc<Active>>,
 }
 
 impl RemoteAudit {
-    /// A service allowing `auditors`.
-    pub fn new(store: Store, auditors: Vec<SpiffeId>) -> Self {
-        Self { store, auditors }
+    /// A service allowing `auditors`, whose certificates are checked against `active`'s
+    /// authorities on every call.
+    pub fn new(
+        store: Store,
+        auditors: Vec<SpiffeId>,
+        active: watch::Receiver<Arc<Active>>,
+    ) -> Self {
+        Self {
+            store,
+            auditors,
+            active,
+        }
     }
 
+    /// The auditor behind `request`. Checked on every call, not once per connection (nor
+    /// skipped for a resumed TLS session): the certificate must be valid now and issued by
+    /// an authority of this CA that is not retired, so an auditor whose certificate expired,
+    /// or whose authority was retired after a compromise, is refused on the connection it
+    /// already has.
     fn authorize<T>(&self, request: &Request<T>) -> Result<SpiffeId, Status> {
-        match request.extensions().get::<PeerIdentity>() {
-            Some(PeerIdentity::Certificate(Some(id))) if self.auditors.contains(id) => {
-                Ok(id.clone())
+        let cert = match request.extensions().get::<PeerIdentity>() {
+            Some(PeerIdentity::Certificate(cert)) => cert,
+            _ => {
+                return Err(Status::unauthenticated(
+                    "the audit service needs mutual TLS: call with a client certificate from \
+                     this CA whose SPIFFE ID is on --auditor",
+                ));
             }
-            Some(PeerIdentity::Certificate(Some(id))) => {
+        };
+        let clients = Arc::clone(&self.active.borrow().clients);
+        if let Err(e) = cert.check_now(clients.as_ref()) {
+            let who = cert.spiffe_id.as_ref().map_or_else(
+                || "a certificate without a SPIFFE ID".to_owned(),
+                ToString::to_string,
+            );
+            warn!(caller = %who, error = %e, "Refused an audit query: the client certificate is no longer valid");
+            return Err(Status::unauthenticated(format!(
+                "the client certificate ({who}) is no longer accepted: {e}; it has expired, or \
+                 the authority that issued it is retired (or was never this CA's): get a new \
+                 one and reconnect"
+            )));
+        }
+        match &cert.spiffe_id {
+            Some(id) if self.auditors.contains(id) => Ok(id.clone()),
+            Some(id) => {
                 warn!(caller = %id, "Refused an audit query from a non-auditor");
                 Err(Status::permission_denied(format!(
                     "{id} is not an auditor: the server allows only the SPIFFE IDs given with --auditor"
                 )))
             }
-            Some(PeerIdentity::Certificate(None)) => Err(Status::permission_denied(
+            None => Err(Status::permission_denied(
                 "the client certificate carries no SPIFFE ID; auditors are named by SPIFFE ID (--auditor)",
-            )),
-            _ => Err(Status::unauthenticated(
-                "the audit service needs mutual TLS: call with a client certificate from this CA whose SPIFFE ID is on --auditor",
             )),
         }
     }
@@ -74,6 +110,7 @@ fn to_proto(e: EventRow) -> AuditEvent {
         operator: e.operator,
         caller: e.caller,
         node: e.node,
+        requested: e.requested,
         hash: e.hash,
         prev_hash: e.prev_hash,
     }

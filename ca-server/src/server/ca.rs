@@ -9,7 +9,7 @@ use time::OffsetDateTime;
 use tokio::sync::watch;
 use tracing::{debug, error, info, warn};
 
-use super::limits::{Aggregator, Rate, RateLimiter, Repeated};
+use super::limits::{Aggregator, Rate, RateLimiter, Repeated, peer_key};
 use super::pool::CryptoPool;
 use super::status::{Refusal, code_name};
 use crate::audit::AuditLog;
@@ -19,9 +19,11 @@ use crate::authority::{Authority, AuthorityError};
 use crate::bundle::Bundle;
 use crate::issuance::{self, Issued, LeafPolicy, TrustAnchors};
 use crate::store::{EventKind, EventRow};
+use crate::untrusted;
 
-/// What rotates together: the signing authority and the bundle. One task writes it; every
-/// request reads the latest value.
+/// What rotates together: the signing authority, the bundle, and the authorities whose
+/// certificates clients may present. One task writes it; every request reads the latest
+/// value.
 #[derive(Debug)]
 pub struct Active {
     /// The authority that signs.
@@ -30,21 +32,32 @@ pub struct Active {
     pub bundle: Bundle,
     /// The same roots, parsed for the self-check of every issued chain.
     pub anchors: TrustAnchors,
+    /// Verifies client certificates: issued by an authority of this CA that is not retired,
+    /// and valid now. Not merely chaining to some root of the bundle: an imported
+    /// intermediate's root may sign for others too.
+    pub clients: Arc<dyn rustls::server::danger::ClientCertVerifier>,
 }
 
 impl Active {
-    /// The authority and bundle, with the bundle's roots parsed as trust anchors.
-    pub fn new(authority: Arc<Authority>, bundle: Bundle) -> Result<Self, AuthorityError> {
-        let anchors = TrustAnchors::from_bundle(&bundle).map_err(|detail| {
-            AuthorityError::BadCertificate {
-                id: authority.id(),
-                detail,
-            }
-        })?;
+    /// The authority and bundle, with the bundle's roots parsed as trust anchors, and
+    /// client certificates verified against `issuers`: the signing certificates (PEM) of
+    /// every authority not retired.
+    pub fn new(
+        authority: Arc<Authority>,
+        bundle: Bundle,
+        issuers: &[String],
+    ) -> Result<Self, AuthorityError> {
+        let bad = |detail: String| AuthorityError::BadCertificate {
+            id: authority.id(),
+            detail,
+        };
+        let anchors = TrustAnchors::from_bundle(&bundle).map_err(bad)?;
+        let clients = super::tls::client_verifier(issuers).map_err(bad)?;
         Ok(Self {
             authority,
             bundle,
             anchors,
+            clients,
         })
     }
 }
@@ -68,7 +81,7 @@ pub struct CsrRequest {
 
 /// The certificate authority: everything a request needs.
 pub struct CertificateAuthority {
-    authn: Authenticator,
+    authn: Arc<Authenticator>,
     impersonation: ImpersonationPolicy,
     audit: AuditLog,
     policy: LeafPolicy,
@@ -93,9 +106,11 @@ struct Limits {
     unauthenticated: RateLimiter<IpAddr>,
 }
 
-/// Refusals alike enough to be counted in one event: same peer address, code, identity and
-/// reason.
-type RefusalKey = (Option<IpAddr>, &'static str, Option<String>, String);
+/// Refusals alike enough to be counted in one event: the peer's address (IPv6 by its /64),
+/// the code, the check that refused, and the identity the caller proved, if it got that
+/// far. Never anything the caller merely claims, nor the message, which a flood can vary
+/// at will.
+type RefusalKey = (Option<IpAddr>, &'static str, &'static str, Option<String>);
 
 /// How long identical refusals are counted before their event is written.
 pub const REFUSAL_WINDOW: Duration = Duration::from_secs(10);
@@ -105,7 +120,8 @@ pub const REFUSAL_WINDOW: Duration = Duration::from_secs(10);
 struct Known {
     /// The identity issued (or to be): the caller's own, or the one it may have instead.
     identity: Option<Identity>,
-    /// The caller, when it asked for an identity other than its own.
+    /// The caller, once its token checked out, when it asked for an identity other than
+    /// its own.
     caller: Option<Identity>,
     csr_sha256: Option<String>,
     public_key_sha256: Option<String>,
@@ -118,7 +134,7 @@ fn unix_ms(t: OffsetDateTime) -> i64 {
 impl CertificateAuthority {
     /// A pipeline over these parts.
     pub fn new(
-        authn: Authenticator,
+        authn: Arc<Authenticator>,
         impersonation: ImpersonationPolicy,
         audit: AuditLog,
         policy: LeafPolicy,
@@ -142,24 +158,33 @@ impl CertificateAuthority {
         }
     }
 
-    /// Writes one event for each run of identical refusals whose window has closed (all of
-    /// them when `all`, at shutdown).
+    /// Writes one event for each run of refusals whose window has closed (all of them when
+    /// `all`, at shutdown).
     pub async fn flush_refusals(&self, all: bool) {
-        for ((peer, code, _, _), run) in self.refusals.due(Instant::now(), all) {
-            self.record_run(peer, code, run).await;
+        for (key, run) in self.refusals.due(Instant::now(), all) {
+            self.record_run(key, run).await;
         }
     }
 
-    async fn record_run(&self, peer: Option<IpAddr>, code: &str, run: Repeated<EventRow>) {
+    async fn record_run(&self, key: Option<RefusalKey>, run: Repeated<EventRow>) {
         let mut event = run.sample;
         event.count = Some(i64::try_from(run.count).unwrap_or(i64::MAX));
-        event.reason = Some(format!(
-            "{} ({} refusals like this one within {} s; the first was recorded on its own)",
-            event.reason.as_deref().unwrap_or_default(),
-            run.count,
-            REFUSAL_WINDOW.as_secs()
+        let like = match &key {
+            Some(_) => "refusals like this one",
+            // Past the cap on kinds counted at once: refusals of many kinds, many peers.
+            None => "refusals of many kinds (too many to count apart), the last like this one,",
+        };
+        event.reason = Some(untrusted::cut(
+            &format!(
+                "{} ({} {like} within {} s)",
+                event.reason.as_deref().unwrap_or_default(),
+                run.count,
+                REFUSAL_WINDOW.as_secs()
+            ),
+            untrusted::REASON_BYTES,
         ));
-        info!(code, peer = ?peer, count = run.count, "Refused certificate requests (repeated)");
+        let peer = key.and_then(|(peer, ..)| peer);
+        info!(code = event.code.as_deref().unwrap_or_default(), peer = ?peer, count = run.count, "Refused certificate requests (repeated)");
         if let Err(e) = self.audit.record(event).await {
             warn!(error = %e, "Refusals could not be recorded in the audit log");
         }
@@ -206,65 +231,70 @@ impl CertificateAuthority {
                 }
             }
             Err(refusal) => {
-                let code = refusal.code();
-                crate::metrics::metrics()
-                    .refusals
-                    .get_or_create(&crate::metrics::RefusalLabels {
-                        code: code_name(code),
-                        reason: refusal.metric_reason(),
-                    })
-                    .inc();
-                let mut event = event_for(EventKind::Denied, now, &known, request.peer);
-                event.code = Some(code_name(code).to_owned());
-                event.reason = Some(refusal.to_string());
-                event.csr_sha256 = known.csr_sha256;
-                event.public_key_sha256 = known.public_key_sha256;
-                if event.spiffe_id.is_none() {
-                    // Refused before the identity asked for was granted: record what was
-                    // asked, so that the refusal is found under that identity too.
-                    event.spiffe_id = request.impersonated_identity.clone();
-                    if let Some(asked) = request
-                        .impersonated_identity
-                        .as_deref()
-                        .and_then(|id| crate::spiffe::SpiffeId::parse(id).ok())
-                        && let Some((ns, sa)) = asked.service_account()
-                    {
-                        event.namespace = Some(ns.to_owned());
-                        event.service_account = Some(sa.to_owned());
-                    }
-                }
-                let ip = request.peer.map(|p| p.ip());
-                if code == tonic::Code::Unauthenticated
-                    && let Some(ip) = ip
-                {
-                    // Counted against the peer: past its limit it is refused before any work.
-                    let _ = self.limits.unauthenticated.take(&ip, Instant::now());
-                }
-                if code == tonic::Code::Internal {
-                    // Not the caller's doing: a bug or a broken authority. Someone must look.
-                    error!(alert = true, reason = %refusal, peer = ?request.peer, "ALERT: certificate request failed inside the CA; nothing was returned");
-                }
-                // Identical refusals in a burst become one event with a count, so that a
-                // flood cannot fill the disk with records (or the log with lines).
-                let key = (
-                    ip,
-                    code_name(code),
-                    event.spiffe_id.clone(),
-                    refusal.kind_key(),
-                );
-                let (record_now, ended) = self.refusals.admit(key, event.clone(), Instant::now());
-                if let Some(run) = ended {
-                    self.record_run(ip, code_name(code), run).await;
-                }
-                if record_now {
-                    if code != tonic::Code::Internal {
-                        info!(code = code_name(code), reason = %refusal, peer = ?request.peer, "Refused certificate request");
-                    }
-                    if let Err(e) = self.audit.record(event).await {
-                        warn!(error = %e, "Refusal could not be recorded in the audit log");
-                    }
-                }
+                self.refuse(&request, now, known, &refusal).await;
                 Err(refusal)
+            }
+        }
+    }
+
+    /// Counts, logs and records a refusal. The event holds only what a verified credential
+    /// or the node check established; what the caller claimed goes into `requested`, cut and
+    /// escaped like the reason.
+    async fn refuse(
+        &self,
+        request: &CsrRequest,
+        now: OffsetDateTime,
+        known: Known,
+        refusal: &Refusal,
+    ) {
+        let code = refusal.code();
+        let check = refusal.metric_reason();
+        crate::metrics::metrics()
+            .refusals
+            .get_or_create(&crate::metrics::RefusalLabels {
+                code: code_name(code),
+                reason: check,
+            })
+            .inc();
+        let mut event = event_for(EventKind::Denied, now, &known, request.peer);
+        event.code = Some(code_name(code).to_owned());
+        event.reason = Some(untrusted::cut(
+            &refusal.to_string(),
+            untrusted::REASON_BYTES,
+        ));
+        event.requested = request
+            .impersonated_identity
+            .as_deref()
+            .map(untrusted::claim);
+        event.csr_sha256 = known.csr_sha256;
+        event.public_key_sha256 = known.public_key_sha256;
+        if code == tonic::Code::Internal {
+            // Not the caller's doing: a bug or a broken authority. Someone must look.
+            error!(alert = true, reason = %refusal, peer = ?request.peer, "ALERT: certificate request failed inside the CA; nothing was returned");
+        }
+        // Refusals of one kind in a burst become one event with a count, so that a flood can
+        // fill neither the disk with records nor the log with lines.
+        let proven = known
+            .caller
+            .as_ref()
+            .or(known.identity.as_ref())
+            .map(|id| id.spiffe_id.to_string());
+        let key = (
+            request.peer.map(|p| peer_key(p.ip())),
+            code_name(code),
+            check,
+            proven,
+        );
+        let (record_now, ended) = self.refusals.admit(key, event.clone(), Instant::now());
+        if let Some((key, run)) = ended {
+            self.record_run(key, run).await;
+        }
+        if record_now {
+            if code != tonic::Code::Internal {
+                info!(code = code_name(code), reason = %refusal, peer = ?request.peer, "Refused certificate request");
+            }
+            if let Err(e) = self.audit.record(event).await {
+                warn!(error = %e, "Refusal could not be recorded in the audit log");
             }
         }
     }
@@ -275,24 +305,7 @@ impl CertificateAuthority {
         now: OffsetDateTime,
         known: &mut Known,
     ) -> Result<Issued, Refusal> {
-        if let Some(peer) = request.peer
-            && let Err(wait) = self
-                .limits
-                .unauthenticated
-                .check(&peer.ip(), Instant::now())
-        {
-            return Err(Refusal::PeerRate {
-                peer: peer.ip(),
-                retry_after_ms: wait.as_millis(),
-            });
-        }
-        let header = request.authorization.as_deref().ok_or(AuthError::NoToken)?;
-        let token = BearerToken::from_header(header)?;
-        let caller = self
-            .authn
-            .authenticate(&token, request.cluster_id.as_deref(), now.unix_timestamp())
-            .await?;
-        drop(token);
+        let caller = self.authenticate(request, now).await?;
         let own_id = caller.spiffe_id.to_string();
         // The rate is per identity issued; a node proxy's are counted per node as well, since
         // every node's proxy asks for the identities of its own pods.
@@ -348,6 +361,57 @@ impl CertificateAuthority {
             known.public_key_sha256 = Some(csr.public_key_sha256);
         }
         Ok(result?)
+    }
+}
+
+impl CertificateAuthority {
+    /// The caller's identity from its token. A token verified before (and still good) costs
+    /// nothing and is never refused for what others at its address did. Anything else is
+    /// charged to the peer's failed-authentication budget before it is looked at, so that
+    /// the charge holds whatever happens next (the client gives up, the API server is slow);
+    /// it is given back when the token checks out. A peer with no budget left is refused
+    /// unread.
+    async fn authenticate(
+        &self,
+        request: &CsrRequest,
+        now: OffsetDateTime,
+    ) -> Result<Identity, Refusal> {
+        let peer = request.peer.map(|p| peer_key(p.ip()));
+        let token = match request.authorization.as_deref() {
+            Some(header) => BearerToken::from_header(header).ok(),
+            None => None,
+        };
+        if let Some(token) = &token
+            && let Some(identity) =
+                self.authn
+                    .remembered(token, request.cluster_id.as_deref(), now.unix_timestamp())
+        {
+            return Ok(identity);
+        }
+        if let Some(peer) = peer
+            && let Err(wait) = self.limits.unauthenticated.take(&peer, Instant::now())
+        {
+            return Err(Refusal::PeerRate {
+                peer,
+                retry_after_ms: wait.as_millis(),
+            });
+        }
+        // Only now is the header looked at closely (and its error, if any, given).
+        let token = match token {
+            Some(token) => token,
+            None => {
+                let header = request.authorization.as_deref().ok_or(AuthError::NoToken)?;
+                BearerToken::from_header(header)?
+            }
+        };
+        let identity = self
+            .authn
+            .verify_new(&token, request.cluster_id.as_deref(), now.unix_timestamp())
+            .await?;
+        if let Some(peer) = peer {
+            self.limits.unauthenticated.give_back(&peer, Instant::now());
+        }
+        Ok(identity)
     }
 }
 

@@ -22,15 +22,59 @@ use crate::spiffe::TrustDomain;
 #[derive(Debug, Clone, Copy)]
 pub struct PeerAddr(pub SocketAddr);
 
-/// Whether the caller presented a client certificate (verified against the bundle during the
-/// handshake), and the SPIFFE ID in it; put into each request's extensions by the connection
-/// handler.
+/// Whether the caller presented a client certificate (verified during the handshake, or
+/// the handshake it resumed), and what it is; put into each request's extensions by the
+/// connection handler. A call that relies on it checks it again ([`PeerCertificate`]): the
+/// certificate may have expired, or its authority been retired, since the handshake.
 #[derive(Debug, Clone)]
 pub enum PeerIdentity {
     /// No client certificate.
     Anonymous,
-    /// A verified client certificate, with its SPIFFE ID if it carries one.
-    Certificate(Option<crate::spiffe::SpiffeId>),
+    /// A client certificate.
+    Certificate(Arc<PeerCertificate>),
+}
+
+/// A client certificate as presented: the chain, to check again, and its SPIFFE ID.
+#[derive(Debug)]
+pub struct PeerCertificate {
+    /// The leaf.
+    pub leaf: rustls_pki_types::CertificateDer<'static>,
+    /// The certificates the client sent above it.
+    pub intermediates: Vec<rustls_pki_types::CertificateDer<'static>>,
+    /// The leaf's SPIFFE ID, if it carries one.
+    pub spiffe_id: Option<crate::spiffe::SpiffeId>,
+}
+
+impl PeerCertificate {
+    /// The chain a client presented, leaf first.
+    pub fn new(
+        leaf: &rustls_pki_types::CertificateDer<'_>,
+        intermediates: &[rustls_pki_types::CertificateDer<'_>],
+    ) -> Self {
+        Self {
+            spiffe_id: crate::spiffe::SpiffeId::from_certificate(leaf),
+            leaf: leaf.clone().into_owned(),
+            intermediates: intermediates
+                .iter()
+                .map(|c| c.clone().into_owned())
+                .collect(),
+        }
+    }
+
+    /// Checks the certificate now with `verifier`: still valid, and from an authority of
+    /// this CA that is not retired.
+    pub fn check_now(
+        &self,
+        verifier: &dyn rustls::server::danger::ClientCertVerifier,
+    ) -> Result<(), rustls::Error> {
+        verifier
+            .verify_client_cert(
+                &self.leaf,
+                &self.intermediates,
+                rustls_pki_types::UnixTime::now(),
+            )
+            .map(drop)
+    }
 }
 
 /// The longest a certificate request may take, whatever deadline the client sets.

@@ -1,7 +1,7 @@
 //! The plain HTTP listener: `/healthz`, `/readyz`.
 
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 
 use axum::Router;
 use axum::extract::State;
@@ -11,7 +11,8 @@ use axum::routing::get;
 use crate::audit::AuditLog;
 use crate::store::Store;
 
-/// What `/readyz` waits for.
+/// What `/readyz` waits for, and what the last check found. Probes are answered from here:
+/// a probe never costs a database query, however often it comes.
 #[derive(Debug, Default)]
 pub struct Readiness {
     /// An authority is active and loaded.
@@ -20,44 +21,80 @@ pub struct Readiness {
     pub bundle_file: AtomicBool,
     /// The gRPC listener accepts connections.
     pub grpc: AtomicBool,
+    /// What the last [`Readiness::check`] found wrong with the store and the audit log
+    /// (`None` before the first).
+    store_problems: Mutex<Option<Vec<String>>>,
 }
 
-#[derive(Clone)]
-struct HealthState {
-    readiness: Arc<Readiness>,
-    store: Store,
-    audit: AuditLog,
-    expiry_warning: time::Duration,
+impl Readiness {
+    /// Checks the store and the audit log (a query each) and remembers what is wrong: done
+    /// once a second by the health task, and once before the health listener serves.
+    pub async fn check(&self, store: &Store, audit: &AuditLog) {
+        let mut problems = Vec::new();
+        if let Err(e) = store.ping().await {
+            problems.push(format!("store: {e}"));
+        }
+        if let Some(e) = audit.failure() {
+            problems.push(format!("audit log not writable: {e}"));
+        }
+        *self
+            .store_problems
+            .lock()
+            .unwrap_or_else(|p| p.into_inner()) = Some(problems);
+    }
+
+    /// What keeps the server from being ready, as last checked (`/readyz` and gRPC health).
+    pub fn not_ready(&self) -> Vec<String> {
+        let mut missing = self
+            .store_problems
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+            .unwrap_or_else(|| vec!["store not checked yet".to_owned()]);
+        if !self.authority.load(Ordering::Acquire) {
+            missing.push("no active authority".to_owned());
+        }
+        if !self.bundle_file.load(Ordering::Acquire) {
+            missing.push("trust-bundle.pem not written".to_owned());
+        }
+        if !self.grpc.load(Ordering::Acquire) {
+            missing.push("gRPC listener not accepting".to_owned());
+        }
+        missing
+    }
 }
 
 /// The routes of the plain HTTP listener.
-pub fn health_routes(
-    readiness: Arc<Readiness>,
-    store: Store,
-    audit: AuditLog,
-    expiry_warning: time::Duration,
-) -> Router {
+pub fn health_routes(readiness: Arc<Readiness>) -> Router {
     Router::new()
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
-        .with_state(HealthState {
-            readiness,
-            store,
-            audit,
-            expiry_warning,
-        })
+        .with_state(readiness)
 }
 
-/// `/metrics`: the counters as they stand, with what the store says set at scrape time.
-async fn metrics(State(state): State<HealthState>) -> impl axum::response::IntoResponse {
+/// `/metrics`: the counters as they stand; what the store says is set by
+/// [`refresh_store_gauges`].
+async fn metrics() -> impl axum::response::IntoResponse {
+    (
+        [(
+            axum::http::header::CONTENT_TYPE,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
+        crate::metrics::metrics().encode(),
+    )
+}
+
+/// Sets the gauges read from the store (authority expiry, the bundle sequence): done by the
+/// health task once a second, never per scrape.
+pub async fn refresh_store_gauges(store: &Store, expiry_warning: time::Duration) {
     let m = crate::metrics::metrics();
     let now = time::OffsetDateTime::now_utc().unix_timestamp();
-    if let Ok(authorities) = state.store.authorities().await {
+    if let Ok(authorities) = store.authorities().await {
         // Rebuilt each time: a retired authority's series goes once it is gone from the store.
         m.authority_expiry_seconds.clear();
         m.authority_expiring.clear();
-        let expiring = crate::diagnose::expiry::expiring(&authorities, now, state.expiry_warning);
+        let expiring = crate::diagnose::expiry::expiring(&authorities, now, expiry_warning);
         for a in authorities {
             let labels = crate::metrics::AuthorityLabels {
                 authority_id: a.id.to_string(),
@@ -71,20 +108,13 @@ async fn metrics(State(state): State<HealthState>) -> impl axum::response::IntoR
                 .set(i64::from(expiring.iter().any(|e| e.id == a.id)));
         }
     }
-    if let Ok((sequence, _)) = state.store.authority_version().await {
-        m.bundle_sequence.set(sequence);
+    if let Ok(version) = store.authority_version().await {
+        m.bundle_sequence.set(version.sequence);
     }
-    (
-        [(
-            axum::http::header::CONTENT_TYPE,
-            "application/openmetrics-text; version=1.0.0; charset=utf-8",
-        )],
-        m.encode(),
-    )
 }
 
-async fn readyz(State(state): State<HealthState>) -> (StatusCode, String) {
-    let missing = not_ready(&state.readiness, &state.store, &state.audit).await;
+async fn readyz(State(readiness): State<Arc<Readiness>>) -> (StatusCode, String) {
+    let missing = readiness.not_ready();
     if missing.is_empty() {
         (StatusCode::OK, "ready\n".to_owned())
     } else {
@@ -93,25 +123,4 @@ async fn readyz(State(state): State<HealthState>) -> (StatusCode, String) {
             format!("not ready: {}\n", missing.join("; ")),
         )
     }
-}
-
-/// What keeps the server from being ready, if anything (`/readyz` and gRPC health).
-pub async fn not_ready(r: &Readiness, store: &Store, audit: &AuditLog) -> Vec<String> {
-    let mut missing = Vec::new();
-    if let Err(e) = store.ping().await {
-        missing.push(format!("store: {e}"));
-    }
-    if let Some(e) = audit.failure() {
-        missing.push(format!("audit log not writable: {e}"));
-    }
-    if !r.authority.load(Ordering::Acquire) {
-        missing.push("no active authority".to_owned());
-    }
-    if !r.bundle_file.load(Ordering::Acquire) {
-        missing.push("trust-bundle.pem not written".to_owned());
-    }
-    if !r.grpc.load(Ordering::Acquire) {
-        missing.push("gRPC listener not accepting".to_owned());
-    }
-    missing
 }

@@ -7,6 +7,7 @@ pub mod configmap;
 mod grpc;
 mod http;
 pub mod limits;
+mod listener;
 mod pool;
 mod publish;
 pub mod status;
@@ -21,17 +22,15 @@ use std::time::Duration;
 use ca_proto::ca::v1::audit_service_server::AuditServiceServer;
 use ca_proto::ca::v1::trust_bundle_service_server::TrustBundleServiceServer;
 use ca_proto::istio::v1::auth::istio_certificate_service_server::IstioCertificateServiceServer;
-use hyper_util::rt::{TokioExecutor, TokioIo};
-use hyper_util::server::graceful::GracefulShutdown;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinSet;
-use tower::Service;
 use tracing::{Instrument, debug, error, info, info_span, warn};
 
 pub use ca::{Active, CertificateAuthority, CsrRequest, LimitSettings};
-pub use grpc::{PeerAddr, PeerIdentity};
+pub use grpc::{PeerAddr, PeerCertificate, PeerIdentity};
 pub use http::Readiness;
+pub use listener::ConnectionLimits;
 pub use tls::{SERVER_CERT_TTL, renew_in};
 
 use crate::audit::{AuditKey, AuditLog, operator_name, record_checkpoint};
@@ -41,7 +40,7 @@ use crate::authority::{self, Authority, AuthorityError, KeyType};
 use crate::bundle;
 use crate::issuance::LeafPolicy;
 use crate::spiffe::TrustDomain;
-use crate::store::{AuthorityState, EventKind, EventRow, Store, StoreError};
+use crate::store::{AuthorityState, AuthorityVersion, EventKind, EventRow, Store, StoreError};
 
 /// Where an issuer's keys come from.
 #[derive(Debug, Clone)]
@@ -59,8 +58,23 @@ pub struct IssuerSettings {
     pub issuer: String,
     /// Where its keys come from.
     pub keys: IssuerKeysFrom,
+    /// How often its keys are read again.
+    pub refresh: Duration,
     /// The `clusterid` that selects it, for several clusters.
     pub cluster_id: Option<String>,
+    /// The Kubernetes API of its cluster, for the node check of its callers.
+    pub api: IssuerApi,
+}
+
+/// Which Kubernetes API can say where an issuer's callers run.
+#[derive(Debug, Clone)]
+pub enum IssuerApi {
+    /// The server's own (`--kube-api-url`, or in-cluster): the issuer is this cluster's.
+    Local,
+    /// One of its own (a `[[token_issuers]]` entry with `kube_api_url`).
+    Own(crate::kube::KubeApi),
+    /// None: its callers may not ask for other identities.
+    None,
 }
 
 /// Everything `run` needs, resolved from flags, the config file and defaults.
@@ -88,6 +102,8 @@ pub struct Settings {
     pub kube_api: Option<crate::kube::KubeApi>,
     /// Tokens no issuer claims go to the API's TokenReview.
     pub token_review: bool,
+    /// The most TokenReviews waiting for the API server at once.
+    pub max_token_reviews: usize,
     /// Service accounts whose callers may ask for other identities (node proxies).
     pub trusted_node_accounts: Vec<crate::auth::node::NodeAccount>,
     /// Without the Kubernetes API, let them have any identity in the trust domain.
@@ -110,6 +126,8 @@ pub struct Settings {
     pub checkpoint_interval: Duration,
     /// Abuse limits.
     pub limits: LimitSettings,
+    /// Open connections allowed on each listener.
+    pub connections: ConnectionLimits,
 }
 
 /// The largest gRPC request message: a CSR at its limit plus room for the metadata.
@@ -250,9 +268,9 @@ fn build_authenticator(settings: &Settings) -> Result<Authenticator, StartError>
     for issuer in &settings.issuers {
         let keys = match &issuer.keys {
             IssuerKeysFrom::File(path) => {
-                IssuerKeys::from_file(path).map_err(StartError::Issuer)?
+                IssuerKeys::from_file(path, issuer.refresh).map_err(StartError::Issuer)?
             }
-            IssuerKeysFrom::Url(url) => IssuerKeys::from_url(url.clone()),
+            IssuerKeysFrom::Url(url) => IssuerKeys::from_url(url.clone(), issuer.refresh),
         };
         issuers.push(
             TokenIssuer::new(issuer.issuer.clone(), settings.audiences.clone(), keys)
@@ -292,6 +310,7 @@ fn build_authenticator(settings: &Settings) -> Result<Authenticator, StartError>
                     crate::auth::review::TokenReviewer::new(
                         api.clone(),
                         settings.audiences.clone(),
+                        settings.max_token_reviews,
                     )
                     .map_err(StartError::Issuer)?,
                 )
@@ -301,12 +320,12 @@ fn build_authenticator(settings: &Settings) -> Result<Authenticator, StartError>
     )
 }
 
-/// Who may ask for identities other than their own, and how that is checked; says so in the
-/// log, with a warning where the check is off or impossible.
+/// Who may ask for identities other than their own, and how that is checked for the callers
+/// of each cluster; says so in the log, with a warning where the check is off or impossible.
 fn impersonation_policy(
     settings: &Settings,
 ) -> Result<crate::auth::node::ImpersonationPolicy, StartError> {
-    use crate::auth::node::{ImpersonationPolicy, NodeAuthorizer, NodeCheck};
+    use crate::auth::node::{ClusterCheck, ImpersonationPolicy, NodeAuthorizer, NodeCheck};
     let trusted = settings.trusted_node_accounts.clone();
     let td = settings.trust_domain.clone();
     if trusted.is_empty() {
@@ -323,7 +342,12 @@ fn impersonation_policy(
         .map(ToString::to_string)
         .collect::<Vec<_>>()
         .join(", ");
-    let check = match &settings.kube_api {
+    let authorizer = |api: &crate::kube::KubeApi| {
+        NodeAuthorizer::new(api.clone())
+            .map(|a| NodeCheck::Api(Arc::new(a)))
+            .map_err(StartError::Issuer)
+    };
+    let local = match &settings.kube_api {
         Some(api) => {
             info!(
                 trusted_node_accounts = %names,
@@ -331,9 +355,7 @@ fn impersonation_policy(
                 "Node proxies may ask for the identities of pods on their own node, checked \
                  through the Kubernetes API"
             );
-            NodeCheck::Api(Box::new(
-                NodeAuthorizer::new(api.clone()).map_err(StartError::Issuer)?,
-            ))
+            authorizer(api)?
         }
         None if settings.impersonation_without_node_check => {
             warn!(
@@ -354,7 +376,53 @@ fn impersonation_policy(
             NodeCheck::Unavailable
         }
     };
-    Ok(ImpersonationPolicy::new(td, trusted, check))
+    // The local cluster's issuers (the flags' issuer, the development one, TokenReview)
+    // share its check; each other cluster is checked against its own API, or not at all.
+    let local_check = |check: &NodeCheck| match check {
+        NodeCheck::Api(a) => NodeCheck::Api(Arc::clone(a)),
+        NodeCheck::Skipped => NodeCheck::Skipped,
+        NodeCheck::Unavailable => NodeCheck::Unavailable,
+    };
+    let mut clusters = std::collections::HashMap::new();
+    let mut local_issuers: Vec<String> = vec![DEV_ISSUER.to_owned()];
+    if let Some(api) = &settings.kube_api {
+        local_issuers.push(crate::auth::review::issuer_name(&api.url));
+    }
+    for issuer in &settings.issuers {
+        let cluster = match &issuer.cluster_id {
+            Some(id) => format!("{id} (issuer {})", issuer.issuer),
+            None => issuer.issuer.clone(),
+        };
+        let check = match &issuer.api {
+            IssuerApi::Local => {
+                local_issuers.push(issuer.issuer.clone());
+                continue;
+            }
+            IssuerApi::Own(api) => authorizer(api)?,
+            IssuerApi::None if settings.impersonation_without_node_check => NodeCheck::Skipped,
+            IssuerApi::None => {
+                // Left out: its callers are refused, naming the cluster.
+                warn!(
+                    cluster = %cluster,
+                    "This cluster's node proxies may not ask for other identities: its \
+                     [[token_issuers]] entry gives no Kubernetes API to check their nodes with \
+                     (kube_api_url)"
+                );
+                continue;
+            }
+        };
+        clusters.insert(issuer.issuer.clone(), ClusterCheck { cluster, check });
+    }
+    for issuer in local_issuers {
+        clusters.insert(
+            issuer.clone(),
+            ClusterCheck {
+                cluster: issuer,
+                check: local_check(&local),
+            },
+        );
+    }
+    Ok(ImpersonationPolicy::new(td, trusted, clusters))
 }
 
 /// Starts the server: binds both listeners, opens the store, loads (or creates) the
@@ -399,18 +467,18 @@ pub async fn start(settings: Settings) -> Result<RunningServer, StartError> {
     let (cert_tx, cert_rx) = watch::channel(Arc::clone(&server_cert.certified));
 
     let version = store.authority_version().await?;
-    let (active_tx, active_rx) =
-        watch::channel(Arc::new(Active::new(Arc::clone(&authority), bundle)?));
-    let client_verifier = tls::BundleClientVerifier::new(active_rx.clone()).ok_or_else(|| {
-        AuthorityError::BadCertificate {
-            id: authority.id(),
-            detail: "the bundle's roots cannot verify client certificates".into(),
-        }
-    })?;
+    let issuers = client_issuers(&store).await?;
+    let (active_tx, active_rx) = watch::channel(Arc::new(Active::new(
+        Arc::clone(&authority),
+        bundle,
+        &issuers,
+    )?));
+    let client_verifier = tls::AuthorityClientVerifier::new(active_rx.clone());
     let tls_config = tls::server_config(cert_rx, Arc::new(client_verifier));
     let pool = pool::CryptoPool::per_core(CRYPTO_QUEUE).map_err(StartError::Threads)?;
+    let authn = Arc::new(authn);
     let ca = Arc::new(CertificateAuthority::new(
-        authn,
+        Arc::clone(&authn),
         impersonation_policy(&settings)?,
         audit.clone(),
         settings.leaf_policy,
@@ -456,6 +524,7 @@ pub async fn start(settings: Settings) -> Result<RunningServer, StartError> {
         AuditServiceServer::new(audit_service::RemoteAudit::new(
             store.clone(),
             settings.auditors.clone(),
+            active_rx.clone(),
         ))
         .max_decoding_message_size(MAX_REQUEST_BYTES),
     )
@@ -467,16 +536,23 @@ pub async fn start(settings: Settings) -> Result<RunningServer, StartError> {
     let (shutdown, shutdown_rx) = watch::channel(false);
     let shutdown_rx_for_refusals = shutdown_rx.clone();
     let mut tasks = JoinSet::new();
+    let grpc_gate = listener::Gate::new(settings.connections);
     tasks.spawn(
-        serve_tls(grpc_listener, tls_config, app, shutdown_rx.clone())
-            .instrument(info_span!("grpc", addr = %grpc_addr)),
+        listener::serve_tls(
+            grpc_listener,
+            tls_config,
+            listener::Serving {
+                app,
+                gate: Arc::clone(&grpc_gate),
+                shutdown: shutdown_rx.clone(),
+            },
+        )
+        .instrument(info_span!("grpc", addr = %grpc_addr)),
     );
     readiness.grpc.store(true, Ordering::Release);
-    let health = http::health_routes(
-        Arc::clone(&readiness),
-        store.clone(),
-        audit.clone(),
-        settings.expiry_warning,
+    let health = http::health_routes(Arc::clone(&readiness));
+    tasks.spawn(
+        refresh_keys(Arc::clone(&authn), shutdown_rx.clone()).instrument(info_span!("token_keys")),
     );
     tasks.spawn(
         warn_of_expiry(store.clone(), settings.expiry_warning, shutdown_rx.clone())
@@ -525,13 +601,21 @@ pub async fn start(settings: Settings) -> Result<RunningServer, StartError> {
         .instrument(info_span!("follow_store")),
     );
 
-    tasks.spawn(grpc_health(
-        health_reporter,
-        Arc::clone(&readiness),
-        store.clone(),
-        audit.clone(),
-        shutdown_rx_for_refusals.clone(),
-    ));
+    // What the health listener serves is known before it serves.
+    readiness.check(&store, &audit).await;
+    http::refresh_store_gauges(&store, settings.expiry_warning).await;
+    tasks.spawn(
+        health_checks(
+            health_reporter,
+            Arc::clone(&readiness),
+            store.clone(),
+            audit.clone(),
+            settings.expiry_warning,
+            grpc_gate,
+            shutdown_rx_for_refusals.clone(),
+        )
+        .instrument(info_span!("health")),
+    );
     let mut refusals_shutdown = shutdown_rx_for_refusals;
     tasks.spawn(async move {
         loop {
@@ -548,17 +632,17 @@ pub async fn start(settings: Settings) -> Result<RunningServer, StartError> {
     info!(grpc = %grpc_addr, http = %http_addr, trust_domain = %settings.trust_domain, "Listening");
     // The health listener serves last: once `/readyz` answers, everything above is done and
     // logged.
-    let mut health_shutdown = shutdown_rx;
-    tasks.spawn(async move {
-        let result = axum::serve(http_listener, health)
-            .with_graceful_shutdown(async move {
-                let _ = health_shutdown.wait_for(|stop| *stop).await;
-            })
-            .await;
-        if let Err(e) = result {
-            error!(error = %e, "Health listener failed");
-        }
-    });
+    tasks.spawn(
+        listener::serve_plain(
+            http_listener,
+            listener::Serving {
+                app: health,
+                gate: listener::Gate::new(settings.connections),
+                shutdown: shutdown_rx,
+            },
+        )
+        .instrument(info_span!("health_listener", addr = %http_addr)),
+    );
     Ok(RunningServer {
         grpc_addr,
         http_addr,
@@ -587,88 +671,6 @@ async fn bind(addr: SocketAddr) -> Result<TcpListener, StartError> {
     TcpListener::bind(addr)
         .await
         .map_err(|source| StartError::Bind { addr, source })
-}
-
-/// Accepts TLS connections and serves gRPC (HTTP/2) and HTTPS on them.
-async fn serve_tls(
-    listener: TcpListener,
-    tls_config: Arc<rustls::ServerConfig>,
-    app: axum::Router,
-    mut shutdown: watch::Receiver<bool>,
-) {
-    let acceptor = tokio_rustls::TlsAcceptor::from(tls_config);
-    let graceful = GracefulShutdown::new();
-    let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
-    builder
-        .http2()
-        .timer(hyper_util::rt::TokioTimer::new())
-        .max_header_list_size(MAX_HEADER_BYTES)
-        .max_concurrent_streams(256)
-        // A peer that stops reading is dropped, not kept forever.
-        .keep_alive_interval(Some(Duration::from_secs(60)))
-        .keep_alive_timeout(Duration::from_secs(20));
-    builder.http1().max_buf_size(64 * 1024);
-    loop {
-        let accepted = tokio::select! {
-            accepted = listener.accept() => accepted,
-            _ = shutdown.wait_for(|stop| *stop) => break,
-        };
-        let (tcp, peer) = match accepted {
-            Ok(conn) => conn,
-            Err(e) => {
-                // Out of file descriptors, say: back off rather than spin.
-                warn!(error = %e, "Accept failed");
-                tokio::time::sleep(Duration::from_millis(50)).await;
-                continue;
-            }
-        };
-        let _ = tcp.set_nodelay(true);
-        let acceptor = acceptor.clone();
-        let app = app.clone();
-        let builder = builder.clone();
-        let watcher = graceful.watcher();
-        tokio::spawn(async move {
-            let tls =
-                match tokio::time::timeout(Duration::from_secs(10), acceptor.accept(tcp)).await {
-                    Ok(Ok(tls)) => tls,
-                    Ok(Err(e)) => {
-                        debug!(%peer, error = %e, "TLS handshake failed");
-                        return;
-                    }
-                    Err(_) => {
-                        debug!(%peer, "TLS handshake timed out");
-                        return;
-                    }
-                };
-            // Verified against the bundle during the handshake, if presented.
-            let identity = match tls.get_ref().1.peer_certificates() {
-                Some([leaf, ..]) => {
-                    PeerIdentity::Certificate(crate::spiffe::SpiffeId::from_certificate(leaf))
-                }
-                _ => PeerIdentity::Anonymous,
-            };
-            let service = hyper::service::service_fn(
-                move |mut request: ::http::Request<hyper::body::Incoming>| {
-                    request.extensions_mut().insert(PeerAddr(peer));
-                    request.extensions_mut().insert(identity.clone());
-                    let mut app = app.clone();
-                    async move { app.call(request).await }
-                },
-            );
-            let conn = builder.serve_connection_with_upgrades(TokioIo::new(tls), service);
-            if let Err(e) = watcher.watch(conn.into_owned()).await {
-                debug!(%peer, error = %e, "Connection ended with an error");
-            }
-        });
-    }
-    // New connections are refused from here on; open ones finish what they started.
-    drop(listener);
-    if tokio::time::timeout(Duration::from_secs(5), graceful.shutdown())
-        .await
-        .is_err()
-    {
-        warn!("Connections still open after 5 s; closing them");
-    }
 }
 
 /// Renews the server's certificate at half its life (retrying every 30 s on failure), and
@@ -722,19 +724,23 @@ async fn renew_server_cert(
     }
 }
 
-/// Keeps `grpc.health.v1.Health` in step with `/readyz`: SERVING when ready, NOT_SERVING
-/// otherwise and from shutdown on, for the server as a whole ("") and the CSR service.
-async fn grpc_health(
+/// Once a second: checks the store and the audit log for `/readyz` (which answers from what
+/// this finds), sets the store's gauges for `/metrics`, and keeps `grpc.health.v1.Health` in
+/// step: SERVING when ready, NOT_SERVING otherwise and from shutdown on, for the server as a
+/// whole ("") and the CSR service.
+async fn health_checks(
     reporter: tonic_health::server::HealthReporter,
     readiness: Arc<Readiness>,
     store: Store,
     audit: AuditLog,
+    expiry_warning: time::Duration,
+    grpc_connections: Arc<listener::Gate>,
     mut shutdown: watch::Receiver<bool>,
 ) {
     use tonic_health::ServingStatus;
     const CSR_SERVICE: &str = "istio.v1.auth.IstioCertificateService";
     loop {
-        let status = if http::not_ready(&readiness, &store, &audit).await.is_empty() {
+        let status = if readiness.not_ready().is_empty() {
             ServingStatus::Serving
         } else {
             ServingStatus::NotServing
@@ -751,7 +757,36 @@ async fn grpc_health(
                 return;
             }
         }
+        readiness.check(&store, &audit).await;
+        http::refresh_store_gauges(&store, expiry_warning).await;
+        crate::metrics::metrics()
+            .connections_open
+            .set(i64::try_from(grpc_connections.open()).unwrap_or(i64::MAX));
     }
+}
+
+/// Reads the issuers' JWKS again as their refresh comes due (see
+/// [`Authenticator::refresh_keys`]); the first pass, at start, fetches JWKS URLs.
+async fn refresh_keys(authn: Arc<Authenticator>, mut shutdown: watch::Receiver<bool>) {
+    loop {
+        authn.refresh_keys().await;
+        tokio::select! {
+            _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+            _ = shutdown.wait_for(|stop| *stop) => return,
+        }
+    }
+}
+
+/// The signing certificates (PEM) of the authorities not retired: who may have issued a
+/// client certificate this server accepts.
+async fn client_issuers(store: &Store) -> Result<Vec<String>, StoreError> {
+    Ok(store
+        .authorities()
+        .await?
+        .into_iter()
+        .filter(|a| a.state != AuthorityState::Retired)
+        .map(|a| a.cert_pem)
+        .collect())
 }
 
 /// Signs the audit log's head into a checkpoint every `interval` (when it moved); `start`
@@ -787,7 +822,7 @@ async fn follow_store(
     store: Store,
     data_dir: PathBuf,
     keys: Arc<crate::authority::KeyStore>,
-    mut version: (i64, Option<i64>),
+    mut version: AuthorityVersion,
     active: watch::Sender<Arc<Active>>,
     readiness: Arc<Readiness>,
     mut shutdown: watch::Receiver<bool>,
@@ -830,7 +865,7 @@ async fn follow_store(
             Err(e) => {
                 // Keep signing with what we have; retry on the next poll.
                 error!(error = %e, "Applying an authority change failed; retrying");
-                if current.1.is_none() {
+                if current.active.is_none() {
                     readiness.authority.store(false, Ordering::Release);
                 }
             }
@@ -882,11 +917,11 @@ async fn reload(
     store: &Store,
     data_dir: &std::path::Path,
     keys: &crate::authority::KeyStore,
-    (sequence, active_id): (i64, Option<i64>),
+    version: AuthorityVersion,
     active: &watch::Sender<Arc<Active>>,
 ) -> Result<(), StartError> {
     let current = Arc::clone(&active.borrow());
-    let authority = match active_id {
+    let authority = match version.active {
         Some(id) if id == current.authority.id() => Arc::clone(&current.authority),
         Some(_) => {
             let record = store
@@ -904,12 +939,14 @@ async fn reload(
             source,
         })?;
     }
+    let issuers = client_issuers(store).await?;
     info!(
         authority_id = authority.id(),
-        bundle_sequence = sequence,
+        bundle_sequence = version.sequence,
         roots = bundle.roots_pem.len(),
+        authorities = issuers.len(),
         "Applied an authority change"
     );
-    active.send_replace(Arc::new(Active::new(authority, bundle)?));
+    active.send_replace(Arc::new(Active::new(authority, bundle, &issuers)?));
     Ok(())
 }

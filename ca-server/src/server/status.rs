@@ -8,6 +8,9 @@ use crate::auth::AuthError;
 use crate::auth::node::ImpersonationError;
 use crate::issuance::{IssueError, ValidityError};
 
+/// The longest message a refusal sends back.
+pub const MAX_MESSAGE_BYTES: usize = 2048;
+
 /// Why a certificate request was refused.
 #[derive(Debug, thiserror::Error)]
 pub enum Refusal {
@@ -62,6 +65,7 @@ impl Refusal {
     pub fn code(&self) -> Code {
         match self {
             Self::Auth(e) if e.is_unavailable() => Code::Unavailable,
+            Self::Auth(e) if e.is_overloaded() => Code::ResourceExhausted,
             Self::Auth(_) => Code::Unauthenticated,
             Self::Impersonation(e) if e.is_unavailable() => Code::Unavailable,
             Self::Impersonation(e) if e.is_malformed() => Code::InvalidArgument,
@@ -84,20 +88,11 @@ impl Refusal {
         }
     }
 
-    /// What identifies this kind of refusal when identical ones are counted together: the
-    /// message, without the parts that change from one request to the next.
-    pub fn kind_key(&self) -> String {
-        match self {
-            Self::IdentityRate { identity, .. } => format!("identity rate: {identity}"),
-            Self::PeerRate { peer, .. } => format!("peer rate: {peer}"),
-            other => other.to_string(),
-        }
-    }
-
     /// The check that refused, as a metric label: a short fixed name.
     pub fn metric_reason(&self) -> &'static str {
         match self {
             Self::Auth(e) if e.is_unavailable() => "token_keys_unavailable",
+            Self::Auth(AuthError::ReviewsBusy(_)) => "token_reviews_busy",
             Self::Auth(AuthError::NoToken) => "no_token",
             Self::Auth(_) => "token",
             Self::Issue(IssueError::Csr(_)) => "csr",
@@ -124,9 +119,13 @@ impl Refusal {
         }
     }
 
-    /// The status sent to the caller: the code and the message, nothing secret.
+    /// The status sent to the caller: the code and the message, nothing secret, and never
+    /// more than [`MAX_MESSAGE_BYTES`] of it (the parts a caller sent are cut already).
     pub fn to_status(&self) -> Status {
-        Status::new(self.code(), self.to_string())
+        Status::new(
+            self.code(),
+            crate::untrusted::cut(&self.to_string(), MAX_MESSAGE_BYTES),
+        )
     }
 }
 

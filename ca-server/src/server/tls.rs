@@ -4,8 +4,6 @@
 
 use std::sync::Arc;
 
-use std::sync::Mutex;
-
 use rcgen::PublicKeyData;
 use rustls::client::danger::HandshakeSignatureValid;
 use rustls::crypto::aws_lc_rs;
@@ -126,27 +124,15 @@ impl ResolvesServerCert for CurrentCert {
     }
 }
 
-/// Asks for a client certificate but does not require one (proxies authenticate with tokens;
-/// remote auditors with mTLS), and verifies one against the current bundle, following it as
-/// it changes.
-pub struct BundleClientVerifier {
-    active: watch::Receiver<Arc<Active>>,
-    /// The verifier for the bundle with this sequence; rebuilt when the sequence moves.
-    cached: Mutex<(i64, Arc<dyn ClientCertVerifier>)>,
-}
-
-impl std::fmt::Debug for BundleClientVerifier {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("BundleClientVerifier")
-    }
-}
-
-fn verifier_for(bundle: &crate::bundle::Bundle) -> Option<Arc<dyn ClientCertVerifier>> {
+/// A verifier of client certificates issued by one of `issuers` (the signing certificates,
+/// PEM, of the authorities not retired) and valid at the time of the check.
+pub fn client_verifier(issuers: &[String]) -> Result<Arc<dyn ClientCertVerifier>, String> {
     let mut roots = rustls::RootCertStore::empty();
-    for pem in &bundle.roots_pem {
-        if let Ok(der) = pem_to_der(pem) {
-            roots.add(der).ok()?;
-        }
+    for pem in issuers {
+        let der = pem_to_der(pem)?;
+        roots
+            .add(der)
+            .map_err(|e| format!("an authority's certificate cannot verify clients: {e}"))?;
     }
     WebPkiClientVerifier::builder_with_provider(
         Arc::new(roots),
@@ -154,33 +140,35 @@ fn verifier_for(bundle: &crate::bundle::Bundle) -> Option<Arc<dyn ClientCertVeri
     )
     .allow_unauthenticated()
     .build()
-    .ok()
+    .map(|v| v as Arc<dyn ClientCertVerifier>)
+    .map_err(|e| format!("client certificate verifier: {e}"))
 }
 
-impl BundleClientVerifier {
-    /// A verifier following `active`'s bundle.
-    pub fn new(active: watch::Receiver<Arc<Active>>) -> Option<Self> {
-        let bundle = active.borrow().bundle.clone();
-        let inner = verifier_for(&bundle)?;
-        Some(Self {
-            active,
-            cached: Mutex::new((bundle.sequence, inner)),
-        })
+/// Asks for a client certificate but does not require one (proxies authenticate with tokens;
+/// remote auditors with mTLS), and verifies one with the current [`Active::clients`],
+/// following it as the authorities change.
+pub struct AuthorityClientVerifier {
+    active: watch::Receiver<Arc<Active>>,
+}
+
+impl std::fmt::Debug for AuthorityClientVerifier {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("AuthorityClientVerifier")
+    }
+}
+
+impl AuthorityClientVerifier {
+    /// A verifier following `active`.
+    pub fn new(active: watch::Receiver<Arc<Active>>) -> Self {
+        Self { active }
     }
 
     fn current(&self) -> Arc<dyn ClientCertVerifier> {
-        let bundle = self.active.borrow().bundle.clone();
-        let mut cached = self.cached.lock().unwrap_or_else(|p| p.into_inner());
-        if cached.0 != bundle.sequence
-            && let Some(inner) = verifier_for(&bundle)
-        {
-            *cached = (bundle.sequence, inner);
-        }
-        Arc::clone(&cached.1)
+        Arc::clone(&self.active.borrow().clients)
     }
 }
 
-impl ClientCertVerifier for BundleClientVerifier {
+impl ClientCertVerifier for AuthorityClientVerifier {
     fn offer_client_auth(&self) -> bool {
         true
     }

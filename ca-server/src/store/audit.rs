@@ -111,6 +111,10 @@ pub struct EventRow {
     /// The node the caller runs on, from its token (or its TokenReview).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub node: Option<String>,
+    /// What a refused caller asked for (its `ImpersonatedIdentity`), as it claimed it: never
+    /// verified, so never in the identity fields above. Escaped and cut to 256 bytes.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub requested: Option<String>,
     /// The hash of the previous event (or of the anchor), hex.
     #[serde(skip)]
     pub prev_hash: String,
@@ -150,10 +154,10 @@ pub struct AuditQuery {
 
 const COLUMNS: &str = "seq, time_ms, kind, spiffe_id, namespace, service_account, pod_name, \
      pod_uid, token_issuer, serial, not_before, not_after, authority_id, public_key_sha256, \
-     csr_sha256, peer, code, reason, count, operator, caller, node, prev_hash, hash";
+     csr_sha256, peer, code, reason, count, operator, caller, node, requested, prev_hash, hash";
 
 /// How many columns [`COLUMNS`] names.
-const COLUMN_COUNT: usize = 24;
+const COLUMN_COUNT: usize = 25;
 
 fn event_from_row(row: &AnyRow) -> Result<EventRow, StoreError> {
     let kind: String = column(row, "kind")?;
@@ -183,6 +187,7 @@ fn event_from_row(row: &AnyRow) -> Result<EventRow, StoreError> {
         operator: column(row, "operator")?,
         caller: column(row, "caller")?,
         node: column(row, "node")?,
+        requested: column(row, "requested")?,
         prev_hash: column(row, "prev_hash")?,
         hash: column(row, "hash")?,
     })
@@ -240,6 +245,7 @@ impl EventRow {
             operator: None,
             caller: None,
             node: None,
+            requested: None,
             prev_hash: String::new(),
             hash: String::new(),
         }
@@ -324,7 +330,7 @@ pub(super) async fn append_in_tx(
 const RAISE_MAX_LIFETIME: &str = "UPDATE audit_meta SET max_lifetime = \
      CASE WHEN max_lifetime < $1 THEN $1 ELSE max_lifetime END WHERE id = 1";
 
-/// Rows per multi-row INSERT: 24 columns each, well under SQLite's 32,766 variables and
+/// Rows per multi-row INSERT: 25 columns each, well under SQLite's 32,766 variables and
 /// PostgreSQL's 65,535.
 const ROWS_PER_INSERT: usize = 512;
 
@@ -386,6 +392,7 @@ where
             .bind(&e.operator)
             .bind(&e.caller)
             .bind(&e.node)
+            .bind(&e.requested)
             .bind(&e.prev_hash)
             .bind(&e.hash);
     }

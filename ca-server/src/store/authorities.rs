@@ -108,6 +108,22 @@ pub struct AuthorityRecord {
     pub retired_at: Option<i64>,
 }
 
+/// What a running server compares to notice that the authorities changed: the bundle's
+/// sequence (its roots), the active authority, and which authorities are not retired (a new
+/// one always raises `newest`; a retirement always lowers `not_retired`, even when the
+/// retired authority shares its root with another and the bundle stays as it was).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AuthorityVersion {
+    /// The bundle's sequence.
+    pub sequence: i64,
+    /// The active authority's id.
+    pub active: Option<i64>,
+    /// How many authorities are not retired.
+    pub not_retired: i64,
+    /// The highest authority id.
+    pub newest: Option<i64>,
+}
+
 /// What is needed to record a new authority.
 #[derive(Debug, Clone)]
 pub struct NewAuthority {
@@ -360,16 +376,22 @@ impl Store {
         Ok((sequence, roots))
     }
 
-    /// What a running server polls to notice changes: the bundle sequence and the active
-    /// authority's id.
-    pub async fn authority_version(&self) -> Result<(i64, Option<i64>), StoreError> {
+    /// What a running server polls to notice changes (see [`AuthorityVersion`]).
+    pub async fn authority_version(&self) -> Result<AuthorityVersion, StoreError> {
         let row = sqlx::query(
             "SELECT (SELECT sequence FROM bundle WHERE id = 1) AS sequence, \
-             (SELECT id FROM authorities WHERE state = 'active') AS active",
+             (SELECT id FROM authorities WHERE state = 'active') AS active, \
+             (SELECT COUNT(*) FROM authorities WHERE state != 'retired') AS not_retired, \
+             (SELECT MAX(id) FROM authorities) AS newest",
         )
         .fetch_one(self.pool())
         .await?;
-        Ok((column(&row, "sequence")?, column(&row, "active")?))
+        Ok(AuthorityVersion {
+            sequence: column(&row, "sequence")?,
+            active: column(&row, "active")?,
+            not_retired: column(&row, "not_retired")?,
+            newest: column(&row, "newest")?,
+        })
     }
 
     /// Every authority, oldest first.

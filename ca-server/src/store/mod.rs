@@ -18,7 +18,9 @@ pub use audit::{
     AuditQuery, AuditWriter, Checkpoint, EventKind, EventRow, GENESIS_HASH, Head, Pruned,
     event_hash,
 };
-pub use authorities::{AuthorityKind, AuthorityRecord, AuthorityState, NewAuthority};
+pub use authorities::{
+    AuthorityKind, AuthorityRecord, AuthorityState, AuthorityVersion, NewAuthority,
+};
 
 /// What went wrong talking to the database.
 #[derive(Debug, thiserror::Error)]
@@ -118,14 +120,16 @@ fn migrator(dialect: Dialect) -> Migrator {
             include_str!("migrations/sqlite/0001_init.sql"),
             include_str!("migrations/sqlite/0002_sealed_keys.sql"),
             include_str!("migrations/sqlite/0003_caller_and_node.sql"),
+            include_str!("migrations/sqlite/0004_requested.sql"),
         ],
         Dialect::Postgres => [
             include_str!("migrations/postgres/0001_init.sql"),
             include_str!("migrations/postgres/0002_sealed_keys.sql"),
             include_str!("migrations/postgres/0003_caller_and_node.sql"),
+            include_str!("migrations/postgres/0004_requested.sql"),
         ],
     };
-    let names = ["init", "sealed keys", "caller and node"];
+    let names = ["init", "sealed keys", "caller and node", "requested"];
     Migrator::with_migrations(
         migrations
             .into_iter()

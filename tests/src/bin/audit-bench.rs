@@ -9,7 +9,7 @@
 
 use std::time::{Duration, Instant};
 
-use ca_server::audit::{Filters, VerifyReport, verify_chain};
+use ca_server::audit::{Filters, TrustedKeys, VerifyReport, verify_chain};
 use ca_server::store::{EventKind, EventRow, Store};
 
 const DAY_MS: i64 = 86_400_000;
@@ -261,7 +261,7 @@ async fn main() -> anyhow::Result<()> {
 
     let rss_before = peak_rss_kib();
     let t = Instant::now();
-    let report = verify_chain(&store, None).await?;
+    let report = verify_chain(&store, None, &TrustedKeys::default()).await?;
     let verify = t.elapsed();
     match report {
         VerifyReport::Intact { events, .. } => println!(
