@@ -78,14 +78,17 @@ pub fn pem(label: &str, der: &[u8]) -> String {
 }
 
 /// Replaces `path` with `contents` atomically (write a temporary file, sync, rename), with
-/// mode `mode` (0644 for public files, 0600 for private ones).
+/// mode `mode` (0644 for public files, 0600 for private ones). The temporary file has a
+/// name no one can guess and is created new (`O_EXCL`, which never follows a symlink), so in
+/// a directory others can write, nobody can make us write through a link they planted; the
+/// rename replaces `path` itself, never what a symlink there points to.
 pub fn write_atomic(path: &Path, contents: &[u8], mode: u32) -> io::Result<()> {
     let dir = path.parent().unwrap_or(Path::new("."));
     std::fs::create_dir_all(dir)?;
     let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("file");
-    let tmp = dir.join(format!(".{name}.tmp{}", std::process::id()));
+    let tmp = dir.join(temporary_name(name));
     let mut options = std::fs::OpenOptions::new();
-    options.write(true).create(true).truncate(true);
+    options.write(true).create_new(true);
     #[cfg(unix)]
     {
         use std::os::unix::fs::OpenOptionsExt;
@@ -94,15 +97,23 @@ pub fn write_atomic(path: &Path, contents: &[u8], mode: u32) -> io::Result<()> {
     #[cfg(not(unix))]
     let _ = mode;
     let mut file = options.open(&tmp)?;
-    file.write_all(contents)?;
-    file.sync_all()?;
+    let written = file.write_all(contents).and_then(|()| file.sync_all());
     drop(file);
-    std::fs::rename(&tmp, path)?;
+    if let Err(e) = written.and_then(|()| std::fs::rename(&tmp, path)) {
+        let _ = std::fs::remove_file(&tmp);
+        return Err(e);
+    }
     // Make the rename itself durable.
     if let Ok(d) = std::fs::File::open(dir) {
         let _ = d.sync_all();
     }
     Ok(())
+}
+
+/// `.<name>.<16 random hex digits>.tmp`: unpredictable, so nobody can plant a file or a
+/// link under it beforehand.
+fn temporary_name(name: &str) -> String {
+    format!(".{name}.{:016x}.tmp", rand::random::<u64>())
 }
 
 #[cfg(test)]
@@ -128,5 +139,32 @@ mod tests {
         assert_eq!(std::fs::read(&path).unwrap(), b"two");
         assert_eq!(too_open(&path).unwrap(), Some(0o644));
         assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 1);
+    }
+
+    #[test]
+    fn temporary_names_cannot_be_guessed() {
+        let a = temporary_name("key.pem");
+        let b = temporary_name("key.pem");
+        assert_ne!(a, b);
+        assert!(a.starts_with(".key.pem.") && a.ends_with(".tmp"), "{a}");
+    }
+
+    #[cfg(unix)]
+    #[test]
+    fn a_symlink_at_the_target_is_replaced_not_followed() {
+        let dir = tempfile::tempdir().unwrap();
+        let victim = dir.path().join("victim");
+        std::fs::write(&victim, b"precious").unwrap();
+        let path = dir.path().join("cert-chain.pem");
+        std::os::unix::fs::symlink(&victim, &path).unwrap();
+        write_atomic(&path, b"new", 0o644).unwrap();
+        assert_eq!(std::fs::read(&victim).unwrap(), b"precious");
+        assert_eq!(std::fs::read(&path).unwrap(), b"new");
+        assert!(
+            !std::fs::symlink_metadata(&path)
+                .unwrap()
+                .file_type()
+                .is_symlink()
+        );
     }
 }

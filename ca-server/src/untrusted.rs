@@ -47,6 +47,18 @@ fn push_escaped(out: &mut String, c: char) {
     }
 }
 
+/// Text of several lines for a terminal: each line [`escape`]d, the line breaks kept.
+pub fn escape_lines(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    for (i, line) in text.split('\n').enumerate() {
+        if i > 0 {
+            out.push('\n');
+        }
+        out.push_str(&escape(line));
+    }
+    out
+}
+
 /// [`escape`]d `text`, cut to at most `max` bytes between two characters (never inside an
 /// escape); a cut value ends in `…` (within the limit) so that a reader knows there was more.
 pub fn cut(text: &str, max: usize) -> String {
@@ -103,6 +115,11 @@ mod tests {
         assert_eq!(escape("\u{202e}evil"), "\\u{202e}evil");
         assert_eq!(escape("\u{9b}csi"), "\\u{9b}csi");
         assert_eq!(escape("ünïcödé ✓"), "ünïcödé ✓");
+    }
+
+    #[test]
+    fn lines_keep_their_breaks_and_lose_their_controls() {
+        assert_eq!(escape_lines("a\u{1b}[2J\nb\r\n"), "a\\u{1b}[2J\nb\\u{d}\n");
     }
 
     #[test]

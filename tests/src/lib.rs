@@ -12,6 +12,8 @@ use std::time::{Duration, Instant};
 pub mod jwks;
 pub mod kube;
 pub mod mesh;
+pub mod peer;
+pub mod pki;
 pub mod ztunnel;
 
 use base64::Engine;
@@ -235,6 +237,8 @@ pub struct TestServer {
     stderr_path: PathBuf,
     /// `RUST_LOG` for the server (default `info`).
     pub log_filter: String,
+    /// A command the server runs under (`prlimit --nofile=…`, say), if any.
+    wrapper: Vec<String>,
 }
 
 impl TestServer {
@@ -264,6 +268,15 @@ impl TestServer {
         server
     }
 
+    /// [`TestServer::start`] under `wrapper` (a command that runs the binary it is given
+    /// last, such as `prlimit --nofile=128:128`).
+    pub fn start_wrapped(data_dir: &Path, args: &[&str], wrapper: &[&str]) -> Self {
+        let mut server = Self::configured(data_dir, args);
+        server.wrapper = wrapper.iter().map(|s| s.to_string()).collect();
+        server.spawn();
+        server
+    }
+
     /// [`TestServer::start`] logging everything, down to `trace`.
     pub fn start_verbose(data_dir: &Path, args: &[&str]) -> Self {
         let mut server = Self::configured(data_dir, args);
@@ -288,7 +301,15 @@ impl TestServer {
 
     fn spawn(&mut self) {
         let stderr = std::fs::File::create(&self.stderr_path).expect("stderr log");
-        let child = Command::new(bin())
+        let mut command = match self.wrapper.split_first() {
+            Some((program, args)) => {
+                let mut c = Command::new(program);
+                c.args(args).arg(bin());
+                c
+            }
+            None => Command::new(bin()),
+        };
+        let child = command
             .arg("run")
             .arg("--data-dir")
             .arg(&self.data_dir)
@@ -357,6 +378,7 @@ impl TestServer {
             child: None,
             stderr_path: PathBuf::new(),
             log_filter: "info".into(),
+            wrapper: Vec::new(),
         }
     }
 

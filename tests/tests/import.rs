@@ -4,57 +4,9 @@
 
 use std::path::Path;
 
+use ca_tests::pki::{ca_params, corporate_root, write_cacerts};
 use ca_tests::*;
-use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair, KeyUsagePurpose};
-
-struct Pki {
-    root_pem: String,
-    root_key: KeyPair,
-    root_params: CertificateParams,
-}
-
-fn ca_params(cn: &str) -> CertificateParams {
-    let mut p = CertificateParams::default();
-    p.distinguished_name = rcgen::DistinguishedName::new();
-    p.distinguished_name
-        .push(DnType::OrganizationName, "Example Corp");
-    p.distinguished_name.push(DnType::CommonName, cn);
-    p.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    p.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
-    p.not_before = ::time::OffsetDateTime::now_utc() - ::time::Duration::hours(1);
-    p.not_after = ::time::OffsetDateTime::now_utc() + ::time::Duration::days(365);
-    p
-}
-
-fn corporate_root() -> Pki {
-    let root_key = KeyPair::generate().unwrap();
-    let root_params = ca_params("Example Corp Root");
-    let root_pem = root_params.self_signed(&root_key).unwrap().pem();
-    Pki {
-        root_pem,
-        root_key,
-        root_params,
-    }
-}
-
-/// An intermediate signed by `pki`'s root, written out in the cacerts layout.
-fn write_cacerts(dir: &Path, pki: &Pki, params: CertificateParams, key: &KeyPair) -> String {
-    let issuer = Issuer::from_params(&pki.root_params, &pki.root_key);
-    let mut params = params;
-    // As real CAs issue them: strict verifiers require the AKI on every non-root.
-    params.use_authority_key_identifier_extension = true;
-    let cert = params.signed_by(key, &issuer).unwrap().pem();
-    std::fs::create_dir_all(dir).unwrap();
-    std::fs::write(dir.join("ca-cert.pem"), &cert).unwrap();
-    std::fs::write(dir.join("ca-key.pem"), key.serialize_pem()).unwrap();
-    std::fs::write(
-        dir.join("cert-chain.pem"),
-        format!("{cert}{}", pki.root_pem),
-    )
-    .unwrap();
-    std::fs::write(dir.join("root-cert.pem"), &pki.root_pem).unwrap();
-    cert
-}
+use rcgen::{IsCa, KeyPair, KeyUsagePurpose};
 
 fn cli(server: &TestServer, args: &[&str]) -> (bool, String, String) {
     let out = server.cli(args);

@@ -329,7 +329,11 @@ async fn inspect(args: InspectArgs, common: &Common) -> anyhow::Result<ExitCode>
         inspect_certificates(&ders, known.as_ref(), store.as_ref(), now).await
     };
     match args.format {
-        InspectFormat::Text => print!("{}", crate::diagnose::inspect::render(&report)),
+        // A certificate's names are anyone's text: escaped before they reach the terminal.
+        InspectFormat::Text => print!(
+            "{}",
+            crate::untrusted::escape_lines(&crate::diagnose::inspect::render(&report))
+        ),
         InspectFormat::Json => println!("{}", serde_json::to_string(&report)?),
     }
     Ok(report.findings.exit_code())
@@ -396,11 +400,13 @@ async fn check(args: CheckArgs, common: &Common) -> anyhow::Result<ExitCode> {
     let report = tokio::task::block_in_place(|| crate::diagnose::check::check(target));
     match args.format {
         InspectFormat::Text => {
+            // What the peer's certificate says is the peer's text: escaped.
+            let show = |text: &str| crate::untrusted::escape_lines(text);
             for fact in &report.facts {
-                println!("{fact}");
+                println!("{}", show(&fact.to_string()));
             }
             for p in &report.problems {
-                println!("{}: {}", p.layer, p.message);
+                println!("{}: {}", p.layer, show(&p.message));
             }
             if report.problems.is_empty() {
                 println!("ok: mTLS with {} works", args.target);

@@ -119,6 +119,10 @@ pub struct RunArgs {
     /// for a node's pods behind one SNAT address [default: 1000]
     #[arg(long)]
     max_connections_per_ip: Option<usize>,
+    /// A connection with no request and no stream in progress this long is closed (clients
+    /// reconnect when they next need to) [default: 2m]
+    #[arg(long)]
+    idle_timeout: Option<String>,
     /// Service account NS/SA whose callers may ask for other identities through
     /// ImpersonatedIdentity: a node proxy such as Istio's ztunnel (istio-system/ztunnel);
     /// repeatable. With the Kubernetes API, only for pods on the caller's own node
@@ -166,6 +170,7 @@ pub struct FileRunConfig {
     unauthenticated_burst: Option<f64>,
     max_connections: Option<usize>,
     max_connections_per_ip: Option<usize>,
+    idle_timeout: Option<String>,
     trusted_node_account: Option<Vec<String>>,
     allow_impersonation_without_node_check: Option<bool>,
     dev: Option<bool>,
@@ -462,6 +467,16 @@ fn settings(args: RunArgs, common: Common) -> anyhow::Result<Settings> {
         bail!("--audit-checkpoint-interval must be at least 1s");
     }
 
+    let idle_timeout = ttl(
+        "--idle-timeout",
+        args.idle_timeout.or(file.idle_timeout),
+        time::Duration::try_from(ConnectionLimits::DEFAULT.idle)?,
+    )?;
+    if idle_timeout < time::Duration::SECOND {
+        bail!("--idle-timeout must be at least 1s");
+    }
+    let idle_timeout = idle_timeout.unsigned_abs();
+
     let rate = |name: &str,
                 rate: Option<f64>,
                 burst_name: &str,
@@ -543,6 +558,7 @@ fn settings(args: RunArgs, common: Common) -> anyhow::Result<Settings> {
                 Some(n) => n,
                 None => ConnectionLimits::DEFAULT.per_ip,
             },
+            idle: idle_timeout,
         },
         trusted_node_accounts,
         impersonation_without_node_check: args.allow_impersonation_without_node_check

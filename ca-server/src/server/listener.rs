@@ -34,8 +34,8 @@ pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 pub const FIRST_REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// How long a connection may stay open with no request and no stream (a bundle watch counts
-/// as one) in progress; it is then closed (HTTP/2: GOAWAY), and a client reconnects when it
-/// next needs to.
+/// as one) in progress, by default (`--idle-timeout`); it is then closed (HTTP/2: GOAWAY), and
+/// a client reconnects when it next needs to.
 pub const IDLE_TIMEOUT: Duration = Duration::from_secs(120);
 
 /// How long HTTP/1 headers may take to arrive.
@@ -54,13 +54,15 @@ const CLOSE_GRACE: Duration = Duration::from_secs(5);
 /// than spin.
 const ACCEPT_BACKOFF: Duration = Duration::from_millis(50);
 
-/// Open connections allowed, per listener.
+/// Open connections allowed, per listener, and how long one may idle.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ConnectionLimits {
     /// In all (`--max-connections`).
     pub total: usize,
     /// Per peer address, IPv6 per /64 (`--max-connections-per-ip`).
     pub per_ip: usize,
+    /// With nothing in progress (`--idle-timeout`).
+    pub idle: Duration,
 }
 
 impl ConnectionLimits {
@@ -70,6 +72,7 @@ impl ConnectionLimits {
     pub const DEFAULT: Self = Self {
         total: 20_000,
         per_ip: 1000,
+        idle: IDLE_TIMEOUT,
     };
 }
 
@@ -152,6 +155,7 @@ impl Drop for Admitted {
 #[derive(Debug)]
 struct Activity {
     started: Instant,
+    idle: Duration,
     in_progress: AtomicUsize,
     /// Milliseconds after `started` when a request last began or ended; `u64::MAX` before
     /// the first.
@@ -159,10 +163,11 @@ struct Activity {
 }
 
 impl Activity {
-    /// A connection accepted at `started`.
-    fn new(started: Instant) -> Arc<Self> {
+    /// A connection accepted at `started`, closed after `idle` with nothing in progress.
+    fn new(started: Instant, idle: Duration) -> Arc<Self> {
         Arc::new(Self {
             started,
+            idle,
             in_progress: AtomicUsize::new(0),
             last: AtomicU64::new(u64::MAX),
         })
@@ -187,7 +192,7 @@ impl Activity {
         }
         Some(match self.last.load(Ordering::Acquire) {
             u64::MAX => self.started + FIRST_REQUEST_TIMEOUT,
-            ms => self.started + Duration::from_millis(ms) + IDLE_TIMEOUT,
+            ms => self.started + Duration::from_millis(ms) + self.idle,
         })
     }
 }
@@ -415,7 +420,7 @@ async fn serve_connection<I>(
     I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     // The first-request deadline counts from the accept, handshake included.
-    let activity = Activity::new(started);
+    let activity = Activity::new(started, serving.gate.limits.idle);
     let app = serving.app.clone();
     let tracker = Arc::clone(&activity);
     let service =
@@ -444,12 +449,14 @@ async fn serve_connection<I>(
     let mut shutdown = serving.shutdown.clone();
     let mut closing: Option<Instant> = None;
     loop {
-        // Past its deadline a closing connection is dropped; until then it is idle-checked.
+        // Past its deadline a closing connection is dropped; until then it is idle-checked,
+        // at least once per idle period, so that a request begun or ended since the last
+        // look moves the deadline (it is then met exactly on the next wake).
+        let next_look = Instant::now() + activity.idle;
         let wake = match (closing, activity.idle_deadline()) {
             (Some(at), _) => at + CLOSE_GRACE,
-            (None, Some(idle)) => idle,
-            // A request in progress: look again in a while.
-            (None, None) => Instant::now() + IDLE_TIMEOUT,
+            (None, Some(idle)) => idle.min(next_look),
+            (None, None) => next_look,
         };
         tokio::select! {
             result = conn.as_mut() => {
@@ -486,6 +493,7 @@ mod tests {
         let gate = Gate::new(ConnectionLimits {
             total: 3,
             per_ip: 2,
+            idle: IDLE_TIMEOUT,
         });
         let a: IpAddr = "10.0.0.1".parse().unwrap();
         let b: IpAddr = "10.0.0.2".parse().unwrap();
@@ -501,6 +509,7 @@ mod tests {
         let gate = Gate::new(ConnectionLimits {
             total: 10,
             per_ip: 1,
+            idle: IDLE_TIMEOUT,
         });
         let _x = gate.admit("2001:db8::1".parse().unwrap()).unwrap();
         assert_eq!(
@@ -512,7 +521,7 @@ mod tests {
 
     #[test]
     fn a_connection_is_idle_only_with_nothing_in_progress() {
-        let activity = Activity::new(Instant::now());
+        let activity = Activity::new(Instant::now(), IDLE_TIMEOUT);
         let first = activity.idle_deadline().unwrap();
         assert_eq!(first, activity.started + FIRST_REQUEST_TIMEOUT);
         let request = activity.begin();
