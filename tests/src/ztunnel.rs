@@ -10,7 +10,7 @@ use ca_proto::istio::v1::auth::IstioCertificateRequest;
 use ca_proto::istio::v1::auth::istio_certificate_service_client::IstioCertificateServiceClient;
 use tonic::transport::{Channel, Endpoint, Uri};
 
-use crate::{TestServer, der};
+use crate::{TestIssuer, TestServer, der};
 
 /// The TTL ztunnel asks for (its `SECRET_TTL` default).
 pub const ZTUNNEL_TTL_SECS: i64 = 86_400;
@@ -175,4 +175,24 @@ pub fn ztunnel_accepts(chain: &[String], identity: &str) -> Result<(), String> {
         ));
     }
     Ok(())
+}
+
+/// The token of ztunnel's pod `istio-system/ztunnel-abc`: pod-bound, naming `node` where
+/// the cluster puts nodes in tokens (Kubernetes 1.30 and later).
+pub fn ztunnel_token(issuer: &TestIssuer, node: Option<&str>) -> String {
+    let mut claims = issuer.claims("istio-system", "ztunnel");
+    claims["kubernetes.io"]["pod"] =
+        serde_json::json!({"name": "ztunnel-abc", "uid": "uid-ztunnel-abc"});
+    match node {
+        Some(node) => {
+            claims["kubernetes.io"]["node"] = serde_json::json!({"name": node, "uid": "uid-node"})
+        }
+        None => {
+            claims["kubernetes.io"]
+                .as_object_mut()
+                .expect("claims")
+                .remove("node");
+        }
+    }
+    issuer.sign(&claims)
 }

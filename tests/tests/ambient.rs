@@ -9,7 +9,7 @@
 use std::time::{Duration, Instant};
 
 use ca_tests::kube::{FakeKubeApi, FakePods, pod, review_authenticated};
-use ca_tests::ztunnel::{Ztunnel, ZtunnelRequest, ztunnel_accepts, ztunnel_csr};
+use ca_tests::ztunnel::{Ztunnel, ZtunnelRequest, ztunnel_accepts, ztunnel_csr, ztunnel_token};
 use ca_tests::*;
 use tonic::Code;
 use x509_parser::prelude::FromDer;
@@ -18,26 +18,6 @@ const ZTUNNEL_ID: &str = "spiffe://cluster.local/ns/istio-system/sa/ztunnel";
 
 fn spiffe(ns: &str, sa: &str) -> String {
     format!("spiffe://cluster.local/ns/{ns}/sa/{sa}")
-}
-
-/// The token of ztunnel's pod `istio-system/ztunnel-abc`: pod-bound, naming `node` where
-/// the cluster puts nodes in tokens (Kubernetes 1.30 and later).
-fn ztunnel_token(issuer: &TestIssuer, node: Option<&str>) -> String {
-    let mut claims = issuer.claims("istio-system", "ztunnel");
-    claims["kubernetes.io"]["pod"] =
-        serde_json::json!({"name": "ztunnel-abc", "uid": "uid-ztunnel-abc"});
-    match node {
-        Some(node) => {
-            claims["kubernetes.io"]["node"] = serde_json::json!({"name": node, "uid": "uid-node"})
-        }
-        None => {
-            claims["kubernetes.io"]
-                .as_object_mut()
-                .unwrap()
-                .remove("node");
-        }
-    }
-    issuer.sign(&claims)
 }
 
 /// A cluster of two nodes: ztunnel and shop/web-1 on node-a, a finished shop/batch job there

@@ -697,3 +697,608 @@ async fn running_out_of_file_descriptors_is_survived() {
         server.stderr()
     );
 }
+
+const AUDITOR: &str = "spiffe://cluster.local/ns/audit/sa/reader";
+
+/// A certificate for `ns`/`sa` with `ttl_secs` of life, as (chain without the root, key).
+async fn certificate_for(f: &Fixture, ns: &str, sa: &str, ttl_secs: i64) -> (String, String) {
+    let (csr, key) = csr(&rcgen::PKCS_ECDSA_P256_SHA256, &[]);
+    let chain = create_certificate(
+        &mut f.server.client().await,
+        Some(&f.issuer.token(ns, sa)),
+        &csr,
+        ttl_secs,
+    )
+    .await
+    .unwrap();
+    (chain[..chain.len() - 1].concat(), key.serialize_pem())
+}
+
+/// An audit client of `f`'s server over connections made with `config`.
+async fn auditor(
+    f: &Fixture,
+    config: Arc<rustls::ClientConfig>,
+) -> ca_proto::ca::v1::audit_service_client::AuditServiceClient<tonic::transport::Channel> {
+    ca_proto::ca::v1::audit_service_client::AuditServiceClient::new(
+        ca_tests::peer::channel_with(&f.server, loopback(1), config)
+            .await
+            .unwrap(),
+    )
+}
+
+async fn list(
+    client: &mut ca_proto::ca::v1::audit_service_client::AuditServiceClient<
+        tonic::transport::Channel,
+    >,
+) -> Result<usize, tonic::Status> {
+    client
+        .list_events(ca_proto::ca::v1::ListEventsRequest::default())
+        .await
+        .map(|r| r.into_inner().events.len())
+}
+
+#[tokio::test]
+async fn an_auditor_is_checked_on_every_call_even_on_a_resumed_session() {
+    let f = Fixture::start(&["--auditor", AUDITOR]);
+    // A certificate that lives five seconds.
+    let (chain, key) = certificate_for(&f, "audit", "reader", 5).await;
+    let config = Arc::new(tls_config(&f.server, Some((&chain, &key)), &[b"h2"]));
+    let mut open = auditor(&f, Arc::clone(&config)).await;
+    assert!(list(&mut open).await.unwrap() > 0);
+    // A second connection from the same configuration resumes the first's TLS session.
+    let resumed = tls_from(&f.server, loopback(1), Arc::clone(&config))
+        .await
+        .unwrap();
+    assert_eq!(
+        resumed.get_ref().1.handshake_kind(),
+        Some(rustls::HandshakeKind::Resumed),
+        "the session was resumed"
+    );
+    drop(resumed);
+
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    // Expired: refused on the connection it already had...
+    let status = list(&mut open).await.unwrap_err();
+    assert_eq!(status.code(), Code::Unauthenticated, "{}", status.message());
+    assert!(
+        status.message().contains("no longer accepted") && status.message().contains(AUDITOR),
+        "{}",
+        status.message()
+    );
+    // ...and on a session resumed without the certificate being looked at again.
+    let tls = tls_from(&f.server, loopback(1), Arc::clone(&config))
+        .await
+        .unwrap();
+    assert_eq!(
+        tls.get_ref().1.handshake_kind(),
+        Some(rustls::HandshakeKind::Resumed)
+    );
+    let once = Arc::new(std::sync::Mutex::new(Some(tls)));
+    let connector = tower::service_fn(move |_: tonic::transport::Uri| {
+        let stream = once.lock().unwrap().take();
+        async move {
+            stream
+                .map(hyper_util::rt::TokioIo::new)
+                .ok_or_else(|| std::io::Error::other("one connection only"))
+        }
+    });
+    let channel = tonic::transport::Endpoint::from_shared(format!("http://{}", f.server.grpc))
+        .unwrap()
+        .connect_with_connector(connector)
+        .await
+        .unwrap();
+    let mut resumed = ca_proto::ca::v1::audit_service_client::AuditServiceClient::new(channel);
+    let status = list(&mut resumed).await.unwrap_err();
+    assert_eq!(status.code(), Code::Unauthenticated, "{status:?}");
+    assert!(
+        status.message().contains("no longer accepted"),
+        "{status:?}"
+    );
+}
+
+#[tokio::test]
+async fn an_auditor_of_a_retired_authority_is_refused_on_its_open_connection() {
+    let f = Fixture::start(&["--auditor", AUDITOR]);
+    let (chain, key) = certificate_for(&f, "audit", "reader", 3600).await;
+    let mut open = auditor(
+        &f,
+        Arc::new(tls_config(&f.server, Some((&chain, &key)), &[b"h2"])),
+    )
+    .await;
+    assert!(list(&mut open).await.is_ok());
+    // A compromise: authority 1 is replaced and retired at once.
+    f.server.cli_ok(&["root", "prepare"]);
+    f.server.cli_ok(&["root", "activate", "2"]);
+    f.server.cli_ok(&["root", "retire", "1", "--force"]);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let status = loop {
+        match list(&mut open).await {
+            Err(status) => break status,
+            Ok(_) if Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(100)).await
+            }
+            Ok(_) => panic!("the retired authority's auditor still reads the log"),
+        }
+    };
+    assert_eq!(status.code(), Code::Unauthenticated, "{}", status.message());
+    assert!(
+        status.message().contains("no longer accepted"),
+        "{}",
+        status.message()
+    );
+}
+
+#[tokio::test]
+async fn only_this_cas_authorities_vouch_for_an_auditor_not_their_corporate_root() {
+    use ca_tests::pki::{ca_params, corporate_root, write_cacerts};
+    let f = Fixture::start(&["--auditor", AUDITOR]);
+    // The mesh CA is an intermediate of a corporate root that signs for others too.
+    let pki = corporate_root();
+    let cacerts = f.dir.path().join("cacerts");
+    write_cacerts(
+        &cacerts,
+        &pki,
+        ca_params("Example Corp Mesh CA"),
+        &rcgen::KeyPair::generate().unwrap(),
+    );
+    f.server
+        .cli_ok(&["root", "prepare", "--import-dir", cacerts.to_str().unwrap()]);
+    f.server.cli_ok(&["root", "activate", "2"]);
+    tokio::time::sleep(Duration::from_millis(2200)).await;
+    assert!(f.server.bundle_pem().contains(pki.root_pem.trim()));
+
+    // Another team's intermediate under the same root makes itself an auditor certificate.
+    let other_key = rcgen::KeyPair::generate().unwrap();
+    let mut other = ca_params("Example Corp Other Team CA");
+    other.use_authority_key_identifier_extension = true;
+    let other_issuer = rcgen::Issuer::from_params(&other, &other_key);
+    let other_pem = other
+        .signed_by(
+            &other_key,
+            &rcgen::Issuer::from_params(&pki.root_params, &pki.root_key),
+        )
+        .unwrap()
+        .pem();
+    let leaf_key = rcgen::KeyPair::generate().unwrap();
+    let mut leaf = rcgen::CertificateParams::default();
+    leaf.distinguished_name = rcgen::DistinguishedName::new();
+    leaf.subject_alt_names = vec![rcgen::SanType::URI(AUDITOR.try_into().unwrap())];
+    leaf.extended_key_usages = vec![rcgen::ExtendedKeyUsagePurpose::ClientAuth];
+    leaf.use_authority_key_identifier_extension = true;
+    let leaf_pem = leaf.signed_by(&leaf_key, &other_issuer).unwrap().pem();
+    let forged = Arc::new(tls_config(
+        &f.server,
+        Some((&format!("{leaf_pem}{other_pem}"), &leaf_key.serialize_pem())),
+        &[b"h2"],
+    ));
+    let refused = match ca_tests::peer::channel_with(&f.server, loopback(1), forged).await {
+        Err(_) => true,
+        Ok(channel) => ca_proto::ca::v1::audit_service_client::AuditServiceClient::new(channel)
+            .list_events(ca_proto::ca::v1::ListEventsRequest::default())
+            .await
+            .is_err(),
+    };
+    assert!(
+        refused,
+        "a certificate from another intermediate of the root reads the log"
+    );
+
+    // One from the mesh CA itself is an auditor.
+    let (chain, key) = certificate_for(&f, "audit", "reader", 3600).await;
+    let mut real = auditor(
+        &f,
+        Arc::new(tls_config(&f.server, Some((&chain, &key)), &[b"h2"])),
+    )
+    .await;
+    assert!(list(&mut real).await.is_ok());
+}
+
+#[tokio::test]
+async fn a_log_rewritten_and_signed_anew_under_another_key_is_caught() {
+    let mut f = Fixture::start(&[]);
+    let (csr, _) = csr(&rcgen::PKCS_ECDSA_P256_SHA256, &[]);
+    let mut client = f.server.client().await;
+    for sa in ["web", "db", "cart"] {
+        create_certificate(&mut client, Some(&f.issuer.token("shop", sa)), &csr, 0)
+            .await
+            .unwrap();
+    }
+    f.server.cli_ok(&["audit", "checkpoint", "--now"]);
+    assert!(
+        f.server
+            .terminate(Duration::from_secs(20))
+            .unwrap()
+            .success()
+    );
+    assert_audit_intact(&f.server);
+
+    // Someone who can write the database rewrites an event, recomputes every hash after it,
+    // drops the checkpoints and signs the new head with a key of their own.
+    let url = f.server.database_url();
+    let store = ca_server::store::Store::open(&url).await.unwrap();
+    let mut events = store.audit_events_after(0, 100_000).await.unwrap();
+    let mut prev = String::new();
+    let mut statements = vec!["DELETE FROM audit_checkpoints".to_owned()];
+    for e in &mut events {
+        if e.seq == 4 {
+            e.spiffe_id = Some("spiffe://cluster.local/ns/shop/sa/innocent".into());
+        }
+        if e.seq >= 4 {
+            e.prev_hash = prev.clone();
+            e.hash = ca_server::store::event_hash(e);
+            statements.push(format!(
+                "UPDATE audit_events SET spiffe_id = '{}', prev_hash = '{}', hash = '{}' WHERE seq = {}",
+                e.spiffe_id.clone().unwrap_or_default(),
+                e.prev_hash,
+                e.hash,
+                e.seq
+            ));
+        }
+        prev = e.hash.clone();
+    }
+    let head = events.last().unwrap();
+    let forger_dir = tempfile::tempdir().unwrap();
+    let forger = ca_server::audit::AuditKey::load_or_create(forger_dir.path()).unwrap();
+    let forged = forger.sign(head.seq, &head.hash);
+    statements.push(format!(
+        "INSERT INTO audit_checkpoints (seq, hash, time_ms, public_key, signature) \
+         VALUES ({}, '{}', {}, '{}', '{}')",
+        forged.seq, forged.hash, forged.time_ms, forged.public_key, forged.signature
+    ));
+    store.close().await;
+    let statements: Vec<&str> = statements.iter().map(String::as_str).collect();
+    run_sql(&url, &statements).await;
+
+    // The chain holds, the signature holds, and verify still reports it, naming the key.
+    let out = f.server.cli(&["audit", "verify"]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(!out.status.success(), "{text}");
+    assert!(
+        text.contains("BROKEN")
+            && text.contains(&forged.public_key)
+            && text.contains("not trusted"),
+        "{text}"
+    );
+    // Nor is it exported as if it were good.
+    let out = f.server.cli(&["audit", "checkpoint"]);
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains(&forged.public_key),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    // A key that is pinned (another replica's, printed by `audit key`) is trusted.
+    let pinned = forger_dir.path().join("replica.pub");
+    std::fs::write(&pinned, forger.public_key_pem()).unwrap();
+    f.server.cli_ok(&[
+        "audit",
+        "verify",
+        "--trusted-audit-key",
+        pinned.to_str().unwrap(),
+    ]);
+    let key = f.server.cli_ok(&["audit", "key"]);
+    assert!(key.starts_with("-----BEGIN PUBLIC KEY-----"), "{key}");
+}
+
+#[tokio::test]
+async fn token_keys_follow_their_jwks() {
+    let dir = tempfile::tempdir().unwrap();
+    let issuer = TestIssuer::new(dir.path());
+    let jwks = ca_tests::jwks::JwksServer::start(&dir.path().join("api"), issuer.jwks());
+    let server = TestServer::start(
+        &dir.path().join("data"),
+        &[
+            "--token-issuer",
+            &issuer.iss,
+            "--token-jwks-url",
+            &jwks.url(),
+            "--token-jwks-ca",
+            jwks.ca_file.to_str().unwrap(),
+            "--token-jwks-refresh",
+            "1s",
+        ],
+    );
+    let mut client = server.client().await;
+    let (csr, _) = csr(&rcgen::PKCS_ECDSA_P256_SHA256, &[]);
+    let token = issuer.token("shop", "web");
+    create_certificate(&mut client, Some(&token), &csr, 0)
+        .await
+        .expect("issued");
+    create_certificate(&mut client, Some(&token), &csr, 0)
+        .await
+        .expect("and again, from the verified-token cache");
+
+    // The key leaves the JWKS (rotated out after a leak, say): at the next refresh the token,
+    // remembered or not, stops working.
+    jwks.set_body(r#"{"keys": []}"#.to_owned());
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let status = loop {
+        match create_certificate(&mut client, Some(&token), &csr, 0).await {
+            Err(status) => break status,
+            Ok(_) if Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(200)).await
+            }
+            Ok(_) => panic!("a key removed from the JWKS still verifies"),
+        }
+    };
+    assert_eq!(status.code(), Code::Unauthenticated, "{}", status.message());
+    assert!(
+        status.message().contains("no key with kid"),
+        "{}",
+        status.message()
+    );
+
+    // A JWKS that names one kid twice is refused whole, at start.
+    let doubled: Value = {
+        let mut set: Value = serde_json::from_str(&issuer.jwks()).unwrap();
+        let key = set["keys"][0].clone();
+        set["keys"].as_array_mut().unwrap().push(key);
+        set
+    };
+    let file = dir.path().join("doubled.json");
+    std::fs::write(&file, doubled.to_string()).unwrap();
+    let out = ca_server(&[
+        "run",
+        "--data-dir",
+        dir.path().join("d2").to_str().unwrap(),
+        "--token-issuer",
+        &issuer.iss,
+        "--token-jwks-file",
+        file.to_str().unwrap(),
+    ]);
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("more than once") && err.contains(&issuer.kid),
+        "{err}"
+    );
+
+    // Plain HTTP for keys or the API is refused at start, naming the flag.
+    for (flags, named) in [
+        (
+            vec![
+                "--token-issuer",
+                &issuer.iss,
+                "--token-jwks-url",
+                "http://127.0.0.1:1/jwks",
+            ],
+            "--token-jwks-url",
+        ),
+        (
+            vec!["--token-review", "--kube-api-url", "http://127.0.0.1:1"],
+            "--kube-api-url",
+        ),
+    ] {
+        let mut args = vec!["run", "--data-dir", "/nonexistent/never-created"];
+        args.extend(flags);
+        let out = ca_server(&args);
+        assert_eq!(out.status.code(), Some(1));
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains(named) && err.contains("https://"), "{err}");
+        assert!(!std::path::Path::new("/nonexistent/never-created").exists());
+    }
+}
+
+#[tokio::test]
+async fn a_node_proxy_of_another_cluster_is_checked_against_its_own_cluster_or_not_at_all() {
+    use ca_tests::kube::{FakePods, pod};
+    use ca_tests::ztunnel::{Ztunnel, ZtunnelRequest, ztunnel_token};
+    let dir = tempfile::tempdir().unwrap();
+    // The local cluster: shop/web runs on its node-a.
+    let local = TestIssuer::new(&dir.path().join("local"));
+    let local_pods = FakePods::default();
+    local_pods.add(pod(
+        "shop",
+        "web-1",
+        "uid-web-1",
+        "web",
+        "node-a",
+        "Running",
+    ));
+    let local_api = FakeKubeApi::start(dir.path(), local_pods.handler());
+    // Cluster east has a node-a too; whether shop/web runs there, only east's API can say.
+    let mut east = TestIssuer::new(&dir.path().join("east"));
+    east.iss = "https://oidc.east.example".into();
+    let east_dir = dir.path().join("east-api");
+    std::fs::create_dir_all(&east_dir).unwrap();
+    let east_pods = FakePods::default();
+    let east_api = FakeKubeApi::start(&east_dir, east_pods.handler());
+    let config = |with_api: bool| {
+        let mut text = format!(
+            "[[token_issuers]]\nissuer = \"{}\"\njwks_file = \"{}\"\ncluster_id = \"east\"\n",
+            east.iss,
+            east.jwks_path.display()
+        );
+        if with_api {
+            text.push_str(&format!(
+                "kube_api_url = \"{}\"\nkube_token_file = \"{}\"\nkube_ca_file = \"{}\"\n",
+                east_api.url,
+                east_api.token_file.display(),
+                east_api.ca_file.display()
+            ));
+        }
+        let path = dir.path().join(format!("ca-server-{with_api}.toml"));
+        std::fs::write(&path, text).unwrap();
+        path
+    };
+    let web = "spiffe://cluster.local/ns/shop/sa/web";
+    for with_api in [false, true] {
+        let config = config(with_api);
+        let mut flags = local.flags();
+        flags.extend(local_api.api_flags());
+        flags.extend(
+            [
+                "--trusted-node-account",
+                "istio-system/ztunnel",
+                "--config",
+                config.to_str().unwrap(),
+            ]
+            .map(String::from),
+        );
+        let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
+        let server = TestServer::start(&dir.path().join(format!("data-{with_api}")), &flags);
+        let mut ztunnel = Ztunnel::connect(&server).await;
+        // Local ztunnel on node-a: granted, checked against the local API.
+        ztunnel
+            .fetch(&ZtunnelRequest {
+                token: &ztunnel_token(&local, Some("node-a")),
+                identity: web,
+                impersonate: true,
+            })
+            .await
+            .expect("the local node proxy gets its node's pod");
+        // East's ztunnel, on its own node-a.
+        let east_token = ztunnel_token(&east, Some("node-a"));
+        let asked = ZtunnelRequest {
+            token: &east_token,
+            identity: web,
+            impersonate: true,
+        };
+        let local_lists = local_api.requests().len();
+        let status = ztunnel.fetch(&asked).await.unwrap_err();
+        assert_eq!(
+            status.code(),
+            Code::PermissionDenied,
+            "{}",
+            status.message()
+        );
+        assert_eq!(
+            local_api.requests().len(),
+            local_lists,
+            "the local API is never asked about another cluster's node"
+        );
+        if !with_api {
+            assert!(
+                status.message().contains("cluster east")
+                    && status.message().contains("kube_api_url"),
+                "{}",
+                status.message()
+            );
+            continue;
+        }
+        // With east's API: refused while shop/web does not run on east's node-a...
+        assert!(
+            status.message().contains("no running pod"),
+            "{}",
+            status.message()
+        );
+        // ...granted once it does.
+        east_pods.add(pod(
+            "shop",
+            "web-9",
+            "uid-web-9",
+            "web",
+            "node-a",
+            "Running",
+        ));
+        tokio::time::sleep(Duration::from_millis(1100)).await;
+        ztunnel
+            .fetch(&asked)
+            .await
+            .expect("east's node proxy gets east's pod");
+        assert!(
+            east_api
+                .requests()
+                .iter()
+                .any(|r| r.path.contains("node-a"))
+        );
+    }
+}
+
+#[tokio::test]
+async fn printed_output_is_escaped_and_a_shared_out_dir_cannot_redirect_writes() {
+    use std::os::unix::fs::PermissionsExt;
+    let f = Fixture::start(&[]);
+    // A shared directory where someone planted links to a file of ours.
+    let shared = f.dir.path().join("shared");
+    std::fs::create_dir_all(&shared).unwrap();
+    let victim = f.dir.path().join("victim");
+    std::fs::write(&victim, "precious").unwrap();
+    for name in ["cert-chain.pem", "key.pem", "root-cert.pem"] {
+        std::os::unix::fs::symlink(&victim, shared.join(name)).unwrap();
+    }
+    let token_file = f.dir.path().join("token");
+    std::fs::write(&token_file, f.issuer.token("shop", "web")).unwrap();
+    let out = ca_server(&[
+        "request",
+        "--server",
+        &format!("https://{}", f.server.grpc),
+        "--ca-bundle",
+        f.server.data_dir.join("trust-bundle.pem").to_str().unwrap(),
+        "--token-file",
+        token_file.to_str().unwrap(),
+        "--out-dir",
+        shared.to_str().unwrap(),
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(std::fs::read_to_string(&victim).unwrap(), "precious");
+    let mut names = Vec::new();
+    for entry in std::fs::read_dir(&shared).unwrap() {
+        let entry = entry.unwrap();
+        assert!(entry.file_type().unwrap().is_file(), "{:?}", entry.path());
+        names.push(entry.file_name().into_string().unwrap());
+    }
+    names.sort();
+    assert_eq!(
+        names,
+        ["cert-chain.pem", "key.pem", "root-cert.pem"],
+        "no temporary left"
+    );
+    let mode = std::fs::metadata(shared.join("key.pem"))
+        .unwrap()
+        .permissions()
+        .mode();
+    assert_eq!(mode & 0o777, 0o600);
+
+    // A certificate whose names carry terminal escapes: inspect prints them escaped.
+    let evil = "evil\u{1b}[2J\u{1b}]0;owned\u{7}";
+    let key = rcgen::KeyPair::generate().unwrap();
+    let mut params = rcgen::CertificateParams::new(vec![format!("{evil}.example")]).unwrap();
+    params
+        .distinguished_name
+        .push(rcgen::DnType::CommonName, evil);
+    let file = f.dir.path().join("evil.pem");
+    std::fs::write(&file, params.self_signed(&key).unwrap().pem()).unwrap();
+    let out = f.server.cli(&["inspect", file.to_str().unwrap()]);
+    let text = String::from_utf8(out.stdout).unwrap();
+    assert!(text.contains("evil\\u{1b}[2J"), "{text}");
+    assert!(
+        !text.contains('\u{1b}') && !text.contains('\u{7}'),
+        "{text:?}"
+    );
+
+    // A record holding control characters (written by an older version, or by hand) is
+    // printed escaped by `audit show` and `audit list`.
+    let serial = f.server.cli_ok(&[
+        "audit", "list", "--kind", "issued", "--format", "json", "--limit", "1",
+    ]);
+    let serial: Value = serde_json::from_str(serial.lines().next().unwrap()).unwrap();
+    let serial = serial["serial"].as_str().unwrap().to_owned();
+    run_sql(
+        &f.server.database_url(),
+        &[&format!(
+            "UPDATE audit_events SET pod_name = 'pod\u{1b}[31m', reason = '=1+1\u{1b}[0m' \
+             WHERE serial = '{serial}'"
+        )],
+    )
+    .await;
+    for args in [
+        vec!["audit", "show", &serial],
+        vec!["audit", "list", "--serial", &serial],
+    ] {
+        let text = f.server.cli_ok(&args);
+        assert!(
+            !text.contains('\u{1b}') && text.contains("\\u{1b}"),
+            "{args:?}: {text}"
+        );
+    }
+    let csv = f
+        .server
+        .cli_ok(&["audit", "list", "--serial", &serial, "--format", "csv"]);
+    assert!(csv.contains(",'=1+1"), "{csv}");
+}

@@ -222,6 +222,8 @@ pub enum NodeCheck {
     Skipped,
     /// It cannot be: impersonation is refused.
     Unavailable,
+    /// The cluster's API is not configured: impersonation is refused, naming the cluster.
+    Unreachable,
 }
 
 impl ImpersonationPolicy {
@@ -293,16 +295,18 @@ impl ImpersonationPolicy {
             node: caller.node.clone(),
             issuer: caller.issuer.clone(),
         };
+        let unreachable = |cluster: &str| ImpersonationError::ClusterUnreachable {
+            caller: caller_id.clone(),
+            requested: shown.clone(),
+            cluster: cluster.to_owned(),
+        };
         let Some(cluster) = self.clusters.get(&caller.issuer) else {
-            return Err(ImpersonationError::ClusterUnreachable {
-                caller: caller_id,
-                requested: shown.clone(),
-                cluster: caller.issuer.clone(),
-            });
+            return Err(unreachable(&caller.issuer));
         };
         let authorizer = match &cluster.check {
             NodeCheck::Api(authorizer) => authorizer,
             NodeCheck::Skipped => return Ok(granted),
+            NodeCheck::Unreachable => return Err(unreachable(&cluster.cluster)),
             NodeCheck::Unavailable => {
                 return Err(ImpersonationError::NoNodeCheck {
                     caller: caller_id,

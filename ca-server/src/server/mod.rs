@@ -382,6 +382,7 @@ fn impersonation_policy(
         NodeCheck::Api(a) => NodeCheck::Api(Arc::clone(a)),
         NodeCheck::Skipped => NodeCheck::Skipped,
         NodeCheck::Unavailable => NodeCheck::Unavailable,
+        NodeCheck::Unreachable => NodeCheck::Unreachable,
     };
     let mut clusters = std::collections::HashMap::new();
     let mut local_issuers: Vec<String> = vec![DEV_ISSUER.to_owned()];
@@ -401,14 +402,13 @@ fn impersonation_policy(
             IssuerApi::Own(api) => authorizer(api)?,
             IssuerApi::None if settings.impersonation_without_node_check => NodeCheck::Skipped,
             IssuerApi::None => {
-                // Left out: its callers are refused, naming the cluster.
                 warn!(
                     cluster = %cluster,
                     "This cluster's node proxies may not ask for other identities: its \
                      [[token_issuers]] entry gives no Kubernetes API to check their nodes with \
                      (kube_api_url)"
                 );
-                continue;
+                NodeCheck::Unreachable
             }
         };
         clusters.insert(issuer.issuer.clone(), ClusterCheck { cluster, check });
