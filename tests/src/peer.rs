@@ -28,9 +28,18 @@ pub fn tls_config(
     identity: Option<(&str, &str)>,
     alpn: &[&[u8]],
 ) -> rustls::ClientConfig {
+    tls_config_trusting(&server.bundle_pem(), identity, alpn)
+}
+
+/// [`tls_config`] trusting the roots in `bundle_pem`.
+pub fn tls_config_trusting(
+    bundle_pem: &str,
+    identity: Option<(&str, &str)>,
+    alpn: &[&[u8]],
+) -> rustls::ClientConfig {
     use rustls_pki_types::pem::PemObject;
     let mut roots = rustls::RootCertStore::empty();
-    for cert in crate::rustls_pemfile_certs(&mut server.bundle_pem().as_bytes()) {
+    for cert in crate::rustls_pemfile_certs(&mut bundle_pem.as_bytes()) {
         roots
             .add(rustls_pki_types::CertificateDer::from(cert))
             .expect("root");
@@ -77,8 +86,16 @@ pub async fn channel_with(
     source: IpAddr,
     config: Arc<rustls::ClientConfig>,
 ) -> Result<Channel, tonic::transport::Error> {
-    let server_addr = server.grpc;
-    let name = server.grpc.ip();
+    channel_to(server.grpc, source, config).await
+}
+
+/// [`channel_with`] to the server at `server_addr`, whose certificate names that IP.
+pub async fn channel_to(
+    server_addr: SocketAddr,
+    source: IpAddr,
+    config: Arc<rustls::ClientConfig>,
+) -> Result<Channel, tonic::transport::Error> {
+    let name = server_addr.ip();
     let connector = tower::service_fn(move |_: Uri| {
         let config = Arc::clone(&config);
         async move {

@@ -179,7 +179,7 @@ impl CertificateAuthority {
                 "{} ({} {like} within {} s)",
                 event.reason.as_deref().unwrap_or_default(),
                 run.count,
-                REFUSAL_WINDOW.as_secs()
+                run.window.as_secs()
             ),
             untrusted::REASON_BYTES,
         ));

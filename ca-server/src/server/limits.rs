@@ -171,15 +171,42 @@ pub struct Repeated<T> {
     pub sample: T,
     /// How many refusals the run stands for (none of which was recorded on its own).
     pub count: u64,
+    /// The window it was counted in.
+    pub window: Duration,
 }
 
 #[derive(Debug)]
 struct Window<T> {
     opened: Instant,
+    /// How long this window stays open: the aggregator's window at first, twice as long
+    /// each time it closes with refusals counted, up to [`MAX_WINDOW_GROWTH`] times that.
+    length: Duration,
     suppressed: Option<Repeated<T>>,
 }
 
+/// How many times its first length a run's window may grow to while refusals keep coming:
+/// a flood that goes on is written once a minute (with 10 s windows), not six times.
+pub const MAX_WINDOW_GROWTH: u32 = 6;
+
 impl<T> Window<T> {
+    fn new(opened: Instant, length: Duration) -> Self {
+        Self {
+            opened,
+            length,
+            suppressed: None,
+        }
+    }
+
+    fn closed(&self, now: Instant) -> bool {
+        now.saturating_duration_since(self.opened) >= self.length
+    }
+
+    /// Opens the next window of a run that is still busy: longer, up to `max`.
+    fn reopen(&mut self, now: Instant, max: Duration) {
+        self.opened = now;
+        self.length = (self.length * 2).min(max);
+    }
+
     fn count(&mut self, refusal: T) {
         match &mut self.suppressed {
             Some(r) => {
@@ -190,6 +217,7 @@ impl<T> Window<T> {
                 self.suppressed = Some(Repeated {
                     sample: refusal,
                     count: 1,
+                    window: self.length,
                 })
             }
         }
@@ -206,8 +234,9 @@ struct Windows<K, T> {
 /// Decides which refusals get an audit event of their own. The first of a kind (same key)
 /// after a quiet spell is recorded at once; the rest are counted, and each window's count
 /// comes out of [`Aggregator::due`] as one event. While refusals of a kind keep coming, each
-/// window yields that one event and nothing more, so a steady flood writes one event per
-/// kind and window, whatever it sends.
+/// window yields that one event and nothing more, and the next window is twice as long (up
+/// to [`MAX_WINDOW_GROWTH`] times the first): a steady flood writes a few events per kind in
+/// its first minute and one a minute after that, whatever it sends.
 #[derive(Debug)]
 pub struct Aggregator<K, T> {
     window: Duration,
@@ -237,45 +266,39 @@ impl<K: Eq + Hash + Clone, T> Aggregator<K, T> {
     /// `None` for the overflow run).
     pub fn admit(&self, key: K, refusal: T, now: Instant) -> (bool, Option<Run<K, T>>) {
         let mut windows = self.windows.lock().unwrap_or_else(|p| p.into_inner());
-        let window = self.window;
+        let (window, max) = (self.window, self.max_window());
         let Windows { by_key, overflow } = &mut *windows;
         let full = by_key.len() >= self.max_runs;
         let (slot, name) = match by_key.get_mut(&key) {
             Some(w) => (w, Some(key)),
             None if !full => {
-                by_key.insert(
-                    key,
-                    Window {
-                        opened: now,
-                        suppressed: None,
-                    },
-                );
+                by_key.insert(key, Window::new(now, window));
                 return (true, None);
             }
             None => match overflow {
                 Some(w) => (w, None),
                 None => {
-                    *overflow = Some(Window {
-                        opened: now,
-                        suppressed: None,
-                    });
+                    *overflow = Some(Window::new(now, window));
                     return (true, None);
                 }
             },
         };
-        if now.saturating_duration_since(slot.opened) < window {
+        if !slot.closed(now) {
             slot.count(refusal);
             return (false, None);
         }
         // Its window closed before `due` saw it: a busy run goes on being counted, a quiet
         // one starts over with this refusal recorded on its own.
-        slot.opened = now;
         match slot.suppressed.take() {
             Some(ended) => {
+                slot.reopen(now, max);
                 slot.count(refusal);
                 (false, Some((name, ended)))
             }
-            None => (true, None),
+            None => {
+                *slot = Window::new(now, window);
+                (true, None)
+            }
         }
     }
 
@@ -285,8 +308,8 @@ impl<K: Eq + Hash + Clone, T> Aggregator<K, T> {
     /// quiet one is forgotten.
     pub fn due(&self, now: Instant, all: bool) -> Vec<Run<K, T>> {
         let mut windows = self.windows.lock().unwrap_or_else(|p| p.into_inner());
-        let window = self.window;
-        let closed = |w: &Window<T>| all || now.saturating_duration_since(w.opened) >= window;
+        let max = self.max_window();
+        let closed = |w: &Window<T>| all || w.closed(now);
         let mut out = Vec::new();
         windows.by_key.retain(|key, w| {
             if !closed(w) {
@@ -295,7 +318,7 @@ impl<K: Eq + Hash + Clone, T> Aggregator<K, T> {
             match w.suppressed.take() {
                 Some(run) => {
                     out.push((Some(key.clone()), run));
-                    w.opened = now;
+                    w.reopen(now, max);
                     !all
                 }
                 None => false,
@@ -306,7 +329,7 @@ impl<K: Eq + Hash + Clone, T> Aggregator<K, T> {
             match w.suppressed.take() {
                 Some(run) => {
                     out.push((None, run));
-                    w.opened = now;
+                    w.reopen(now, max);
                     forget_overflow = all;
                 }
                 None => forget_overflow = true,
@@ -316,6 +339,10 @@ impl<K: Eq + Hash + Clone, T> Aggregator<K, T> {
             windows.overflow = None;
         }
         out
+    }
+
+    fn max_window(&self) -> Duration {
+        self.window * MAX_WINDOW_GROWTH
     }
 
     #[cfg(test)]
@@ -428,58 +455,74 @@ mod tests {
                 Some("peer"),
                 Repeated {
                     sample: 100,
-                    count: 99
+                    count: 99,
+                    window: Duration::from_secs(10),
                 }
             )]
         );
-        // The quiet key is forgotten; the busy one is still counted, not recorded anew.
+        // The quiet key is forgotten; the busy one is still counted, not recorded anew, in a
+        // window twice as long.
         assert_eq!(agg.runs(), 1);
         assert_eq!(
             agg.admit("peer", 101, t0 + Duration::from_secs(11)),
             (false, None)
         );
+        assert_eq!(
+            agg.admit("peer", 102, t0 + Duration::from_secs(29)),
+            (false, None),
+            "still inside the 20 s window"
+        );
         // A run whose window closed before `due` saw it comes out with the next refusal,
         // which goes on being counted.
         assert_eq!(
-            agg.admit("peer", 102, t0 + Duration::from_secs(21)),
+            agg.admit("peer", 103, t0 + Duration::from_secs(31)),
             (
                 false,
                 Some((
                     Some("peer"),
                     Repeated {
-                        sample: 101,
-                        count: 1
+                        sample: 102,
+                        count: 2,
+                        window: Duration::from_secs(20),
                     }
                 ))
             )
         );
-        // After a quiet window, a refusal is recorded on its own again.
-        let due = agg.due(t0 + Duration::from_secs(31), false);
-        assert_eq!(due.len(), 1);
-        assert!(agg.due(t0 + Duration::from_secs(41), false).is_empty());
+        // Its window is now 40 s; after it, one event, and then a quiet window forgets it.
+        assert!(agg.due(t0 + Duration::from_secs(70), false).is_empty());
+        assert_eq!(agg.due(t0 + Duration::from_secs(71), false).len(), 1);
+        assert!(agg.due(t0 + Duration::from_secs(131), false).is_empty());
         assert_eq!(agg.runs(), 0);
+        // After a quiet window, a refusal is recorded on its own again.
         assert_eq!(
-            agg.admit("peer", 103, t0 + Duration::from_secs(42)),
+            agg.admit("peer", 104, t0 + Duration::from_secs(132)),
             (true, None)
         );
     }
 
     #[test]
-    fn a_steady_flood_writes_one_event_per_window() {
+    fn a_steady_flood_writes_a_few_events_then_one_a_minute() {
         let agg = Aggregator::new(Duration::from_secs(10));
         let t0 = Instant::now();
-        let mut written = 0;
-        for ms in (0..60_000).step_by(10) {
+        // Events written in each minute of an eleven-minute flood.
+        let mut per_minute = [0usize; 11];
+        for ms in (0..11 * 60_000u64).step_by(10) {
             let now = t0 + Duration::from_millis(ms);
             let (now_too, ended) = agg.admit("flood", ms, now);
-            written += usize::from(now_too) + usize::from(ended.is_some());
+            let mut written = usize::from(now_too) + usize::from(ended.is_some());
             if ms % 2000 == 0 {
                 written += agg.due(now, false).len();
             }
+            per_minute[(ms / 60_000) as usize] += written;
         }
-        written += agg.due(t0 + Duration::from_secs(60), true).len();
-        // The first on its own, then one per 10 s window.
-        assert!(written <= 8, "{written} events for a minute of flood");
+        // The first on its own, then the runs closing at 10 and 30 s (windows of 10, 20 s).
+        assert_eq!(per_minute[0], 3, "{per_minute:?}");
+        // From then on, about one a minute (windows of 40 s, then 60 s).
+        assert!(per_minute[1..].iter().all(|n| *n <= 2), "{per_minute:?}");
+        assert!(
+            per_minute[1..].iter().sum::<usize>() <= 11,
+            "{per_minute:?}"
+        );
     }
 
     #[test]

@@ -6,6 +6,13 @@
 //!                                             N requests at once; exits non-zero on any
 //!                                             error but RESOURCE_EXHAUSTED or any answer
 //!                                             slower than 2 s
+//!     ca-load flood --server-addr 127.0.0.1:PORT --ca-bundle FILE --token-file FILE
+//!                   --database-url URL --pid PID [--seconds S] [--legit-rate N]
+//!                                             a hostile peer (127.0.0.2) floods at full
+//!                                             speed while honest clients (127.0.0.1) ask at
+//!                                             N/s; their success rate and latency, the audit
+//!                                             rows and bytes the flood added, the server's
+//!                                             peak RSS
 
 use std::time::{Duration, Instant};
 
@@ -177,6 +184,286 @@ async fn burst(args: &[String]) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The server's resident set size now and at its peak (`VmRSS`, `VmHWM`), KiB.
+fn rss_kib(pid: u32) -> (u64, u64) {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    let field = |name: &str| {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(name))
+            .and_then(|v| v.split_whitespace().next()?.parse().ok())
+            .unwrap_or(0)
+    };
+    (field("VmRSS:"), field("VmHWM:"))
+}
+
+/// One request of the flood: garbage of a few kinds, each meant to cost the server
+/// something or to land in its audit log.
+fn hostile_request(i: u64, csr: &str) -> tonic::Request<IstioCertificateRequest> {
+    let claim = format!(
+        "spiffe://cluster.local/ns/victim/sa/{i}-\u{1b}[2J{}",
+        "x".repeat(2048)
+    );
+    let metadata = (i % 2 == 0).then(|| {
+        let mut m = prost_types::Struct::default();
+        m.fields.insert(
+            "ImpersonatedIdentity".into(),
+            prost_types::Value {
+                kind: Some(prost_types::value::Kind::StringValue(claim)),
+            },
+        );
+        m
+    });
+    let mut request = tonic::Request::new(IstioCertificateRequest {
+        csr: csr.to_owned(),
+        validity_duration: 0,
+        metadata,
+    });
+    let header = match i % 4 {
+        // No token at all.
+        0 => None,
+        // A well-formed ES256 token nobody signed, with a new kid and subject each time.
+        1 => {
+            let b64 = |v: &serde_json::Value| {
+                use base64::Engine;
+                base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(v.to_string())
+            };
+            let header = serde_json::json!({"alg": "ES256", "kid": format!("kid-{i}")});
+            let claims = serde_json::json!({
+                "iss": "https://kubernetes.default.svc.cluster.local",
+                "sub": format!("system:serviceaccount:victim:sa-{i}"),
+                "aud": ["istio-ca"], "exp": 4_000_000_000_i64,
+            });
+            Some(format!("Bearer {}.{}.c2ln", b64(&header), b64(&claims)))
+        }
+        // Not a JWT.
+        2 => Some(format!("Bearer garbage-{i}")),
+        // Not even Bearer.
+        _ => Some(format!("Basic {i}")),
+    };
+    if let Some(h) = header.and_then(|h| h.parse().ok()) {
+        request.metadata_mut().insert("authorization", h);
+    }
+    request
+}
+
+/// What the audit log holds after `after`: (rows, bytes of their JSON), for the flood's peer
+/// and for everyone else.
+async fn audit_growth(
+    store: &ca_server::store::Store,
+    after: i64,
+    flood_ip: &str,
+) -> anyhow::Result<((u64, u64), (u64, u64))> {
+    let (mut flood, mut others) = ((0, 0), (0, 0));
+    let mut from = after;
+    loop {
+        let page = store.audit_events_after(from, 5000).await?;
+        let Some(last) = page.last() else { break };
+        from = last.seq;
+        for e in &page {
+            let bytes = ca_server::audit::render::to_json(e).len() as u64;
+            let who = if e
+                .peer
+                .as_deref()
+                .is_some_and(|p| p.starts_with(&format!("{flood_ip}:")))
+            {
+                &mut flood
+            } else {
+                &mut others
+            };
+            who.0 += 1;
+            who.1 += bytes;
+        }
+    }
+    Ok((flood, others))
+}
+
+/// `flood`: a hostile peer at full speed beside honest clients.
+async fn flood(args: &[String]) -> anyhow::Result<()> {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+    let addr: std::net::SocketAddr = arg(args, "--server-addr")
+        .unwrap_or_else(|| "127.0.0.1:15012".into())
+        .parse()?;
+    let bundle = std::fs::read_to_string(
+        arg(args, "--ca-bundle").ok_or_else(|| anyhow::anyhow!("--ca-bundle FILE"))?,
+    )?;
+    let token = std::fs::read_to_string(
+        arg(args, "--token-file").ok_or_else(|| anyhow::anyhow!("--token-file FILE"))?,
+    )?
+    .trim()
+    .to_owned();
+    let database_url =
+        arg(args, "--database-url").ok_or_else(|| anyhow::anyhow!("--database-url URL"))?;
+    let pid: u32 = arg(args, "--pid")
+        .ok_or_else(|| anyhow::anyhow!("--pid PID (the server's)"))?
+        .parse()?;
+    let seconds: f64 = arg(args, "--seconds")
+        .map(|s| s.parse())
+        .transpose()?
+        .unwrap_or(60.0);
+    let legit_rate: f64 = arg(args, "--legit-rate")
+        .map(|s| s.parse())
+        .transpose()?
+        .unwrap_or(50.0);
+    let flood_connections: usize = arg(args, "--flood-connections")
+        .map(|s| s.parse())
+        .transpose()?
+        .unwrap_or(8);
+    let flood_in_flight: usize = arg(args, "--flood-in-flight")
+        .map(|s| s.parse())
+        .transpose()?
+        .unwrap_or(32);
+    let (flood_ip, honest_ip) = ("127.0.0.2", "127.0.0.1");
+
+    let store = ca_server::store::Store::open_read_only(&database_url).await?;
+    let start_seq = store.audit_head().await?.map_or(0, |(seq, _)| seq);
+    let config = Arc::new(ca_tests::peer::tls_config_trusting(&bundle, None, &[b"h2"]));
+    let stop = Arc::new(AtomicBool::new(false));
+
+    // The flood: several connections, many requests in flight on each, as fast as answered.
+    let sent = Arc::new(AtomicU64::new(0));
+    let codes = Arc::new(std::sync::Mutex::new(std::collections::BTreeMap::<
+        String,
+        u64,
+    >::new()));
+    let (flood_csr, _) = p2csr();
+    let mut flooders = tokio::task::JoinSet::new();
+    for _ in 0..flood_connections {
+        let channel =
+            ca_tests::peer::channel_to(addr, flood_ip.parse()?, Arc::clone(&config)).await?;
+        for _ in 0..flood_in_flight {
+            let mut client = IstioCertificateServiceClient::new(channel.clone());
+            let (stop, sent, codes, csr) = (
+                Arc::clone(&stop),
+                Arc::clone(&sent),
+                Arc::clone(&codes),
+                flood_csr.clone(),
+            );
+            flooders.spawn(async move {
+                while !stop.load(Ordering::Relaxed) {
+                    let i = sent.fetch_add(1, Ordering::Relaxed);
+                    let code = match client.create_certificate(hostile_request(i, &csr)).await {
+                        Ok(_) => "OK".to_owned(),
+                        Err(s) => format!("{:?}", s.code()),
+                    };
+                    *codes.lock().expect("lock").entry(code).or_default() += 1;
+                }
+            });
+        }
+    }
+
+    // The honest clients: a steady rate over a few connections, each request timed.
+    let mut honest = tokio::task::JoinSet::new();
+    let clients = 8usize;
+    let csrs: Vec<String> = (0..16).map(|_| p2csr().0).collect();
+    let period = Duration::from_secs_f64(clients as f64 / legit_rate);
+    for c in 0..clients {
+        let channel =
+            ca_tests::peer::channel_to(addr, honest_ip.parse()?, Arc::clone(&config)).await?;
+        let mut client = IstioCertificateServiceClient::new(channel);
+        let (stop, token, csr) = (
+            Arc::clone(&stop),
+            token.clone(),
+            csrs[c % csrs.len()].clone(),
+        );
+        honest.spawn(async move {
+            let mut results = Vec::new();
+            let mut tick = tokio::time::interval(period);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            while !stop.load(Ordering::Relaxed) {
+                tick.tick().await;
+                let t = Instant::now();
+                let mut request = tonic::Request::new(IstioCertificateRequest {
+                    csr: csr.clone(),
+                    validity_duration: 0,
+                    metadata: None,
+                });
+                if let Ok(h) = format!("Bearer {token}").parse() {
+                    request.metadata_mut().insert("authorization", h);
+                }
+                request.set_timeout(Duration::from_secs(10));
+                let ok = client.create_certificate(request).await.is_ok();
+                results.push((ok, t.elapsed()));
+            }
+            results
+        });
+    }
+
+    let started = Instant::now();
+    let mut peak_rss = 0;
+    while started.elapsed().as_secs_f64() < seconds {
+        tokio::time::sleep(Duration::from_millis(250)).await;
+        peak_rss = peak_rss.max(rss_kib(pid).0);
+    }
+    stop.store(true, Ordering::Relaxed);
+    let elapsed = started.elapsed().as_secs_f64();
+    let mut latencies = Vec::new();
+    let mut ok = 0u64;
+    while let Some(done) = honest.join_next().await {
+        for (good, latency) in done? {
+            ok += u64::from(good);
+            latencies.push(latency);
+        }
+    }
+    flooders.abort_all();
+    while flooders.join_next().await.is_some() {}
+    // Refusals still being counted are written within the aggregation window, 10 s.
+    tokio::time::sleep(Duration::from_secs(12)).await;
+    let ((flood_rows, flood_bytes), (other_rows, other_bytes)) =
+        audit_growth(&store, start_seq, flood_ip).await?;
+    let (_, hwm) = rss_kib(pid);
+    latencies.sort();
+    let pct = |p: f64| {
+        latencies
+            .get(((latencies.len() as f64 * p) as usize).min(latencies.len().saturating_sub(1)))
+            .copied()
+            .unwrap_or_default()
+    };
+    let total = latencies.len() as u64;
+    let minutes = elapsed / 60.0;
+    println!("flood_seconds={elapsed:.1}");
+    println!("flood_requests={}", sent.load(Ordering::Relaxed));
+    println!(
+        "flood_requests_per_second={:.0}",
+        sent.load(Ordering::Relaxed) as f64 / elapsed
+    );
+    for (code, n) in codes.lock().expect("lock").iter() {
+        println!("flood_code_{code}={n}");
+    }
+    println!("honest_requests={total}");
+    println!("honest_ok={ok}");
+    println!(
+        "honest_success_percent={:.3}",
+        if total == 0 {
+            0.0
+        } else {
+            ok as f64 * 100.0 / total as f64
+        }
+    );
+    println!("honest_p50_ms={:.1}", pct(0.50).as_secs_f64() * 1e3);
+    println!("honest_p99_ms={:.1}", pct(0.99).as_secs_f64() * 1e3);
+    println!(
+        "honest_max_ms={:.1}",
+        latencies.last().copied().unwrap_or_default().as_secs_f64() * 1e3
+    );
+    println!("audit_rows_flood={flood_rows}");
+    println!("audit_bytes_flood={flood_bytes}");
+    println!(
+        "audit_bytes_flood_per_minute={:.0}",
+        flood_bytes as f64 / minutes
+    );
+    println!("audit_rows_honest={other_rows}");
+    println!("audit_bytes_honest={other_bytes}");
+    println!(
+        "server_rss_peak_sampled_mib={:.1}",
+        peak_rss as f64 / 1024.0
+    );
+    println!("server_rss_hwm_mib={:.1}", hwm as f64 / 1024.0);
+    store.close().await;
+    Ok(())
+}
+
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
@@ -185,6 +472,7 @@ async fn main() -> anyhow::Result<()> {
         Some("body") => body(&args),
         Some("crypto") => crypto(&args),
         Some("burst") => burst(&args).await,
-        _ => anyhow::bail!("usage: ca-load body|crypto|burst …"),
+        Some("flood") => flood(&args).await,
+        _ => anyhow::bail!("usage: ca-load body|crypto|burst|flood …"),
     }
 }
