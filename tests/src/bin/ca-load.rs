@@ -204,7 +204,7 @@ fn hostile_request(i: u64, csr: &str) -> tonic::Request<IstioCertificateRequest>
         "spiffe://cluster.local/ns/victim/sa/{i}-\u{1b}[2J{}",
         "x".repeat(2048)
     );
-    let metadata = (i % 2 == 0).then(|| {
+    let metadata = i.is_multiple_of(2).then(|| {
         let mut m = prost_types::Struct::default();
         m.fields.insert(
             "ImpersonatedIdentity".into(),
