@@ -30,9 +30,14 @@ for _ in $(seq 1 400); do
     curl -sf -o /dev/null "http://127.0.0.1:$http/readyz" && break
     sleep 0.025
 done
-"$CA" token issue --data-dir "$work/data" --namespace shop --service-account web \
-    --ttl 1h > "$work/token"
+# Eight honest workloads, one token each.
+tokens=()
+for i in $(seq 1 8); do
+    "$CA" token issue --data-dir "$work/data" --namespace shop --service-account "web-$i" \
+        --ttl 1h > "$work/token-$i"
+    tokens+=(--token-file "$work/token-$i")
+done
 "$LOAD" flood --server-addr "127.0.0.1:$grpc" --ca-bundle "$work/data/trust-bundle.pem" \
-    --token-file "$work/token" --database-url "sqlite://$work/data/ca.db" --pid "$pid" \
+    "${tokens[@]}" --database-url "sqlite://$work/data/ca.db" --pid "$pid" \
     --seconds "$SECONDS_" --legit-rate "$LEGIT_RATE"
 echo "store_bytes=$(du -cb "$work"/data/ca.db* | tail -1 | cut -f1)"

@@ -6,7 +6,7 @@
 //!                                             N requests at once; exits non-zero on any
 //!                                             error but RESOURCE_EXHAUSTED or any answer
 //!                                             slower than 2 s
-//!     ca-load flood --server-addr 127.0.0.1:PORT --ca-bundle FILE --token-file FILE
+//!     ca-load flood --server-addr 127.0.0.1:PORT --ca-bundle FILE --token-file FILE...
 //!                   --database-url URL --pid PID [--seconds S] [--legit-rate N]
 //!                                             a hostile peer (127.0.0.2) floods at full
 //!                                             speed while honest clients (127.0.0.1) ask at
@@ -288,11 +288,15 @@ async fn flood(args: &[String]) -> anyhow::Result<()> {
     let bundle = std::fs::read_to_string(
         arg(args, "--ca-bundle").ok_or_else(|| anyhow::anyhow!("--ca-bundle FILE"))?,
     )?;
-    let token = std::fs::read_to_string(
-        arg(args, "--token-file").ok_or_else(|| anyhow::anyhow!("--token-file FILE"))?,
-    )?
-    .trim()
-    .to_owned();
+    // One token per honest client, round robin: several identities, as a mesh has, each
+    // within its own --identity-rate.
+    let tokens: Vec<String> = args
+        .iter()
+        .zip(args.iter().skip(1))
+        .filter(|(flag, _)| *flag == "--token-file")
+        .map(|(_, path)| std::fs::read_to_string(path).map(|t| t.trim().to_owned()))
+        .collect::<Result<_, _>>()?;
+    anyhow::ensure!(!tokens.is_empty(), "--token-file FILE (repeatable)");
     let database_url =
         arg(args, "--database-url").ok_or_else(|| anyhow::anyhow!("--database-url URL"))?;
     let pid: u32 = arg(args, "--pid")
@@ -364,7 +368,7 @@ async fn flood(args: &[String]) -> anyhow::Result<()> {
         let mut client = IstioCertificateServiceClient::new(channel);
         let (stop, token, csr) = (
             Arc::clone(&stop),
-            token.clone(),
+            tokens[c % tokens.len()].clone(),
             csrs[c % csrs.len()].clone(),
         );
         honest.spawn(async move {
