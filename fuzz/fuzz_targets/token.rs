@@ -45,7 +45,7 @@ fuzz_target!(|data: &[u8]| {
             // Random bytes never carry the dev issuer's signature.
             assert!(
                 s.runtime
-                    .block_on(s.authn.authenticate(&token, now))
+                    .block_on(s.authn.authenticate(&token, None, now))
                     .is_err()
             );
         }
