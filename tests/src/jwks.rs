@@ -22,32 +22,10 @@ impl JwksServer {
     /// Serves `body` over HTTPS with a certificate for 127.0.0.1 from a new CA, whose
     /// certificate goes into `dir`.
     pub fn start(dir: &Path, body: String) -> Self {
-        use rcgen::{BasicConstraints, CertificateParams, IsCa, Issuer, KeyPair};
-        let ca_key = KeyPair::generate().expect("key");
-        let mut ca_params = CertificateParams::new(Vec::<String>::new()).expect("params");
-        ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-        let ca_pem = ca_params.self_signed(&ca_key).expect("ca").pem();
-        let key = KeyPair::generate().expect("key");
-        let cert = CertificateParams::new(vec!["127.0.0.1".to_owned()])
-            .expect("params")
-            .signed_by(&key, &Issuer::from_params(&ca_params, &ca_key))
-            .expect("cert");
+        let (config, ca_pem) = crate::kube::loopback_tls("jwks ca");
         std::fs::create_dir_all(dir).expect("dir");
         let ca_file = dir.join("jwks-ca.pem");
         std::fs::write(&ca_file, ca_pem).expect("write ca");
-        let config = Arc::new(
-            rustls::ServerConfig::builder_with_provider(Arc::new(
-                rustls::crypto::aws_lc_rs::default_provider(),
-            ))
-            .with_safe_default_protocol_versions()
-            .expect("versions")
-            .with_no_client_auth()
-            .with_single_cert(
-                vec![cert.der().clone()],
-                rustls_pki_types::PrivateKeyDer::Pkcs8(key.serialize_der().into()),
-            )
-            .expect("tls config"),
-        );
         let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
         let addr = listener.local_addr().expect("addr");
         let body = Arc::new(Mutex::new(body));

@@ -41,33 +41,11 @@ impl FakeKubeApi {
 
     /// Starts the server, writing its CA and token files into `dir`.
     pub fn start(dir: &Path, handler: Arc<Handler>) -> Self {
-        let ca_key = rcgen::KeyPair::generate().expect("key");
-        let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).expect("params");
-        ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
-        ca_params
-            .distinguished_name
-            .push(rcgen::DnType::CommonName, "fake kubernetes ca");
-        let ca_cert = ca_params.self_signed(&ca_key).expect("ca");
-        let issuer = rcgen::Issuer::new(ca_params, ca_key);
-        let key = rcgen::KeyPair::generate().expect("key");
-        let params = rcgen::CertificateParams::new(vec!["127.0.0.1".to_owned()]).expect("params");
-        let cert = params.signed_by(&key, &issuer).expect("leaf");
+        let (config, ca_pem) = loopback_tls("fake kubernetes ca");
         let ca_file = dir.join("kube-ca.crt");
-        std::fs::write(&ca_file, ca_cert.pem()).expect("write ca");
+        std::fs::write(&ca_file, ca_pem).expect("write ca");
         let token_file = dir.join("kube-token");
         std::fs::write(&token_file, format!("{}\n", Self::CA_TOKEN)).expect("write token");
-
-        let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
-        let config = rustls::ServerConfig::builder_with_provider(provider)
-            .with_safe_default_protocol_versions()
-            .expect("versions")
-            .with_no_client_auth()
-            .with_single_cert(
-                vec![cert.der().clone()],
-                rustls_pki_types::PrivateKeyDer::Pkcs8(key.serialize_der().into()),
-            )
-            .expect("tls config");
-        let config = Arc::new(config);
         let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
         let addr: SocketAddr = listener.local_addr().expect("addr");
         let requests = Arc::new(Mutex::new(Vec::new()));
@@ -127,6 +105,33 @@ impl FakeKubeApi {
             self.token_file.display().to_string(),
         ]
     }
+}
+
+/// A TLS server configuration for 127.0.0.1, with a certificate from a new CA named `ca_name`;
+/// and that CA's certificate (PEM), for the client to trust.
+pub fn loopback_tls(ca_name: &str) -> (Arc<rustls::ServerConfig>, String) {
+    let ca_key = rcgen::KeyPair::generate().expect("key");
+    let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).expect("params");
+    ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    ca_params
+        .distinguished_name
+        .push(rcgen::DnType::CommonName, ca_name);
+    let ca_pem = ca_params.self_signed(&ca_key).expect("ca").pem();
+    let issuer = rcgen::Issuer::new(ca_params, ca_key);
+    let key = rcgen::KeyPair::generate().expect("key");
+    let params = rcgen::CertificateParams::new(vec!["127.0.0.1".to_owned()]).expect("params");
+    let cert = params.signed_by(&key, &issuer).expect("leaf");
+    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+    let config = rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .expect("versions")
+        .with_no_client_auth()
+        .with_single_cert(
+            vec![cert.der().clone()],
+            rustls_pki_types::PrivateKeyDer::Pkcs8(key.serialize_der().into()),
+        )
+        .expect("tls config");
+    (Arc::new(config), ca_pem)
 }
 
 /// Serves HTTP/1.1 requests on one connection until it closes.

@@ -486,31 +486,20 @@ async fn closed_within<S: tokio::io::AsyncRead + Unpin>(
 async fn connections_are_capped_per_address_and_in_all() {
     let f = Fixture::start(&["--max-connections-per-ip", "4", "--max-connections", "6"]);
     let config = Arc::new(tls_config(&f.server, None, &[b"h2"]));
+    let connect = |n| tls_from(&f.server, loopback(n), Arc::clone(&config));
     let mut held = Vec::new();
     for _ in 0..4 {
-        held.push(
-            tls_from(&f.server, loopback(2), Arc::clone(&config))
-                .await
-                .unwrap(),
-        );
+        held.push(connect(2).await.unwrap());
     }
     assert!(
-        tls_from(&f.server, loopback(2), Arc::clone(&config))
-            .await
-            .is_err(),
+        connect(2).await.is_err(),
         "a fifth connection from one address is closed at once"
     );
     for _ in 0..2 {
-        held.push(
-            tls_from(&f.server, loopback(3), Arc::clone(&config))
-                .await
-                .unwrap(),
-        );
+        held.push(connect(3).await.unwrap());
     }
     assert!(
-        tls_from(&f.server, loopback(4), Arc::clone(&config))
-            .await
-            .is_err(),
+        connect(4).await.is_err(),
         "past the total, any address is closed at once"
     );
     let (_, metrics) = http_get(f.server.http, "/metrics").unwrap();
@@ -523,7 +512,7 @@ async fn connections_are_capped_per_address_and_in_all() {
     drop(held);
     let deadline = Instant::now() + Duration::from_secs(5);
     let mut client = loop {
-        if let Ok(tls) = tls_from(&f.server, loopback(4), Arc::clone(&config)).await {
+        if let Ok(tls) = connect(4).await {
             drop(tls);
             break client_from(&f.server, loopback(4)).await;
         }
