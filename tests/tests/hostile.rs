@@ -466,6 +466,25 @@ async fn token_reviews_are_bounded_remembered_when_refused_and_backed_off() {
     }
 }
 
+/// Calls `call` every 100 ms until it is refused (within 5 s, else fails saying `what` still
+/// happens); the refusal.
+async fn refused_within_5s<T, F, Fut>(what: &str, mut call: F) -> tonic::Status
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, tonic::Status>>,
+{
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        match call().await {
+            Err(status) => return status,
+            Ok(_) if Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(100)).await
+            }
+            Ok(_) => panic!("after 5 s, {what} still"),
+        }
+    }
+}
+
 /// Reads from `stream` until the server closes it (or `limit` passes); how long that took.
 async fn closed_within<S: tokio::io::AsyncRead + Unpin>(
     stream: &mut S,
@@ -799,16 +818,11 @@ async fn an_auditor_of_a_retired_authority_is_refused_on_its_open_connection() {
     f.server.cli_ok(&["root", "prepare"]);
     f.server.cli_ok(&["root", "activate", "2"]);
     f.server.cli_ok(&["root", "retire", "1", "--force"]);
-    let deadline = Instant::now() + Duration::from_secs(5);
-    let status = loop {
-        match list(&mut open).await {
-            Err(status) => break status,
-            Ok(_) if Instant::now() < deadline => {
-                tokio::time::sleep(Duration::from_millis(100)).await
-            }
-            Ok(_) => panic!("the retired authority's auditor still reads the log"),
-        }
-    };
+    let status = refused_within_5s("the retired authority's auditor reads the log", || {
+        let mut open = open.clone();
+        async move { list(&mut open).await }
+    })
+    .await;
     assert_eq!(status.code(), Code::Unauthenticated, "{}", status.message());
     assert!(
         status.message().contains("no longer accepted"),
@@ -1001,16 +1015,11 @@ async fn token_keys_follow_their_jwks() {
     // The key leaves the JWKS (rotated out after a leak, say): at the next refresh the token,
     // remembered or not, stops working.
     jwks.set_body(r#"{"keys": []}"#.to_owned());
-    let deadline = Instant::now() + Duration::from_secs(5);
-    let status = loop {
-        match create_certificate(&mut client, Some(&token), &csr, 0).await {
-            Err(status) => break status,
-            Ok(_) if Instant::now() < deadline => {
-                tokio::time::sleep(Duration::from_millis(200)).await
-            }
-            Ok(_) => panic!("a key removed from the JWKS still verifies"),
-        }
-    };
+    let status = refused_within_5s("a key removed from the JWKS verifies", || {
+        let (mut client, token, csr) = (client.clone(), token.clone(), csr.clone());
+        async move { create_certificate(&mut client, Some(&token), &csr, 0).await }
+    })
+    .await;
     assert_eq!(status.code(), Code::Unauthenticated, "{}", status.message());
     assert!(
         status.message().contains("no key with kid"),
