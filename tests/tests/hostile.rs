@@ -585,22 +585,21 @@ async fn connections_that_say_nothing_or_idle_are_reaped() {
         let mut tls = tls_from(server, loopback(3), config).await.unwrap();
         closed_within(&mut tls, Duration::from_secs(15)).await
     };
+    // An HTTP/1.1 connection from 127.0.0.`n` that has sent `bytes`.
+    let h1_sent = |n: u8, bytes: &'static [u8]| async move {
+        let config = Arc::new(tls_config(server, None, &[b"http/1.1"]));
+        let mut tls = tls_from(server, loopback(n), config).await.unwrap();
+        tls.write_all(bytes).await.unwrap();
+        tls
+    };
     // HTTP/1.1 headers that never end.
     let slow_headers = async {
-        let config = Arc::new(tls_config(server, None, &[b"http/1.1"]));
-        let mut tls = tls_from(server, loopback(4), config).await.unwrap();
-        tls.write_all(b"GET /trust-bundle.pem HTTP/1.1\r\nHost: x\r\n")
-            .await
-            .unwrap();
+        let mut tls = h1_sent(4, b"GET /trust-bundle.pem HTTP/1.1\r\nHost: x\r\n").await;
         closed_within(&mut tls, Duration::from_secs(15)).await
     };
     // HTTP/1.1 keep-alive after one answer: closed once idle.
     let idle_h1 = async {
-        let config = Arc::new(tls_config(server, None, &[b"http/1.1"]));
-        let mut tls = tls_from(server, loopback(5), config).await.unwrap();
-        tls.write_all(b"GET /trust-bundle.pem HTTP/1.1\r\nHost: x\r\n\r\n")
-            .await
-            .unwrap();
+        let mut tls = h1_sent(5, b"GET /trust-bundle.pem HTTP/1.1\r\nHost: x\r\n\r\n").await;
         let mut head = [0u8; 12];
         tls.read_exact(&mut head).await.unwrap();
         assert_eq!(&head, b"HTTP/1.1 200");
