@@ -2,30 +2,82 @@
 //! service-account token, for TokenReview and for publishing the root ConfigMap.
 
 use std::path::PathBuf;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use http_body_util::{BodyExt, Full, Limited};
-use hyper_util::client::legacy::Client;
-use hyper_util::client::legacy::connect::HttpConnector;
+use http_body_util::Full;
 use zeroize::Zeroizing;
+
+use crate::outbound::{self, Bounds};
 
 /// Where a pod finds its own API credentials.
 pub const IN_CLUSTER_TOKEN: &str = "/var/run/secrets/kubernetes.io/serviceaccount/token";
 /// The cluster CA a pod trusts the API server with.
 pub const IN_CLUSTER_CA: &str = "/var/run/secrets/kubernetes.io/serviceaccount/ca.crt";
 
-/// How long one API call may take.
-const TIMEOUT: Duration = Duration::from_secs(5);
-/// Largest answer read.
-const MAX_BODY: usize = 4 << 20;
+/// How long one API call may take, and the largest answer read.
+const BOUNDS: Bounds = Bounds {
+    timeout: Duration::from_secs(5),
+    max_body: 4 << 20,
+};
+
+/// How long our own token is used before its file is read again: projected tokens are
+/// rotated in place well before they expire (client-go re-reads each minute, too).
+pub const OWN_TOKEN_REREAD: Duration = Duration::from_secs(60);
+
+/// Why a call to the Kubernetes API got no answer.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// No API to call: not in a pod, and none was named.
+    #[error("not running in a pod (KUBERNETES_SERVICE_HOST is unset): pass --kube-api-url")]
+    NotInCluster,
+    /// The client could not be built (the cluster CA).
+    #[error("the Kubernetes API client: {0}")]
+    Client(#[source] outbound::Error),
+    /// Our own token could not be read.
+    #[error("{url}: reading our own API token {}: {source}", .path.display())]
+    OwnToken {
+        /// The API.
+        url: String,
+        /// The token file.
+        path: PathBuf,
+        /// The OS error.
+        source: std::io::Error,
+    },
+    /// Calls are paused after the API server was overloaded or away.
+    #[error("{url}{path}: not called for another {} ms: {why}", .left.as_millis())]
+    Paused {
+        /// The API.
+        url: String,
+        /// The path that was not called.
+        path: String,
+        /// How long the pause still lasts.
+        left: Duration,
+        /// What started it.
+        why: String,
+    },
+    /// The request could not be built (a path that is not a URI).
+    #[error("{url}{path}: {reason}")]
+    BadRequest {
+        /// The API.
+        url: String,
+        /// The path.
+        path: String,
+        /// What is wrong.
+        reason: String,
+    },
+    /// The call failed: no connection, a certificate not trusted, a timeout.
+    #[error("{0}")]
+    Call(#[source] outbound::Error),
+}
 
 /// How to reach the Kubernetes API.
 #[derive(Debug, Clone)]
 pub struct KubeApi {
     /// `https://host:port`.
     pub url: String,
-    /// Our own bearer token (re-read on each use: projected tokens are rotated in place).
+    /// Our own bearer token (re-read every [`OWN_TOKEN_REREAD`]: projected tokens are
+    /// rotated in place).
     pub token_file: PathBuf,
     /// The CA that signed the API server's certificate (PEM).
     pub ca_pem: Option<String>,
@@ -34,14 +86,11 @@ pub struct KubeApi {
 impl KubeApi {
     /// The in-cluster API: `KUBERNETES_SERVICE_HOST`/`_PORT` and the pod's service-account
     /// token and CA, as client-go's in-cluster config finds them.
-    pub fn in_cluster() -> Result<Self, String> {
+    pub fn in_cluster() -> Result<Self, Error> {
         let host = std::env::var("KUBERNETES_SERVICE_HOST")
             .ok()
             .filter(|h| !h.is_empty())
-            .ok_or_else(|| {
-                "not running in a pod (KUBERNETES_SERVICE_HOST is unset): pass --kube-api-url"
-                    .to_owned()
-            })?;
+            .ok_or(Error::NotInCluster)?;
         let port = std::env::var("KUBERNETES_SERVICE_PORT").unwrap_or_else(|_| "443".into());
         let host = if host.contains(':') {
             format!("[{host}]")
@@ -56,16 +105,8 @@ impl KubeApi {
     }
 }
 
-/// An answer from the API: its status and body.
-#[derive(Debug)]
-pub struct Answer {
-    /// The HTTP status.
-    pub status: http::StatusCode,
-    /// The body (JSON, normally).
-    pub body: Bytes,
-    /// The `Retry-After` the server sent, in seconds.
-    pub retry_after: Option<Duration>,
-}
+/// An answer from the API: its status, body and `Retry-After`.
+pub type Answer = outbound::Response;
 
 /// Calls the Kubernetes API. When the API server says it is overloaded (429, or a 5xx) or
 /// does not answer, calls stop for a while (its `Retry-After`, else a backoff doubling from
@@ -73,8 +114,9 @@ pub struct Answer {
 /// their own pace, the API server is not asked at theirs.
 pub struct KubeClient {
     api: KubeApi,
-    client: Client<hyper_rustls::HttpsConnector<HttpConnector>, Full<Bytes>>,
+    client: outbound::Client,
     backoff: std::sync::Mutex<Backoff>,
+    own_token: tokio::sync::Mutex<Option<(Instant, Zeroizing<String>)>>,
 }
 
 /// The first pause after the API server is overloaded or away.
@@ -128,11 +170,12 @@ impl std::fmt::Debug for KubeClient {
 
 impl KubeClient {
     /// A client for `api`.
-    pub fn new(api: KubeApi) -> Result<Self, String> {
+    pub fn new(api: KubeApi) -> Result<Self, Error> {
         Ok(Self {
-            client: crate::auth::http_client(api.ca_pem.as_deref())?,
+            client: outbound::Client::new(api.ca_pem.as_deref()).map_err(Error::Client)?,
             api,
             backoff: std::sync::Mutex::new(Backoff::default()),
+            own_token: tokio::sync::Mutex::new(None),
         })
     }
 
@@ -148,17 +191,18 @@ impl KubeClient {
         method: http::Method,
         path: &str,
         body: Option<Vec<u8>>,
-    ) -> Result<Answer, String> {
-        let fail = |detail: String| format!("{} {path}: {detail}", self.api.url);
-        if let Some((left, why)) = self.backoff().paused(std::time::Instant::now()) {
-            return Err(fail(format!(
-                "not called for another {} ms: {why}",
-                left.as_millis()
-            )));
+    ) -> Result<Answer, Error> {
+        if let Some((left, why)) = self.backoff().paused(Instant::now()) {
+            return Err(Error::Paused {
+                url: self.api.url.clone(),
+                path: path.to_owned(),
+                left,
+                why: why.to_owned(),
+            });
         }
         let answer = self.send(method, path, body).await;
         let mut backoff = self.backoff();
-        let now = std::time::Instant::now();
+        let now = Instant::now();
         match &answer {
             Ok(a)
                 if a.status == http::StatusCode::TOO_MANY_REQUESTS
@@ -180,51 +224,49 @@ impl KubeClient {
         self.backoff.lock().unwrap_or_else(|p| p.into_inner())
     }
 
+    /// Our own bearer token, read from its file (off the reactor) at most every
+    /// [`OWN_TOKEN_REREAD`].
+    async fn own_token(&self) -> Result<Zeroizing<String>, Error> {
+        let mut cached = self.own_token.lock().await;
+        if let Some((read, token)) = cached.as_ref()
+            && read.elapsed() < OWN_TOKEN_REREAD
+        {
+            return Ok(token.clone());
+        }
+        let text = tokio::fs::read_to_string(&self.api.token_file)
+            .await
+            .map_err(|source| Error::OwnToken {
+                url: self.api.url.clone(),
+                path: self.api.token_file.clone(),
+                source,
+            })?;
+        let token = Zeroizing::new(text.trim().to_owned());
+        drop(Zeroizing::new(text));
+        *cached = Some((Instant::now(), token.clone()));
+        Ok(token)
+    }
+
     async fn send(
         &self,
         method: http::Method,
         path: &str,
         body: Option<Vec<u8>>,
-    ) -> Result<Answer, String> {
-        let fail = |detail: String| format!("{} {path}: {detail}", self.api.url);
-        let own = Zeroizing::new(std::fs::read_to_string(&self.api.token_file).map_err(|e| {
-            fail(format!(
-                "reading our own API token {}: {e}",
-                self.api.token_file.display()
-            ))
-        })?);
+    ) -> Result<Answer, Error> {
+        let own = self.own_token().await?;
+        let authorization = Zeroizing::new(format!("Bearer {}", own.as_str()));
         let request = http::Request::builder()
             .method(method)
             .uri(format!("{}{path}", self.api.url))
             .header(http::header::CONTENT_TYPE, "application/json")
             .header(http::header::ACCEPT, "application/json")
-            .header(
-                http::header::AUTHORIZATION,
-                format!("Bearer {}", own.trim()),
-            )
+            .header(http::header::AUTHORIZATION, authorization.as_str())
             .body(Full::new(Bytes::from(body.unwrap_or_default())))
-            .map_err(|e| fail(e.to_string()))?;
-        let response = tokio::time::timeout(TIMEOUT, self.client.request(request))
-            .await
-            .map_err(|_| fail("timed out".into()))?
-            .map_err(|e| fail(e.to_string()))?;
-        let status = response.status();
-        let retry_after = response
-            .headers()
-            .get(http::header::RETRY_AFTER)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.trim().parse::<u64>().ok())
-            .map(Duration::from_secs);
-        let body = Limited::new(response.into_body(), MAX_BODY)
-            .collect()
-            .await
-            .map_err(|e| fail(e.to_string()))?
-            .to_bytes();
-        Ok(Answer {
-            status,
-            body,
-            retry_after,
-        })
+            .map_err(|e| Error::BadRequest {
+                url: self.api.url.clone(),
+                path: path.to_owned(),
+                reason: e.to_string(),
+            })?;
+        self.client.send(request, BOUNDS).await.map_err(Error::Call)
     }
 }
 

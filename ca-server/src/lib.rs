@@ -17,6 +17,7 @@ pub mod files;
 pub mod issuance;
 pub mod kube;
 pub mod metrics;
+pub mod outbound;
 pub mod rfc3339;
 pub mod server;
 pub mod spiffe;

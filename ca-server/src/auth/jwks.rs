@@ -372,10 +372,8 @@ fn read_file(path: &Path) -> Result<KeySet, String> {
 }
 
 async fn fetch(fetcher: &Fetcher, url: &str) -> Result<KeySet, String> {
-    let keys = fetcher
-        .get(url)
-        .await
-        .and_then(|body| KeySet::from_json(&body).map_err(|e| format!("{url}: {e}")))?;
+    let body = fetcher.get(url).await.map_err(|e| e.to_string())?;
+    let keys = KeySet::from_json(&body).map_err(|e| format!("{url}: {e}"))?;
     info!(url, keys = keys.len(), "Fetched issuer JWKS");
     Ok(keys)
 }

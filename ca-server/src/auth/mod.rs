@@ -17,7 +17,6 @@ use zeroize::Zeroizing;
 
 pub use claims::{ClaimPolicy, Claims, LEEWAY_SECS, ServiceAccount};
 pub use fetch::Fetcher;
-pub(crate) use fetch::http_client;
 pub use jwks::{ALLOWED_ALGORITHMS, IssuerKeys, KeySet};
 
 use crate::spiffe::{SpiffeId, TrustDomain};

@@ -417,7 +417,7 @@ impl fmt::Debug for NodeAuthorizer {
 
 impl NodeAuthorizer {
     /// An authorizer asking `api`.
-    pub fn new(api: KubeApi) -> Result<Self, String> {
+    pub fn new(api: KubeApi) -> Result<Self, crate::kube::Error> {
         Ok(Self {
             api: KubeClient::new(api)?,
             nodes: Mutex::new(HashMap::new()),
@@ -550,7 +550,11 @@ impl NodeAuthorizer {
 
     /// GETs `path`: the JSON body, `None` for 404, an error for anything else.
     async fn get(&self, path: &str, what: &str) -> Result<Option<serde_json::Value>, String> {
-        let answer = self.api.call(http::Method::GET, path, None).await?;
+        let answer = self
+            .api
+            .call(http::Method::GET, path, None)
+            .await
+            .map_err(|e| e.to_string())?;
         match answer.status {
             http::StatusCode::NOT_FOUND => Ok(None),
             s if s.is_success() => serde_json::from_slice(&answer.body)

@@ -98,7 +98,7 @@ impl TokenReviewer {
         api: KubeApi,
         audiences: Vec<String>,
         max_outstanding: usize,
-    ) -> Result<Self, String> {
+    ) -> Result<Self, crate::kube::Error> {
         Ok(Self {
             api: KubeClient::new(api)?,
             audiences,
@@ -165,7 +165,7 @@ impl TokenReviewer {
             .api
             .call(http::Method::POST, TOKEN_REVIEW_PATH, Some(body.to_vec()))
             .await
-            .map_err(unavailable)?;
+            .map_err(|e| unavailable(e.to_string()))?;
         let (status, body) = (answer.status, answer.body);
         let unavailable =
             |detail: String| AuthError::ReviewUnavailable(format!("{}: {detail}", self.api.url()));

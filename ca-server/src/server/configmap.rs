@@ -88,7 +88,8 @@ async fn sync(
 async fn list_namespaces(client: &KubeClient) -> Result<Vec<String>, String> {
     let answer = client
         .call(http::Method::GET, "/api/v1/namespaces", None)
-        .await?;
+        .await
+        .map_err(|e| e.to_string())?;
     if !answer.status.is_success() {
         return Err(format!(
             "listing namespaces: HTTP {}{}",
@@ -110,7 +111,10 @@ async fn list_namespaces(client: &KubeClient) -> Result<Vec<String>, String> {
 /// Creates or updates ConfigMap `name` in `ns` to hold `pem`; leaves it alone if it does.
 async fn put_configmap(client: &KubeClient, ns: &str, name: &str, pem: &str) -> Result<(), String> {
     let path = format!("/api/v1/namespaces/{ns}/configmaps/{name}");
-    let current = client.call(http::Method::GET, &path, None).await?;
+    let current = client
+        .call(http::Method::GET, &path, None)
+        .await
+        .map_err(|e| e.to_string())?;
     let (method, path, body) = match current.status {
         http::StatusCode::NOT_FOUND => {
             let body = serde_json::json!({
@@ -148,7 +152,10 @@ async fn put_configmap(client: &KubeClient, ns: &str, name: &str, pem: &str) -> 
         }
     };
     let body = serde_json::to_vec(&body).map_err(|e| e.to_string())?;
-    let written = client.call(method, &path, Some(body)).await?;
+    let written = client
+        .call(method, &path, Some(body))
+        .await
+        .map_err(|e| e.to_string())?;
     if written.status.is_success() {
         Ok(())
     } else {

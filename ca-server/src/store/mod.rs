@@ -293,17 +293,18 @@ impl Store {
         Ok(options.connect().await?)
     }
 
-    /// A listener for authority changes announced by any replica or the CLI (PostgreSQL
-    /// only; `None` on SQLite, where one server owns the file and polls it).
-    pub async fn authority_listener(
-        &self,
-    ) -> Result<Option<sqlx::postgres::PgListener>, StoreError> {
+    /// The announcements of authority changes made by any replica or the CLI. On
+    /// PostgreSQL they come through `LISTEN`; on SQLite, where one server owns the file and
+    /// polls it, there are none and [`AuthorityChanges::next`] never returns.
+    pub async fn authority_changes(&self) -> Result<AuthorityChanges, StoreError> {
         if self.dialect != Dialect::Postgres {
-            return Ok(None);
+            return Ok(AuthorityChanges { listener: None });
         }
         let mut listener = sqlx::postgres::PgListener::connect(&self.url).await?;
         listener.listen(AUTHORITY_CHANNEL).await?;
-        Ok(Some(listener))
+        Ok(AuthorityChanges {
+            listener: Some(listener),
+        })
     }
 
     /// The connection pool, for the query modules.
@@ -314,6 +315,32 @@ impl Store {
     /// Closes every connection, waiting for them to be returned.
     pub async fn close(&self) {
         self.pool.close().await;
+    }
+}
+
+/// Announcements that the authorities changed ([`Store::authority_changes`]).
+#[derive(Debug)]
+pub struct AuthorityChanges {
+    listener: Option<sqlx::postgres::PgListener>,
+}
+
+impl AuthorityChanges {
+    /// None at all: the caller polls.
+    pub fn none() -> Self {
+        Self { listener: None }
+    }
+
+    /// Waits for the next announcement; never returns where there are none. An error means
+    /// the announcements stopped (the caller polls from then on).
+    pub async fn next(&mut self) -> Result<(), StoreError> {
+        let result = match &mut self.listener {
+            Some(listener) => listener.recv().await.map(drop).map_err(StoreError::from),
+            None => std::future::pending().await,
+        };
+        if result.is_err() {
+            self.listener = None;
+        }
+        result
     }
 }
 

@@ -1,0 +1,299 @@
+//! What `start` builds before anything serves: the data dir, the listeners, the first root
+//! (on a first start), the authenticator, the impersonation policy and the gRPC routes.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use ca_proto::ca::v1::audit_service_server::AuditServiceServer;
+use ca_proto::ca::v1::trust_bundle_service_server::TrustBundleServiceServer;
+use ca_proto::istio::v1::auth::istio_certificate_service_server::IstioCertificateServiceServer;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tracing::{info, warn};
+
+use super::config::{IssuerApi, IssuerKeysFrom, MAX_REQUEST_BYTES, Settings, StartError};
+use super::{Active, CertificateAuthority, audit_service, grpc, publish};
+use crate::audit::operator_name;
+use crate::auth::dev::{DEV_ISSUER, DevIssuer};
+use crate::auth::node::{ClusterCheck, ImpersonationPolicy, NodeAuthorizer, NodeCheck};
+use crate::auth::{Authenticator, Fetcher, IssuerKeys, TokenIssuer};
+use crate::authority::{self, Authority, AuthorityError, KeyType};
+use crate::store::{AuthorityState, EventKind, EventRow, Store};
+
+pub(super) fn create_data_dir(path: &std::path::Path) -> Result<(), StartError> {
+    let err = |source| StartError::DataDir {
+        path: path.to_owned(),
+        source,
+    };
+    std::fs::create_dir_all(path).map_err(err)?;
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o700)).map_err(err)?;
+    }
+    Ok(())
+}
+
+pub(super) async fn bind(addr: SocketAddr) -> Result<TcpListener, StartError> {
+    TcpListener::bind(addr)
+        .await
+        .map_err(|source| StartError::Bind { addr, source })
+}
+
+/// Where `listener`, bound to `asked`, listens (the port chosen, for port 0).
+pub(super) fn local_addr(
+    listener: &TcpListener,
+    asked: SocketAddr,
+) -> Result<SocketAddr, StartError> {
+    listener.local_addr().map_err(|source| StartError::Bind {
+        addr: asked,
+        source,
+    })
+}
+
+/// The ConfigMap name and a client to publish it with, if `--publish-configmap` asks for it
+/// (and the Kubernetes API is known).
+pub(super) fn configmap_client(
+    settings: &Settings,
+) -> Result<Option<(String, crate::kube::KubeClient)>, StartError> {
+    let (Some(name), Some(api)) = (&settings.publish_configmap, &settings.kube_api) else {
+        return Ok(None);
+    };
+    let client = crate::kube::KubeClient::new(api.clone())?;
+    info!(configmap = %name, api = %api.url, "Publishing the trust bundle into every namespace");
+    Ok(Some((name.clone(), client)))
+}
+
+/// Loads the active authority, creating the first root if the store has none.
+pub(super) async fn active_authority(
+    store: &Store,
+    settings: &Settings,
+) -> Result<Authority, StartError> {
+    if store.active_authority().await?.is_none() {
+        if !store.authorities().await?.is_empty() {
+            return Err(AuthorityError::NoneActive.into());
+        }
+        let mut event = EventRow::new(EventKind::Authority);
+        event.operator = Some(operator_name());
+        event.reason = Some(format!(
+            "created self-signed root for {} on first start and activated it",
+            settings.trust_domain
+        ));
+        let id = authority::create_self_signed_root(
+            store,
+            &settings.keys,
+            &settings.trust_domain,
+            KeyType::EcP256,
+            AuthorityState::Active,
+            event,
+        )
+        .await?;
+        info!(authority_id = id, "Created the first root");
+    }
+    let record = store
+        .active_authority()
+        .await?
+        .ok_or(AuthorityError::NoneActive)?;
+    Ok(Authority::load(&record, &settings.keys)?)
+}
+
+pub(super) fn build_authenticator(settings: &Settings) -> Result<Authenticator, StartError> {
+    let mut issuers = Vec::new();
+    for issuer in &settings.issuers {
+        let keys = match &issuer.keys {
+            IssuerKeysFrom::File(path) => {
+                IssuerKeys::from_file(path, issuer.refresh).map_err(StartError::TokenKeys)?
+            }
+            IssuerKeysFrom::Url(url) => IssuerKeys::from_url(url.clone(), issuer.refresh),
+        };
+        issuers.push(
+            TokenIssuer::new(issuer.issuer.clone(), settings.audiences.clone(), keys)
+                .for_cluster(issuer.cluster_id.clone()),
+        );
+    }
+    if settings.dev {
+        let dev = DevIssuer::load_or_create(&settings.data_dir)?;
+        warn!(
+            issuer = DEV_ISSUER,
+            "Development issuer enabled: anyone who can read the data dir can mint tokens"
+        );
+        issuers.push(TokenIssuer::new(
+            DEV_ISSUER.to_owned(),
+            settings.audiences.clone(),
+            IssuerKeys::fixed(dev.key_set()),
+        ));
+    }
+    if issuers.is_empty() && !settings.token_review {
+        return Err(StartError::NoIssuer);
+    }
+    let extra_ca = match &settings.jwks_ca_file {
+        Some(path) => Some(
+            std::fs::read_to_string(path).map_err(|source| StartError::JwksCa {
+                path: path.clone(),
+                source,
+            })?,
+        ),
+        None => None,
+    };
+    let fetcher = Fetcher::new(extra_ca.as_deref()).map_err(StartError::Fetcher)?;
+    let authn = Authenticator::new(settings.trust_domain.clone(), issuers, fetcher);
+    Ok(
+        match settings.kube_api.as_ref().filter(|_| settings.token_review) {
+            Some(api) => {
+                info!(api = %api.url, "Tokens no issuer claims go to the Kubernetes TokenReview API");
+                authn.with_reviewer(crate::auth::review::TokenReviewer::new(
+                    api.clone(),
+                    settings.audiences.clone(),
+                    settings.max_token_reviews,
+                )?)
+            }
+            None => authn,
+        },
+    )
+}
+
+/// Who may ask for identities other than their own, and how that is checked for the callers
+/// of each cluster; says so in the log, with a warning where the check is off or impossible.
+pub(super) fn impersonation_policy(settings: &Settings) -> Result<ImpersonationPolicy, StartError> {
+    let trusted = settings.trusted_node_accounts.clone();
+    let td = settings.trust_domain.clone();
+    if trusted.is_empty() {
+        if settings.impersonation_without_node_check {
+            warn!(
+                "--allow-impersonation-without-node-check has no effect without \
+                 --trusted-node-account"
+            );
+        }
+        return Ok(ImpersonationPolicy::nobody(td));
+    }
+    let names = trusted
+        .iter()
+        .map(ToString::to_string)
+        .collect::<Vec<_>>()
+        .join(", ");
+    let authorizer = |api: &crate::kube::KubeApi| {
+        NodeAuthorizer::new(api.clone())
+            .map(|a| NodeCheck::Api(Arc::new(a)))
+            .map_err(StartError::Kube)
+    };
+    let local = match &settings.kube_api {
+        Some(api) => {
+            info!(
+                trusted_node_accounts = %names,
+                api = %api.url,
+                "Node proxies may ask for the identities of pods on their own node, checked \
+                 through the Kubernetes API"
+            );
+            authorizer(api)?
+        }
+        None if settings.impersonation_without_node_check => {
+            warn!(
+                trusted_node_accounts = %names,
+                "Impersonation WITHOUT node check: these accounts may get a certificate for any \
+                 identity in the trust domain; give the server the Kubernetes API to check \
+                 that the identity runs on the caller's node"
+            );
+            NodeCheck::Skipped
+        }
+        None => {
+            warn!(
+                trusted_node_accounts = %names,
+                "Trusted node accounts are configured but the Kubernetes API is not: their \
+                 requests for other identities will be refused; give the server the API \
+                 (--kube-api-url) or pass --allow-impersonation-without-node-check"
+            );
+            NodeCheck::Unavailable
+        }
+    };
+    // The local cluster's issuers (the flags' issuer, the development one, TokenReview)
+    // share its check; each other cluster is checked against its own API, or not at all.
+    let local_check = |check: &NodeCheck| match check {
+        NodeCheck::Api(a) => NodeCheck::Api(Arc::clone(a)),
+        NodeCheck::Skipped => NodeCheck::Skipped,
+        NodeCheck::Unavailable => NodeCheck::Unavailable,
+        NodeCheck::Unreachable => NodeCheck::Unreachable,
+    };
+    let mut clusters = std::collections::HashMap::new();
+    let mut local_issuers: Vec<String> = vec![DEV_ISSUER.to_owned()];
+    if let Some(api) = &settings.kube_api {
+        local_issuers.push(crate::auth::review::issuer_name(&api.url));
+    }
+    for issuer in &settings.issuers {
+        let cluster = match &issuer.cluster_id {
+            Some(id) => format!("{id} (issuer {})", issuer.issuer),
+            None => issuer.issuer.clone(),
+        };
+        let check = match &issuer.api {
+            IssuerApi::Local => {
+                local_issuers.push(issuer.issuer.clone());
+                continue;
+            }
+            IssuerApi::Own(api) => authorizer(api)?,
+            IssuerApi::None if settings.impersonation_without_node_check => NodeCheck::Skipped,
+            IssuerApi::None => {
+                warn!(
+                    cluster = %cluster,
+                    "This cluster's node proxies may not ask for other identities: its \
+                     [[token_issuers]] entry gives no Kubernetes API to check their nodes with \
+                     (kube_api_url)"
+                );
+                NodeCheck::Unreachable
+            }
+        };
+        clusters.insert(issuer.issuer.clone(), ClusterCheck { cluster, check });
+    }
+    for issuer in local_issuers {
+        clusters.insert(
+            issuer.clone(),
+            ClusterCheck {
+                cluster: issuer,
+                check: local_check(&local),
+            },
+        );
+    }
+    Ok(ImpersonationPolicy::new(td, trusted, clusters))
+}
+
+/// The TLS listener's routes (the three gRPC services, health and reflection, and the
+/// bundle over HTTPS), and the handle that sets the gRPC health status.
+pub(super) fn routes(
+    settings: &Settings,
+    ca: Arc<CertificateAuthority>,
+    store: &Store,
+    active: &watch::Receiver<Arc<Active>>,
+) -> Result<(axum::Router, tonic_health::server::HealthReporter), StartError> {
+    let (reporter, health) = tonic_health::server::health_reporter();
+    let hint = settings.bundle_refresh_hint.whole_seconds();
+    // Server reflection: grpcurl and friends can list and call the services without .proto
+    // files.
+    let reflection = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(ca_proto::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1()
+        .map_err(|e| StartError::Reflection(e.to_string()))?;
+    let routes = tonic::service::Routes::new(
+        IstioCertificateServiceServer::new(grpc::CertificateService::new(ca))
+            .max_decoding_message_size(MAX_REQUEST_BYTES),
+    )
+    .add_service(
+        TrustBundleServiceServer::new(grpc::BundleService::new(
+            active.clone(),
+            settings.trust_domain.clone(),
+            hint,
+        ))
+        .max_decoding_message_size(MAX_REQUEST_BYTES),
+    )
+    .add_service(
+        AuditServiceServer::new(audit_service::RemoteAudit::new(
+            store.clone(),
+            settings.auditors.clone(),
+            active.clone(),
+        ))
+        .max_decoding_message_size(MAX_REQUEST_BYTES),
+    )
+    .add_service(health)
+    .add_service(reflection)
+    .into_axum_router()
+    .merge(publish::bundle_routes(active.clone(), hint));
+    Ok((routes, reporter))
+}

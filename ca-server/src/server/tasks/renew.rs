@@ -1,0 +1,61 @@
+//! Renewing the server's own TLS certificate.
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::watch;
+use tracing::{error, info};
+
+use crate::audit::AuditLog;
+use crate::server::Active;
+use crate::server::tls::{self, renew_in};
+
+/// Renews the server's certificate at half its life (retrying every 30 s on failure), and
+/// re-mints it whenever another authority becomes active, so that clients that trust only the
+/// new root can connect once the old one is retired.
+pub(in crate::server) async fn renew_server_cert(
+    mut current: tls::ServerCert,
+    mut active: watch::Receiver<Arc<Active>>,
+    names: Vec<String>,
+    audit: AuditLog,
+    certs: watch::Sender<Arc<rustls::sign::CertifiedKey>>,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let mut signer = active.borrow().authority.id();
+    let mut wait = renew_in(
+        current.minted_at,
+        &current.validity,
+        time::OffsetDateTime::now_utc(),
+    );
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(wait) => {}
+            changed = active.changed() => {
+                if changed.is_err() {
+                    return;
+                }
+                if active.borrow_and_update().authority.id() == signer {
+                    continue;
+                }
+            }
+            _ = shutdown.wait_for(|stop| *stop) => return,
+        }
+        let authority = Arc::clone(&active.borrow().authority);
+        match tls::mint_server_cert(&authority, &names, &audit).await {
+            Ok(cert) => {
+                info!(authority_id = authority.id(), not_after = %cert.validity.not_after, "Minted a new server certificate");
+                signer = authority.id();
+                certs.send_replace(Arc::clone(&cert.certified));
+                current = cert;
+                wait = renew_in(
+                    current.minted_at,
+                    &current.validity,
+                    time::OffsetDateTime::now_utc(),
+                );
+            }
+            Err(e) => {
+                error!(error = %e, "Minting the server certificate failed; retrying in 30 s");
+                wait = Duration::from_secs(30);
+            }
+        }
+    }
+}
