@@ -215,6 +215,7 @@ pub struct ClusterCheck {
 }
 
 /// How the identity's node is checked.
+#[derive(Clone)]
 pub enum NodeCheck {
     /// Through the cluster's Kubernetes API.
     Api(Arc<NodeAuthorizer>),

@@ -3,22 +3,27 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
 
 use ca_proto::ca::v1::audit_service_server::AuditServiceServer;
 use ca_proto::ca::v1::trust_bundle_service_server::TrustBundleServiceServer;
 use ca_proto::istio::v1::auth::istio_certificate_service_server::IstioCertificateServiceServer;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
-use tracing::{info, warn};
+use tracing::{Instrument, info, info_span, warn};
 
-use super::config::{IssuerApi, IssuerKeysFrom, MAX_REQUEST_BYTES, Settings, StartError};
-use super::{Active, CertificateAuthority, audit_service, grpc, publish};
-use crate::audit::operator_name;
+use super::config::{
+    AUDIT_QUEUE, IssuerApi, IssuerKeysFrom, MAX_REQUEST_BYTES, Settings, StartError,
+};
+use super::http::Readiness;
+use super::{Active, CertificateAuthority, audit_service, grpc, publish, tasks, tls};
+use crate::audit::{AuditKey, AuditLog, operator_name};
 use crate::auth::dev::{DEV_ISSUER, DevIssuer};
 use crate::auth::node::{ClusterCheck, ImpersonationPolicy, NodeAuthorizer, NodeCheck};
 use crate::auth::{Authenticator, Fetcher, IssuerKeys, TokenIssuer};
 use crate::authority::{self, Authority, AuthorityError, KeyType};
-use crate::store::{AuthorityState, EventKind, EventRow, Store};
+use crate::bundle;
+use crate::store::{AuthorityState, AuthorityVersion, EventKind, EventRow, Store};
 
 pub(super) fn create_data_dir(path: &std::path::Path) -> Result<(), StartError> {
     let err = |source| StartError::DataDir {
@@ -38,6 +43,93 @@ pub(super) async fn bind(addr: SocketAddr) -> Result<TcpListener, StartError> {
     TcpListener::bind(addr)
         .await
         .map_err(|source| StartError::Bind { addr, source })
+}
+
+/// Both listeners, bound, and where they listen (the port chosen, for port 0).
+pub(super) struct Listeners {
+    /// gRPC and HTTPS.
+    pub grpc: TcpListener,
+    /// Where it listens.
+    pub grpc_addr: SocketAddr,
+    /// Plain HTTP: health.
+    pub http: TcpListener,
+    /// Where it listens.
+    pub http_addr: SocketAddr,
+}
+
+impl Listeners {
+    /// Binds `--grpc-listen` and `--http-listen`.
+    pub(super) async fn bind(settings: &Settings) -> Result<Self, StartError> {
+        let grpc = bind(settings.grpc_listen).await?;
+        let http = bind(settings.http_listen).await?;
+        Ok(Self {
+            grpc_addr: local_addr(&grpc, settings.grpc_listen)?,
+            http_addr: local_addr(&http, settings.http_listen)?,
+            grpc,
+            http,
+        })
+    }
+}
+
+/// What start-up opened and made before anything serves.
+pub(super) struct Opened {
+    /// The store.
+    pub store: Store,
+    /// Its audit writer.
+    pub audit: AuditLog,
+    /// What `/readyz` answers from.
+    pub readiness: Arc<Readiness>,
+    /// The key checkpoints are signed with.
+    pub audit_key: AuditKey,
+    /// The server's own certificate.
+    pub server_cert: tls::ServerCert,
+    /// The authorities as `active` was built from them.
+    pub version: AuthorityVersion,
+    /// The signer and bundle, published (its one writer: the store follower).
+    pub active_tx: watch::Sender<Arc<Active>>,
+}
+
+/// Opens the store and its audit writer, loads (or on a first start creates) the active
+/// authority, writes `trust-bundle.pem`, mints the server's certificate, signs the log's
+/// head and checks expiry, so that all of it is done, and logged, before anything serves.
+pub(super) async fn open(settings: &Settings) -> Result<Opened, StartError> {
+    let store = Store::open(&settings.database_url).await?;
+    let audit = AuditLog::start(store.clone(), AUDIT_QUEUE);
+    let readiness = Arc::new(Readiness::default());
+    let authority = Arc::new(active_authority(&store, settings).await?);
+    readiness.authority.store(true, Ordering::Release);
+    info!(authority_id = authority.id(), subject = authority.subject(), not_after = %authority.not_after(), "Loaded the active authority");
+    let bundle = bundle::load(&store).await?;
+    bundle::write_bundle_file(&settings.data_dir, &bundle).map_err(|source| {
+        StartError::BundleFile {
+            path: bundle::bundle_file(&settings.data_dir),
+            source,
+        }
+    })?;
+    readiness.bundle_file.store(true, Ordering::Release);
+    let audit_key = AuditKey::load_or_create(&settings.data_dir)?;
+    let server_cert = tls::mint_server_cert(&authority, &settings.server_names, &audit).await?;
+    // The log as it stands at start is signed before any request can move its head, so an
+    // auditor's first checkpoint of this run never covers a request of it; likewise an
+    // expiry warning is in the log before the server reports ready.
+    tasks::sign_checkpoint(&store, &audit_key)
+        .instrument(info_span!("checkpoints"))
+        .await;
+    tasks::check_expiry(&store, settings.expiry_warning)
+        .instrument(info_span!("expiry"))
+        .await;
+    let version = store.authority_version().await?;
+    let issuers = tasks::client_issuers(&store).await?;
+    let (active_tx, _) = watch::channel(Arc::new(Active::new(authority, bundle, &issuers)?));
+    Ok(Opened {
+        store,
+        audit,
+        readiness,
+        audit_key,
+        server_cert,
+        version,
+        active_tx,
+    })
 }
 
 /// Where `listener`, bound to `asked`, listens (the port chosen, for port 0).
@@ -171,12 +263,59 @@ pub(super) fn impersonation_policy(settings: &Settings) -> Result<ImpersonationP
         .map(ToString::to_string)
         .collect::<Vec<_>>()
         .join(", ");
-    let authorizer = |api: &crate::kube::KubeApi| {
-        NodeAuthorizer::new(api.clone())
-            .map(|a| NodeCheck::Api(Arc::new(a)))
-            .map_err(StartError::Kube)
-    };
-    let local = match &settings.kube_api {
+    let local = local_node_check(settings, &names)?;
+    // The local cluster's issuers (the flags' issuer, the development one, TokenReview)
+    // share its check; each other cluster is checked against its own API, or not at all.
+    let mut clusters = std::collections::HashMap::new();
+    let mut local_issuers: Vec<String> = vec![DEV_ISSUER.to_owned()];
+    if let Some(api) = &settings.kube_api {
+        local_issuers.push(crate::auth::review::issuer_name(&api.url));
+    }
+    for issuer in &settings.issuers {
+        let cluster = match &issuer.cluster_id {
+            Some(id) => format!("{id} (issuer {})", issuer.issuer),
+            None => issuer.issuer.clone(),
+        };
+        let check = match &issuer.api {
+            IssuerApi::Local => {
+                local_issuers.push(issuer.issuer.clone());
+                continue;
+            }
+            IssuerApi::Own(api) => node_authorizer(api)?,
+            IssuerApi::None if settings.impersonation_without_node_check => NodeCheck::Skipped,
+            IssuerApi::None => {
+                warn!(
+                    cluster = %cluster,
+                    "This cluster's node proxies may not ask for other identities: its \
+                     [[token_issuers]] entry gives no Kubernetes API to check their nodes with \
+                     (kube_api_url)"
+                );
+                NodeCheck::Unreachable
+            }
+        };
+        clusters.insert(issuer.issuer.clone(), ClusterCheck { cluster, check });
+    }
+    for issuer in local_issuers {
+        let check = local.clone();
+        clusters.insert(
+            issuer.clone(),
+            ClusterCheck {
+                cluster: issuer,
+                check,
+            },
+        );
+    }
+    Ok(ImpersonationPolicy::new(td, trusted, clusters))
+}
+
+fn node_authorizer(api: &crate::kube::KubeApi) -> Result<NodeCheck, StartError> {
+    Ok(NodeCheck::Api(Arc::new(NodeAuthorizer::new(api.clone())?)))
+}
+
+/// The node check for the server's own cluster: through its Kubernetes API, skipped if the
+/// operator said so, else impossible (requests for other identities refused).
+fn local_node_check(settings: &Settings, names: &str) -> Result<NodeCheck, StartError> {
+    Ok(match &settings.kube_api {
         Some(api) => {
             info!(
                 trusted_node_accounts = %names,
@@ -184,7 +323,7 @@ pub(super) fn impersonation_policy(settings: &Settings) -> Result<ImpersonationP
                 "Node proxies may ask for the identities of pods on their own node, checked \
                  through the Kubernetes API"
             );
-            authorizer(api)?
+            node_authorizer(api)?
         }
         None if settings.impersonation_without_node_check => {
             warn!(
@@ -204,54 +343,7 @@ pub(super) fn impersonation_policy(settings: &Settings) -> Result<ImpersonationP
             );
             NodeCheck::Unavailable
         }
-    };
-    // The local cluster's issuers (the flags' issuer, the development one, TokenReview)
-    // share its check; each other cluster is checked against its own API, or not at all.
-    let local_check = |check: &NodeCheck| match check {
-        NodeCheck::Api(a) => NodeCheck::Api(Arc::clone(a)),
-        NodeCheck::Skipped => NodeCheck::Skipped,
-        NodeCheck::Unavailable => NodeCheck::Unavailable,
-        NodeCheck::Unreachable => NodeCheck::Unreachable,
-    };
-    let mut clusters = std::collections::HashMap::new();
-    let mut local_issuers: Vec<String> = vec![DEV_ISSUER.to_owned()];
-    if let Some(api) = &settings.kube_api {
-        local_issuers.push(crate::auth::review::issuer_name(&api.url));
-    }
-    for issuer in &settings.issuers {
-        let cluster = match &issuer.cluster_id {
-            Some(id) => format!("{id} (issuer {})", issuer.issuer),
-            None => issuer.issuer.clone(),
-        };
-        let check = match &issuer.api {
-            IssuerApi::Local => {
-                local_issuers.push(issuer.issuer.clone());
-                continue;
-            }
-            IssuerApi::Own(api) => authorizer(api)?,
-            IssuerApi::None if settings.impersonation_without_node_check => NodeCheck::Skipped,
-            IssuerApi::None => {
-                warn!(
-                    cluster = %cluster,
-                    "This cluster's node proxies may not ask for other identities: its \
-                     [[token_issuers]] entry gives no Kubernetes API to check their nodes with \
-                     (kube_api_url)"
-                );
-                NodeCheck::Unreachable
-            }
-        };
-        clusters.insert(issuer.issuer.clone(), ClusterCheck { cluster, check });
-    }
-    for issuer in local_issuers {
-        clusters.insert(
-            issuer.clone(),
-            ClusterCheck {
-                cluster: issuer,
-                check: local_check(&local),
-            },
-        );
-    }
-    Ok(ImpersonationPolicy::new(td, trusted, clusters))
+    })
 }
 
 /// The TLS listener's routes (the three gRPC services, health and reflection, and the

@@ -116,6 +116,9 @@ pub const CRYPTO_QUEUE: usize = 2048;
 /// replica): changes reach every server within two polls.
 pub const STORE_POLL_INTERVAL: Duration = Duration::from_secs(1);
 
+/// How many audit events may wait for the writer.
+pub const AUDIT_QUEUE: usize = 16 * 1024;
+
 /// Why the server did not start. Each message says what to do.
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {

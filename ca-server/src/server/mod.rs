@@ -37,8 +37,7 @@ pub use listener::ConnectionLimits;
 pub use tasks::{EXPIRY_CHECK_INTERVAL, STORE_POLL_INTERVAL};
 pub use tls::{SERVER_CERT_TTL, renew_in};
 
-use crate::audit::{AuditKey, AuditLog};
-use crate::bundle;
+use crate::audit::AuditLog;
 use crate::store::Store;
 
 /// A started server.
@@ -86,66 +85,32 @@ pub async fn start(settings: Settings) -> Result<RunningServer, StartError> {
     let policy = bootstrap::impersonation_policy(&settings)?;
     // Bound before anything is written, so a port in use stops a first start before it
     // creates a root. Connections wait in the backlog until the server serves.
-    let grpc_listener = bootstrap::bind(settings.grpc_listen).await?;
-    let http_listener = bootstrap::bind(settings.http_listen).await?;
-    let (grpc_addr, http_addr) = (
-        bootstrap::local_addr(&grpc_listener, settings.grpc_listen)?,
-        bootstrap::local_addr(&http_listener, settings.http_listen)?,
-    );
-    let store = Store::open(&settings.database_url).await?;
-    let audit = AuditLog::start(store.clone(), 16 * 1024);
-    let readiness = Arc::new(Readiness::default());
-
-    let authority = Arc::new(bootstrap::active_authority(&store, &settings).await?);
-    readiness.authority.store(true, Ordering::Release);
-    info!(authority_id = authority.id(), subject = authority.subject(), not_after = %authority.not_after(), "Loaded the active authority");
-    let bundle = bundle::load(&store).await?;
-    bundle::write_bundle_file(&settings.data_dir, &bundle).map_err(|source| {
-        StartError::BundleFile {
-            path: bundle::bundle_file(&settings.data_dir),
-            source,
-        }
-    })?;
-    readiness.bundle_file.store(true, Ordering::Release);
-    let audit_key = AuditKey::load_or_create(&settings.data_dir)?;
-    let server_cert = tls::mint_server_cert(&authority, &settings.server_names, &audit).await?;
-    // The log as it stands at start is signed before any request can move its head, so an
-    // auditor's first checkpoint of this run never covers a request of it; likewise an
-    // expiry warning is in the log before the server reports ready.
-    tasks::sign_checkpoint(&store, &audit_key)
-        .instrument(info_span!("checkpoints"))
-        .await;
-    tasks::check_expiry(&store, settings.expiry_warning)
-        .instrument(info_span!("expiry"))
-        .await;
-
-    let version = store.authority_version().await?;
-    let issuers = tasks::client_issuers(&store).await?;
-    let (active_tx, active) = watch::channel(Arc::new(Active::new(
-        Arc::clone(&authority),
-        bundle,
-        &issuers,
-    )?));
-    let (cert_tx, cert_rx) = watch::channel(Arc::clone(&server_cert.certified));
+    let listeners = bootstrap::Listeners::bind(&settings).await?;
+    let opened = bootstrap::open(&settings).await?;
+    let active = opened.active_tx.subscribe();
+    let (cert_tx, cert_rx) = watch::channel(Arc::clone(&opened.server_cert.certified));
     let tls_config = tls::server_config(
         cert_rx,
         Arc::new(tls::AuthorityClientVerifier::new(active.clone())),
     );
+    let pool = pool::CryptoPool::per_core(CRYPTO_QUEUE).map_err(StartError::Threads)?;
     let ca = Arc::new(CertificateAuthority::new(
         Arc::clone(&authn),
         policy,
-        audit.clone(),
+        opened.audit.clone(),
         settings.leaf_policy,
         active.clone(),
-        pool::CryptoPool::per_core(CRYPTO_QUEUE).map_err(StartError::Threads)?,
+        pool,
         settings.limits,
     ));
-    let (app, health_reporter) = bootstrap::routes(&settings, Arc::clone(&ca), &store, &active)?;
+    let (app, health_reporter) =
+        bootstrap::routes(&settings, Arc::clone(&ca), &opened.store, &active)?;
     let configmaps = bootstrap::configmap_client(&settings)?;
 
     let (shutdown, stop) = watch::channel(false);
     let mut tasks = JoinSet::new();
     let grpc_gate = listener::Gate::new(settings.connections);
+    let (grpc_addr, http_addr) = (listeners.grpc_addr, listeners.http_addr);
     let serving = |app, gate| listener::Serving {
         app,
         gate,
@@ -153,27 +118,81 @@ pub async fn start(settings: Settings) -> Result<RunningServer, StartError> {
     };
     tasks.spawn(
         listener::serve_tls(
-            grpc_listener,
+            listeners.grpc,
             tls_config,
             serving(app, Arc::clone(&grpc_gate)),
         )
         .instrument(info_span!("grpc", addr = %grpc_addr)),
     );
-    readiness.grpc.store(true, Ordering::Release);
+    opened.readiness.grpc.store(true, Ordering::Release);
+    if let Some((name, client)) = configmaps {
+        let publish = configmap::publish_configmaps(client, name, active.clone(), stop.clone());
+        tasks.spawn(publish.instrument(info_span!("configmaps")));
+    }
     tasks.spawn(tasks::refresh_keys(authn, stop.clone()).instrument(info_span!("token_keys")));
+    tasks.spawn(tasks::flush_refusals(ca, stop.clone()));
+    let health = tasks::Health {
+        reporter: health_reporter,
+        readiness: Arc::clone(&opened.readiness),
+        store: opened.store.clone(),
+        audit: opened.audit.clone(),
+        expiry_warning: settings.expiry_warning,
+        grpc_connections: grpc_gate,
+    };
+    let (store, audit, readiness) =
+        spawn_background(&settings, opened, health, cert_tx, &stop, &mut tasks).await;
+
+    info!(grpc = %grpc_addr, http = %http_addr, trust_domain = %settings.trust_domain, "Listening");
+    // The health listener serves last: once `/readyz` answers, everything above is done and
+    // logged.
+    tasks.spawn(
+        listener::serve_plain(
+            listeners.http,
+            serving(
+                http::health_routes(readiness),
+                listener::Gate::new(settings.connections),
+            ),
+        )
+        .instrument(info_span!("health_listener", addr = %http_addr)),
+    );
+    Ok(RunningServer {
+        grpc_addr,
+        http_addr,
+        shutdown,
+        tasks,
+        audit,
+        store,
+    })
+}
+
+/// Spawns the tasks that follow the store and keep the server's own state fresh (renewal,
+/// checkpoints, expiry), then makes the health check's first pass and spawns it; returns the
+/// store, audit writer and readiness for the rest of the wiring.
+async fn spawn_background(
+    settings: &Settings,
+    opened: bootstrap::Opened,
+    health: tasks::Health,
+    cert_tx: watch::Sender<Arc<rustls::sign::CertifiedKey>>,
+    stop: &watch::Receiver<bool>,
+    tasks: &mut JoinSet<()>,
+) -> (Store, AuditLog, Arc<Readiness>) {
+    let bootstrap::Opened {
+        store,
+        audit,
+        readiness,
+        audit_key,
+        server_cert,
+        version,
+        active_tx,
+    } = opened;
+    let active = active_tx.subscribe();
     tasks.spawn(
         tasks::warn_of_expiry(store.clone(), settings.expiry_warning, stop.clone())
             .instrument(info_span!("expiry")),
     );
-    if let Some((name, client)) = configmaps {
-        tasks.spawn(
-            configmap::publish_configmaps(client, name, active.clone(), stop.clone())
-                .instrument(info_span!("configmaps")),
-        );
-    }
     tasks.spawn(tasks::renew_server_cert(
         server_cert,
-        active.clone(),
+        active,
         settings.server_names.clone(),
         audit.clone(),
         cert_tx,
@@ -199,38 +218,9 @@ pub async fn start(settings: Settings) -> Result<RunningServer, StartError> {
             .run(version, active_tx, stop.clone())
             .instrument(info_span!("follow_store")),
     );
-    tasks.spawn(tasks::flush_refusals(ca, stop.clone()));
-
     // What the health listener serves is known before it serves.
     readiness.check(&store, &audit).await;
     http::refresh_store_gauges(&store, settings.expiry_warning).await;
-    let health = tasks::Health {
-        reporter: health_reporter,
-        readiness: Arc::clone(&readiness),
-        store: store.clone(),
-        audit: audit.clone(),
-        expiry_warning: settings.expiry_warning,
-        grpc_connections: grpc_gate,
-    };
     tasks.spawn(health.run(stop.clone()).instrument(info_span!("health")));
-
-    info!(grpc = %grpc_addr, http = %http_addr, trust_domain = %settings.trust_domain, "Listening");
-    // The health listener serves last: once `/readyz` answers, everything above is done and
-    // logged.
-    let health_routes = http::health_routes(readiness);
-    tasks.spawn(
-        listener::serve_plain(
-            http_listener,
-            serving(health_routes, listener::Gate::new(settings.connections)),
-        )
-        .instrument(info_span!("health_listener", addr = %http_addr)),
-    );
-    Ok(RunningServer {
-        grpc_addr,
-        http_addr,
-        shutdown,
-        tasks,
-        audit,
-        store,
-    })
+    (store, audit, readiness)
 }
