@@ -1,8 +1,24 @@
-//! RFC 3339 text for the unix times the store keeps: one formatting for messages, the audit
-//! commands and the gRPC services.
+//! Times as the store keeps them (unix seconds and milliseconds) and as people read them:
+//! RFC 3339, the one text format of messages, logs, the audit commands and the gRPC services.
 
 use time::OffsetDateTime;
 use time::format_description::well_known::Rfc3339;
+
+/// `t` in unix milliseconds (saturating far outside any date a certificate carries).
+pub fn unix_ms(t: OffsetDateTime) -> i64 {
+    i64::try_from(t.unix_timestamp_nanos() / 1_000_000).unwrap_or(i64::MAX)
+}
+
+/// Now, in unix milliseconds.
+pub fn now_unix_ms() -> i64 {
+    unix_ms(OffsetDateTime::now_utc())
+}
+
+/// `t` as RFC 3339 (UTC), for messages and logs: `2026-12-02T03:41:55Z`, never the `time`
+/// crate's own `2026-12-02 3:41:55.0 +00:00:00`.
+pub fn text(t: OffsetDateTime) -> String {
+    secs_text(t.unix_timestamp())
+}
 
 /// Unix seconds as RFC 3339 (UTC, whole seconds), if representable.
 pub fn from_secs(secs: i64) -> Option<String> {
@@ -31,6 +47,9 @@ mod tests {
     #[test]
     fn formats() {
         assert_eq!(super::secs_text(1_800_000_000), "2027-01-15T08:00:00Z");
+        let t = time::OffsetDateTime::from_unix_timestamp_nanos(1_800_000_000_007_000_000).unwrap();
+        assert_eq!(super::unix_ms(t), 1_800_000_000_007);
+        assert_eq!(super::text(t), "2027-01-15T08:00:00Z");
         assert_eq!(
             super::from_millis(1_800_000_000_007).unwrap(),
             "2027-01-15T08:00:00.007Z"

@@ -423,6 +423,20 @@ async fn remote_auditors_see_what_the_cli_sees_and_no_one_else_does() {
         .unwrap_err();
     assert_eq!(bad.code(), tonic::Code::InvalidArgument);
     assert!(bad.message().contains("since"), "{}", bad.message());
+    // The field is named as the request spells it; the value is quoted as it was sent.
+    let bad = client
+        .list_events(ListEventsRequest {
+            valid_at: Some("2026-13-01".into()),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(bad.code(), tonic::Code::InvalidArgument);
+    assert!(
+        bad.message().starts_with("valid_at \"2026-13-01\" "),
+        "{}",
+        bad.message()
+    );
 
     // A workload that is not an auditor is refused; so is a caller without a certificate.
     let outsider = identity_for(&s, "shop", "web").await;

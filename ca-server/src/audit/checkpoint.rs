@@ -97,9 +97,7 @@ impl AuditKey {
 
     /// Signs the head `(seq, hash)` now.
     pub fn sign(&self, seq: i64, hash: &str) -> Checkpoint {
-        let time_ms =
-            i64::try_from(time::OffsetDateTime::now_utc().unix_timestamp_nanos() / 1_000_000)
-                .unwrap_or(i64::MAX);
+        let time_ms = crate::rfc3339::now_unix_ms();
         let signature = self.pair.sign(&message(seq, hash, time_ms));
         Checkpoint {
             seq,

@@ -33,6 +33,22 @@ pub enum AuditError {
     Overloaded,
 }
 
+impl crate::class::Classify for AuditError {
+    fn class(&self) -> crate::class::Class {
+        match self {
+            Self::Unavailable(_) => crate::class::Class::Unavailable,
+            Self::Overloaded => crate::class::Class::Overloaded,
+        }
+    }
+
+    fn reason(&self) -> &'static str {
+        match self {
+            Self::Unavailable(_) => "audit_unavailable",
+            Self::Overloaded => "audit_overloaded",
+        }
+    }
+}
+
 struct Pending {
     /// `None` asks the writer to stop once everything queued before it is committed.
     event: Option<EventRow>,

@@ -44,6 +44,24 @@ pub struct FilterError {
     pub problem: String,
 }
 
+impl FilterError {
+    /// The message with the field named `field` (each front end spells it its own way: the
+    /// CLI `valid-at`, gRPC `valid_at`); the value is left as given.
+    pub fn naming(&self, field: &str) -> String {
+        format!("{field} {:?} {}", self.value, self.problem)
+    }
+}
+
+impl crate::class::Classify for FilterError {
+    fn class(&self) -> crate::class::Class {
+        crate::class::Class::Caller
+    }
+
+    fn reason(&self) -> &'static str {
+        "filter"
+    }
+}
+
 fn bad(field: &'static str, value: &str, problem: impl Into<String>) -> FilterError {
     FilterError {
         field,
@@ -60,10 +78,6 @@ fn time(field: &'static str, text: &str) -> Result<OffsetDateTime, FilterError> 
             "is not an RFC 3339 time (e.g. 2026-11-23T16:00:00Z)",
         )
     })
-}
-
-fn millis(t: OffsetDateTime) -> i64 {
-    i64::try_from(t.unix_timestamp_nanos() / 1_000_000).unwrap_or(i64::MAX)
 }
 
 /// Normalizes a serial as the log writes it: lowercase hex, no colons, no sign-padding zero.
@@ -144,8 +158,8 @@ impl Filters {
             kind,
             authority_id: self.authority,
             valid_at: valid_at.map(|t| t.unix_timestamp()),
-            since_ms: since.map(millis),
-            until_ms: until.map(millis),
+            since_ms: since.map(crate::rfc3339::unix_ms),
+            until_ms: until.map(crate::rfc3339::unix_ms),
             before_seq,
             limit: Some(limit),
         })

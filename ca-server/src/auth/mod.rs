@@ -149,15 +149,25 @@ pub enum AuthError {
     ReviewsBusy(usize),
 }
 
-impl AuthError {
-    /// Whether the fault is on our side (the caller should retry), not the caller's.
-    pub fn is_unavailable(&self) -> bool {
-        matches!(self, Self::KeysUnavailable(_) | Self::ReviewUnavailable(_))
+impl crate::class::Classify for AuthError {
+    /// Unauthenticated, but for faults on our side (the caller should retry): the keys or
+    /// the TokenReview API away, or too many reviews waiting.
+    fn class(&self) -> crate::class::Class {
+        use crate::class::Class;
+        match self {
+            Self::KeysUnavailable(_) | Self::ReviewUnavailable(_) => Class::Unavailable,
+            Self::ReviewsBusy(_) => Class::Overloaded,
+            _ => Class::Unauthenticated,
+        }
     }
 
-    /// Whether the server is too busy to check the token now (the caller should retry).
-    pub fn is_overloaded(&self) -> bool {
-        matches!(self, Self::ReviewsBusy(_))
+    fn reason(&self) -> &'static str {
+        match self {
+            Self::KeysUnavailable(_) | Self::ReviewUnavailable(_) => "token_keys_unavailable",
+            Self::ReviewsBusy(_) => "token_reviews_busy",
+            Self::NoToken => "no_token",
+            _ => "token",
+        }
     }
 }
 

@@ -185,15 +185,26 @@ pub enum ImpersonationError {
     },
 }
 
-impl ImpersonationError {
-    /// Whether the request was well-formed but the server could not decide (retry later).
-    pub fn is_unavailable(&self) -> bool {
-        matches!(self, Self::Api { .. })
+impl crate::class::Classify for ImpersonationError {
+    /// Forbidden, but for a malformed `ImpersonatedIdentity` (the caller's error) and an API
+    /// that could not answer (retry later).
+    fn class(&self) -> crate::class::Class {
+        use crate::class::Class;
+        match self {
+            Self::Api { .. } => Class::Unavailable,
+            Self::NotSpiffeId { .. } => Class::Caller,
+            _ => Class::Forbidden,
+        }
     }
 
-    /// Whether `ImpersonatedIdentity` itself is malformed.
-    pub fn is_malformed(&self) -> bool {
-        matches!(self, Self::NotSpiffeId { .. })
+    fn reason(&self) -> &'static str {
+        match self {
+            Self::Api { .. } => "kube_api_unavailable",
+            Self::NoNodeCheck { .. } | Self::CallerNode { .. } | Self::NotOnNode { .. } => {
+                "impersonation_node"
+            }
+            _ => "impersonation",
+        }
     }
 }
 
@@ -763,7 +774,11 @@ mod tests {
         );
 
         let err = p.authorize(&c, "https://shop/web").await.unwrap_err();
-        assert!(err.is_malformed(), "{err}");
+        assert_eq!(
+            crate::class::Classify::class(&err),
+            crate::class::Class::Caller,
+            "{err}"
+        );
         let err = p
             .authorize(&c, "spiffe://other.mesh/ns/shop/sa/web")
             .await

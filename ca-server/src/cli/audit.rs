@@ -287,7 +287,7 @@ pub async fn audit(cmd: AuditCommand, common: &Common) -> anyhow::Result<ExitCod
             let mut event = EventRow::new(EventKind::Prune);
             event.operator = Some(operator_name());
             event.reason = Some(format!("pruned the events before {before}"));
-            let cut_ms = i64::try_from(cut.unix_timestamp_nanos() / 1_000_000).unwrap_or(i64::MAX);
+            let cut_ms = crate::rfc3339::unix_ms(cut);
             match store.prune_before(cut_ms, event).await? {
                 Some(pruned) => {
                     let key = AuditKey::load_or_create(&common.data_dir)?;

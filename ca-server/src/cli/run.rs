@@ -12,11 +12,10 @@ use tracing::info;
 use super::{Common, parse_duration};
 use crate::auth::node::NodeAccount;
 use crate::issuance::LeafPolicy;
+use crate::issuance::LimitSettings;
 use crate::kube::KubeApi;
-use crate::server::limits::Rate;
-use crate::server::{
-    self, ConnectionLimits, IssuerApi, IssuerKeysFrom, IssuerSettings, LimitSettings, Settings,
-};
+use crate::limits::Rate;
+use crate::server::{self, ConnectionLimits, IssuerApi, IssuerKeysFrom, IssuerSettings, Settings};
 use crate::spiffe::TrustDomain;
 
 /// Flags of `run`. Each may also be set in the config file (same name, `_` for `-`).

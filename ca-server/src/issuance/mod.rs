@@ -1,14 +1,24 @@
-//! Issuance: CSR checks, the leaf profile, and the `issue` pipeline that signs with the
-//! active authority.
+//! Issuance: CSR checks, the leaf profile, `issue` (which signs with the active authority),
+//! and the `pipeline` behind `CreateCertificate` (authenticate, check, sign, record, answer),
+//! pure of any transport: its refusals are classed (`crate::class`), and the server turns
+//! the class into a gRPC code.
 
+mod active;
 pub mod csr;
+mod pipeline;
+pub mod pool;
 pub mod profile;
+mod refusal;
+mod refusals;
 pub mod selfcheck;
 
 use time::OffsetDateTime;
 
+pub use active::Active;
 pub use csr::{CheckedCsr, CsrError, KeyKind, MAX_CSR_BYTES, check_csr};
+pub use pipeline::{CertificateAuthority, CsrRequest, LimitSettings};
 pub use profile::{LeafPolicy, Validity, ValidityError, leaf_validity, resolve_ttl};
+pub use refusal::Refusal;
 pub use selfcheck::TrustAnchors;
 
 use crate::auth::Identity;
@@ -42,6 +52,33 @@ pub enum IssueError {
     /// it was not returned.
     #[error("the issued certificate failed the self-check and was withheld: {0}")]
     SelfCheck(String),
+}
+
+impl crate::class::Classify for IssueError {
+    /// The caller's for a bad CSR or TTL, forbidden for SANs not its own, unavailable while
+    /// the authority is not valid, internal for signing and the self-check.
+    fn class(&self) -> crate::class::Class {
+        use crate::class::Class;
+        match self {
+            Self::Csr(_)
+            | Self::Validity(ValidityError::Negative(_))
+            | Self::Validity(ValidityError::AboveMax { .. }) => Class::Caller,
+            Self::Validity(ValidityError::IssuerNotValid { .. }) => Class::Unavailable,
+            Self::SanMismatch { .. } => Class::Forbidden,
+            Self::Authority(_) | Self::SelfCheck(_) => Class::Internal,
+        }
+    }
+
+    fn reason(&self) -> &'static str {
+        match self {
+            Self::Csr(_) => "csr",
+            Self::Validity(ValidityError::IssuerNotValid { .. }) => "authority_not_valid",
+            Self::Validity(_) => "ttl",
+            Self::SanMismatch { .. } => "san_mismatch",
+            Self::Authority(_) => "signing",
+            Self::SelfCheck(_) => "self_check",
+        }
+    }
 }
 
 /// A certificate that was issued (but not yet returned: that waits for its audit record).

@@ -9,17 +9,72 @@ use tokio::sync::watch;
 use tonic::{Request, Response, Status};
 use tracing::{info, warn};
 
-use super::ca::Active;
 use super::grpc::PeerIdentity;
-use crate::audit::Filters;
+use super::status;
 use crate::audit::render::{rfc3339_ms, rfc3339_secs};
+use crate::audit::{FilterError, Filters};
+use crate::class::{Class, Classify};
+use crate::issuance::Active;
 use crate::spiffe::SpiffeId;
-use crate::store::{EventRow, Store};
+use crate::store::{EventRow, Store, StoreError};
 
 /// Events per page when the request names no size.
 const DEFAULT_PAGE: i64 = 100;
 /// The largest page.
 const MAX_PAGE: i64 = 1000;
+
+/// Why an audit query was refused.
+#[derive(Debug, thiserror::Error)]
+enum QueryError {
+    #[error(
+        "the audit service needs mutual TLS: call with a client certificate from this CA whose \
+         SPIFFE ID is on --auditor"
+    )]
+    NoClientCertificate,
+    #[error(
+        "the client certificate ({who}) is no longer accepted: {detail}; it has expired, or the \
+         authority that issued it is retired (or was never this CA's): get a new one and \
+         reconnect"
+    )]
+    NoLongerAccepted { who: String, detail: String },
+    #[error("{0} is not an auditor: the server allows only the SPIFFE IDs given with --auditor")]
+    NotAuditor(SpiffeId),
+    #[error(
+        "the client certificate carries no SPIFFE ID; auditors are named by SPIFFE ID (--auditor)"
+    )]
+    NoSpiffeId,
+    #[error("page_size {0} is outside 1..={MAX_PAGE}")]
+    PageSize(i64),
+    #[error("page_token is not one this server handed out")]
+    PageToken,
+    /// A filter, named as the request's field is (`valid_at`).
+    #[error("{}", .0.naming(&.0.field.replace('-', "_")))]
+    Filter(FilterError),
+    #[error("the audit log cannot be read: {0}")]
+    Store(StoreError),
+}
+
+impl Classify for QueryError {
+    fn class(&self) -> Class {
+        match self {
+            Self::NoClientCertificate | Self::NoLongerAccepted { .. } => Class::Unauthenticated,
+            Self::NotAuditor(_) | Self::NoSpiffeId => Class::Forbidden,
+            Self::PageSize(_) | Self::PageToken => Class::Caller,
+            Self::Filter(e) => e.class(),
+            Self::Store(_) => Class::Unavailable,
+        }
+    }
+
+    fn reason(&self) -> &'static str {
+        match self {
+            Self::NoClientCertificate | Self::NoLongerAccepted { .. } => "client_certificate",
+            Self::NotAuditor(_) | Self::NoSpiffeId => "not_auditor",
+            Self::PageSize(_) | Self::PageToken => "page",
+            Self::Filter(e) => e.reason(),
+            Self::Store(_) => "store",
+        }
+    }
+}
 
 /// The audit service over `store`, for `auditors`.
 pub struct RemoteAudit {
@@ -48,15 +103,10 @@ impl RemoteAudit {
     /// an authority of this CA that is not retired, so an auditor whose certificate expired,
     /// or whose authority was retired after a compromise, is refused on the connection it
     /// already has.
-    fn authorize<T>(&self, request: &Request<T>) -> Result<SpiffeId, Status> {
-        let cert = match request.extensions().get::<PeerIdentity>() {
-            Some(PeerIdentity::Certificate(cert)) => cert,
-            _ => {
-                return Err(Status::unauthenticated(
-                    "the audit service needs mutual TLS: call with a client certificate from \
-                     this CA whose SPIFFE ID is on --auditor",
-                ));
-            }
+    fn authorize<T>(&self, request: &Request<T>) -> Result<SpiffeId, QueryError> {
+        let Some(PeerIdentity::Certificate(cert)) = request.extensions().get::<PeerIdentity>()
+        else {
+            return Err(QueryError::NoClientCertificate);
         };
         let clients = Arc::clone(&self.active.borrow().clients);
         if let Err(e) = cert.check_now(clients.as_ref()) {
@@ -65,23 +115,18 @@ impl RemoteAudit {
                 ToString::to_string,
             );
             warn!(caller = %who, error = %e, "Refused an audit query: the client certificate is no longer valid");
-            return Err(Status::unauthenticated(format!(
-                "the client certificate ({who}) is no longer accepted: {e}; it has expired, or \
-                 the authority that issued it is retired (or was never this CA's): get a new \
-                 one and reconnect"
-            )));
+            return Err(QueryError::NoLongerAccepted {
+                who,
+                detail: e.to_string(),
+            });
         }
         match &cert.spiffe_id {
             Some(id) if self.auditors.contains(id) => Ok(id.clone()),
             Some(id) => {
                 warn!(caller = %id, "Refused an audit query from a non-auditor");
-                Err(Status::permission_denied(format!(
-                    "{id} is not an auditor: the server allows only the SPIFFE IDs given with --auditor"
-                )))
+                Err(QueryError::NotAuditor(id.clone()))
             }
-            None => Err(Status::permission_denied(
-                "the client certificate carries no SPIFFE ID; auditors are named by SPIFFE ID (--auditor)",
-            )),
+            None => Err(QueryError::NoSpiffeId),
         }
     }
 }
@@ -122,22 +167,25 @@ impl AuditService for RemoteAudit {
         &self,
         request: Request<ListEventsRequest>,
     ) -> Result<Response<ListEventsResponse>, Status> {
+        self.list(request).await.map_err(|e| status::to_status(&e))
+    }
+}
+
+impl RemoteAudit {
+    async fn list(
+        &self,
+        request: Request<ListEventsRequest>,
+    ) -> Result<Response<ListEventsResponse>, QueryError> {
         let caller = self.authorize(&request)?;
         let r = request.into_inner();
         let page_size = match i64::from(r.page_size) {
             0 => DEFAULT_PAGE,
             n if (1..=MAX_PAGE).contains(&n) => n,
-            n => {
-                return Err(Status::invalid_argument(format!(
-                    "page_size {n} is outside 1..={MAX_PAGE}"
-                )));
-            }
+            n => return Err(QueryError::PageSize(n)),
         };
         let before_seq = match r.page_token.as_str() {
             "" => None,
-            token => Some(token.parse::<i64>().map_err(|_| {
-                Status::invalid_argument("page_token is not one this server handed out")
-            })?),
+            token => Some(token.parse::<i64>().map_err(|_| QueryError::PageToken)?),
         };
         let filters = Filters {
             spiffe_id: r.spiffe_id,
@@ -154,12 +202,12 @@ impl AuditService for RemoteAudit {
         // One more than asked, to know whether another page follows.
         let query = filters
             .to_query(page_size + 1, before_seq)
-            .map_err(|e| Status::invalid_argument(e.to_string().replace('-', "_")))?;
+            .map_err(QueryError::Filter)?;
         let mut events = self
             .store
             .audit_events(&query)
             .await
-            .map_err(|e| Status::unavailable(format!("the audit log cannot be read: {e}")))?;
+            .map_err(QueryError::Store)?;
         let more = events.len() as i64 > page_size;
         events.truncate(page_size as usize);
         let next_page_token = if more {

@@ -120,7 +120,7 @@ pub(super) async fn open(settings: &Settings) -> Result<Opened, StartError> {
         .await;
     let version = store.authority_version().await?;
     let issuers = tasks::client_issuers(&store).await?;
-    let (active_tx, _) = watch::channel(Arc::new(Active::new(authority, bundle, &issuers)?));
+    let (active_tx, _) = watch::channel(Arc::new(tls::active(authority, bundle, &issuers)?));
     Ok(Opened {
         store,
         audit,

@@ -6,11 +6,12 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use super::{ConnectionLimits, LimitSettings};
+use super::ConnectionLimits;
 use crate::audit::CheckpointError;
 use crate::auth::dev::DevIssuerError;
 use crate::authority::AuthorityError;
 use crate::issuance::LeafPolicy;
+use crate::issuance::LimitSettings;
 use crate::spiffe::TrustDomain;
 use crate::store::StoreError;
 

@@ -10,7 +10,7 @@ use std::time::Duration;
 use tokio::sync::watch;
 use tracing::{info, warn};
 
-use super::ca::Active;
+use crate::issuance::Active;
 use crate::kube::KubeClient;
 
 /// The key the PEM bundle is published under (Istio's).

@@ -1,9 +1,9 @@
 //! The gRPC services.
 
 use std::net::SocketAddr;
-use std::sync::Arc;
-
 use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Duration;
 
 use ca_proto::ca::v1::trust_bundle_service_server::TrustBundleService;
 use ca_proto::ca::v1::{GetTrustBundleRequest, TrustBundle, WatchTrustBundleRequest};
@@ -15,7 +15,9 @@ use tokio_stream::StreamExt;
 use tokio_stream::wrappers::WatchStream;
 use tonic::{Request, Response, Status};
 
-use super::ca::{Active, CertificateAuthority, CsrRequest};
+use super::status;
+use crate::class::{Class, Classify};
+use crate::issuance::{Active, CertificateAuthority, CsrRequest};
 use crate::spiffe::TrustDomain;
 
 /// The caller's address, put into each request's extensions by the connection handler.
@@ -167,16 +169,26 @@ impl IstioCertificateService for CertificateService {
         // safe; the reverse cannot happen.)
         let chain = tokio::time::timeout(deadline, work)
             .await
-            .map_err(|_| {
-                Status::deadline_exceeded(format!(
-                    "the request did not complete within {} ms",
-                    deadline.as_millis()
-                ))
-            })?
-            .map_err(|r| r.to_status())?;
+            .map_err(|_| status::to_status(&DeadlinePassed(deadline)))?
+            .map_err(|r| status::to_status(&r))?;
         Ok(Response::new(IstioCertificateResponse {
             cert_chain: chain,
         }))
+    }
+}
+
+/// The caller's deadline passed before its certificate was ready.
+#[derive(Debug, thiserror::Error)]
+#[error("the request did not complete within {} ms", .0.as_millis())]
+struct DeadlinePassed(Duration);
+
+impl Classify for DeadlinePassed {
+    fn class(&self) -> Class {
+        Class::Deadline
+    }
+
+    fn reason(&self) -> &'static str {
+        "deadline"
     }
 }
 

@@ -23,7 +23,7 @@ use tower::Service;
 use tracing::{debug, warn};
 
 use super::grpc::{PeerAddr, PeerCertificate, PeerIdentity};
-use super::limits::peer_key;
+use crate::limits::peer_key;
 
 /// How long a client has to finish its TLS handshake.
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);

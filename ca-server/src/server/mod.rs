@@ -4,14 +4,11 @@
 
 mod audit_service;
 pub mod bootstrap;
-mod ca;
 pub mod config;
 pub mod configmap;
 mod grpc;
 mod http;
-pub mod limits;
 mod listener;
-mod pool;
 mod publish;
 pub mod status;
 mod tasks;
@@ -26,7 +23,6 @@ use tokio::sync::watch;
 use tokio::task::JoinSet;
 use tracing::{Instrument, error, info, info_span, warn};
 
-pub use ca::{Active, CertificateAuthority, CsrRequest, LimitSettings};
 pub use config::{
     CRYPTO_QUEUE, IssuerApi, IssuerKeysFrom, IssuerSettings, MAX_HEADER_BYTES, MAX_REQUEST_BYTES,
     Settings, StartError,
@@ -38,6 +34,8 @@ pub use tasks::{EXPIRY_CHECK_INTERVAL, STORE_POLL_INTERVAL};
 pub use tls::{SERVER_CERT_TTL, renew_in};
 
 use crate::audit::AuditLog;
+use crate::issuance::pool::CryptoPool;
+use crate::issuance::{Active, CertificateAuthority};
 use crate::store::Store;
 
 /// A started server.
@@ -93,7 +91,7 @@ pub async fn start(settings: Settings) -> Result<RunningServer, StartError> {
         cert_rx,
         Arc::new(tls::AuthorityClientVerifier::new(active.clone())),
     );
-    let pool = pool::CryptoPool::per_core(CRYPTO_QUEUE).map_err(StartError::Threads)?;
+    let pool = CryptoPool::per_core(CRYPTO_QUEUE).map_err(StartError::Threads)?;
     let ca = Arc::new(CertificateAuthority::new(
         Arc::clone(&authn),
         policy,

@@ -11,7 +11,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use tokio::sync::watch;
 
-use super::ca::Active;
+use crate::issuance::Active;
 
 #[derive(Clone)]
 struct PublishState {

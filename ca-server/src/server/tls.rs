@@ -15,9 +15,9 @@ use rustls_pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer, UnixTi
 use time::{Duration, OffsetDateTime};
 use tokio::sync::watch;
 
-use super::ca::Active;
 use crate::audit::AuditLog;
 use crate::authority::{Authority, AuthorityError, pem_to_der, random_serial, sha256_hex};
+use crate::issuance::Active;
 use crate::issuance::{Validity, leaf_validity, profile};
 use crate::store::{EventKind, EventRow};
 
@@ -122,6 +122,22 @@ impl ResolvesServerCert for CurrentCert {
     fn resolve(&self, _hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
         Some(Arc::clone(&self.0.borrow()))
     }
+}
+
+/// What the server publishes for `authority` and `bundle`: the two, the bundle's trust
+/// anchors, and a verifier of client certificates issued by one of `issuers`.
+pub fn active(
+    authority: Arc<crate::authority::Authority>,
+    bundle: crate::bundle::Bundle,
+    issuers: &[String],
+) -> Result<Active, crate::authority::AuthorityError> {
+    let clients = client_verifier(issuers).map_err(|detail| {
+        crate::authority::AuthorityError::BadCertificate {
+            id: authority.id(),
+            detail,
+        }
+    })?;
+    Active::new(authority, bundle, clients)
 }
 
 /// A verifier of client certificates issued by one of `issuers` (the signing certificates,

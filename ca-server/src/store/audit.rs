@@ -219,9 +219,7 @@ impl EventRow {
     /// An event of `kind` made now, every optional field empty; the log fills in `seq` and
     /// the hashes when it commits.
     pub fn new(kind: EventKind) -> Self {
-        let time_ms =
-            i64::try_from(time::OffsetDateTime::now_utc().unix_timestamp_nanos() / 1_000_000)
-                .unwrap_or(i64::MAX);
+        let time_ms = crate::rfc3339::now_unix_ms();
         Self {
             seq: 0,
             time_ms,

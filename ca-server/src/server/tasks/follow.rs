@@ -157,6 +157,8 @@ async fn reload(
         authorities = issuers.len(),
         "Applied an authority change"
     );
-    active.send_replace(Arc::new(Active::new(authority, bundle, &issuers)?));
+    active.send_replace(Arc::new(crate::server::tls::active(
+        authority, bundle, &issuers,
+    )?));
     Ok(())
 }

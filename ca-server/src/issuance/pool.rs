@@ -21,6 +21,19 @@ pub enum PoolError {
     Stopped,
 }
 
+impl crate::class::Classify for PoolError {
+    fn class(&self) -> crate::class::Class {
+        match self {
+            Self::Full(_) => crate::class::Class::Overloaded,
+            Self::Stopped => crate::class::Class::Unavailable,
+        }
+    }
+
+    fn reason(&self) -> &'static str {
+        "capacity"
+    }
+}
+
 /// A handle on the pool; cheap to clone.
 #[derive(Clone)]
 pub struct CryptoPool {

@@ -3,67 +3,25 @@
 
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use time::OffsetDateTime;
 use tokio::sync::watch;
-use tracing::{debug, error, info, warn};
+use tracing::{debug, warn};
 
-use super::limits::{Aggregator, Rate, RateLimiter, Repeated, peer_key};
+use super::active::Active;
 use super::pool::CryptoPool;
-use super::status::{Refusal, code_name};
+use super::refusal::Refusal;
+use super::refusals::{Known, REFUSAL_WINDOW, RefusalKey, event_for};
 use crate::audit::AuditLog;
 use crate::auth::node::ImpersonationPolicy;
 use crate::auth::{AuthError, Authenticator, BearerToken, Identity};
-use crate::authority::{Authority, AuthorityError};
-use crate::bundle::Bundle;
-use crate::issuance::{self, Issued, LeafPolicy, TrustAnchors};
+use crate::issuance::{self, Issued, LeafPolicy};
+use crate::limits::{Aggregator, Rate, RateLimiter, peer_key};
 use crate::store::{EventKind, EventRow};
-use crate::untrusted;
 
-/// What rotates together: the signing authority, the bundle, and the authorities whose
-/// certificates clients may present. One task writes it; every request reads the latest
-/// value.
-#[derive(Debug)]
-pub struct Active {
-    /// The authority that signs.
-    pub authority: Arc<Authority>,
-    /// The published roots.
-    pub bundle: Bundle,
-    /// The same roots, parsed for the self-check of every issued chain.
-    pub anchors: TrustAnchors,
-    /// Verifies client certificates: issued by an authority of this CA that is not retired,
-    /// and valid now. Not merely chaining to some root of the bundle: an imported
-    /// intermediate's root may sign for others too.
-    pub clients: Arc<dyn rustls::server::danger::ClientCertVerifier>,
-}
-
-impl Active {
-    /// The authority and bundle, with the bundle's roots parsed as trust anchors, and
-    /// client certificates verified against `issuers`: the signing certificates (PEM) of
-    /// every authority not retired.
-    pub fn new(
-        authority: Arc<Authority>,
-        bundle: Bundle,
-        issuers: &[String],
-    ) -> Result<Self, AuthorityError> {
-        let bad = |detail: String| AuthorityError::BadCertificate {
-            id: authority.id(),
-            detail,
-        };
-        let anchors = TrustAnchors::from_bundle(&bundle).map_err(bad)?;
-        let clients = super::tls::client_verifier(issuers).map_err(bad)?;
-        Ok(Self {
-            authority,
-            bundle,
-            anchors,
-            clients,
-        })
-    }
-}
-
-/// A certificate request, as the transport received it.
-#[derive(Debug)]
+/// A certificate request, as the transport received it. Its `Debug` leaves the
+/// `authorization` header out: it carries the caller's token.
 pub struct CsrRequest {
     /// The caller's address.
     pub peer: Option<SocketAddr>,
@@ -79,16 +37,32 @@ pub struct CsrRequest {
     pub impersonated_identity: Option<String>,
 }
 
+impl std::fmt::Debug for CsrRequest {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CsrRequest")
+            .field("peer", &self.peer)
+            .field(
+                "authorization",
+                &self.authorization.as_ref().map(|_| "<redacted>"),
+            )
+            .field("cluster_id", &self.cluster_id)
+            .field("csr_bytes", &self.csr.len())
+            .field("validity_secs", &self.validity_secs)
+            .field("impersonated_identity", &self.impersonated_identity)
+            .finish()
+    }
+}
+
 /// The certificate authority: everything a request needs.
 pub struct CertificateAuthority {
     authn: Arc<Authenticator>,
     impersonation: ImpersonationPolicy,
-    audit: AuditLog,
+    pub(super) audit: AuditLog,
     policy: LeafPolicy,
     active: watch::Receiver<Arc<Active>>,
     pool: CryptoPool,
     limits: Limits,
-    refusals: Aggregator<RefusalKey, EventRow>,
+    pub(super) refusals: Aggregator<RefusalKey, EventRow>,
 }
 
 /// The abuse limits of [`CertificateAuthority`].
@@ -104,31 +78,6 @@ struct Limits {
     settings: LimitSettings,
     per_identity: RateLimiter<String>,
     unauthenticated: RateLimiter<IpAddr>,
-}
-
-/// Refusals alike enough to be counted in one event: the peer's address (IPv6 by its /64),
-/// the code, the check that refused, and the identity the caller proved, if it got that
-/// far. Never anything the caller merely claims, nor the message, which a flood can vary
-/// at will.
-type RefusalKey = (Option<IpAddr>, &'static str, &'static str, Option<String>);
-
-/// How long identical refusals are counted before their event is written.
-pub const REFUSAL_WINDOW: Duration = Duration::from_secs(10);
-
-/// What an event can say about the request.
-#[derive(Default)]
-struct Known {
-    /// The identity issued (or to be): the caller's own, or the one it may have instead.
-    identity: Option<Identity>,
-    /// The caller, once its token checked out, when it asked for an identity other than
-    /// its own.
-    caller: Option<Identity>,
-    csr_sha256: Option<String>,
-    public_key_sha256: Option<String>,
-}
-
-fn unix_ms(t: OffsetDateTime) -> i64 {
-    i64::try_from(t.unix_timestamp_nanos() / 1_000_000).unwrap_or(i64::MAX)
 }
 
 impl CertificateAuthority {
@@ -155,38 +104,6 @@ impl CertificateAuthority {
                 unauthenticated: RateLimiter::new(limits.unauthenticated_per_peer),
             },
             refusals: Aggregator::new(REFUSAL_WINDOW),
-        }
-    }
-
-    /// Writes one event for each run of refusals whose window has closed (all of them when
-    /// `all`, at shutdown).
-    pub async fn flush_refusals(&self, all: bool) {
-        for (key, run) in self.refusals.due(Instant::now(), all) {
-            self.record_run(key, run).await;
-        }
-    }
-
-    async fn record_run(&self, key: Option<RefusalKey>, run: Repeated<EventRow>) {
-        let mut event = run.sample;
-        event.count = Some(i64::try_from(run.count).unwrap_or(i64::MAX));
-        let like = match &key {
-            Some(_) => "refusals like this one",
-            // Past the cap on kinds counted at once: refusals of many kinds, many peers.
-            None => "refusals of many kinds (too many to count apart), the last like this one,",
-        };
-        event.reason = Some(untrusted::cut(
-            &format!(
-                "{} ({} {like} within {} s)",
-                event.reason.as_deref().unwrap_or_default(),
-                run.count,
-                run.window.as_secs()
-            ),
-            untrusted::REASON_BYTES,
-        ));
-        let peer = key.and_then(|(peer, ..)| peer);
-        info!(code = event.code.as_deref().unwrap_or_default(), peer = ?peer, count = run.count, "Refused certificate requests (repeated)");
-        if let Err(e) = self.audit.record(event).await {
-            warn!(error = %e, "Refusals could not be recorded in the audit log");
         }
     }
 
@@ -233,68 +150,6 @@ impl CertificateAuthority {
             Err(refusal) => {
                 self.refuse(&request, now, known, &refusal).await;
                 Err(refusal)
-            }
-        }
-    }
-
-    /// Counts, logs and records a refusal. The event holds only what a verified credential
-    /// or the node check established; what the caller claimed goes into `requested`, cut and
-    /// escaped like the reason.
-    async fn refuse(
-        &self,
-        request: &CsrRequest,
-        now: OffsetDateTime,
-        known: Known,
-        refusal: &Refusal,
-    ) {
-        let code = refusal.code();
-        let check = refusal.metric_reason();
-        crate::metrics::metrics()
-            .refusals
-            .get_or_create(&crate::metrics::RefusalLabels {
-                code: code_name(code),
-                reason: check,
-            })
-            .inc();
-        let mut event = event_for(EventKind::Denied, now, &known, request.peer);
-        event.code = Some(code_name(code).to_owned());
-        event.reason = Some(untrusted::cut(
-            &refusal.to_string(),
-            untrusted::REASON_BYTES,
-        ));
-        event.requested = request
-            .impersonated_identity
-            .as_deref()
-            .map(untrusted::claim);
-        event.csr_sha256 = known.csr_sha256;
-        event.public_key_sha256 = known.public_key_sha256;
-        if code == tonic::Code::Internal {
-            // Not the caller's doing: a bug or a broken authority. Someone must look.
-            error!(alert = true, reason = %refusal, peer = ?request.peer, "ALERT: certificate request failed inside the CA; nothing was returned");
-        }
-        // Refusals of one kind in a burst become one event with a count, so that a flood can
-        // fill neither the disk with records nor the log with lines.
-        let proven = known
-            .caller
-            .as_ref()
-            .or(known.identity.as_ref())
-            .map(|id| id.spiffe_id.to_string());
-        let key = (
-            request.peer.map(|p| peer_key(p.ip())),
-            code_name(code),
-            check,
-            proven,
-        );
-        let (record_now, ended) = self.refusals.admit(key, event.clone(), Instant::now());
-        if let Some((key, run)) = ended {
-            self.record_run(key, run).await;
-        }
-        if record_now {
-            if code != tonic::Code::Internal {
-                info!(code = code_name(code), reason = %refusal, peer = ?request.peer, "Refused certificate request");
-            }
-            if let Err(e) = self.audit.record(event).await {
-                warn!(error = %e, "Refusal could not be recorded in the audit log");
             }
         }
     }
@@ -413,34 +268,4 @@ impl CertificateAuthority {
         }
         Ok(identity)
     }
-}
-
-/// An event of `kind` about what is `known` of the request, with the common fields filled
-/// in: the identity issued (or asked for), and the caller when that is someone else.
-fn event_for(
-    kind: EventKind,
-    now: OffsetDateTime,
-    known: &Known,
-    peer: Option<SocketAddr>,
-) -> EventRow {
-    let mut event = EventRow::new(kind);
-    event.time_ms = unix_ms(now);
-    event.peer = peer.map(|p| p.to_string());
-    if let Some(id) = &known.identity {
-        event.spiffe_id = Some(id.spiffe_id.to_string());
-        event.namespace = Some(id.namespace.clone());
-        event.service_account = Some(id.service_account.clone());
-        event.pod_name = id.pod_name.clone();
-        event.pod_uid = id.pod_uid.clone();
-        event.token_issuer = Some(id.issuer.clone());
-        event.node = id.node.clone();
-    }
-    if let Some(caller) = &known.caller {
-        event.caller = Some(caller.spiffe_id.to_string());
-        event.token_issuer = Some(caller.issuer.clone());
-        if event.node.is_none() {
-            event.node = caller.node.clone();
-        }
-    }
-    event
 }

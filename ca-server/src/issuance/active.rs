@@ -1,0 +1,47 @@
+//! What rotates together, published by the server and read by every request.
+
+use std::sync::Arc;
+
+use super::TrustAnchors;
+use crate::authority::{Authority, AuthorityError};
+use crate::bundle::Bundle;
+
+/// What rotates together: the signing authority, the bundle, and the authorities whose
+/// certificates clients may present. One task writes it; every request reads the latest
+/// value.
+#[derive(Debug)]
+pub struct Active {
+    /// The authority that signs.
+    pub authority: Arc<Authority>,
+    /// The published roots.
+    pub bundle: Bundle,
+    /// The same roots, parsed for the self-check of every issued chain.
+    pub anchors: TrustAnchors,
+    /// Verifies client certificates: issued by an authority of this CA that is not retired,
+    /// and valid now. Not merely chaining to some root of the bundle: an imported
+    /// intermediate's root may sign for others too.
+    pub clients: Arc<dyn rustls::server::danger::ClientCertVerifier>,
+}
+
+impl Active {
+    /// The authority and bundle, with the bundle's roots parsed as trust anchors, and
+    /// `clients`, the verifier of client certificates.
+    pub fn new(
+        authority: Arc<Authority>,
+        bundle: Bundle,
+        clients: Arc<dyn rustls::server::danger::ClientCertVerifier>,
+    ) -> Result<Self, AuthorityError> {
+        let anchors = TrustAnchors::from_bundle(&bundle).map_err(|detail| {
+            AuthorityError::BadCertificate {
+                id: authority.id(),
+                detail,
+            }
+        })?;
+        Ok(Self {
+            authority,
+            bundle,
+            anchors,
+            clients,
+        })
+    }
+}
