@@ -27,6 +27,25 @@ fn openssl(args: &[&str]) -> String {
 }
 
 #[test]
+fn a_log_written_to_a_file_has_no_colour_codes_and_rfc3339_times() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = TestServer::start(&dir.path().join("data"), &["--dev"]);
+    let log = server.stderr();
+    assert!(!log.contains('\u{1b}'), "{log}");
+    let loaded = log
+        .lines()
+        .find(|l| l.contains("Loaded the active authority"))
+        .unwrap_or_else(|| panic!("{log}"));
+    let not_after = loaded.split("not_after=").nth(1).unwrap();
+    let not_after = not_after.split_whitespace().next().unwrap();
+    assert!(
+        time::OffsetDateTime::parse(not_after, &time::format_description::well_known::Rfc3339)
+            .is_ok(),
+        "{loaded}"
+    );
+}
+
+#[test]
 fn readme_demo_dev_token_then_request_then_openssl() {
     let dir = tempfile::tempdir().unwrap();
     let server = TestServer::start(&dir.path().join("data"), &["--dev"]);
@@ -64,6 +83,14 @@ fn readme_demo_dev_token_then_request_then_openssl() {
         ]));
         assert!(
             printed.starts_with("spiffe://cluster.local/ns/default/sa/web serial "),
+            "{printed}"
+        );
+        // Times print as RFC 3339, as everywhere else.
+        let until = printed.split(" valid until ").nth(1).unwrap();
+        let until = until.split(" -> ").next().unwrap();
+        assert!(
+            time::OffsetDateTime::parse(until, &time::format_description::well_known::Rfc3339)
+                .is_ok(),
             "{printed}"
         );
 

@@ -140,3 +140,36 @@ async fn a_forbidden_review_names_the_missing_permission() {
         status.message()
     );
 }
+
+#[tokio::test]
+async fn an_api_server_certificate_we_do_not_trust_is_named_as_the_cause() {
+    let dir = tempfile::tempdir().unwrap();
+    let issuer = TestIssuer::new(dir.path());
+    let api = FakeKubeApi::start(
+        dir.path(),
+        Arc::new(|_| (201, review_authenticated("shop", "web", "web-0", "uid-0"))),
+    );
+    // The server is given another CA than the one the API's certificate chains to.
+    let (_, other_ca) = ca_tests::kube::loopback_tls("some other ca");
+    let other_ca_file = dir.path().join("other-ca.crt");
+    std::fs::write(&other_ca_file, other_ca).unwrap();
+    let mut flags = api.flags();
+    let at = flags.iter().position(|f| f == "--kube-ca-file").unwrap();
+    flags[at + 1] = other_ca_file.display().to_string();
+    let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
+    let server = TestServer::start(&dir.path().join("data"), &flags);
+    let mut client = server.client().await;
+    let (csr, _) = csr(&rcgen::PKCS_ECDSA_P256_SHA256, &[]);
+    let status = create_certificate(&mut client, Some(&issuer.token("shop", "web")), &csr, 0)
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::Unavailable, "{}", status.message());
+    // Not merely hyper's `client error (Connect)`: the TLS reason.
+    assert!(
+        status.message().contains("invalid peer certificate")
+            && status.message().contains("UnknownIssuer"),
+        "{}",
+        status.message()
+    );
+    assert!(api.requests().is_empty());
+}

@@ -155,8 +155,8 @@ fn check_ca(cert: &X509Certificate<'_>) -> Result<(), ImportError> {
     if !cert.validity().is_valid() {
         return Err(ImportError::NotValidNow {
             subject,
-            not_before: cert.validity().not_before.to_string(),
-            not_after: cert.validity().not_after.to_string(),
+            not_before: crate::rfc3339::secs_text(cert.validity().not_before.timestamp()),
+            not_after: crate::rfc3339::secs_text(cert.validity().not_after.timestamp()),
         });
     }
     Ok(())

@@ -236,12 +236,17 @@ async fn open_store(common: &Common) -> anyhow::Result<crate::store::Store> {
         .with_context(|| format!("opening {}", crate::store::redact_url(&common.database_url)))
 }
 
-/// Logs to stderr, filtered by `RUST_LOG` (default `info`), as text or JSON lines.
+/// Logs to stderr, filtered by `RUST_LOG` (default `info`), as text or JSON lines; in
+/// colour only on a terminal, and never with `NO_COLOR` set.
 pub fn init_tracing(format: LogFormat) {
+    use std::io::IsTerminal;
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let colour = std::io::stderr().is_terminal()
+        && std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty());
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(colour)
         .with_writer(std::io::stderr);
     match format {
         LogFormat::Text => builder.init(),

@@ -264,7 +264,7 @@ pub async fn request(args: RequestArgs) -> anyhow::Result<ExitCode> {
         "{} serial {} valid until {} -> {}",
         obtained.spiffe_id,
         obtained.serial,
-        obtained.not_after,
+        crate::rfc3339::text(obtained.not_after),
         args.out_dir.display()
     );
     Ok(ExitCode::SUCCESS)
@@ -350,7 +350,7 @@ async fn session(
             _ = tokio::time::sleep(wait) => {
                 let obtained = obtain(channel.clone(), &args.token()?, args.key_type, ttl_secs).await?;
                 write_credentials(&args.out_dir, &obtained)?;
-                info!(spiffe_id = %obtained.spiffe_id, serial = %obtained.serial, not_after = %obtained.not_after, "Renewed the certificate");
+                info!(spiffe_id = %obtained.spiffe_id, serial = %obtained.serial, not_after = %crate::rfc3339::text(obtained.not_after), "Renewed the certificate");
                 // The life is measured from receipt, not from notBefore: the server backdates
                 // notBefore for skewed clocks, and a short certificate would otherwise look
                 // half-spent the moment it arrives.

@@ -49,7 +49,10 @@ pub enum ValidityError {
     },
     /// The issuing authority is not valid now.
     #[error(
-        "the active authority is valid only from {not_before} to {not_after}; rotate it with `ca-server root prepare` and `root activate`"
+        "the active authority is valid only from {} to {}; rotate it with `ca-server root \
+         prepare` and `root activate`",
+        crate::rfc3339::text(*.not_before),
+        crate::rfc3339::text(*.not_after)
     )]
     IssuerNotValid {
         /// Its notBefore.

@@ -98,7 +98,7 @@ pub(super) async fn open(settings: &Settings) -> Result<Opened, StartError> {
     let readiness = Arc::new(Readiness::default());
     let authority = Arc::new(active_authority(&store, settings).await?);
     readiness.authority.store(true, Ordering::Release);
-    info!(authority_id = authority.id(), subject = authority.subject(), not_after = %authority.not_after(), "Loaded the active authority");
+    info!(authority_id = authority.id(), subject = authority.subject(), not_after = %crate::rfc3339::text(authority.not_after()), "Loaded the active authority");
     let bundle = bundle::load(&store).await?;
     bundle::write_bundle_file(&settings.data_dir, &bundle).map_err(|source| {
         StartError::BundleFile {

@@ -42,7 +42,7 @@ pub(in crate::server) async fn renew_server_cert(
         let authority = Arc::clone(&active.borrow().authority);
         match tls::mint_server_cert(&authority, &names, &audit).await {
             Ok(cert) => {
-                info!(authority_id = authority.id(), not_after = %cert.validity.not_after, "Minted a new server certificate");
+                info!(authority_id = authority.id(), not_after = %crate::rfc3339::text(cert.validity.not_after), "Minted a new server certificate");
                 signer = authority.id();
                 certs.send_replace(Arc::clone(&cert.certified));
                 current = cert;
