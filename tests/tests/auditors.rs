@@ -208,7 +208,7 @@ async fn every_filter_and_format_returns_exactly_the_right_events() {
     let rows: Vec<&str> = csv.lines().collect();
     assert_eq!(
         rows[0],
-        "seq,time,kind,spiffe_id,namespace,service_account,pod_name,pod_uid,token_issuer,serial,not_before,not_after,authority_id,public_key_sha256,csr_sha256,peer,code,reason,count,operator,caller,node,requested,hash,prev_hash"
+        "seq,time,kind,spiffe_id,namespace,service_account,pod_name,pod_uid,token_issuer,serial,not_before,not_after,authority_id,public_key_sha256,csr_sha256,peer,code,reason,count,operator,caller,node,requested,anchor_seq,anchor_hash,hash,prev_hash"
     );
     assert_eq!(rows.len(), all.len() + 1);
     for (row, e) in rows[1..].iter().zip(&all) {
@@ -343,6 +343,7 @@ fn as_json(e: &ca_proto::ca::v1::AuditEvent) -> Value {
         "public_key_sha256": s(&e.public_key_sha256), "csr_sha256": s(&e.csr_sha256), "peer": s(&e.peer),
         "code": s(&e.code), "reason": s(&e.reason), "count": i(e.count), "operator": s(&e.operator),
         "caller": s(&e.caller), "node": s(&e.node), "requested": s(&e.requested),
+        "anchor_seq": i(e.anchor_seq), "anchor_hash": s(&e.anchor_hash),
         "hash": e.hash, "prev_hash": e.prev_hash,
     })
 }
@@ -528,7 +529,7 @@ async fn tampering_is_found_and_a_consistent_rewrite_fails_against_an_exported_c
             vec![
                 "UPDATE audit_events SET seq = seq + 1000 WHERE seq > 3".into(),
                 "UPDATE audit_events SET seq = seq - 999 WHERE seq > 1000".into(),
-                "INSERT INTO audit_events SELECT 4, time_ms, kind, spiffe_id, namespace, service_account, pod_name, pod_uid, token_issuer, serial, not_before, not_after, authority_id, public_key_sha256, csr_sha256, peer, code, reason, count, operator, prev_hash, hash, caller, node, requested FROM audit_events WHERE seq = 3".into(),
+                "INSERT INTO audit_events SELECT 4, time_ms, kind, spiffe_id, namespace, service_account, pod_name, pod_uid, token_issuer, serial, not_before, not_after, authority_id, public_key_sha256, csr_sha256, peer, code, reason, count, operator, prev_hash, hash, caller, node, requested, anchor_seq, anchor_hash FROM audit_events WHERE seq = 3".into(),
             ],
             4,
             "",
@@ -561,7 +562,7 @@ async fn tampering_is_found_and_a_consistent_rewrite_fails_against_an_exported_c
         }
         if e.seq >= 3 {
             e.prev_hash = prev.clone();
-            e.hash = ca_server::store::event_hash(&e);
+            e.hash = ca_server::audit::event_hash(&e);
             statements.push(format!(
                 "UPDATE audit_events SET spiffe_id = {}, prev_hash = '{}', hash = '{}' WHERE seq = {}",
                 e.spiffe_id.as_ref().map_or("NULL".into(), |v| format!("'{v}'")),
@@ -655,6 +656,9 @@ async fn prune_removes_old_events_and_keeps_the_chain_verifiable() {
     assert_eq!(anchor[0]["seq"].as_i64().unwrap(), *old.first().unwrap());
     let prune = &audit_json(server, &["--kind", "prune"])[0];
     assert_eq!(prune["count"].as_i64().unwrap(), old.len() as i64);
+    // The prune names the anchor it vouches for in fields of its own, which its hash covers.
+    assert_eq!(prune["anchor_seq"], anchor[0]["seq"], "{prune}");
+    assert_eq!(prune["anchor_hash"], anchor[0]["hash"], "{prune}");
     assert!(prune["operator"].is_string());
 
     let (ok, text) = (

@@ -927,7 +927,7 @@ async fn a_log_rewritten_and_signed_anew_under_another_key_is_caught() {
         }
         if e.seq >= 4 {
             e.prev_hash = prev.clone();
-            e.hash = ca_server::store::event_hash(e);
+            e.hash = ca_server::audit::event_hash(e);
             statements.push(format!(
                 "UPDATE audit_events SET spiffe_id = '{}', prev_hash = '{}', hash = '{}' WHERE seq = {}",
                 e.spiffe_id.clone().unwrap_or_default(),

@@ -291,6 +291,8 @@ async fn audit_list_filters_and_formats() {
             "caller",
             "node",
             "requested",
+            "anchor_seq",
+            "anchor_hash",
             "hash",
             "prev_hash"
         ]

@@ -5,7 +5,8 @@
 use std::collections::BTreeMap;
 
 use super::checkpoint::{TrustedKeys, verify_signature};
-use crate::store::{Checkpoint, EventKind, GENESIS_HASH, Store, StoreError, event_hash};
+use crate::audit::{EventKind, EventRow, GENESIS_HASH, event_hash};
+use crate::store::{Checkpoint, Store, StoreError};
 
 /// What `audit verify` found.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -173,11 +174,8 @@ pub async fn verify_chain(
                     ),
                 );
             }
-            if let (Some((seq, hash)), EventKind::Prune) = (&anchor, event.kind)
-                && event
-                    .reason
-                    .as_deref()
-                    .is_some_and(|r| r.contains(&format!("event {seq} ({hash})")))
+            if let Some((seq, hash)) = &anchor
+                && vouches_for(&event, *seq, hash)
             {
                 anchor_vouched = true;
             }
@@ -233,10 +231,27 @@ pub async fn verify_chain(
     })
 }
 
+/// Whether `event` is a prune that vouches for the anchor `seq` with `hash`: it names them
+/// in its `anchor_seq` and `anchor_hash`. A prune written before those fields existed names
+/// them only in its reason (`… event SEQ (HASH)`), which its hash covers too.
+fn vouches_for(event: &EventRow, seq: i64, hash: &str) -> bool {
+    if event.kind != EventKind::Prune {
+        return false;
+    }
+    match (event.anchor_seq, event.anchor_hash.as_deref()) {
+        (Some(s), Some(h)) => s == seq && h == hash,
+        (None, None) => event
+            .reason
+            .as_deref()
+            .is_some_and(|r| r.contains(&format!("event {seq} ({hash})"))),
+        _ => false,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::store::EventRow;
+    use crate::audit::EventRow;
 
     #[test]
     fn hash_covers_every_field_and_the_link() {
@@ -259,5 +274,35 @@ mod tests {
         let mut emptied = e;
         emptied.reason = Some(String::new());
         assert_ne!(event_hash(&emptied), h);
+    }
+
+    fn prune() -> EventRow {
+        EventRow::new(EventKind::Prune)
+    }
+
+    #[test]
+    fn a_prune_vouches_for_the_anchor_it_names() {
+        let mut typed = prune();
+        typed.anchor_seq = Some(41);
+        typed.anchor_hash = Some("aa".into());
+        // Its reason says something else: the typed fields decide.
+        typed.reason = Some("the chain continues from event 7 (bb)".into());
+        assert!(vouches_for(&typed, 41, "aa"));
+        assert!(!vouches_for(&typed, 41, "ab"));
+        assert!(!vouches_for(&typed, 7, "bb"));
+
+        // Written before the fields existed: its reason names the anchor.
+        let mut legacy = prune();
+        legacy.reason = Some("pruned; the chain continues from event 41 (aa)".into());
+        assert!(vouches_for(&legacy, 41, "aa"));
+        assert!(!vouches_for(&legacy, 40, "aa"));
+
+        // Half a typed anchor, or another kind of event, vouches for nothing.
+        let mut half = legacy.clone();
+        half.anchor_seq = Some(41);
+        assert!(!vouches_for(&half, 41, "aa"));
+        let mut denied = legacy;
+        denied.kind = EventKind::Denied;
+        assert!(!vouches_for(&denied, 41, "aa"));
     }
 }

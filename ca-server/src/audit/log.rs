@@ -8,7 +8,8 @@ use std::time::Duration;
 use tokio::sync::{mpsc, oneshot};
 use tracing::{debug, error, warn};
 
-use crate::store::{AuditWriter, EventRow, Store};
+use crate::audit::EventRow;
+use crate::store::{AuditWriter, Store};
 
 /// Largest group committed in one transaction.
 const MAX_GROUP: usize = 512;

@@ -3,12 +3,16 @@
 
 mod chain;
 pub mod checkpoint;
+pub mod encoding;
+pub mod event;
 mod log;
 pub mod query;
 pub mod render;
 
 pub use chain::{VerifyReport, verify_chain};
 pub use checkpoint::{AuditKey, CheckpointError, TrustedKeys};
+pub use encoding::{GENESIS_HASH, event_hash};
+pub use event::{EventKind, EventRow};
 pub use query::{FilterError, Filters};
 
 use crate::store::{Checkpoint, Store, StoreError};

@@ -4,7 +4,8 @@
 use time::OffsetDateTime;
 use time::format_description::well_known::Rfc3339;
 
-use crate::store::{AuditQuery, EventKind};
+use crate::audit::EventKind;
+use crate::store::AuditQuery;
 
 /// Filters as text, one per flag (or request field). Empty means "any".
 #[derive(Debug, Clone, Default)]

@@ -17,9 +17,10 @@ pub use import::{ImportError, ImportedCa, read_cacerts, read_cacerts_with_key};
 pub use key::{CaKey, KeyError, KeyType, check_private};
 pub use keystore::{Kek, KeyStore, StoredKey};
 
+use crate::audit::EventRow;
 use crate::spiffe::TrustDomain;
 use crate::store::{
-    AuthorityKind, AuthorityRecord, AuthorityState, EventRow, NewAuthority, Store, StoreError,
+    AuthorityKind, AuthorityRecord, AuthorityState, NewAuthority, Store, StoreError,
 };
 
 /// How long a generated root is valid.

@@ -16,7 +16,8 @@ use crate::audit::{
     AuditKey, FilterError, Filters, TrustedKeys, VerifyReport, operator_name, record_checkpoint,
     verify_chain,
 };
-use crate::store::{AuditQuery, Checkpoint, EventKind, EventRow, Store};
+use crate::audit::{EventKind, EventRow};
+use crate::store::{AuditQuery, Checkpoint, Store};
 
 /// Output formats of `audit list`.
 #[derive(Debug, Clone, Copy, ValueEnum)]

@@ -10,10 +10,11 @@ use time::OffsetDateTime;
 
 use super::Common;
 use crate::audit::{AuditKey, operator_name, record_checkpoint};
+use crate::audit::{EventKind, EventRow};
 use crate::authority::{self, KeyType};
 use crate::rfc3339::secs_text as rfc3339;
 use crate::spiffe::{SpiffeId, TrustDomain};
-use crate::store::{AuthorityRecord, AuthorityState, EventKind, EventRow, Store};
+use crate::store::{AuthorityRecord, AuthorityState, Store};
 
 /// Output formats of `root status`.
 #[derive(Debug, Clone, Copy, ValueEnum)]

@@ -8,9 +8,10 @@ use x509_parser::extensions::GeneralName;
 use x509_parser::prelude::FromDer;
 
 use super::Findings;
+use crate::audit::EventKind;
 use crate::authority::sha256_hex;
 use crate::spiffe::SpiffeId;
-use crate::store::{AuditQuery, AuthorityRecord, AuthorityState, EventKind, Store};
+use crate::store::{AuditQuery, AuthorityRecord, AuthorityState, Store};
 
 /// One certificate, as a person reads it.
 #[derive(Debug, Clone, Serialize)]

@@ -14,11 +14,11 @@ use super::pool::CryptoPool;
 use super::refusal::Refusal;
 use super::refusals::{Known, REFUSAL_WINDOW, RefusalKey, event_for};
 use crate::audit::AuditLog;
+use crate::audit::{EventKind, EventRow};
 use crate::auth::node::ImpersonationPolicy;
 use crate::auth::{AuthError, Authenticator, BearerToken, Identity};
 use crate::issuance::{self, Issued, LeafPolicy};
 use crate::limits::{Aggregator, Rate, RateLimiter, peer_key};
-use crate::store::{EventKind, EventRow};
 
 /// A certificate request, as the transport received it. Its `Debug` leaves the
 /// `authorization` header out: it carries the caller's token.

@@ -9,10 +9,10 @@ use tracing::{error, info, warn};
 
 use super::pipeline::{CertificateAuthority, CsrRequest};
 use super::refusal::Refusal;
+use crate::audit::{EventKind, EventRow};
 use crate::auth::Identity;
 use crate::class::{Class, Classify};
 use crate::limits::{Repeated, peer_key};
-use crate::store::{EventKind, EventRow};
 use crate::untrusted;
 
 /// Refusals alike enough to be counted in one event: the peer's address (IPv6 by its /64),

@@ -11,12 +11,13 @@ use tracing::{info, warn};
 
 use super::grpc::PeerIdentity;
 use super::status;
+use crate::audit::EventRow;
 use crate::audit::render::{rfc3339_ms, rfc3339_secs};
 use crate::audit::{FilterError, Filters};
 use crate::class::{Class, Classify};
 use crate::issuance::Active;
 use crate::spiffe::SpiffeId;
-use crate::store::{EventRow, Store, StoreError};
+use crate::store::{Store, StoreError};
 
 /// Events per page when the request names no size.
 const DEFAULT_PAGE: i64 = 100;
@@ -156,6 +157,8 @@ fn to_proto(e: EventRow) -> AuditEvent {
         caller: e.caller,
         node: e.node,
         requested: e.requested,
+        anchor_seq: e.anchor_seq,
+        anchor_hash: e.anchor_hash,
         hash: e.hash,
         prev_hash: e.prev_hash,
     }

@@ -18,12 +18,13 @@ use super::config::{
 use super::http::Readiness;
 use super::{Active, CertificateAuthority, audit_service, grpc, publish, tasks, tls};
 use crate::audit::{AuditKey, AuditLog, operator_name};
+use crate::audit::{EventKind, EventRow};
 use crate::auth::dev::{DEV_ISSUER, DevIssuer};
 use crate::auth::node::{ClusterCheck, ImpersonationPolicy, NodeAuthorizer, NodeCheck};
 use crate::auth::{Authenticator, Fetcher, IssuerKeys, TokenIssuer};
 use crate::authority::{self, Authority, AuthorityError, KeyType};
 use crate::bundle;
-use crate::store::{AuthorityState, AuthorityVersion, EventKind, EventRow, Store};
+use crate::store::{AuthorityState, AuthorityVersion, Store};
 
 pub(super) fn create_data_dir(path: &std::path::Path) -> Result<(), StartError> {
     let err = |source| StartError::DataDir {

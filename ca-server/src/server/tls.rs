@@ -16,10 +16,10 @@ use time::{Duration, OffsetDateTime};
 use tokio::sync::watch;
 
 use crate::audit::AuditLog;
+use crate::audit::{EventKind, EventRow};
 use crate::authority::{Authority, AuthorityError, pem_to_der, random_serial, sha256_hex};
 use crate::issuance::Active;
 use crate::issuance::{Validity, leaf_validity, profile};
-use crate::store::{EventKind, EventRow};
 
 /// How long the server's own certificate lives.
 pub const SERVER_CERT_TTL: Duration = Duration::hours(24);

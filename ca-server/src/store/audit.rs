@@ -1,127 +1,11 @@
 //! Queries behind the audit log.
 
-use std::fmt;
-use std::str::FromStr;
-
 use sqlx::any::AnyRow;
 use sqlx::{AnyConnection, AssertSqlSafe};
 
 use super::{Bind, Dialect, DynamicSql, Store, StoreError, column};
-
-/// What kind of decision an event records.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
-#[serde(rename_all = "lowercase")]
-pub enum EventKind {
-    /// A certificate was issued.
-    Issued,
-    /// A request was refused.
-    Denied,
-    /// An authority changed state.
-    Authority,
-    /// The start of a pruned log: records the hash the chain continues from.
-    Anchor,
-    /// A retention prune (chained like any other event).
-    Prune,
-}
-
-impl EventKind {
-    /// The name stored and shown.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Self::Issued => "issued",
-            Self::Denied => "denied",
-            Self::Authority => "authority",
-            Self::Anchor => "anchor",
-            Self::Prune => "prune",
-        }
-    }
-}
-
-impl fmt::Display for EventKind {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.as_str())
-    }
-}
-
-impl FromStr for EventKind {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, Self::Err> {
-        match s {
-            "issued" => Ok(Self::Issued),
-            "denied" => Ok(Self::Denied),
-            "authority" => Ok(Self::Authority),
-            "anchor" => Ok(Self::Anchor),
-            "prune" => Ok(Self::Prune),
-            other => Err(format!(
-                "unknown event kind {other:?} (expected issued, denied, authority or prune)"
-            )),
-        }
-    }
-}
-
-/// One audit event as stored. Field order is the canonical encoding's order (see
-/// [`event_hash`]), so do not reorder fields.
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
-pub struct EventRow {
-    /// Position in the log, from 1.
-    pub seq: i64,
-    /// When the decision was made, unix milliseconds.
-    pub time_ms: i64,
-    /// What kind of decision.
-    pub kind: EventKind,
-    /// The identity issued or asked for.
-    pub spiffe_id: Option<String>,
-    /// The caller's namespace.
-    pub namespace: Option<String>,
-    /// The caller's service account.
-    pub service_account: Option<String>,
-    /// The caller's pod, from the token's `kubernetes.io` claim.
-    pub pod_name: Option<String>,
-    /// The caller's pod uid.
-    pub pod_uid: Option<String>,
-    /// The issuer (`iss`) of the caller's token.
-    pub token_issuer: Option<String>,
-    /// The certificate's serial, lowercase hex.
-    pub serial: Option<String>,
-    /// The certificate's notBefore, unix seconds.
-    pub not_before: Option<i64>,
-    /// The certificate's notAfter, unix seconds.
-    pub not_after: Option<i64>,
-    /// The authority that signed (or changed).
-    pub authority_id: Option<i64>,
-    /// SHA-256 of the certified public key (SubjectPublicKeyInfo DER), hex.
-    pub public_key_sha256: Option<String>,
-    /// SHA-256 of the CSR's DER, hex.
-    pub csr_sha256: Option<String>,
-    /// The caller's address.
-    pub peer: Option<String>,
-    /// The gRPC code of a refusal, e.g. `UNAUTHENTICATED`.
-    pub code: Option<String>,
-    /// Why: the refusal's message, or what an authority event did.
-    pub reason: Option<String>,
-    /// How many refusals this event stands for, when aggregated.
-    pub count: Option<i64>,
-    /// The OS user behind an authority change.
-    pub operator: Option<String>,
-    /// The caller's SPIFFE ID, when it is not `spiffe_id`: a node proxy (ztunnel) asking for
-    /// a pod's identity. Fields from here on are left out of the canonical encoding when
-    /// empty, so that events written before they existed hash as they did.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub caller: Option<String>,
-    /// The node the caller runs on, from its token (or its TokenReview).
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub node: Option<String>,
-    /// What a refused caller asked for (its `ImpersonatedIdentity`), as it claimed it: never
-    /// verified, so never in the identity fields above. Escaped and cut to 256 bytes.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub requested: Option<String>,
-    /// The hash of the previous event (or of the anchor), hex.
-    #[serde(skip)]
-    pub prev_hash: String,
-    /// SHA-256 over `prev_hash` and this event's canonical encoding, hex.
-    #[serde(skip)]
-    pub hash: String,
-}
+use crate::audit::encoding::{GENESIS_HASH, event_hash};
+use crate::audit::event::{EventKind, EventRow, FIELDS, FieldReader, FieldValue, UnknownKind};
 
 /// Filters of `audit list` (and of the gRPC audit service, later). Every field narrows.
 #[derive(Debug, Clone, Default)]
@@ -152,102 +36,48 @@ pub struct AuditQuery {
     pub limit: Option<i64>,
 }
 
-const COLUMNS: &str = "seq, time_ms, kind, spiffe_id, namespace, service_account, pod_name, \
-     pod_uid, token_issuer, serial, not_before, not_after, authority_id, public_key_sha256, \
-     csr_sha256, peer, code, reason, count, operator, caller, node, requested, prev_hash, hash";
+/// The columns of `audit_events`, in the order rows are written and read: the fixed parts,
+/// then every field of [`FIELDS`], then the two hashes.
+static COLUMNS: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
+    let mut names = vec!["seq", "time_ms", "kind"];
+    names.extend(FIELDS.iter().map(|f| f.name));
+    names.extend(["prev_hash", "hash"]);
+    names.join(", ")
+});
 
 /// How many columns [`COLUMNS`] names.
-const COLUMN_COUNT: usize = 25;
+const COLUMN_COUNT: usize = 3 + FIELDS.len() + 2;
+
+/// Reads the optional fields of an event from a row.
+struct RowReader<'r>(&'r AnyRow);
+
+impl FieldReader for RowReader<'_> {
+    type Error = StoreError;
+
+    fn text(&mut self, name: &'static str) -> Result<Option<String>, StoreError> {
+        column(self.0, name)
+    }
+
+    fn int(&mut self, name: &'static str) -> Result<Option<i64>, StoreError> {
+        column(self.0, name)
+    }
+}
 
 fn event_from_row(row: &AnyRow) -> Result<EventRow, StoreError> {
     let kind: String = column(row, "kind")?;
-    Ok(EventRow {
-        seq: column(row, "seq")?,
-        time_ms: column(row, "time_ms")?,
-        kind: kind.parse().map_err(|detail| StoreError::Corrupt {
-            table: "audit_events",
-            detail,
-        })?,
-        spiffe_id: column(row, "spiffe_id")?,
-        namespace: column(row, "namespace")?,
-        service_account: column(row, "service_account")?,
-        pod_name: column(row, "pod_name")?,
-        pod_uid: column(row, "pod_uid")?,
-        token_issuer: column(row, "token_issuer")?,
-        serial: column(row, "serial")?,
-        not_before: column(row, "not_before")?,
-        not_after: column(row, "not_after")?,
-        authority_id: column(row, "authority_id")?,
-        public_key_sha256: column(row, "public_key_sha256")?,
-        csr_sha256: column(row, "csr_sha256")?,
-        peer: column(row, "peer")?,
-        code: column(row, "code")?,
-        reason: column(row, "reason")?,
-        count: column(row, "count")?,
-        operator: column(row, "operator")?,
-        caller: column(row, "caller")?,
-        node: column(row, "node")?,
-        requested: column(row, "requested")?,
-        prev_hash: column(row, "prev_hash")?,
-        hash: column(row, "hash")?,
-    })
-}
-
-/// The canonical encoding of an event: its fields as JSON, in declaration order, without the
-/// two hashes. The order and names are fixed by [`EventRow`]; changing either breaks every
-/// existing chain, so it needs a new encoding version, not an edit.
-fn canonical_encoding(event: &EventRow) -> Vec<u8> {
-    // Serializing a struct of strings and integers cannot fail.
-    serde_json::to_vec(event).unwrap_or_default()
-}
-
-/// `hex(SHA-256(prev_hash as hex text || "\n" || canonical encoding))`: each event's hash
-/// covers the previous event's hash and its own contents.
-pub fn event_hash(event: &EventRow) -> String {
-    use sha2::{Digest, Sha256};
-    let mut hasher = Sha256::new();
-    hasher.update(event.prev_hash.as_bytes());
-    hasher.update(b"\n");
-    hasher.update(canonical_encoding(event));
-    hex::encode(hasher.finalize())
-}
-
-/// The `prev_hash` of the first event of a log.
-pub const GENESIS_HASH: &str = "0000000000000000000000000000000000000000000000000000000000000000";
-
-impl EventRow {
-    /// An event of `kind` made now, every optional field empty; the log fills in `seq` and
-    /// the hashes when it commits.
-    pub fn new(kind: EventKind) -> Self {
-        let time_ms = crate::rfc3339::now_unix_ms();
-        Self {
-            seq: 0,
-            time_ms,
-            kind,
-            spiffe_id: None,
-            namespace: None,
-            service_account: None,
-            pod_name: None,
-            pod_uid: None,
-            token_issuer: None,
-            serial: None,
-            not_before: None,
-            not_after: None,
-            authority_id: None,
-            public_key_sha256: None,
-            csr_sha256: None,
-            peer: None,
-            code: None,
-            reason: None,
-            count: None,
-            operator: None,
-            caller: None,
-            node: None,
-            requested: None,
-            prev_hash: String::new(),
-            hash: String::new(),
-        }
-    }
+    let kind = kind.parse().map_err(|e: UnknownKind| StoreError::Corrupt {
+        table: "audit_events",
+        detail: e.to_string(),
+    })?;
+    let mut event = EventRow::read(
+        column(row, "seq")?,
+        column(row, "time_ms")?,
+        kind,
+        &mut RowReader(row),
+    )?;
+    event.prev_hash = column(row, "prev_hash")?;
+    event.hash = column(row, "hash")?;
+    Ok(event)
 }
 
 /// The head of the chain as a writer last saw it: the last event's `seq` and `hash`, and the
@@ -335,7 +165,7 @@ const ROWS_PER_INSERT: usize = 512;
 /// `<verb> audit_events (…) VALUES ($n, …), …` for `rows` rows, numbering placeholders on
 /// from `*bound` (which it advances).
 fn insert_sql(rows: usize, verb: &str, bound: &mut usize) -> String {
-    let mut sql = format!("{verb} audit_events ({COLUMNS}) VALUES ");
+    let mut sql = format!("{verb} audit_events ({}) VALUES ", *COLUMNS);
     for i in 0..rows {
         if i > 0 {
             sql.push(',');
@@ -363,36 +193,18 @@ where
     i64: sqlx::Encode<'q, DB> + sqlx::Type<DB>,
     Option<i64>: sqlx::Encode<'q, DB> + sqlx::Type<DB>,
     &'q str: sqlx::Encode<'q, DB> + sqlx::Type<DB>,
+    Option<&'q str>: sqlx::Encode<'q, DB> + sqlx::Type<DB>,
     &'q String: sqlx::Encode<'q, DB> + sqlx::Type<DB>,
-    &'q Option<String>: sqlx::Encode<'q, DB> + sqlx::Type<DB>,
 {
     for e in rows {
-        query = query
-            .bind(e.seq)
-            .bind(e.time_ms)
-            .bind(e.kind.as_str())
-            .bind(&e.spiffe_id)
-            .bind(&e.namespace)
-            .bind(&e.service_account)
-            .bind(&e.pod_name)
-            .bind(&e.pod_uid)
-            .bind(&e.token_issuer)
-            .bind(&e.serial)
-            .bind(e.not_before)
-            .bind(e.not_after)
-            .bind(e.authority_id)
-            .bind(&e.public_key_sha256)
-            .bind(&e.csr_sha256)
-            .bind(&e.peer)
-            .bind(&e.code)
-            .bind(&e.reason)
-            .bind(e.count)
-            .bind(&e.operator)
-            .bind(&e.caller)
-            .bind(&e.node)
-            .bind(&e.requested)
-            .bind(&e.prev_hash)
-            .bind(&e.hash);
+        query = query.bind(e.seq).bind(e.time_ms).bind(e.kind.as_str());
+        for value in e.values() {
+            query = match value {
+                FieldValue::Text(text) => query.bind(text),
+                FieldValue::Int(int) => query.bind(int),
+            };
+        }
+        query = query.bind(&e.prev_hash).bind(&e.hash);
     }
     query
 }
@@ -660,9 +472,10 @@ impl Store {
             .limit
             .map(|limit| format!(" LIMIT {}", sql.bind(Bind::Int(limit))))
             .unwrap_or_default();
+        let columns = &*COLUMNS;
         let select = |first: &str| {
             format!(
-                "SELECT {COLUMNS} FROM audit_events WHERE {first}{conditions} \
+                "SELECT {columns} FROM audit_events WHERE {first}{conditions} \
                  ORDER BY seq DESC{limit}"
             )
         };
@@ -675,8 +488,8 @@ impl Store {
                 // read every event of the identity and sort them, whatever the limit.)
                 let p = sql.bind(Bind::Text(id.clone()));
                 format!(
-                    "SELECT {COLUMNS} FROM ({}) AS issued_to UNION ALL \
-                     SELECT {COLUMNS} FROM ({}) AS asked_by ORDER BY seq DESC{limit}",
+                    "SELECT {columns} FROM ({}) AS issued_to UNION ALL \
+                     SELECT {columns} FROM ({}) AS asked_by ORDER BY seq DESC{limit}",
                     select(&format!("spiffe_id = {p}")),
                     select(&format!("caller = {p}")),
                 )
@@ -731,6 +544,8 @@ impl Store {
         anchor.hash = hash.clone();
         insert_row(&mut tx, &anchor).await?;
         event.count = Some(removed);
+        event.anchor_seq = Some(seq);
+        event.anchor_hash = Some(hash.clone());
         event.reason = Some(format!(
             "{}; the chain continues from event {seq} ({hash})",
             event.reason.as_deref().unwrap_or("pruned")
@@ -796,9 +611,11 @@ impl Store {
         after_seq: i64,
         limit: i64,
     ) -> Result<Vec<EventRow>, StoreError> {
-        let sql =
-            format!("SELECT {COLUMNS} FROM audit_events WHERE seq > $1 ORDER BY seq LIMIT $2");
-        // Fixed text: COLUMNS is a constant.
+        let sql = format!(
+            "SELECT {} FROM audit_events WHERE seq > $1 ORDER BY seq LIMIT $2",
+            *COLUMNS
+        );
+        // Fixed text: COLUMNS is made of the field names.
         let rows = sqlx::query(AssertSqlSafe(sql))
             .bind(after_seq)
             .bind(limit)
@@ -811,47 +628,6 @@ impl Store {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn event() -> EventRow {
-        let mut e = EventRow::new(EventKind::Issued);
-        e.seq = 7;
-        e.time_ms = 1_800_000_000_000;
-        e.spiffe_id = Some("spiffe://cluster.local/ns/shop/sa/web".into());
-        e.serial = Some("ab".into());
-        e.prev_hash = GENESIS_HASH.into();
-        e
-    }
-
-    #[test]
-    fn fields_added_later_leave_older_events_encoded_as_they_were() {
-        // The encoding every event had before `caller` and `node` existed: their hashes,
-        // already in logs, must still verify.
-        let before = concat!(
-            r#"{"seq":7,"time_ms":1800000000000,"kind":"issued","#,
-            r#""spiffe_id":"spiffe://cluster.local/ns/shop/sa/web","namespace":null,"#,
-            r#""service_account":null,"pod_name":null,"pod_uid":null,"token_issuer":null,"#,
-            r#""serial":"ab","not_before":null,"not_after":null,"authority_id":null,"#,
-            r#""public_key_sha256":null,"csr_sha256":null,"peer":null,"code":null,"#,
-            r#""reason":null,"count":null,"operator":null}"#
-        );
-        let e = event();
-        assert_eq!(String::from_utf8(canonical_encoding(&e)).unwrap(), before);
-
-        // Set, they are encoded (and so hashed) after every older field.
-        let mut ambient = event();
-        ambient.caller = Some("spiffe://cluster.local/ns/istio-system/sa/ztunnel".into());
-        ambient.node = Some("node-a".into());
-        let text = String::from_utf8(canonical_encoding(&ambient)).unwrap();
-        assert_eq!(
-            text,
-            format!(
-                "{},\"caller\":\"spiffe://cluster.local/ns/istio-system/sa/ztunnel\",\
-                 \"node\":\"node-a\"}}",
-                before.trim_end_matches('}')
-            )
-        );
-        assert_ne!(event_hash(&ambient), event_hash(&e));
-    }
 
     #[test]
     fn the_column_count_is_the_columns_named() {

@@ -7,7 +7,8 @@ use sqlx::AnyConnection;
 use sqlx::any::AnyRow;
 
 use super::audit::append_in_tx;
-use super::{Dialect, EventRow, Store, StoreError, column};
+use super::{Dialect, Store, StoreError, column};
+use crate::audit::EventRow;
 
 /// Where an authority is in its life.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

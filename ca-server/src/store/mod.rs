@@ -14,10 +14,7 @@ use sqlx::migrate::{Migration, MigrationType, Migrator};
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqliteSynchronous};
 use sqlx::{Any, AnyPool, Executor, SqlSafeStr, Transaction};
 
-pub use audit::{
-    AuditQuery, AuditWriter, Checkpoint, EventKind, EventRow, GENESIS_HASH, Head, Pruned,
-    event_hash,
-};
+pub use audit::{AuditQuery, AuditWriter, Checkpoint, Head, Pruned};
 pub use authorities::{
     AuthorityKind, AuthorityRecord, AuthorityState, AuthorityVersion, NewAuthority,
 };
@@ -114,28 +111,47 @@ pub fn redact_url(url: &str) -> String {
     }
 }
 
+/// The schema's migrations, in order: a name, then the SQLite and the PostgreSQL text. A
+/// schema change is a new line here and a new file in each dialect's directory, never an
+/// edit of an old one.
+const MIGRATIONS: [(&str, &str, &str); 5] = [
+    (
+        "init",
+        include_str!("migrations/sqlite/0001_init.sql"),
+        include_str!("migrations/postgres/0001_init.sql"),
+    ),
+    (
+        "sealed keys",
+        include_str!("migrations/sqlite/0002_sealed_keys.sql"),
+        include_str!("migrations/postgres/0002_sealed_keys.sql"),
+    ),
+    (
+        "caller and node",
+        include_str!("migrations/sqlite/0003_caller_and_node.sql"),
+        include_str!("migrations/postgres/0003_caller_and_node.sql"),
+    ),
+    (
+        "requested",
+        include_str!("migrations/sqlite/0004_requested.sql"),
+        include_str!("migrations/postgres/0004_requested.sql"),
+    ),
+    (
+        "prune anchor",
+        include_str!("migrations/sqlite/0005_prune_anchor.sql"),
+        include_str!("migrations/postgres/0005_prune_anchor.sql"),
+    ),
+];
+
 fn migrator(dialect: Dialect) -> Migrator {
-    let migrations = match dialect {
-        Dialect::Sqlite => [
-            include_str!("migrations/sqlite/0001_init.sql"),
-            include_str!("migrations/sqlite/0002_sealed_keys.sql"),
-            include_str!("migrations/sqlite/0003_caller_and_node.sql"),
-            include_str!("migrations/sqlite/0004_requested.sql"),
-        ],
-        Dialect::Postgres => [
-            include_str!("migrations/postgres/0001_init.sql"),
-            include_str!("migrations/postgres/0002_sealed_keys.sql"),
-            include_str!("migrations/postgres/0003_caller_and_node.sql"),
-            include_str!("migrations/postgres/0004_requested.sql"),
-        ],
-    };
-    let names = ["init", "sealed keys", "caller and node", "requested"];
     Migrator::with_migrations(
-        migrations
+        MIGRATIONS
             .into_iter()
-            .zip(names)
             .zip(1..)
-            .map(|((sql, name), version)| {
+            .map(|((name, sqlite, postgres), version)| {
+                let sql = match dialect {
+                    Dialect::Sqlite => sqlite,
+                    Dialect::Postgres => postgres,
+                };
                 Migration::new(
                     version,
                     Cow::Borrowed(name),

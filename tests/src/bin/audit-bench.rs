@@ -9,8 +9,9 @@
 
 use std::time::{Duration, Instant};
 
+use ca_server::audit::{EventKind, EventRow};
 use ca_server::audit::{Filters, TrustedKeys, VerifyReport, verify_chain};
-use ca_server::store::{EventKind, EventRow, Store};
+use ca_server::store::Store;
 
 const DAY_MS: i64 = 86_400_000;
 
