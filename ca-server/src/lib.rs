@@ -1,3 +1,4 @@
+#![warn(missing_docs, unreachable_pub)]
 //! ca-server: a certificate authority for service meshes. A proxy sends a CSR over gRPC with
 //! its Kubernetes service-account token; the server checks the token, mints a short-lived
 //! SPIFFE certificate under the mesh's root, records the decision in a hash-chained audit log,

@@ -21,7 +21,7 @@ use crate::store::{AuditQuery, Checkpoint, Store};
 
 /// Output formats of `audit list`.
 #[derive(Debug, Clone, Copy, ValueEnum)]
-pub enum Format {
+pub(super) enum Format {
     /// Aligned columns for a person
     Table,
     /// One JSON object per line
@@ -32,7 +32,7 @@ pub enum Format {
 
 /// Event kinds a filter can name.
 #[derive(Debug, Clone, Copy, ValueEnum)]
-pub enum Kind {
+pub(super) enum Kind {
     /// Certificates issued
     Issued,
     /// Requests refused
@@ -56,7 +56,7 @@ impl Kind {
 
 /// `audit` subcommands.
 #[derive(Debug, Subcommand)]
-pub enum AuditCommand {
+pub(super) enum AuditCommand {
     /// List events, newest first
     List {
         /// Only this SPIFFE ID: the identity issued or asked for, or the caller's (a node
@@ -154,7 +154,7 @@ pub(super) async fn open(common: &Common) -> anyhow::Result<Store> {
 }
 
 /// Runs an `audit` subcommand.
-pub async fn audit(cmd: AuditCommand, common: &Common) -> anyhow::Result<ExitCode> {
+pub(super) async fn audit(cmd: AuditCommand, common: &Common) -> anyhow::Result<ExitCode> {
     match cmd {
         AuditCommand::List {
             spiffe_id,

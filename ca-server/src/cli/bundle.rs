@@ -9,7 +9,7 @@ use super::Common;
 
 /// Output formats of `bundle show`.
 #[derive(Debug, Clone, Copy, ValueEnum)]
-pub enum BundleFormat {
+pub(super) enum BundleFormat {
     /// Concatenated PEM roots (what trust-bundle.pem holds)
     Pem,
     /// The SPIFFE bundle (a JWK Set), as GET /trust-bundle serves it
@@ -18,7 +18,7 @@ pub enum BundleFormat {
 
 /// `bundle` subcommands.
 #[derive(Debug, Subcommand)]
-pub enum BundleCommand {
+pub(super) enum BundleCommand {
     /// Print the current trust bundle
     Show {
         /// Output format
@@ -28,7 +28,7 @@ pub enum BundleCommand {
 }
 
 /// Runs a `bundle` subcommand.
-pub async fn bundle(cmd: BundleCommand, common: &Common) -> anyhow::Result<ExitCode> {
+pub(super) async fn bundle(cmd: BundleCommand, common: &Common) -> anyhow::Result<ExitCode> {
     let BundleCommand::Show { format } = cmd;
     let store = super::audit::open(common).await?;
     let bundle = crate::bundle::load(&store).await?;

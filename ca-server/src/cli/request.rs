@@ -24,7 +24,7 @@ use crate::authority::{pem_to_der, serial_hex};
 
 /// Key types the client can generate.
 #[derive(Debug, Clone, Copy, ValueEnum)]
-pub enum ClientKeyType {
+pub(super) enum ClientKeyType {
     /// ECDSA P-256
     #[value(name = "ec-p256")]
     EcP256,
@@ -44,7 +44,7 @@ pub enum ClientKeyType {
 
 /// Flags of `request` and `agent`.
 #[derive(Debug, Args)]
-pub struct RequestArgs {
+pub(super) struct RequestArgs {
     /// The server, e.g. https://127.0.0.1:15012
     #[arg(long, default_value = "https://127.0.0.1:15012")]
     server: String,
@@ -237,7 +237,7 @@ fn write_credentials(dir: &Path, obtained: &Obtained) -> anyhow::Result<()> {
 }
 
 /// Requests one certificate and writes the files.
-pub async fn request(args: RequestArgs) -> anyhow::Result<ExitCode> {
+pub(super) async fn request(args: RequestArgs) -> anyhow::Result<ExitCode> {
     let bundle = read_text(&args.ca_bundle, "--ca-bundle")?;
     let channel = connect(&args.server, &bundle).await?;
     let obtained = obtain(
@@ -273,7 +273,7 @@ pub async fn request(args: RequestArgs) -> anyhow::Result<ExitCode> {
 /// When to renew a certificate received at `received` and valid until `not_after`: between 40%
 /// and 50% of that life (`jitter` in [0, 1) picks the point), so a fleet started together does
 /// not renew together; never negative.
-pub fn renew_in(
+pub(super) fn renew_in(
     received: OffsetDateTime,
     not_after: OffsetDateTime,
     now: OffsetDateTime,
@@ -305,7 +305,7 @@ impl Backoff {
 
 /// Keeps a certificate renewed and the trust bundle current, reconnecting with backoff.
 /// Runs until interrupted.
-pub async fn agent(args: RequestArgs) -> anyhow::Result<ExitCode> {
+pub(super) async fn agent(args: RequestArgs) -> anyhow::Result<ExitCode> {
     let mut bundle = read_text(&args.ca_bundle, "--ca-bundle")?;
     let ttl_secs = args.ttl_secs()?;
     let mut current: Option<(OffsetDateTime, OffsetDateTime)> = None;

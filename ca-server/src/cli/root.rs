@@ -18,7 +18,7 @@ use crate::store::{AuthorityRecord, AuthorityState, Store};
 
 /// Output formats of `root status`.
 #[derive(Debug, Clone, Copy, ValueEnum)]
-pub enum StatusFormat {
+pub(super) enum StatusFormat {
     /// Aligned columns for a person
     Table,
     /// One JSON object per authority, one per line
@@ -27,7 +27,7 @@ pub enum StatusFormat {
 
 /// `root` subcommands.
 #[derive(Debug, Subcommand)]
-pub enum RootCommand {
+pub(super) enum RootCommand {
     /// Show every authority and its state
     Status {
         /// Output format
@@ -107,7 +107,7 @@ async fn current_trust_domain(common: &Common, store: &Store) -> anyhow::Result<
 }
 
 /// Runs a `root` subcommand.
-pub async fn root(cmd: RootCommand, common: &Common) -> anyhow::Result<ExitCode> {
+pub(super) async fn root(cmd: RootCommand, common: &Common) -> anyhow::Result<ExitCode> {
     let store = super::open_store(common).await?;
     let changed = !matches!(cmd, RootCommand::Status { .. } | RootCommand::Csr { .. });
     let code = run(cmd, common, &store).await?;

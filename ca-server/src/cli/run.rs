@@ -20,7 +20,7 @@ use crate::spiffe::TrustDomain;
 
 /// Flags of `run`. Each may also be set in the config file (same name, `_` for `-`).
 #[derive(Debug, Args)]
-pub struct RunArgs {
+pub(super) struct RunArgs {
     /// gRPC and HTTPS listener (TLS) [default: 127.0.0.1:15012]
     #[arg(long)]
     grpc_listen: Option<SocketAddr>,
@@ -139,7 +139,7 @@ pub struct RunArgs {
 /// The `run` keys of the config file.
 #[derive(Debug, Default, serde::Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct FileRunConfig {
+pub(super) struct FileRunConfig {
     grpc_listen: Option<SocketAddr>,
     http_listen: Option<SocketAddr>,
     trust_domain: Option<String>,
@@ -179,7 +179,7 @@ pub struct FileRunConfig {
 /// for meshes spanning several clusters.
 #[derive(Debug, serde::Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct FileIssuer {
+pub(super) struct FileIssuer {
     /// The tokens' `iss`.
     issuer: String,
     /// The issuer's JWKS file.
@@ -202,12 +202,12 @@ pub struct FileIssuer {
 
 impl FileRunConfig {
     /// The config file's bundle refresh hint, if it names one.
-    pub fn bundle_refresh_hint(&self) -> Option<&str> {
+    pub(super) fn bundle_refresh_hint(&self) -> Option<&str> {
         self.bundle_refresh_hint.as_deref()
     }
 
     /// The config file's trust domain, if it names one.
-    pub fn trust_domain(&self) -> Option<&str> {
+    pub(super) fn trust_domain(&self) -> Option<&str> {
         self.trust_domain.as_deref()
     }
 }
@@ -580,7 +580,7 @@ fn settings(args: RunArgs, common: Common) -> anyhow::Result<Settings> {
 }
 
 /// Runs the server until SIGINT or SIGTERM.
-pub async fn run(args: RunArgs, common: Common) -> anyhow::Result<ExitCode> {
+pub(super) async fn run(args: RunArgs, common: Common) -> anyhow::Result<ExitCode> {
     let settings = settings(args, common)?;
     let running = server::start(settings).await?;
     wait_for_signal().await.context("waiting for a signal")?;

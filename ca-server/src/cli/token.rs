@@ -9,7 +9,7 @@ use crate::auth::dev::DevIssuer;
 
 /// `token` subcommands.
 #[derive(Debug, Subcommand)]
-pub enum TokenCommand {
+pub(super) enum TokenCommand {
     /// Mint a token with the development issuer (the server must run with --dev)
     Issue {
         /// The service account's namespace
@@ -31,7 +31,7 @@ pub enum TokenCommand {
 }
 
 /// Runs a `token` subcommand; prints the token on stdout.
-pub fn token(cmd: TokenCommand, common: &Common) -> anyhow::Result<ExitCode> {
+pub(super) fn token(cmd: TokenCommand, common: &Common) -> anyhow::Result<ExitCode> {
     match cmd {
         TokenCommand::Issue {
             namespace,

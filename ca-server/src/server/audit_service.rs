@@ -78,7 +78,7 @@ impl Classify for QueryError {
 }
 
 /// The audit service over `store`, for `auditors`.
-pub struct RemoteAudit {
+pub(super) struct RemoteAudit {
     store: Store,
     auditors: Vec<SpiffeId>,
     active: watch::Receiver<Arc<Active>>,
@@ -87,7 +87,7 @@ pub struct RemoteAudit {
 impl RemoteAudit {
     /// A service allowing `auditors`, whose certificates are checked against `active`'s
     /// authorities on every call.
-    pub fn new(
+    pub(super) fn new(
         store: Store,
         auditors: Vec<SpiffeId>,
         active: watch::Receiver<Arc<Active>>,

@@ -80,7 +80,7 @@ impl PeerCertificate {
 }
 
 /// The longest a certificate request may take, whatever deadline the client sets.
-pub const REQUEST_DEADLINE: std::time::Duration = std::time::Duration::from_secs(10);
+pub(super) const REQUEST_DEADLINE: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// How much before the client's deadline the server stops, so that its answer (with the
 /// reason) arrives while the client still listens.
@@ -109,13 +109,13 @@ fn parse_grpc_timeout(text: &str) -> Option<std::time::Duration> {
 const IMPERSONATED_IDENTITY: &str = "ImpersonatedIdentity";
 
 /// `istio.v1.auth.IstioCertificateService`.
-pub struct CertificateService {
+pub(super) struct CertificateService {
     ca: Arc<CertificateAuthority>,
 }
 
 impl CertificateService {
     /// The service over `ca`.
-    pub fn new(ca: Arc<CertificateAuthority>) -> Self {
+    pub(super) fn new(ca: Arc<CertificateAuthority>) -> Self {
         Self { ca }
     }
 }
@@ -193,7 +193,7 @@ impl Classify for DeadlinePassed {
 }
 
 /// `ca.v1.TrustBundleService`: roots are public, so no token is needed.
-pub struct BundleService {
+pub(super) struct BundleService {
     active: watch::Receiver<Arc<Active>>,
     trust_domain: TrustDomain,
     refresh_hint_secs: i64,
@@ -201,7 +201,7 @@ pub struct BundleService {
 
 impl BundleService {
     /// The service over the published bundle.
-    pub fn new(
+    pub(super) fn new(
         active: watch::Receiver<Arc<Active>>,
         trust_domain: TrustDomain,
         refresh_hint_secs: i64,

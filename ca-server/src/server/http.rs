@@ -65,7 +65,7 @@ impl Readiness {
 }
 
 /// The routes of the plain HTTP listener.
-pub fn health_routes(readiness: Arc<Readiness>) -> Router {
+pub(super) fn health_routes(readiness: Arc<Readiness>) -> Router {
     Router::new()
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(readyz))
@@ -87,7 +87,7 @@ async fn metrics() -> impl axum::response::IntoResponse {
 
 /// Sets the gauges read from the store (authority expiry, the bundle sequence): done by the
 /// health task once a second, never per scrape.
-pub async fn refresh_store_gauges(store: &Store, expiry_warning: time::Duration) {
+pub(super) async fn refresh_store_gauges(store: &Store, expiry_warning: time::Duration) {
     let m = crate::metrics::metrics();
     let now = time::OffsetDateTime::now_utc().unix_timestamp();
     if let Ok(authorities) = store.authorities().await {

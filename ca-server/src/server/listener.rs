@@ -26,26 +26,26 @@ use super::grpc::{PeerAddr, PeerCertificate, PeerIdentity};
 use crate::limits::peer_key;
 
 /// How long a client has to finish its TLS handshake.
-pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+pub(super) const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// How long a connection may go from its start (the TCP accept) to its first request. This
 /// bounds the protocol sniff of a client that named no ALPN protocol, and a client that
 /// connects and says nothing.
-pub const FIRST_REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
+pub(super) const FIRST_REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// How long a connection may stay open with no request and no stream (a bundle watch counts
 /// as one) in progress, by default (`--idle-timeout`); it is then closed (HTTP/2: GOAWAY), and
 /// a client reconnects when it next needs to.
-pub const IDLE_TIMEOUT: Duration = Duration::from_secs(120);
+pub(super) const IDLE_TIMEOUT: Duration = Duration::from_secs(120);
 
 /// How long HTTP/1 headers may take to arrive.
-pub const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
+pub(super) const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// HTTP/2 pings on a connection with nothing to say, and how long an answer may take before
 /// the connection is dropped (a peer that stopped reading).
-pub const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(30);
+pub(super) const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(30);
 /// See [`KEEPALIVE_INTERVAL`].
-pub const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(20);
+pub(super) const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(20);
 
 /// How long a closing connection may finish what it started (at shutdown, or when idle).
 const CLOSE_GRACE: Duration = Duration::from_secs(5);
@@ -78,21 +78,21 @@ impl ConnectionLimits {
 
 /// Counts open connections; admits a new one only within the limits.
 #[derive(Debug)]
-pub struct Gate {
+pub(super) struct Gate {
     limits: ConnectionLimits,
     open: Mutex<(usize, HashMap<IpAddr, usize>)>,
 }
 
 /// An admitted connection; it leaves the count when dropped.
 #[derive(Debug)]
-pub struct Admitted {
+pub(super) struct Admitted {
     gate: Arc<Gate>,
     key: IpAddr,
 }
 
 /// Why a connection was not admitted.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Full {
+pub(super) enum Full {
     /// `--max-connections`.
     Total,
     /// `--max-connections-per-ip`.
@@ -101,7 +101,7 @@ pub enum Full {
 
 impl Gate {
     /// A gate with `limits`.
-    pub fn new(limits: ConnectionLimits) -> Arc<Self> {
+    pub(super) fn new(limits: ConnectionLimits) -> Arc<Self> {
         Arc::new(Self {
             limits,
             open: Mutex::new((0, HashMap::new())),
@@ -114,7 +114,7 @@ impl Gate {
 
     /// Admits a connection from `peer`, or says which limit it is over. The per-address map
     /// holds only addresses with open connections, so it is bounded by the total.
-    pub fn admit(self: &Arc<Self>, peer: IpAddr) -> Result<Admitted, Full> {
+    pub(super) fn admit(self: &Arc<Self>, peer: IpAddr) -> Result<Admitted, Full> {
         let key = peer_key(peer);
         let mut open = self.lock();
         if open.0 >= self.limits.total {
@@ -133,7 +133,7 @@ impl Gate {
     }
 
     /// Open connections in all.
-    pub fn open(&self) -> usize {
+    pub(super) fn open(&self) -> usize {
         self.lock().0
     }
 }
@@ -262,7 +262,7 @@ enum Protocol {
 
 /// What the accept loop needs to serve connections.
 #[derive(Clone)]
-pub struct Serving {
+pub(super) struct Serving {
     /// The routes.
     pub app: axum::Router,
     /// Open connections, within limits.
@@ -273,7 +273,7 @@ pub struct Serving {
 
 /// Accepts TLS connections and serves gRPC (HTTP/2) and HTTPS on them, until shutdown; then
 /// lets open connections finish what they started (up to [`CLOSE_GRACE`]).
-pub async fn serve_tls(
+pub(super) async fn serve_tls(
     listener: TcpListener,
     tls_config: Arc<rustls::ServerConfig>,
     serving: Serving,
@@ -324,7 +324,7 @@ pub async fn serve_tls(
 
 /// Accepts plain TCP connections (the health listener) and serves HTTP/1 on them, with the
 /// same limits and timeouts.
-pub async fn serve_plain(listener: TcpListener, serving: Serving) {
+pub(super) async fn serve_plain(listener: TcpListener, serving: Serving) {
     accept_loop(listener, serving, |tcp, peer, serving| async move {
         let started = Instant::now();
         serve_connection(

@@ -20,7 +20,10 @@ struct PublishState {
 }
 
 /// The bundle routes.
-pub fn bundle_routes(active: watch::Receiver<Arc<Active>>, refresh_hint_secs: i64) -> Router {
+pub(super) fn bundle_routes(
+    active: watch::Receiver<Arc<Active>>,
+    refresh_hint_secs: i64,
+) -> Router {
     Router::new()
         .route("/trust-bundle", get(jwks))
         .route("/trust-bundle.pem", get(pem))

@@ -40,7 +40,7 @@ pub enum ServerCertError {
 
 /// A minted server certificate.
 #[derive(Debug, Clone)]
-pub struct ServerCert {
+pub(super) struct ServerCert {
     /// What rustls serves.
     pub certified: Arc<CertifiedKey>,
     /// Its validity.
@@ -52,7 +52,7 @@ pub struct ServerCert {
 
 /// Mints a certificate for `names` (DNS names or IP addresses) with a fresh P-256 key, signed
 /// by `authority`, and records it in the audit log before returning it.
-pub async fn mint_server_cert(
+pub(super) async fn mint_server_cert(
     authority: &Authority,
     names: &[String],
     audit: &AuditLog,
@@ -116,7 +116,7 @@ pub fn renew_in(
 
 /// Serves whatever certificate is current.
 #[derive(Debug)]
-pub struct CurrentCert(pub watch::Receiver<Arc<CertifiedKey>>);
+pub(super) struct CurrentCert(pub watch::Receiver<Arc<CertifiedKey>>);
 
 impl ResolvesServerCert for CurrentCert {
     fn resolve(&self, _hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
@@ -126,7 +126,7 @@ impl ResolvesServerCert for CurrentCert {
 
 /// What the server publishes for `authority` and `bundle`: the two, the bundle's trust
 /// anchors, and a verifier of client certificates issued by one of `issuers`.
-pub fn active(
+pub(super) fn active(
     authority: Arc<crate::authority::Authority>,
     bundle: crate::bundle::Bundle,
     issuers: &[String],
@@ -142,7 +142,7 @@ pub fn active(
 
 /// A verifier of client certificates issued by one of `issuers` (the signing certificates,
 /// PEM, of the authorities not retired) and valid at the time of the check.
-pub fn client_verifier(issuers: &[String]) -> Result<Arc<dyn ClientCertVerifier>, String> {
+pub(super) fn client_verifier(issuers: &[String]) -> Result<Arc<dyn ClientCertVerifier>, String> {
     let mut roots = rustls::RootCertStore::empty();
     for pem in issuers {
         let der = pem_to_der(pem)?;
@@ -163,7 +163,7 @@ pub fn client_verifier(issuers: &[String]) -> Result<Arc<dyn ClientCertVerifier>
 /// Asks for a client certificate but does not require one (proxies authenticate with tokens;
 /// remote auditors with mTLS), and verifies one with the current [`Active::clients`],
 /// following it as the authorities change.
-pub struct AuthorityClientVerifier {
+pub(super) struct AuthorityClientVerifier {
     active: watch::Receiver<Arc<Active>>,
 }
 
@@ -175,7 +175,7 @@ impl std::fmt::Debug for AuthorityClientVerifier {
 
 impl AuthorityClientVerifier {
     /// A verifier following `active`.
-    pub fn new(active: watch::Receiver<Arc<Active>>) -> Self {
+    pub(super) fn new(active: watch::Receiver<Arc<Active>>) -> Self {
         Self { active }
     }
 
@@ -232,7 +232,7 @@ impl ClientCertVerifier for AuthorityClientVerifier {
 
 /// The TLS configuration of the gRPC/HTTPS listener: TLS 1.2+, ALPN `h2` then `http/1.1`,
 /// client certificates optional and checked against the bundle.
-pub fn server_config(
+pub(super) fn server_config(
     current: watch::Receiver<Arc<CertifiedKey>>,
     client_verifier: Arc<dyn ClientCertVerifier>,
 ) -> Arc<rustls::ServerConfig> {
