@@ -223,8 +223,36 @@ pub struct Identity {
     pub pod_uid: Option<String>,
     /// The pod's node, if the token (or its review) names one.
     pub node: Option<String>,
-    /// The token's issuer.
-    pub issuer: String,
+    /// Who vouched for the token.
+    pub issuer: IssuerId,
+}
+
+/// Who vouched for a caller's token: an issuer whose signature checked out, or the
+/// Kubernetes API's TokenReview. Two kinds, never compared as text: an issuer whose `iss`
+/// happens to read like a review's name is still only that issuer.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum IssuerId {
+    /// A JWT issuer, by its `iss`.
+    Jwt(String),
+    /// The TokenReview API of the cluster at this URL.
+    TokenReview(String),
+}
+
+impl IssuerId {
+    /// A JWT issuer named `iss`.
+    pub fn jwt(iss: impl Into<String>) -> Self {
+        Self::Jwt(iss.into())
+    }
+}
+
+/// As recorded in the audit log (`token_issuer`): the `iss`, or `TokenReview <api url>`.
+impl fmt::Display for IssuerId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Jwt(iss) => f.write_str(iss),
+            Self::TokenReview(api) => write!(f, "TokenReview {api}"),
+        }
+    }
 }
 
 /// One accepted token issuer: its `iss`, audiences and keys.
@@ -422,7 +450,7 @@ impl Authenticator {
         let found = self
             .verified
             .get(&key, now)
-            .filter(|v| selected.is_none_or(|name| name == v.identity.issuer));
+            .filter(|v| selected.is_none_or(|iss| v.identity.issuer == IssuerId::jwt(iss)));
         let Some(verified) = found else {
             crate::metrics::metrics().token_cache_misses.inc();
             return None;
@@ -581,7 +609,7 @@ impl Authenticator {
                 pod_name: account.pod_name,
                 pod_uid: account.pod_uid,
                 node: account.node_name,
-                issuer: issuer.policy.issuer.clone(),
+                issuer: IssuerId::Jwt(issuer.policy.issuer.clone()),
             },
             expires_at: account.expires_at,
             by: Some(by),
@@ -623,7 +651,7 @@ impl Authenticator {
                 pod_name: reviewed.pod_name,
                 pod_uid: reviewed.pod_uid,
                 node: reviewed.node_name,
-                issuer: reviewer.issuer_name(),
+                issuer: reviewer.issuer_id(),
             },
             expires_at: (now + review::REVIEW_CACHE_SECS).min(exp),
             by: None,
@@ -737,7 +765,7 @@ mod tests {
             pod_name: None,
             pod_uid: None,
             node: None,
-            issuer: "i".into(),
+            issuer: IssuerId::jwt("i"),
         };
         let until = |expires_at| Verified {
             identity: id.clone(),

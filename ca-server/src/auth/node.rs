@@ -18,6 +18,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use super::Identity;
+use super::IssuerId;
 use crate::kube::{KubeApi, KubeClient};
 use crate::spiffe::{SpiffeId, SpiffeIdError, TrustDomain};
 
@@ -214,7 +215,7 @@ pub struct ImpersonationPolicy {
     trusted: Vec<NodeAccount>,
     /// How the node is checked, by the issuer of the caller's token: each cluster's callers
     /// against that cluster's own API. An issuer not here is a cluster nobody can ask.
-    clusters: HashMap<String, ClusterCheck>,
+    clusters: HashMap<IssuerId, ClusterCheck>,
 }
 
 /// How the callers of one cluster are checked.
@@ -244,7 +245,7 @@ impl ImpersonationPolicy {
     pub fn new(
         trust_domain: TrustDomain,
         trusted: Vec<NodeAccount>,
-        clusters: HashMap<String, ClusterCheck>,
+        clusters: HashMap<IssuerId, ClusterCheck>,
     ) -> Self {
         Self {
             trust_domain,
@@ -313,7 +314,7 @@ impl ImpersonationPolicy {
             cluster: cluster.to_owned(),
         };
         let Some(cluster) = self.clusters.get(&caller.issuer) else {
-            return Err(unreachable(&caller.issuer));
+            return Err(unreachable(&caller.issuer.to_string()));
         };
         let authorizer = match &cluster.check {
             NodeCheck::Api(authorizer) => authorizer,
@@ -730,7 +731,7 @@ mod tests {
             pod_name: Some("ztunnel-abc".into()),
             pod_uid: Some("uid-z".into()),
             node: node.map(str::to_owned),
-            issuer: "https://kubernetes.default.svc".into(),
+            issuer: IssuerId::jwt("https://kubernetes.default.svc"),
         }
     }
 
@@ -818,7 +819,7 @@ mod tests {
         // A trusted account of another cluster, whose API nobody configured, is refused,
         // naming that cluster, even where the local cluster is not checked at all.
         let mut remote = c.clone();
-        remote.issuer = "https://oidc.east.example".into();
+        remote.issuer = IssuerId::jwt("https://oidc.east.example");
         let err = p.authorize(&remote, web).await.unwrap_err();
         assert!(
             matches!(err, ImpersonationError::ClusterUnreachable { .. })
@@ -827,6 +828,33 @@ mod tests {
                     .contains("cluster https://oidc.east.example"),
             "{err}"
         );
+
+        // An issuer is a kind and a name, not a text: a JWT issuer whose `iss` reads like a
+        // TokenReview's name does not get that cluster's check.
+        let review = IssuerId::TokenReview("https://api.local".into());
+        let reviewed = HashMap::from([(
+            review.clone(),
+            ClusterCheck {
+                cluster: "local".into(),
+                check: NodeCheck::Skipped,
+            },
+        )]);
+        let p = ImpersonationPolicy::new(
+            TrustDomain::new("cluster.local").unwrap(),
+            vec!["istio-system/ztunnel".parse().unwrap()],
+            reviewed,
+        );
+        let mut lookalike = c.clone();
+        lookalike.issuer = IssuerId::jwt(review.to_string());
+        assert_eq!(lookalike.issuer.to_string(), review.to_string());
+        let err = p.authorize(&lookalike, web).await.unwrap_err();
+        assert!(
+            matches!(err, ImpersonationError::ClusterUnreachable { .. }),
+            "{err}"
+        );
+        let mut by_review = c.clone();
+        by_review.issuer = review;
+        assert!(p.authorize(&by_review, web).await.is_ok());
 
         // A huge claimed identity is cut before it reaches any message.
         let huge = format!("spiffe://cluster.local/ns/shop/sa/{}", "w".repeat(4096));

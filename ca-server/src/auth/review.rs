@@ -37,11 +37,6 @@ const POD_NAME_EXTRA: &str = "authentication.kubernetes.io/pod-name";
 const POD_UID_EXTRA: &str = "authentication.kubernetes.io/pod-uid";
 const NODE_NAME_EXTRA: &str = "authentication.kubernetes.io/node-name";
 
-/// The issuer recorded for identities that the TokenReview API at `api_url` vouches for.
-pub fn issuer_name(api_url: &str) -> String {
-    format!("TokenReview {api_url}")
-}
-
 /// Asks the API server about tokens: at most a fixed number at once, and never twice within
 /// [`REFUSAL_CACHE`] about a token it refused.
 #[derive(Debug)]
@@ -113,9 +108,9 @@ impl TokenReviewer {
         self.api.url()
     }
 
-    /// The issuer recorded for identities it vouches for ([`issuer_name`]).
-    pub fn issuer_name(&self) -> String {
-        issuer_name(self.api.url())
+    /// Who vouches for the identities it returns.
+    pub fn issuer_id(&self) -> super::IssuerId {
+        super::IssuerId::TokenReview(self.api.url().to_owned())
     }
 
     fn refusals(&self) -> std::sync::MutexGuard<'_, HashMap<[u8; 32], (AuthError, Instant)>> {

@@ -145,12 +145,12 @@ pub(super) fn event_for(
         event.service_account = Some(id.service_account.clone());
         event.pod_name = id.pod_name.clone();
         event.pod_uid = id.pod_uid.clone();
-        event.token_issuer = Some(id.issuer.clone());
+        event.token_issuer = Some(id.issuer.to_string());
         event.node = id.node.clone();
     }
     if let Some(caller) = &known.caller {
         event.caller = Some(caller.spiffe_id.to_string());
-        event.token_issuer = Some(caller.issuer.clone());
+        event.token_issuer = Some(caller.issuer.to_string());
         if event.node.is_none() {
             event.node = caller.node.clone();
         }

@@ -21,7 +21,7 @@ use crate::audit::{AuditKey, AuditLog, operator_name};
 use crate::audit::{EventKind, EventRow};
 use crate::auth::dev::{DEV_ISSUER, DevIssuer};
 use crate::auth::node::{ClusterCheck, ImpersonationPolicy, NodeAuthorizer, NodeCheck};
-use crate::auth::{Authenticator, Fetcher, IssuerKeys, TokenIssuer};
+use crate::auth::{Authenticator, Fetcher, IssuerId, IssuerKeys, TokenIssuer};
 use crate::authority::{self, Authority, AuthorityError, KeyType};
 use crate::bundle;
 use crate::store::{AuthorityState, AuthorityVersion, Store};
@@ -268,9 +268,9 @@ pub(super) fn impersonation_policy(settings: &Settings) -> Result<ImpersonationP
     // The local cluster's issuers (the flags' issuer, the development one, TokenReview)
     // share its check; each other cluster is checked against its own API, or not at all.
     let mut clusters = std::collections::HashMap::new();
-    let mut local_issuers: Vec<String> = vec![DEV_ISSUER.to_owned()];
+    let mut local_issuers = vec![IssuerId::jwt(DEV_ISSUER)];
     if let Some(api) = &settings.kube_api {
-        local_issuers.push(crate::auth::review::issuer_name(&api.url));
+        local_issuers.push(IssuerId::TokenReview(api.url.clone()));
     }
     for issuer in &settings.issuers {
         let cluster = match &issuer.cluster_id {
@@ -279,7 +279,7 @@ pub(super) fn impersonation_policy(settings: &Settings) -> Result<ImpersonationP
         };
         let check = match &issuer.api {
             IssuerApi::Local => {
-                local_issuers.push(issuer.issuer.clone());
+                local_issuers.push(IssuerId::jwt(&issuer.issuer));
                 continue;
             }
             IssuerApi::Own(api) => node_authorizer(api)?,
@@ -294,14 +294,17 @@ pub(super) fn impersonation_policy(settings: &Settings) -> Result<ImpersonationP
                 NodeCheck::Unreachable
             }
         };
-        clusters.insert(issuer.issuer.clone(), ClusterCheck { cluster, check });
+        clusters.insert(
+            IssuerId::jwt(&issuer.issuer),
+            ClusterCheck { cluster, check },
+        );
     }
     for issuer in local_issuers {
         let check = local.clone();
         clusters.insert(
             issuer.clone(),
             ClusterCheck {
-                cluster: issuer,
+                cluster: issuer.to_string(),
                 check,
             },
         );
