@@ -45,7 +45,7 @@ fn authority(dir: &std::path::Path) -> Authority {
         not_before: parsed.validity().not_before.timestamp(),
         not_after: parsed.validity().not_after.timestamp(),
         fingerprint_sha256: sha256_hex(cert.der()),
-        kind: "self-signed".into(),
+        kind: ca_server::store::AuthorityKind::SelfSigned,
         created_at: 0,
         activated_at: None,
         retiring_at: None,

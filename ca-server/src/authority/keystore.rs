@@ -8,6 +8,7 @@
 //! KEK sealed it (`sealed:<kek id>`), the id being a short hash of the KEK, so a replica
 //! given the wrong KEK says so rather than failing to decrypt.
 
+use super::key_ref::KeyRef;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -161,8 +162,8 @@ fn decode_kek(bytes: &[u8]) -> Option<Zeroizing<[u8; 32]>> {
 /// database.
 #[derive(Debug, Clone)]
 pub struct StoredKey {
-    /// `file:keys/<id>.key.pem` or `sealed:<kek id>`.
-    pub key_ref: String,
+    /// Where it lives.
+    pub key_ref: KeyRef,
     /// The sealed key, for the authority's row.
     pub sealed_key: Option<String>,
 }
@@ -212,7 +213,10 @@ impl KeyStore {
         Ok((
             CaKey::from_hsm(key),
             StoredKey {
-                key_ref: format!("pkcs11:token={};object={object}", token.label()),
+                key_ref: KeyRef::Pkcs11 {
+                    token: token.label().to_owned(),
+                    object: object.to_owned(),
+                },
                 sealed_key: None,
             },
         ))
@@ -245,7 +249,10 @@ impl KeyStore {
             return Ok((
                 CaKey::from_hsm(key),
                 StoredKey {
-                    key_ref: format!("pkcs11:token={};object={object}", token.label()),
+                    key_ref: KeyRef::Pkcs11 {
+                        token: token.label().to_owned(),
+                        object,
+                    },
                     sealed_key: None,
                 },
             ));
@@ -264,7 +271,9 @@ impl KeyStore {
     pub fn put(&self, id: i64, pem: &str) -> Result<StoredKey, KeyError> {
         if let Some(kek) = &self.kek {
             return Ok(StoredKey {
-                key_ref: format!("sealed:{}", kek.id()),
+                key_ref: KeyRef::Sealed {
+                    kek: kek.id().to_owned(),
+                },
                 sealed_key: Some(kek.seal(id, pem.as_bytes())?),
             });
         }
@@ -275,25 +284,30 @@ impl KeyStore {
             source,
         })?;
         Ok(StoredKey {
-            key_ref: format!("file:{rel}"),
+            key_ref: KeyRef::File(rel),
             sealed_key: None,
         })
     }
 
     /// Loads `record`'s key from wherever its `key_ref` says it lives.
     pub fn load(&self, record: &AuthorityRecord) -> Result<CaKey, AuthorityError> {
-        if let Some(rel) = record.key_ref.strip_prefix("file:") {
-            return Ok(CaKey::read_file(&self.data_dir.join(rel))?);
+        let key_ref =
+            record
+                .key_ref
+                .parse::<KeyRef>()
+                .map_err(|_| AuthorityError::UnsupportedKeyRef {
+                    id: record.id,
+                    key_ref: record.key_ref.clone(),
+                })?;
+        match key_ref {
+            KeyRef::File(rel) => Ok(CaKey::read_file(&self.data_dir.join(rel))?),
+            KeyRef::Pkcs11 { token, object } => self.load_from_token(record.id, &token, &object),
+            KeyRef::Sealed { kek } => self.open_sealed(record, &kek),
         }
-        if let Some(uri) = record.key_ref.strip_prefix("pkcs11:") {
-            return self.load_from_token(record.id, uri);
-        }
-        let Some(kek_id) = record.key_ref.strip_prefix("sealed:") else {
-            return Err(AuthorityError::UnsupportedKeyRef {
-                id: record.id,
-                key_ref: record.key_ref.clone(),
-            });
-        };
+    }
+
+    /// Opens `record`'s key, sealed in its row under the KEK `kek_id`.
+    fn open_sealed(&self, record: &AuthorityRecord, kek_id: &str) -> Result<CaKey, AuthorityError> {
         let sealed_error = |detail: String| AuthorityError::SealedKey {
             id: record.id,
             detail,
@@ -330,20 +344,14 @@ impl KeyStore {
 }
 
 impl KeyStore {
-    /// Finds the key `pkcs11:token=…;object=…` names in the configured token.
-    fn load_from_token(&self, id: i64, uri: &str) -> Result<CaKey, AuthorityError> {
-        let part = |name: &str| {
-            uri.split(';')
-                .find_map(|p| p.strip_prefix(name)?.strip_prefix('='))
-                .map(str::to_owned)
-        };
+    /// Finds the key `object` in the configured token, which must be `token_label`.
+    fn load_from_token(
+        &self,
+        id: i64,
+        token_label: &str,
+        object: &str,
+    ) -> Result<CaKey, AuthorityError> {
         let fail = |detail: String| AuthorityError::SealedKey { id, detail };
-        let (Some(token_label), Some(object)) = (part("token"), part("object")) else {
-            return Err(AuthorityError::UnsupportedKeyRef {
-                id,
-                key_ref: format!("pkcs11:{uri}"),
-            });
-        };
         let Some(token) = &self.token else {
             return Err(fail(format!(
                 "its key is in PKCS#11 token {token_label:?}: pass --pkcs11-module, \
@@ -356,7 +364,7 @@ impl KeyStore {
                 token.label()
             )));
         }
-        Ok(CaKey::from_hsm(token.find(&object)?))
+        Ok(CaKey::from_hsm(token.find(object)?))
     }
 }
 

@@ -3,6 +3,7 @@
 
 pub mod import;
 mod key;
+mod key_ref;
 mod keystore;
 pub mod pkcs11;
 
@@ -15,6 +16,7 @@ use time::{Duration, OffsetDateTime};
 
 pub use import::{ImportError, ImportedCa, read_cacerts, read_cacerts_with_key};
 pub use key::{CaKey, KeyError, KeyType, check_private};
+pub use key_ref::{KeyRef, UnknownKeyRef};
 pub use keystore::{Kek, KeyStore, StoredKey};
 
 use crate::audit::EventRow;
@@ -319,7 +321,7 @@ pub async fn create_self_signed_root(
         cert_pem: pem.clone(),
         chain_pem: String::new(),
         root_pem: pem,
-        key_ref: stored.key_ref,
+        key_ref: stored.key_ref.to_string(),
         sealed_key: stored.sealed_key,
         not_before: parsed.validity().not_before.timestamp(),
         not_after: parsed.validity().not_after.timestamp(),
@@ -359,7 +361,7 @@ pub async fn import_authority(
         cert_pem: ca.cert_pem,
         chain_pem: ca.chain_pem,
         root_pem: ca.root_pem,
-        key_ref: stored.key_ref,
+        key_ref: stored.key_ref.to_string(),
         sealed_key: stored.sealed_key,
         not_before: ca.not_before,
         not_after: ca.not_after,

@@ -139,7 +139,7 @@ async fn run(cmd: RootCommand, common: &Common, store: &Store) -> anyhow::Result
                         let value = serde_json::json!({
                             "id": a.id,
                             "state": a.state.as_str(),
-                            "kind": a.kind,
+                            "kind": a.kind.as_str(),
                             "subject": a.subject,
                             "not_before": rfc3339(a.not_before),
                             "not_after": rfc3339(a.not_after),

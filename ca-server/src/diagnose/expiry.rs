@@ -108,7 +108,7 @@ mod tests {
             not_before: 0,
             not_after,
             fingerprint_sha256: String::new(),
-            kind: String::new(),
+            kind: crate::store::AuthorityKind::SelfSigned,
             created_at: 0,
             activated_at: None,
             retiring_at: None,

@@ -64,10 +64,28 @@ pub enum AuthorityKind {
 }
 
 impl AuthorityKind {
-    fn as_str(self) -> &'static str {
+    /// The name stored and shown.
+    pub fn as_str(self) -> &'static str {
         match self {
             Self::SelfSigned => "self-signed",
             Self::Imported => "imported",
+        }
+    }
+}
+
+impl fmt::Display for AuthorityKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl FromStr for AuthorityKind {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "self-signed" => Ok(Self::SelfSigned),
+            "imported" => Ok(Self::Imported),
+            other => Err(format!("unknown authority kind {other:?}")),
         }
     }
 }
@@ -97,8 +115,8 @@ pub struct AuthorityRecord {
     pub not_after: i64,
     /// SHA-256 of the signing certificate's DER, lowercase hex.
     pub fingerprint_sha256: String,
-    /// `self-signed` or `imported`.
-    pub kind: String,
+    /// How it came to be.
+    pub kind: AuthorityKind,
     /// When it was prepared (unix seconds).
     pub created_at: i64,
     /// When it was last activated.
@@ -154,6 +172,7 @@ pub struct NewAuthority {
 
 fn record_from_row(row: &AnyRow) -> Result<AuthorityRecord, StoreError> {
     let state: String = column(row, "state")?;
+    let kind: String = column(row, "kind")?;
     Ok(AuthorityRecord {
         id: column(row, "id")?,
         state: state.parse().map_err(|detail| StoreError::Corrupt {
@@ -169,7 +188,10 @@ fn record_from_row(row: &AnyRow) -> Result<AuthorityRecord, StoreError> {
         not_before: column(row, "not_before")?,
         not_after: column(row, "not_after")?,
         fingerprint_sha256: column(row, "fingerprint_sha256")?,
-        kind: column(row, "kind")?,
+        kind: kind.parse().map_err(|detail| StoreError::Corrupt {
+            table: "authorities",
+            detail,
+        })?,
         created_at: column(row, "created_at")?,
         activated_at: column(row, "activated_at")?,
         retiring_at: column(row, "retiring_at")?,
