@@ -12,6 +12,7 @@ use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, Server
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
 use rustls::{AlertDescription, CertificateError, DigitallySignedStruct, Error, SignatureScheme};
 
+use super::Layer;
 use crate::spiffe::SpiffeId;
 
 /// How long to wait for the connection, the handshake, and an alert after it.
@@ -118,7 +119,10 @@ pub fn check(t: CheckTarget<'_>) -> CheckReport {
     let mut roots = rustls::RootCertStore::empty();
     for root in &t.roots {
         if let Err(e) = roots.add(root.clone()) {
-            report.problem("trust", format!("a root of the bundle is unusable: {e}"));
+            report.problem(
+                Layer::Trust,
+                format!("a root of the bundle is unusable: {e}"),
+            );
         }
     }
     let recorder = Arc::new(Recorder {
@@ -136,7 +140,7 @@ pub fn check(t: CheckTarget<'_>) -> CheckReport {
         Ok(Ok(config)) => config,
         Ok(Err(e)) | Err(e) => {
             report.problem(
-                "profile",
+                Layer::Profile,
                 format!("our certificate and key do not go together: {e}"),
             );
             return report;
@@ -150,7 +154,7 @@ pub fn check(t: CheckTarget<'_>) -> CheckReport {
     let addr = match t.target.to_socket_addrs().map(|mut a| a.next()) {
         Ok(Some(addr)) => addr,
         Ok(None) | Err(_) => {
-            report.problem("transport", format!("{} does not resolve", t.target));
+            report.problem(Layer::Transport, format!("{} does not resolve", t.target));
             return report;
         }
     };
@@ -158,7 +162,7 @@ pub fn check(t: CheckTarget<'_>) -> CheckReport {
         Ok(tcp) => tcp,
         Err(e) => {
             report.problem(
-                "transport",
+                Layer::Transport,
                 format!(
                     "cannot connect to {}: {e} (is it listening? a NetworkPolicy?)",
                     t.target
@@ -173,7 +177,7 @@ pub fn check(t: CheckTarget<'_>) -> CheckReport {
     let conn = match rustls::ClientConnection::new(Arc::new(config), name) {
         Ok(conn) => conn,
         Err(e) => {
-            report.problem("tls", e.to_string());
+            report.problem(Layer::Tls, e.to_string());
             return report;
         }
     };
@@ -223,14 +227,14 @@ pub fn check(t: CheckTarget<'_>) -> CheckReport {
     let theirs = seen.as_deref().and_then(spiffe_of);
     match (&theirs, &t.expect_id) {
         (Some(id), Some(want)) if id.to_string() != *want => report.problem(
-            "identity",
+            Layer::Identity,
             format!(
                 "the server is {id}, not {want}: the Service routes to another workload, or it \
                  runs under another service account"
             ),
         ),
         (None, Some(want)) => report.problem(
-            "identity",
+            Layer::Identity,
             format!("the server's certificate has no SPIFFE ID; expected {want}"),
         ),
         (Some(id), _) => report.facts.push(format!("identity: the server is {id}")),
@@ -259,7 +263,7 @@ fn explain_failure(
             std::io::ErrorKind::UnexpectedEof | std::io::ErrorKind::ConnectionReset
         );
         report.problem(
-            "transport",
+            Layer::Transport,
             if plaintext {
                 format!(
                     "{target} closed the connection during the handshake ({e}): it may not \
@@ -278,7 +282,7 @@ fn explain_failure(
     match error {
         Error::InvalidMessage(_) => {
             report.problem(
-                "transport",
+                Layer::Transport,
                 format!(
                     "{target} does not speak TLS: it answered our ClientHello with something \
                      else (plaintext where mTLS is expected: partial sidecar injection, or a \
@@ -289,23 +293,23 @@ fn explain_failure(
         Error::InvalidCertificate(reason) => {
             let (layer, why) = match reason {
                 CertificateError::Expired | CertificateError::ExpiredContext { .. } => {
-                    ("expiry", "it has expired".to_owned())
+                    (Layer::Expiry, "it has expired".to_owned())
                 }
                 CertificateError::NotValidYet | CertificateError::NotValidYetContext { .. } => (
-                    "expiry",
+                    Layer::Expiry,
                     "it is not valid yet (check the clocks)".to_owned(),
                 ),
                 CertificateError::UnknownIssuer => (
-                    "trust",
+                    Layer::Trust,
                     "its root is not in our bundle (unknown CA): a rotation not seen by one \
                      side, or another mesh's CA"
                         .to_owned(),
                 ),
                 CertificateError::BadSignature => (
-                    "chain",
+                    Layer::Chain,
                     "a signature in its chain does not verify".to_owned(),
                 ),
-                other => ("trust", format!("{other:?}")),
+                other => (Layer::Trust, format!("{other:?}")),
             };
             report.problem(
                 layer,
@@ -315,22 +319,24 @@ fn explain_failure(
         Error::AlertReceived(alert) => {
             let (layer, why) = match alert {
                 AlertDescription::UnknownCA => (
-                    "trust",
+                    Layer::Trust,
                     "it does not trust our CA: its bundle lacks the root our certificate \
                      chains to",
                 ),
-                AlertDescription::CertificateExpired => ("expiry", "our certificate has expired"),
+                AlertDescription::CertificateExpired => {
+                    (Layer::Expiry, "our certificate has expired")
+                }
                 AlertDescription::CertificateRequired => {
-                    ("tls", "it requires a client certificate and got none")
+                    (Layer::Tls, "it requires a client certificate and got none")
                 }
                 AlertDescription::BadCertificate | AlertDescription::UnsupportedCertificate => {
-                    ("profile", "it found our certificate unusable")
+                    (Layer::Profile, "it found our certificate unusable")
                 }
                 AlertDescription::AccessDenied => (
-                    "identity",
+                    Layer::Identity,
                     "it refuses our identity (an authorization policy)",
                 ),
-                _ => ("tls", "it aborted the handshake"),
+                _ => (Layer::Tls, "it aborted the handshake"),
             };
             report.problem(
                 layer,
@@ -338,7 +344,7 @@ fn explain_failure(
             );
         }
         other => report.problem(
-            "tls",
+            Layer::Tls,
             format!("the handshake with {target} failed: {other}"),
         ),
     }

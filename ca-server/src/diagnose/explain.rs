@@ -2,14 +2,15 @@
 //! this server's own refusals, mapped to the layer that likely failed and the commands that
 //! confirm it.
 
+use super::Layer;
+
 /// One kind of failure: what it looks like, what it means and how to confirm it.
 #[derive(Debug)]
 pub struct Explanation {
     /// A short name for the failure.
     pub name: &'static str,
-    /// The layer that fails: `transport`, `tls`, `trust`, `expiry`, `identity`, `token`,
-    /// `request` or `ca`.
-    pub layer: &'static str,
+    /// The layer that fails.
+    pub layer: Layer,
     /// Lowercase fragments any one of which identifies it.
     patterns: &'static [&'static str],
     /// What it means.
@@ -24,7 +25,7 @@ pub struct Explanation {
 pub const EXPLANATIONS: &[Explanation] = &[
     Explanation {
         name: "unknown CA",
-        layer: "trust",
+        layer: Layer::Trust,
         patterns: &[
             "unknown_ca",
             "unknown ca",
@@ -50,7 +51,7 @@ pub const EXPLANATIONS: &[Explanation] = &[
     },
     Explanation {
         name: "certificate expired",
-        layer: "expiry",
+        layer: Layer::Expiry,
         patterns: &[
             "certificate has expired",
             "certificate_expired",
@@ -75,7 +76,7 @@ pub const EXPLANATIONS: &[Explanation] = &[
     },
     Explanation {
         name: "certificate verification failed",
-        layer: "trust",
+        layer: Layer::Trust,
         patterns: &[
             "certificate_verify_failed",
             "certificate verify failed",
@@ -99,7 +100,7 @@ pub const EXPLANATIONS: &[Explanation] = &[
     },
     Explanation {
         name: "peer certificate required",
-        layer: "tls",
+        layer: Layer::Tls,
         patterns: &[
             "certificate_required",
             "certificate required",
@@ -120,7 +121,7 @@ pub const EXPLANATIONS: &[Explanation] = &[
     },
     Explanation {
         name: "not TLS",
-        layer: "transport",
+        layer: Layer::Transport,
         patterns: &[
             "wrong_version_number",
             "wrong version number",
@@ -146,7 +147,7 @@ pub const EXPLANATIONS: &[Explanation] = &[
     },
     Explanation {
         name: "upstream connect error",
-        layer: "transport",
+        layer: Layer::Transport,
         patterns: &[
             "upstream connect error",
             "disconnect/reset before headers",
@@ -170,7 +171,7 @@ pub const EXPLANATIONS: &[Explanation] = &[
     },
     Explanation {
         name: "wrong identity",
-        layer: "identity",
+        layer: Layer::Identity,
         patterns: &[
             "subject alternative name",
             "san mismatch",
@@ -196,7 +197,7 @@ pub const EXPLANATIONS: &[Explanation] = &[
     },
     Explanation {
         name: "token refused",
-        layer: "token",
+        layer: Layer::Token,
         patterns: &[
             "unauthenticated",
             "bearer token",
@@ -221,7 +222,7 @@ pub const EXPLANATIONS: &[Explanation] = &[
     },
     Explanation {
         name: "request refused",
-        layer: "request",
+        layer: Layer::Request,
         patterns: &[
             "invalid_argument",
             "invalid argument",
@@ -253,7 +254,7 @@ pub const EXPLANATIONS: &[Explanation] = &[
     },
     Explanation {
         name: "CA unavailable",
-        layer: "ca",
+        layer: Layer::Ca,
         patterns: &[
             "unavailable",
             "audit log",
@@ -304,7 +305,7 @@ mod tests {
     use super::*;
 
     fn layers(text: &str) -> Vec<&'static str> {
-        explain(text).iter().map(|e| e.layer).collect()
+        explain(text).iter().map(|e| e.layer.as_str()).collect()
     }
 
     #[test]

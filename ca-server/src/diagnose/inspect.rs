@@ -7,17 +7,69 @@ use x509_parser::certificate::X509Certificate;
 use x509_parser::extensions::GeneralName;
 use x509_parser::prelude::FromDer;
 
-use super::Findings;
+use super::{Findings, Layer};
 use crate::audit::EventKind;
 use crate::authority::sha256_hex;
 use crate::spiffe::SpiffeId;
 use crate::store::{AuditQuery, AuthorityRecord, AuthorityState, Store};
 
+/// What a certificate is in the file it came in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub enum Role {
+    /// The end-entity certificate, first in a chain.
+    #[serde(rename = "leaf")]
+    Leaf,
+    /// A CA between the leaf and the root.
+    #[serde(rename = "intermediate")]
+    Intermediate,
+    /// A self-signed CA, or any certificate of a bundle.
+    #[serde(rename = "root")]
+    Root,
+    /// A CA certificate first in its file (not a leaf, not self-signed).
+    #[serde(rename = "CA")]
+    Ca,
+    /// A certificate later in a chain that is not a CA.
+    #[serde(rename = "certificate")]
+    Other,
+}
+
+impl Role {
+    /// Its name, as printed and in JSON.
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Self::Leaf => "leaf",
+            Self::Intermediate => "intermediate",
+            Self::Root => "root",
+            Self::Ca => "CA",
+            Self::Other => "certificate",
+        }
+    }
+}
+
+impl std::fmt::Display for Role {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// What was inspected.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Inspected {
+    /// A certificate chain.
+    #[default]
+    Chain,
+    /// A trust bundle (PEM or SPIFFE JWKS).
+    Bundle,
+    /// A certificate signing request.
+    Csr,
+}
+
 /// One certificate, as a person reads it.
 #[derive(Debug, Clone, Serialize)]
 pub struct CertInfo {
-    /// `leaf`, `intermediate`, `root` or `CA`.
-    pub role: &'static str,
+    /// What it is in its file.
+    pub role: Role,
     /// Subject DN.
     pub subject: String,
     /// Issuer DN.
@@ -45,8 +97,8 @@ pub struct CertInfo {
 /// What inspection found.
 #[derive(Debug, Clone, Serialize, Default)]
 pub struct Report {
-    /// `chain`, `bundle` or `csr`.
-    pub kind: &'static str,
+    /// What was inspected.
+    pub kind: Inspected,
     /// The certificates, in the file's order.
     pub certificates: Vec<CertInfo>,
     /// What holds (chain, trust, authority, audit) and what fails.
@@ -163,7 +215,7 @@ fn self_signed(cert: &X509Certificate<'_>) -> bool {
     cert.subject() == cert.issuer() && cert.verify_signature(None).is_ok()
 }
 
-fn info(cert: &X509Certificate<'_>, der: &[u8], role: &'static str, now: i64) -> CertInfo {
+fn info(cert: &X509Certificate<'_>, der: &[u8], role: Role, now: i64) -> CertInfo {
     let (mut uris, mut names) = (Vec::new(), Vec::new());
     if let Ok(Some(san)) = cert.subject_alternative_name() {
         for name in &san.value.general_names {
@@ -209,7 +261,7 @@ pub async fn inspect_certificates(
     now: i64,
 ) -> Report {
     let mut report = Report {
-        kind: "chain",
+        kind: Inspected::Chain,
         ..Report::default()
     };
     let parsed: Vec<X509Certificate<'_>> = ders
@@ -218,25 +270,25 @@ pub async fn inspect_certificates(
         .collect();
     if parsed.len() != ders.len() || parsed.is_empty() {
         report.findings.problem(
-            "chain",
+            Layer::Chain,
             "a certificate in the input does not parse as X.509",
         );
         return report;
     }
     let all_roots = parsed.iter().all(|c| is_ca(c) && self_signed(c));
     if all_roots {
-        report.kind = "bundle";
+        report.kind = Inspected::Bundle;
     }
     let n = parsed.len();
     for (i, (cert, der)) in parsed.iter().zip(ders).enumerate() {
-        let role = if report.kind == "bundle" || (i == n - 1 && self_signed(cert)) {
-            "root"
+        let role = if report.kind == Inspected::Bundle || (i == n - 1 && self_signed(cert)) {
+            Role::Root
         } else if i == 0 && !is_ca(cert) {
-            "leaf"
+            Role::Leaf
         } else if is_ca(cert) {
-            if i == 0 { "CA" } else { "intermediate" }
+            if i == 0 { Role::Ca } else { Role::Intermediate }
         } else {
-            "certificate"
+            Role::Other
         };
         report.certificates.push(info(cert, der, role, now));
     }
@@ -245,14 +297,14 @@ pub async fn inspect_certificates(
     for (i, c) in report.certificates.clone().iter().enumerate() {
         let which = format!("certificate {} ({}, {})", i + 1, c.role, c.subject);
         if c.seconds_left <= 0 {
-            let advice = if c.role == "leaf" {
+            let advice = if c.role == Role::Leaf {
                 "renew it; a proxy that stopped renewing cannot reach the CA or has no valid \
                  token (`ca-server audit list --spiffe-id ID` shows its last certificate)"
             } else {
                 "the CA must be replaced: `ca-server root prepare`, then `root activate ID`"
             };
             report.findings.problem(
-                "expiry",
+                Layer::Expiry,
                 format!(
                     "{which} expired {} ago ({}): {advice}",
                     super::expiry::span(c.seconds_left),
@@ -261,13 +313,13 @@ pub async fn inspect_certificates(
             );
         } else if parsed[i].validity().not_before.timestamp() > now {
             report.findings.problem(
-                "expiry",
+                Layer::Expiry,
                 format!(
                     "{which} is not valid before {}: check the clocks of the hosts involved",
                     c.not_before
                 ),
             );
-        } else if c.role == "leaf" {
+        } else if c.role == Role::Leaf {
             report.findings.facts.push(format!(
                 "expiry: the leaf is valid for {} more ({})",
                 super::expiry::span(c.seconds_left),
@@ -276,7 +328,7 @@ pub async fn inspect_certificates(
         }
     }
 
-    if report.kind == "bundle" {
+    if report.kind == Inspected::Bundle {
         for (i, der) in ders.iter().enumerate() {
             check_trust_of_root(&mut report, i, der, known);
         }
@@ -292,7 +344,7 @@ pub async fn inspect_certificates(
         {
             chain_ok = false;
             report.findings.problem(
-                "chain",
+                Layer::Chain,
                 format!(
                     "certificate {} ({}) is not signed by certificate {} ({}): the chain is out \
                      of order or mixes CAs; send leaf first, then each issuer",
@@ -338,7 +390,7 @@ pub async fn inspect_certificates(
             k.sequence
         )),
         (Some(_), Some(root)) => report.findings.problem(
-            "trust",
+            Layer::Trust,
             format!(
                 "its root (SHA-256 {}) is not in the current bundle: peers that follow the \
                  bundle reject it (TLSV1_ALERT_UNKNOWN_CA, certificate verify failed). \
@@ -347,7 +399,7 @@ pub async fn inspect_certificates(
             ),
         ),
         (Some(_), None) => report.findings.problem(
-            "trust",
+            Layer::Trust,
             format!(
                 "the chain stops at {}, and no root in the current bundle signed it: peers \
                  reject it as from an unknown CA. Include the issuing CA in the chain, or it \
@@ -360,7 +412,7 @@ pub async fn inspect_certificates(
         check_authority(&mut report, &parsed[0], k);
     }
 
-    if report.certificates[0].role == "leaf" {
+    if report.certificates[0].role == Role::Leaf {
         check_leaf(&mut report, &parsed[0], known);
         if let Some(store) = store {
             check_audit(&mut report, store).await;
@@ -395,7 +447,7 @@ fn check_trust_of_root(report: &mut Report, i: usize, der: &[u8], known: Option<
         });
     } else {
         report.findings.problem(
-            "trust",
+            Layer::Trust,
             format!(
                 "root {} ({subject}) is not in the current bundle: a peer holding this bundle \
                  trusts a root this CA no longer publishes (or never did); refresh it from \
@@ -422,7 +474,7 @@ fn check_authority(report: &mut Report, first: &X509Certificate<'_>, k: &Known) 
     };
     match a.state {
         AuthorityState::Retired => report.findings.problem(
-            "trust",
+            Layer::Trust,
             format!(
                 "signed by authority {}, retired {}: its root has left the bundle, so peers \
                  reject this certificate; the holder must get a new one (restart its proxy)",
@@ -443,7 +495,7 @@ fn check_leaf(report: &mut Report, leaf: &X509Certificate<'_>, known: Option<&Kn
     let uris = report.certificates[0].uris.clone();
     match uris.as_slice() {
         [] => report.findings.problem(
-            "identity",
+            Layer::Identity,
             "the leaf has no URI SAN, so no SPIFFE ID: Istio peers authorize by SPIFFE ID and \
              reject it; request it from the CA with the pod's service-account token",
         ),
@@ -457,7 +509,7 @@ fn check_leaf(report: &mut Report, leaf: &X509Certificate<'_>, known: Option<&Kn
                     && id.trust_domain().to_string() != *td
                 {
                     report.findings.problem(
-                        "identity",
+                        Layer::Identity,
                         format!(
                             "trust domain {} is not this mesh's ({td}): peers expecting \
                              spiffe://{td}/... reject the SAN",
@@ -467,12 +519,12 @@ fn check_leaf(report: &mut Report, leaf: &X509Certificate<'_>, known: Option<&Kn
                 }
             }
             Err(e) => report.findings.problem(
-                "identity",
+                Layer::Identity,
                 format!("{uri:?} is not a valid SPIFFE ID ({e}): peers reject the SAN"),
             ),
         },
         _ => report.findings.problem(
-            "identity",
+            Layer::Identity,
             format!(
                 "the leaf has {} URI SANs; an X509-SVID has exactly one",
                 uris.len()
@@ -481,21 +533,21 @@ fn check_leaf(report: &mut Report, leaf: &X509Certificate<'_>, known: Option<&Kn
     }
     if is_ca(leaf) {
         report.findings.problem(
-            "profile",
+            Layer::Profile,
             "the leaf is a CA: a workload certificate must not be one",
         );
     }
     let usages = report.certificates[0].usages.clone();
     if !usages.iter().any(|u| u == "Digital Signature") {
         report.findings.problem(
-            "profile",
+            Layer::Profile,
             "the leaf's key usage lacks digitalSignature: TLS handshakes with it fail",
         );
     }
     for eku in ["serverAuth", "clientAuth"] {
         if !usages.iter().any(|u| u == eku) {
             report.findings.problem(
-                "profile",
+                Layer::Profile,
                 format!("the leaf's extended key usage lacks {eku}: mTLS needs both directions"),
             );
         }
@@ -505,7 +557,7 @@ fn check_leaf(report: &mut Report, leaf: &X509Certificate<'_>, known: Option<&Kn
         && bits < 2048
     {
         report.findings.problem(
-            "profile",
+            Layer::Profile,
             format!("the leaf's {key} key is too weak (2048 bits at least)"),
         );
     }
@@ -550,7 +602,7 @@ async fn check_audit(report: &mut Report, store: &Store) {
 /// Inspects a PEM CSR with the checks the CA applies to requests.
 pub fn inspect_csr(pem: &str) -> Report {
     let mut report = Report {
-        kind: "csr",
+        kind: Inspected::Csr,
         ..Report::default()
     };
     match crate::issuance::check_csr(pem) {
@@ -576,11 +628,11 @@ pub fn inspect_csr(pem: &str) -> Report {
                         "identity: asks for {id}; granted only if it is the caller's own"
                     )),
                     Some(Err(e)) => report.findings.problem(
-                        "identity",
+                        Layer::Identity,
                         format!("{san:?} is not a valid SPIFFE ID ({e}): the CA refuses it"),
                     ),
                     None => report.findings.problem(
-                        "identity",
+                        Layer::Identity,
                         format!("asks for {san}: the CA certifies SPIFFE IDs only and refuses it"),
                     ),
                 }
@@ -588,7 +640,7 @@ pub fn inspect_csr(pem: &str) -> Report {
         }
         Err(e) => report
             .findings
-            .problem("profile", format!("the CA would refuse it: {e}")),
+            .problem(Layer::Profile, format!("the CA would refuse it: {e}")),
     }
     report
 }
