@@ -331,7 +331,11 @@ impl ImpersonationPolicy {
             requested: shown.clone(),
             detail,
         };
-        let node = match authorizer.node_of(caller).await.map_err(api)? {
+        let node = match authorizer
+            .node_of(caller)
+            .await
+            .map_err(|e| api(e.to_string()))?
+        {
             CallerNode::Known(node) => node,
             CallerNode::Unknown(detail) => {
                 return Err(ImpersonationError::CallerNode {
@@ -344,7 +348,7 @@ impl ImpersonationPolicy {
         let found = authorizer
             .pod_on_node(&node, namespace, service_account)
             .await
-            .map_err(api)?;
+            .map_err(|e| api(e.to_string()))?;
         let Some(pod) = found else {
             return Err(ImpersonationError::NotOnNode {
                 caller: caller_id,
@@ -445,7 +449,7 @@ impl NodeAuthorizer {
 
     /// The node `caller` runs on: from its token, or else from its pod. An error is the API
     /// failing to answer.
-    pub async fn node_of(&self, caller: &Identity) -> Result<CallerNode, String> {
+    pub async fn node_of(&self, caller: &Identity) -> Result<CallerNode, crate::kube::Error> {
         if let Some(node) = &caller.node {
             return Ok(if is_dns_name(node) {
                 CallerNode::Known(node.clone())
@@ -491,7 +495,7 @@ impl NodeAuthorizer {
         node: &str,
         namespace: &str,
         service_account: &str,
-    ) -> Result<Option<Pod>, String> {
+    ) -> Result<Option<Pod>, crate::kube::Error> {
         let slot = self.slot(node);
         let mut pods = slot.lock().await;
         let key = (namespace.to_owned(), service_account.to_owned());
@@ -524,62 +528,47 @@ impl NodeAuthorizer {
     }
 
     /// Every running pod scheduled on `node`, page by page.
-    async fn list_node(&self, node: &str) -> Result<Vec<Pod>, String> {
+    async fn list_node(&self, node: &str) -> Result<Vec<Pod>, crate::kube::Error> {
         if !is_dns_name(node) {
-            return Err(format!("{node:?} is not a node name"));
+            // Not a node any pod could be on (and not safe in a field selector).
+            return Ok(Vec::new());
         }
         let mut pods = Vec::new();
         let mut next: Option<String> = None;
         loop {
-            let mut path =
-                format!("/api/v1/pods?fieldSelector=spec.nodeName%3D{node}&limit={PAGE_SIZE}");
-            if let Some(token) = &next {
-                path.push_str("&continue=");
-                path.push_str(&query_escape(token));
-            }
-            let body = self.get(&path, "list pods").await?;
-            let body = body.ok_or_else(|| "listing pods: HTTP 404".to_owned())?;
-            let (page, more) = parse_pod_list(&body)?;
+            let page = self
+                .api
+                .pods_on_node(node, PAGE_SIZE, next.as_deref())
+                .await?;
             // The API filtered by node; a pod elsewhere would be a broken API, never a grant.
-            pods.extend(page.into_iter().filter(|p| p.node == node));
-            match more {
-                Some(token) => next = Some(token),
-                None => return Ok(pods),
+            pods.extend(
+                page.items
+                    .iter()
+                    .filter_map(running)
+                    .filter(|p| p.node == node),
+            );
+            match page.metadata.continue_token {
+                token if token.is_empty() => return Ok(pods),
+                token => next = Some(token),
             }
         }
     }
 
     /// The pod `namespace`/`name`, if it exists and is running on a node.
-    async fn get_pod(&self, namespace: &str, name: &str) -> Result<Option<Pod>, String> {
+    async fn get_pod(
+        &self,
+        namespace: &str,
+        name: &str,
+    ) -> Result<Option<Pod>, crate::kube::Error> {
         if !is_dns_name(namespace) || !is_dns_name(name) {
             return Ok(None);
         }
-        let path = format!("/api/v1/namespaces/{namespace}/pods/{name}");
-        let Some(body) = self.get(&path, "get pods").await? else {
-            return Ok(None);
-        };
-        Ok(parse_pod(&body))
-    }
-
-    /// GETs `path`: the JSON body, `None` for 404, an error for anything else.
-    async fn get(&self, path: &str, what: &str) -> Result<Option<serde_json::Value>, String> {
-        let answer = self
+        Ok(self
             .api
-            .call(http::Method::GET, path, None)
-            .await
-            .map_err(|e| e.to_string())?;
-        match answer.status {
-            http::StatusCode::NOT_FOUND => Ok(None),
-            s if s.is_success() => serde_json::from_slice(&answer.body)
-                .map(Some)
-                .map_err(|e| format!("{}{path}: not JSON: {e}", self.api.url())),
-            s @ (http::StatusCode::FORBIDDEN | http::StatusCode::UNAUTHORIZED) => Err(format!(
-                "{}{path}: HTTP {s}: this server's service account may not {what} (bind it to a \
-                 ClusterRole allowing get and list on pods, as deploy/kubernetes/rbac.yaml does)",
-                self.api.url()
-            )),
-            s => Err(format!("{}{path}: HTTP {s}", self.api.url())),
-        }
+            .pod(namespace, name)
+            .await?
+            .as_ref()
+            .and_then(running))
     }
 }
 
@@ -588,35 +577,20 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 }
 
 /// A pod object, if it is scheduled and not finished.
-fn parse_pod(item: &serde_json::Value) -> Option<Pod> {
-    let text = |v: &serde_json::Value| v.as_str().filter(|s| !s.is_empty()).map(str::to_owned);
-    if matches!(
-        item["status"]["phase"].as_str(),
-        Some("Failed" | "Succeeded")
-    ) {
+fn running(pod: &crate::kube::types::Pod) -> Option<Pod> {
+    let text = |v: &str| (!v.is_empty()).then(|| v.to_owned());
+    if matches!(pod.status.phase.as_str(), "Failed" | "Succeeded") {
         return None;
     }
     Some(Pod {
-        namespace: text(&item["metadata"]["namespace"])?,
-        name: text(&item["metadata"]["name"])?,
-        uid: text(&item["metadata"]["uid"])?,
+        namespace: text(&pod.metadata.namespace)?,
+        name: text(&pod.metadata.name)?,
+        uid: text(&pod.metadata.uid)?,
         // The API server fills it in on admission; an object without it runs as `default`.
-        service_account: text(&item["spec"]["serviceAccountName"])
+        service_account: text(&pod.spec.service_account_name)
             .unwrap_or_else(|| "default".to_owned()),
-        node: text(&item["spec"]["nodeName"])?,
+        node: text(&pod.spec.node_name)?,
     })
-}
-
-/// A `PodList`: its running pods, and the `continue` token if more pages follow.
-fn parse_pod_list(list: &serde_json::Value) -> Result<(Vec<Pod>, Option<String>), String> {
-    let items = list["items"]
-        .as_array()
-        .ok_or_else(|| "listing pods: the answer is not a PodList".to_owned())?;
-    let more = list["metadata"]["continue"]
-        .as_str()
-        .filter(|t| !t.is_empty())
-        .map(str::to_owned);
-    Ok((items.iter().filter_map(parse_pod).collect(), more))
 }
 
 /// A Kubernetes object name (DNS-1123 subdomain): safe in a URL path or field selector.
@@ -625,19 +599,6 @@ fn is_dns_name(s: &str) -> bool {
         && s.len() <= 253
         && s.bytes()
             .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'.')
-}
-
-/// Percent-encodes a query value: everything but unreserved characters.
-fn query_escape(s: &str) -> String {
-    let mut out = String::with_capacity(s.len());
-    for b in s.bytes() {
-        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~') {
-            out.push(char::from(b));
-        } else {
-            out.push_str(&format!("%{b:02X}"));
-        }
-    }
-    out
 }
 
 #[cfg(test)]
@@ -690,12 +651,16 @@ mod tests {
                  "spec": {"nodeName": "node-a"}, "status": {"phase": "Running"}},
             ],
         });
-        let (pods, more) = parse_pod_list(&list).unwrap();
+        let list: crate::kube::types::PodList = serde_json::from_value(list).unwrap();
+        let pods: Vec<Pod> = list.items.iter().filter_map(running).collect();
         let names: Vec<&str> = pods.iter().map(|p| p.name.as_str()).collect();
         assert_eq!(names, ["web-1", "web-2", "plain"]);
         assert_eq!(pods[2].service_account, "default");
-        assert_eq!(more.as_deref(), Some("next-page"));
-        assert!(parse_pod_list(&json!({"kind": "Status"})).is_err());
+        assert_eq!(list.metadata.continue_token, "next-page");
+        assert!(
+            serde_json::from_value::<crate::kube::types::PodList>(json!({"kind": "Status"}))
+                .is_err()
+        );
     }
 
     #[test]
@@ -718,8 +683,6 @@ mod tests {
         for bad in ["", "Node", "a b", "a/b", "a&b", "a%3Db", &"a".repeat(254)] {
             assert!(!is_dns_name(bad), "{bad}");
         }
-        assert_eq!(query_escape("a=b/c+d e"), "a%3Db%2Fc%2Bd%20e");
-        assert_eq!(query_escape("eyJ2-_.~"), "eyJ2-_.~");
     }
 
     fn caller(node: Option<&str>) -> Identity {

@@ -9,13 +9,9 @@ use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use tokio::sync::Semaphore;
-use zeroize::Zeroizing;
 
 use super::{AuthError, BearerToken};
 use crate::kube::{KubeApi, KubeClient};
-
-/// The API path of TokenReview.
-pub const TOKEN_REVIEW_PATH: &str = "/apis/authentication.k8s.io/v1/tokenreviews";
 
 /// How long a positive review is trusted before the API server is asked again (never past
 /// the token's own `exp`).
@@ -60,30 +56,6 @@ pub struct Reviewed {
     pub pod_uid: Option<String>,
     /// The node that pod runs on, if the API server says (Kubernetes 1.30 and later).
     pub node_name: Option<String>,
-}
-
-#[derive(serde::Deserialize)]
-struct Review {
-    status: Option<ReviewStatus>,
-}
-
-#[derive(serde::Deserialize)]
-struct ReviewStatus {
-    #[serde(default)]
-    authenticated: bool,
-    user: Option<ReviewUser>,
-    #[serde(default)]
-    audiences: Vec<String>,
-    #[serde(default)]
-    error: String,
-}
-
-#[derive(serde::Deserialize)]
-struct ReviewUser {
-    #[serde(default)]
-    username: String,
-    #[serde(default)]
-    extra: std::collections::HashMap<String, Vec<String>>,
 }
 
 impl TokenReviewer {
@@ -147,37 +119,17 @@ impl TokenReviewer {
     }
 
     async fn ask(&self, token: &BearerToken) -> Result<Reviewed, AuthError> {
-        let unavailable = AuthError::ReviewUnavailable;
-        let body = Zeroizing::new(
-            serde_json::to_vec(&serde_json::json!({
-                "apiVersion": "authentication.k8s.io/v1",
-                "kind": "TokenReview",
-                "spec": { "token": token.expose(), "audiences": self.audiences },
-            }))
-            .map_err(|e| unavailable(e.to_string()))?,
-        );
-        let answer = self
+        let review = self
             .api
-            .call(http::Method::POST, TOKEN_REVIEW_PATH, Some(body.to_vec()))
+            .token_review(token.expose(), &self.audiences)
             .await
-            .map_err(|e| unavailable(e.to_string()))?;
-        let (status, body) = (answer.status, answer.body);
-        let unavailable =
-            |detail: String| AuthError::ReviewUnavailable(format!("{}: {detail}", self.api.url()));
-        if status == http::StatusCode::FORBIDDEN || status == http::StatusCode::UNAUTHORIZED {
-            return Err(unavailable(format!(
-                "HTTP {status}: this server's service account may not create tokenreviews \
-                 (bind it to a ClusterRole allowing `create` on `tokenreviews`)"
-            )));
-        }
-        if !status.is_success() {
-            return Err(unavailable(format!("HTTP {status}")));
-        }
-        let review: Review = serde_json::from_slice(&body)
-            .map_err(|e| unavailable(format!("not a TokenReview: {e}")))?;
-        let status = review
-            .status
-            .ok_or_else(|| unavailable("the TokenReview has no status".into()))?;
+            .map_err(|e| AuthError::ReviewUnavailable(e.to_string()))?;
+        let status = review.status.ok_or_else(|| {
+            AuthError::ReviewUnavailable(format!(
+                "{}: the TokenReview has no status",
+                self.api.url()
+            ))
+        })?;
         if !status.authenticated {
             let why = if status.error.is_empty() {
                 "not authenticated".to_owned()

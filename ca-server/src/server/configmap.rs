@@ -11,7 +11,7 @@ use tokio::sync::watch;
 use tracing::{info, warn};
 
 use crate::issuance::Active;
-use crate::kube::KubeClient;
+use crate::kube::{Error as KubeError, KubeClient};
 
 /// The key the PEM bundle is published under (Istio's).
 pub const ROOT_CERT_KEY: &str = "root-cert.pem";
@@ -53,6 +53,17 @@ pub async fn publish_configmaps(
     }
 }
 
+/// Why publishing failed, namespace by namespace.
+#[derive(Debug, thiserror::Error)]
+enum SyncError {
+    /// The namespaces could not be listed.
+    #[error("listing namespaces: {0}")]
+    Namespaces(#[source] KubeError),
+    /// Some namespaces' ConfigMaps could not be written.
+    #[error("{}", .0.iter().map(|(ns, e)| format!("{ns}: {e}")).collect::<Vec<_>>().join("; "))]
+    Namespaced(Vec<(String, KubeError)>),
+}
+
 /// Brings every namespace's ConfigMap to `pem`; returns how many were written.
 async fn sync(
     client: &KubeClient,
@@ -60,8 +71,16 @@ async fn sync(
     pem: &str,
     sequence: i64,
     published: &mut HashMap<String, i64>,
-) -> Result<usize, String> {
-    let namespaces = list_namespaces(client).await?;
+) -> Result<usize, SyncError> {
+    let namespaces: Vec<String> = client
+        .namespaces()
+        .await
+        .map_err(SyncError::Namespaces)?
+        .items
+        .into_iter()
+        .filter(|ns| ns.status.phase != "Terminating" && !ns.metadata.name.is_empty())
+        .map(|ns| ns.metadata.name)
+        .collect();
     published.retain(|ns, _| namespaces.contains(ns));
     let mut written = 0;
     let mut failed = Vec::new();
@@ -74,50 +93,26 @@ async fn sync(
                 published.insert(ns, sequence);
                 written += 1;
             }
-            Err(e) => failed.push(format!("{ns}: {e}")),
+            Err(e) => failed.push((ns, e)),
         }
     }
     if failed.is_empty() {
         Ok(written)
     } else {
-        Err(failed.join("; "))
+        Err(SyncError::Namespaced(failed))
     }
-}
-
-/// The namespaces that are not being deleted.
-async fn list_namespaces(client: &KubeClient) -> Result<Vec<String>, String> {
-    let answer = client
-        .call(http::Method::GET, "/api/v1/namespaces", None)
-        .await
-        .map_err(|e| e.to_string())?;
-    if !answer.status.is_success() {
-        return Err(format!(
-            "listing namespaces: HTTP {}{}",
-            answer.status,
-            forbidden_hint(answer.status, "list namespaces")
-        ));
-    }
-    let list: serde_json::Value = serde_json::from_slice(&answer.body)
-        .map_err(|e| format!("listing namespaces: not JSON: {e}"))?;
-    Ok(list["items"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .filter(|ns| ns["status"]["phase"] != "Terminating")
-        .filter_map(|ns| ns["metadata"]["name"].as_str().map(str::to_owned))
-        .collect())
 }
 
 /// Creates or updates ConfigMap `name` in `ns` to hold `pem`; leaves it alone if it does.
-async fn put_configmap(client: &KubeClient, ns: &str, name: &str, pem: &str) -> Result<(), String> {
-    let path = format!("/api/v1/namespaces/{ns}/configmaps/{name}");
-    let current = client
-        .call(http::Method::GET, &path, None)
-        .await
-        .map_err(|e| e.to_string())?;
-    let (method, path, body) = match current.status {
-        http::StatusCode::NOT_FOUND => {
-            let body = serde_json::json!({
+async fn put_configmap(
+    client: &KubeClient,
+    ns: &str,
+    name: &str,
+    pem: &str,
+) -> Result<(), KubeError> {
+    match client.config_map(ns, name).await? {
+        None => {
+            let object = serde_json::json!({
                 "apiVersion": "v1",
                 "kind": "ConfigMap",
                 "metadata": {
@@ -127,50 +122,14 @@ async fn put_configmap(client: &KubeClient, ns: &str, name: &str, pem: &str) -> 
                 },
                 "data": { ROOT_CERT_KEY: pem },
             });
-            (
-                http::Method::POST,
-                format!("/api/v1/namespaces/{ns}/configmaps"),
-                body,
-            )
+            client.create_config_map(ns, &object).await
         }
-        status if status.is_success() => {
-            let mut existing: serde_json::Value = serde_json::from_slice(&current.body)
-                .map_err(|e| format!("reading the ConfigMap: not JSON: {e}"))?;
-            if existing["data"][ROOT_CERT_KEY] == pem {
-                return Ok(());
-            }
+        Some(existing) if existing["data"][ROOT_CERT_KEY] == pem => Ok(()),
+        Some(mut existing) => {
             // The object as read, resourceVersion included: a concurrent writer makes this
             // a conflict, retried on the next round, rather than a lost update.
             existing["data"][ROOT_CERT_KEY] = serde_json::Value::from(pem);
-            (http::Method::PUT, path, existing)
+            client.replace_config_map(ns, name, &existing).await
         }
-        status => {
-            return Err(format!(
-                "reading the ConfigMap: HTTP {status}{}",
-                forbidden_hint(status, "get configmaps")
-            ));
-        }
-    };
-    let body = serde_json::to_vec(&body).map_err(|e| e.to_string())?;
-    let written = client
-        .call(method, &path, Some(body))
-        .await
-        .map_err(|e| e.to_string())?;
-    if written.status.is_success() {
-        Ok(())
-    } else {
-        Err(format!(
-            "writing the ConfigMap: HTTP {}{}",
-            written.status,
-            forbidden_hint(written.status, "create and update configmaps")
-        ))
-    }
-}
-
-fn forbidden_hint(status: http::StatusCode, what: &str) -> String {
-    if status == http::StatusCode::FORBIDDEN {
-        format!(" (this server's service account may not {what}: see deploy/kubernetes/rbac.yaml)")
-    } else {
-        String::new()
     }
 }

@@ -1,5 +1,9 @@
-//! A small client for the Kubernetes API: JSON over HTTPS with this server's own
-//! service-account token, for TokenReview and for publishing the root ConfigMap.
+//! The Kubernetes API client: JSON over HTTPS with this server's own service-account token.
+//! `api` holds the calls (TokenReview, pods, namespaces, ConfigMaps), `types` the objects;
+//! `KubeClient::call` the transport, with its backoff.
+
+pub mod api;
+pub mod types;
 
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
@@ -69,6 +73,41 @@ pub enum Error {
     /// The call failed: no connection, a certificate not trusted, a timeout.
     #[error("{0}")]
     Call(#[source] outbound::Error),
+    /// The API server refused: our service account lacks a permission.
+    #[error(
+        "{url}{path}: HTTP {status}: this server's service account may not {needs} (bind it to \
+         a ClusterRole that allows it, as deploy/kubernetes/rbac.yaml does)"
+    )]
+    Forbidden {
+        /// The API.
+        url: String,
+        /// The path.
+        path: String,
+        /// 401 or 403.
+        status: http::StatusCode,
+        /// What to grant.
+        needs: api::Permission,
+    },
+    /// Another answer than a success.
+    #[error("{url}{path}: HTTP {status}")]
+    Status {
+        /// The API.
+        url: String,
+        /// The path.
+        path: String,
+        /// What it answered.
+        status: http::StatusCode,
+    },
+    /// A body that is not the object asked for.
+    #[error("{url}{path}: not the object expected: {reason}")]
+    Decode {
+        /// The API.
+        url: String,
+        /// The path.
+        path: String,
+        /// What did not parse.
+        reason: String,
+    },
 }
 
 /// How to reach the Kubernetes API.
