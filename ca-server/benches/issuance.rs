@@ -14,10 +14,11 @@ use ca_server::TrustDomain;
 use ca_server::audit::{EventKind, EventRow, event_hash};
 use ca_server::auth::dev::{DEV_ISSUER, DevIssuer};
 use ca_server::auth::{Authenticator, BearerToken, Fetcher, IssuerKeys, TokenIssuer};
-use ca_server::authority::{Authority, root_params, sha256_hex};
+use ca_server::authority::{Authority, root_params};
 use ca_server::bundle::Bundle;
 use ca_server::issuance::{LeafPolicy, TrustAnchors, check_csr, issue};
 use ca_server::store::{AuthorityRecord, AuthorityState};
+use ca_server::x509::sha256_hex;
 use criterion::{Criterion, criterion_group, criterion_main};
 
 fn authority(dir: &std::path::Path) -> Authority {

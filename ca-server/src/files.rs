@@ -62,21 +62,6 @@ pub fn read_or_create_private(
         .map_err(|e| e.to_string())
 }
 
-/// PEM text for `der` under `label` (e.g. `CERTIFICATE`), 64 columns a line.
-pub fn pem(label: &str, der: &[u8]) -> String {
-    use base64::Engine;
-    let b64 = Zeroizing::new(base64::engine::general_purpose::STANDARD.encode(der));
-    // Sized once: a private key's text is never left behind in a reallocated buffer.
-    let mut out = String::with_capacity(b64.len() + b64.len() / 64 + 2 * label.len() + 40);
-    out.push_str(&format!("-----BEGIN {label}-----\n"));
-    for chunk in b64.as_bytes().chunks(64) {
-        out.push_str(&String::from_utf8_lossy(chunk));
-        out.push('\n');
-    }
-    out.push_str(&format!("-----END {label}-----\n"));
-    out
-}
-
 /// Replaces `path` with `contents` atomically (write a temporary file, sync, rename), with
 /// mode `mode` (0644 for public files, 0600 for private ones). The temporary file has a
 /// name no one can guess and is created new (`O_EXCL`, which never follows a symlink), so in

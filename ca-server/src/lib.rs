@@ -26,5 +26,6 @@ pub mod server;
 pub mod spiffe;
 pub mod store;
 pub mod untrusted;
+pub mod x509;
 
 pub use spiffe::{SpiffeId, TrustDomain};

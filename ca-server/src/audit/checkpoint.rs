@@ -71,7 +71,7 @@ impl AuditKey {
         };
         let pem = crate::files::read_or_create_private(&path, || {
             Ed25519KeyPair::generate_pkcs8(&aws_lc_rs::rand::SystemRandom::new())
-                .map(|pkcs8| Zeroizing::new(crate::files::pem("PRIVATE KEY", pkcs8.as_ref())))
+                .map(|pkcs8| Zeroizing::new(crate::x509::pem("PRIVATE KEY", pkcs8.as_ref())))
                 .map_err(|e| e.to_string())
         })
         .map_err(err)?;
@@ -92,7 +92,7 @@ impl AuditKey {
     pub fn public_key_pem(&self) -> String {
         let mut spki = ED25519_SPKI_PREFIX.to_vec();
         spki.extend_from_slice(self.pair.public_key().as_ref());
-        crate::files::pem("PUBLIC KEY", &spki)
+        crate::x509::pem("PUBLIC KEY", &spki)
     }
 
     /// Signs the head `(seq, hash)` now.

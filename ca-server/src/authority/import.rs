@@ -8,7 +8,7 @@ use rustls_pki_types::pem::PemObject;
 use x509_parser::prelude::{FromDer, X509Certificate};
 use zeroize::Zeroizing;
 
-use super::sha256_hex;
+use crate::x509::sha256_hex;
 
 /// Why a `cacerts` directory cannot be imported.
 #[derive(Debug, thiserror::Error)]
@@ -286,12 +286,12 @@ fn check_with_key(
     }
 
     Ok(ImportedCa {
-        cert_pem: crate::files::pem("CERTIFICATE", &ca_der),
+        cert_pem: crate::x509::pem("CERTIFICATE", &ca_der),
         chain_pem: path[1..]
             .iter()
-            .map(|(_, c)| crate::files::pem("CERTIFICATE", c))
+            .map(|(_, c)| crate::x509::pem("CERTIFICATE", c))
             .collect(),
-        root_pem: crate::files::pem("CERTIFICATE", &root_der),
+        root_pem: crate::x509::pem("CERTIFICATE", &root_der),
         key_pem: key_text,
         subject: ca.subject().to_string(),
         not_before: ca.validity().not_before.timestamp(),

@@ -267,7 +267,7 @@ impl CaKey {
             }
             .map_err(|_| KeyError::Generate("the key could not be serialized".into()))?,
         );
-        Ok(Zeroizing::new(crate::files::pem("PRIVATE KEY", &der)))
+        Ok(Zeroizing::new(crate::x509::pem("PRIVATE KEY", &der)))
     }
 
     /// Writes the key as PKCS#8 PEM to a new file created with mode 0600; never overwrites.

@@ -9,9 +9,9 @@ pub mod pkcs11;
 
 use std::path::Path;
 
-use rcgen::{CertificateParams, DnType, IsCa, KeyUsagePurpose, SanType, SerialNumber};
+use rcgen::{CertificateParams, DnType, IsCa, KeyUsagePurpose, SanType};
 use rustls_pki_types::CertificateDer;
-use sha2::{Digest, Sha256};
+
 use time::{Duration, OffsetDateTime};
 
 pub use import::{ImportError, ImportedCa, read_cacerts, read_cacerts_with_key};
@@ -24,6 +24,7 @@ use crate::spiffe::TrustDomain;
 use crate::store::{
     AuthorityKind, AuthorityRecord, AuthorityState, NewAuthority, Store, StoreError,
 };
+use crate::x509::{pem_to_der, random_serial, sha256_hex, split_pem};
 
 /// How long a generated root is valid.
 pub const ROOT_VALIDITY: Duration = Duration::days(3650);
@@ -106,14 +107,14 @@ impl Authority {
             id: record.id,
             detail,
         };
-        let cert_der = pem_to_der(&record.cert_pem).map_err(bad)?;
-        let root_der = pem_to_der(&record.root_pem).map_err(bad)?;
+        let cert_der = pem_to_der(&record.cert_pem).map_err(|e| bad(e.to_string()))?;
+        let root_der = pem_to_der(&record.root_pem).map_err(|e| bad(e.to_string()))?;
         let chain_pems = split_pem(&record.chain_pem);
         let mut intermediates_der = Vec::new();
         if let Some((_root, between)) = chain_pems.split_last() {
             intermediates_der.push(cert_der.clone());
             for pem in between {
-                intermediates_der.push(pem_to_der(pem).map_err(bad)?);
+                intermediates_der.push(pem_to_der(pem).map_err(|e| bad(e.to_string()))?);
             }
         }
         let issuer =
@@ -187,62 +188,6 @@ impl Authority {
 
 fn unix(secs: i64) -> OffsetDateTime {
     OffsetDateTime::from_unix_timestamp(secs).unwrap_or(OffsetDateTime::UNIX_EPOCH)
-}
-
-/// Decodes the first certificate of a PEM text.
-pub fn pem_to_der(pem: &str) -> Result<CertificateDer<'static>, String> {
-    let mut reader = pem.as_bytes();
-    match rustls_pemfile::certs(&mut reader).next() {
-        Some(Ok(der)) => Ok(der),
-        Some(Err(e)) => Err(e.to_string()),
-        None => Err("no certificate in PEM".into()),
-    }
-}
-
-/// Splits concatenated PEM certificates into one string each.
-pub fn split_pem(pem: &str) -> Vec<String> {
-    let mut out = Vec::new();
-    let mut current = String::new();
-    for line in pem.lines() {
-        let line = line.trim_end();
-        if line.starts_with("-----BEGIN ") {
-            current.clear();
-        }
-        current.push_str(line);
-        current.push('\n');
-        if line.starts_with("-----END ") {
-            out.push(std::mem::take(&mut current));
-        }
-    }
-    out
-}
-
-/// 128 random bits, positive and non-zero: the first byte is never zero, so the DER integer
-/// is 16 or 17 bytes and its hex is always 32 digits.
-pub fn random_serial() -> (SerialNumber, String) {
-    let mut bytes = [0u8; 16];
-    loop {
-        rand::fill(&mut bytes);
-        if bytes[0] != 0 {
-            break;
-        }
-    }
-    (SerialNumber::from_slice(&bytes), hex::encode(bytes))
-}
-
-/// A certificate serial as the audit log writes it: lowercase hex of its bytes, without the
-/// sign-padding zero byte that DER adds when the top bit is set.
-pub fn serial_hex(der_integer_bytes: &[u8]) -> String {
-    let start = der_integer_bytes
-        .iter()
-        .position(|b| *b != 0)
-        .unwrap_or(der_integer_bytes.len());
-    hex::encode(&der_integer_bytes[start..])
-}
-
-/// SHA-256 of `bytes`, lowercase hex.
-pub fn sha256_hex(bytes: &[u8]) -> String {
-    hex::encode(Sha256::digest(bytes))
 }
 
 /// The parameters of a self-signed root: subject `O=<td>, CN=<td> root <n>` (so that no two
@@ -410,14 +355,5 @@ mod tests {
         );
         let years = (c.validity().not_after.timestamp() - now.unix_timestamp()) / 86400 / 365;
         assert_eq!(years, 10);
-    }
-
-    #[test]
-    fn splits_pem_chains() {
-        let text = "-----BEGIN CERTIFICATE-----\nAA==\n-----END CERTIFICATE-----\n\
-                    -----BEGIN CERTIFICATE-----\nBB==\n-----END CERTIFICATE-----\n";
-        let parts = split_pem(text);
-        assert_eq!(parts.len(), 2);
-        assert!(parts[1].contains("BB=="));
     }
 }

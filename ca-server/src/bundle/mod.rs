@@ -30,7 +30,7 @@ impl Bundle {
             .roots_pem
             .iter()
             .map(|pem| {
-                let der = crate::authority::pem_to_der(pem)?;
+                let der = crate::x509::pem_to_der(pem).map_err(|e| e.to_string())?;
                 root_jwk(&der)
             })
             .collect::<Result<Vec<_>, String>>()?;
@@ -139,7 +139,7 @@ mod tests {
             assert_eq!(key["use"], "x509-svid");
             assert!(key.get("kid").is_none());
             let der = STANDARD.decode(key["x5c"][0].as_str().unwrap()).unwrap();
-            assert_eq!(der, crate::authority::pem_to_der(pem).unwrap().as_ref());
+            assert_eq!(der, crate::x509::pem_to_der(pem).unwrap().as_ref());
         }
     }
 }

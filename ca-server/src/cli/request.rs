@@ -20,7 +20,7 @@ use tracing::{info, warn};
 use zeroize::Zeroizing;
 
 use super::{parse_duration, read_text};
-use crate::authority::{pem_to_der, serial_hex};
+use crate::x509::{pem_to_der, serial_hex};
 
 /// Key types the client can generate.
 #[derive(Debug, Clone, Copy, ValueEnum)]
@@ -120,7 +120,7 @@ fn private_key_pem(key: &rcgen::KeyPair) -> String {
     if der.len() >= 48 && der[..16] == V2_PREFIX {
         let mut v1 = Zeroizing::new(V1_PREFIX.to_vec());
         v1.extend_from_slice(&der[16..48]);
-        return crate::files::pem("PRIVATE KEY", &v1);
+        return crate::x509::pem("PRIVATE KEY", &v1);
     }
     key.serialize_pem()
 }

@@ -93,7 +93,7 @@ fn authority_event() -> EventRow {
 
 /// The trust domain named in a root's URI SAN (`spiffe://<td>`).
 fn trust_domain_of(record: &AuthorityRecord) -> Option<TrustDomain> {
-    let der = authority::pem_to_der(&record.root_pem).ok()?;
+    let der = crate::x509::pem_to_der(&record.root_pem).ok()?;
     SpiffeId::from_certificate(&der).map(|id| id.trust_domain().clone())
 }
 

@@ -9,9 +9,9 @@ use x509_parser::prelude::FromDer;
 
 use super::{Findings, Layer};
 use crate::audit::EventKind;
-use crate::authority::sha256_hex;
 use crate::spiffe::SpiffeId;
 use crate::store::{AuditQuery, AuthorityRecord, AuthorityState, Store};
+use crate::x509::sha256_hex;
 
 /// What a certificate is in the file it came in.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -124,21 +124,18 @@ impl Known {
         let (sequence, roots_pem) = store.bundle().await?;
         let roots = roots_pem
             .iter()
-            .filter_map(|p| crate::authority::pem_to_der(p).ok())
+            .filter_map(|p| crate::x509::pem_to_der(p).ok())
             .map(|d| d.as_ref().to_vec())
             .collect();
         let records = store.authorities().await?;
         let trust_domain = records.iter().rev().find_map(|a| {
-            let der = crate::authority::pem_to_der(&a.root_pem).ok()?;
+            let der = crate::x509::pem_to_der(&a.root_pem).ok()?;
             SpiffeId::from_certificate(&der).map(|id| id.trust_domain().to_string())
         });
         let authorities = records
             .into_iter()
             .filter_map(|a| {
-                let der = crate::authority::pem_to_der(&a.cert_pem)
-                    .ok()?
-                    .as_ref()
-                    .to_vec();
+                let der = crate::x509::pem_to_der(&a.cert_pem).ok()?.as_ref().to_vec();
                 Some((a, der))
             })
             .collect();
@@ -232,7 +229,7 @@ fn info(cert: &X509Certificate<'_>, der: &[u8], role: Role, now: i64) -> CertInf
         role,
         subject: cert.subject().to_string(),
         issuer: cert.issuer().to_string(),
-        serial: crate::authority::serial_hex(cert.raw_serial()),
+        serial: crate::x509::serial_hex(cert.raw_serial()),
         uris,
         names,
         not_before: crate::rfc3339::secs_text(cert.validity().not_before.timestamp()),
@@ -433,9 +430,10 @@ fn check_trust_of_root(report: &mut Report, i: usize, der: &[u8], known: Option<
     };
     let subject = &report.certificates[i].subject;
     if k.roots.iter().any(|r| r == der) {
-        let authority = k.authorities.iter().find(|(a, _)| {
-            crate::authority::pem_to_der(&a.root_pem).is_ok_and(|r| r.as_ref() == der)
-        });
+        let authority = k
+            .authorities
+            .iter()
+            .find(|(a, _)| crate::x509::pem_to_der(&a.root_pem).is_ok_and(|r| r.as_ref() == der));
         report.findings.facts.push(match authority {
             Some((a, _)) => format!(
                 "trust: root {} ({subject}) is in the current bundle: authority {} ({})",

@@ -16,7 +16,7 @@ use x509_parser::oid_registry::{
 use x509_parser::prelude::FromDer;
 use x509_parser::public_key::PublicKey;
 
-use crate::authority::sha256_hex;
+use crate::x509::sha256_hex;
 
 /// Largest CSR accepted, in bytes of PEM.
 pub const MAX_CSR_BYTES: usize = 64 * 1024;
@@ -247,7 +247,7 @@ mod tests {
         let mut bytes = der.as_ref().to_vec();
         let n = bytes.len();
         bytes[n - 5] ^= 0x01;
-        let tampered = crate::files::pem("CERTIFICATE REQUEST", &bytes);
+        let tampered = crate::x509::pem("CERTIFICATE REQUEST", &bytes);
         assert_eq!(check_csr(&tampered), Err(CsrError::BadSignature));
     }
 }

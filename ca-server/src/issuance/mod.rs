@@ -19,10 +19,11 @@ pub use csr::{CheckedCsr, CsrError, KeyKind, MAX_CSR_BYTES, check_csr};
 pub use pipeline::{CertificateAuthority, CsrRequest, LimitSettings};
 pub use profile::{LeafPolicy, Validity, ValidityError, leaf_validity, resolve_ttl};
 pub use refusal::Refusal;
-pub use selfcheck::TrustAnchors;
+pub use selfcheck::{SelfCheckError, TrustAnchors};
 
 use crate::auth::Identity;
-use crate::authority::{Authority, AuthorityError, random_serial};
+use crate::authority::{Authority, AuthorityError};
+use crate::x509::random_serial;
 
 /// Why a certificate was not issued.
 #[derive(Debug, thiserror::Error)]
@@ -51,7 +52,7 @@ pub enum IssueError {
     /// The signed chain failed its own check before leaving (a bug, not the caller's fault):
     /// it was not returned.
     #[error("the issued certificate failed the self-check and was withheld: {0}")]
-    SelfCheck(String),
+    SelfCheck(#[from] SelfCheckError),
 }
 
 impl crate::class::Classify for IssueError {

@@ -12,6 +12,65 @@ use super::profile::Validity;
 use crate::bundle::Bundle;
 use crate::spiffe::SpiffeId;
 
+/// Why an issued chain was withheld.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum SelfCheckError {
+    /// The leaf does not parse.
+    #[error("the leaf does not parse: {0}")]
+    Unparsable(String),
+    /// The chain does not verify against the bundle being published.
+    #[error("the chain does not verify against the published bundle: {0}")]
+    Untrusted(String),
+    /// The leaf is not an X.509 v3 certificate.
+    #[error("the leaf is not an X.509 v3 certificate")]
+    NotV3,
+    /// Another serial than the one drawn.
+    #[error("the leaf's serial is {got}, not {want}")]
+    Serial {
+        /// What the leaf says.
+        got: String,
+        /// What was drawn.
+        want: String,
+    },
+    /// Another key than the CSR's.
+    #[error("the leaf's public key is not the CSR's")]
+    PublicKey,
+    /// Another validity than the one computed.
+    #[error("the leaf is valid {got:?} (unix), not the {want:?} computed")]
+    Validity {
+        /// notBefore and notAfter as the leaf says.
+        got: (i64, i64),
+        /// As computed.
+        want: (i64, i64),
+    },
+    /// A SAN that is not a URI.
+    #[error("the leaf has a SAN other than a URI: {0}")]
+    NonUriSan(String),
+    /// An empty subject needs a critical SAN (RFC 5280, 4.2.1.6).
+    #[error("the leaf has an empty subject but a non-critical SAN")]
+    NonCriticalSan,
+    /// It could sign certificates or CRLs.
+    #[error("the leaf's key usage allows signing certificates")]
+    SignsCertificates,
+    /// Other URIs than exactly the identity.
+    #[error("the leaf names [{}], not exactly {want}", .got.join(", "))]
+    Identity {
+        /// The URI SANs.
+        got: Vec<String>,
+        /// The SPIFFE ID.
+        want: String,
+    },
+    /// Not marked `CA:FALSE`.
+    #[error("the leaf is not marked CA:FALSE")]
+    NotCaFalse,
+    /// No `digitalSignature`.
+    #[error("the leaf's key usage lacks digitalSignature")]
+    NoDigitalSignature,
+    /// Not both `clientAuth` and `serverAuth`.
+    #[error("the leaf's extended key usage lacks clientAuth or serverAuth")]
+    NoMutualTls,
+}
+
 /// The bundle's roots as trust anchors, parsed once per bundle.
 #[derive(Debug, Clone, Default)]
 pub struct TrustAnchors(Vec<TrustAnchor<'static>>);
@@ -23,7 +82,7 @@ impl TrustAnchors {
             .roots_pem
             .iter()
             .map(|pem| {
-                let der = crate::authority::pem_to_der(pem)?;
+                let der = crate::x509::pem_to_der(pem).map_err(|e| e.to_string())?;
                 webpki::anchor_from_trusted_cert(&der)
                     .map(|a| a.to_owned())
                     .map_err(|e| format!("a bundle root is not a usable trust anchor: {e}"))
@@ -54,9 +113,9 @@ pub fn check_issued(
     anchors: &TrustAnchors,
     expected: &Expected<'_>,
     now: OffsetDateTime,
-) -> Result<(), String> {
+) -> Result<(), SelfCheckError> {
     let end_entity = webpki::EndEntityCert::try_from(leaf)
-        .map_err(|e| format!("the leaf does not parse as an end-entity certificate: {e}"))?;
+        .map_err(|e| SelfCheckError::Unparsable(e.to_string()))?;
     let seconds = u64::try_from(now.unix_timestamp()).unwrap_or(0);
     end_entity
         .verify_for_usage(
@@ -68,39 +127,40 @@ pub fn check_issued(
             None,
             None,
         )
-        .map_err(|e| format!("the chain does not verify against the published bundle: {e}"))?;
+        .map_err(|e| SelfCheckError::Untrusted(e.to_string()))?;
     check_profile(leaf, expected)
 }
 
-fn check_profile(leaf: &CertificateDer<'_>, expected: &Expected<'_>) -> Result<(), String> {
-    let (_, cert) = X509Certificate::from_der(leaf).map_err(|e| format!("leaf: {e}"))?;
+fn check_profile(leaf: &CertificateDer<'_>, expected: &Expected<'_>) -> Result<(), SelfCheckError> {
+    use SelfCheckError as E;
+    let (_, cert) = X509Certificate::from_der(leaf).map_err(|e| E::Unparsable(e.to_string()))?;
     if cert.version().0 != 2 {
-        return Err("the leaf is not an X.509 v3 certificate".into());
+        return Err(E::NotV3);
     }
-    let serial = crate::authority::serial_hex(cert.raw_serial());
+    let serial = crate::x509::serial_hex(cert.raw_serial());
     if serial != expected.serial_hex {
-        return Err(format!(
-            "the leaf's serial is {serial}, not {}",
-            expected.serial_hex
-        ));
+        return Err(E::Serial {
+            got: serial,
+            want: expected.serial_hex.to_owned(),
+        });
     }
     if cert.public_key().raw != expected.spki_der {
-        return Err("the leaf's public key is not the CSR's".into());
+        return Err(E::PublicKey);
     }
     let validity = cert.validity();
     let (nb, na) = (
         validity.not_before.timestamp(),
         validity.not_after.timestamp(),
     );
-    if nb != expected.validity.not_before.unix_timestamp()
-        || na != expected.validity.not_after.unix_timestamp()
-        || nb > na
-    {
-        return Err(format!(
-            "the leaf is valid {nb}..{na} (unix), not the {}..{} computed",
-            expected.validity.not_before.unix_timestamp(),
-            expected.validity.not_after.unix_timestamp()
-        ));
+    let want = (
+        expected.validity.not_before.unix_timestamp(),
+        expected.validity.not_after.unix_timestamp(),
+    );
+    if (nb, na) != want || nb > na {
+        return Err(E::Validity {
+            got: (nb, na),
+            want,
+        });
     }
 
     let mut uris = Vec::new();
@@ -113,18 +173,18 @@ fn check_profile(leaf: &CertificateDer<'_>, expected: &Expected<'_>) -> Result<(
                     match name {
                         GeneralName::URI(uri) => uris.push(*uri),
                         other => {
-                            return Err(format!("the leaf has a SAN other than a URI: {other}"));
+                            return Err(E::NonUriSan(other.to_string()));
                         }
                     }
                 }
                 if cert.subject().iter().next().is_none() && !ext.critical {
-                    return Err("the leaf has an empty subject but a non-critical SAN".into());
+                    return Err(E::NonCriticalSan);
                 }
             }
             ParsedExtension::BasicConstraints(bc) => ca_false = !bc.ca,
             ParsedExtension::KeyUsage(ku) => {
                 if ku.key_cert_sign() || ku.crl_sign() {
-                    return Err("the leaf's key usage allows signing certificates".into());
+                    return Err(E::SignsCertificates);
                 }
                 digital_signature = ku.digital_signature();
             }
@@ -137,19 +197,19 @@ fn check_profile(leaf: &CertificateDer<'_>, expected: &Expected<'_>) -> Result<(
     }
     let want = expected.spiffe_id.to_string();
     if uris != [want.as_str()] {
-        return Err(format!(
-            "the leaf names [{}], not exactly {want}",
-            uris.join(", ")
-        ));
+        return Err(E::Identity {
+            got: uris.iter().map(|u| (*u).to_owned()).collect(),
+            want,
+        });
     }
     if !ca_false {
-        return Err("the leaf is not marked CA:FALSE".into());
+        return Err(E::NotCaFalse);
     }
     if !digital_signature {
-        return Err("the leaf's key usage lacks digitalSignature".into());
+        return Err(E::NoDigitalSignature);
     }
     if !(client && server) {
-        return Err("the leaf's extended key usage lacks clientAuth or serverAuth".into());
+        return Err(E::NoMutualTls);
     }
     Ok(())
 }
@@ -183,7 +243,7 @@ mod tests {
             not_before: now - time::Duration::minutes(5),
             not_after: now + time::Duration::hours(1),
         };
-        let (serial, serial_hex) = crate::authority::random_serial();
+        let (serial, serial_hex) = crate::x509::random_serial();
         let leaf_key = rcgen::KeyPair::generate().unwrap();
         let leaf = leaf_params(&id, KeyKind::EcP256, validity, serial)
             .unwrap()
@@ -208,7 +268,12 @@ mod tests {
         .unwrap()
     }
 
-    fn check(c: &Case, anchors: &TrustAnchors, id: &SpiffeId, serial: &str) -> Result<(), String> {
+    fn check(
+        c: &Case,
+        anchors: &TrustAnchors,
+        id: &SpiffeId,
+        serial: &str,
+    ) -> Result<(), SelfCheckError> {
         let expected = Expected {
             spiffe_id: id,
             validity: c.validity,
@@ -229,10 +294,7 @@ mod tests {
         let c = case();
         let other = case();
         let err = check(&c, &anchors(&[&other.root_pem]), &c.id, &c.serial).unwrap_err();
-        assert!(
-            err.contains("does not verify against the published bundle"),
-            "{err}"
-        );
+        assert!(matches!(err, SelfCheckError::Untrusted(_)), "{err}");
     }
 
     #[test]
@@ -241,16 +303,19 @@ mod tests {
         let a = anchors(&[&c.root_pem]);
         let other_id = SpiffeId::parse("spiffe://cluster.local/ns/shop/sa/db").unwrap();
         let err = check(&c, &a, &other_id, &c.serial).unwrap_err();
-        assert!(
-            err.contains("not exactly spiffe://cluster.local/ns/shop/sa/db"),
-            "{err}"
+        assert_eq!(
+            err,
+            SelfCheckError::Identity {
+                got: vec![c.id.to_string()],
+                want: other_id.to_string()
+            }
         );
         let err = check(&c, &a, &c.id, "01").unwrap_err();
-        assert!(err.contains("serial"), "{err}");
+        assert!(matches!(err, SelfCheckError::Serial { .. }), "{err}");
         let mut c = c;
         c.spki =
             rcgen::PublicKeyData::subject_public_key_info(&rcgen::KeyPair::generate().unwrap());
         let err = check(&c, &a, &c.id, &c.serial).unwrap_err();
-        assert!(err.contains("public key is not the CSR's"), "{err}");
+        assert_eq!(err, SelfCheckError::PublicKey);
     }
 }

@@ -17,9 +17,10 @@ use tokio::sync::watch;
 
 use crate::audit::AuditLog;
 use crate::audit::{EventKind, EventRow};
-use crate::authority::{Authority, AuthorityError, pem_to_der, random_serial, sha256_hex};
+use crate::authority::{Authority, AuthorityError};
 use crate::issuance::Active;
 use crate::issuance::{Validity, leaf_validity, profile};
+use crate::x509::{pem_to_der, random_serial, sha256_hex};
 
 /// How long the server's own certificate lives.
 pub const SERVER_CERT_TTL: Duration = Duration::hours(24);
@@ -75,7 +76,7 @@ pub(super) async fn mint_server_cert(
 
     let mut chain = vec![cert.der().clone()];
     for pem in authority.chain_above_leaf() {
-        chain.push(pem_to_der(pem).map_err(ServerCertError::Mint)?);
+        chain.push(pem_to_der(pem).map_err(|e| ServerCertError::Mint(e.to_string()))?);
     }
     let key_der = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der()));
     let signing_key = aws_lc_rs::sign::any_supported_type(&key_der)
@@ -145,7 +146,7 @@ pub(super) fn active(
 pub(super) fn client_verifier(issuers: &[String]) -> Result<Arc<dyn ClientCertVerifier>, String> {
     let mut roots = rustls::RootCertStore::empty();
     for pem in issuers {
-        let der = pem_to_der(pem)?;
+        let der = pem_to_der(pem).map_err(|e| e.to_string())?;
         roots
             .add(der)
             .map_err(|e| format!("an authority's certificate cannot verify clients: {e}"))?;

@@ -85,7 +85,7 @@ fn crypto(args: &[String]) -> anyhow::Result<()> {
                 &id,
                 checked.key,
                 validity,
-                ca_server::authority::random_serial().0,
+                ca_server::x509::random_serial().0,
             )?;
             let public = rcgen::SubjectPublicKeyInfo::from_der(&checked.spki_der)?;
             std::hint::black_box(params.signed_by(&public, &issuer)?);
