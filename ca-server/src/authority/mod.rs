@@ -1,6 +1,7 @@
 //! Authorities: a signing certificate, its private key and its chain up to a root. This module
 //! is the only one that touches CA keys; it signs what `issuance` decided to issue.
 
+pub mod expiry;
 pub mod import;
 mod key;
 mod key_ref;

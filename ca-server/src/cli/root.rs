@@ -131,7 +131,7 @@ async fn run(cmd: RootCommand, common: &Common, store: &Store) -> anyhow::Result
             let window = super::parse_duration(&expiry_warning)
                 .map_err(|e| anyhow::anyhow!("--expiry-warning: {e}"))?;
             let now = OffsetDateTime::now_utc().unix_timestamp();
-            let expiring = crate::diagnose::expiry::expiring(&authorities, now, window);
+            let expiring = crate::authority::expiry::expiring(&authorities, now, window);
             let mut out = std::io::stdout().lock();
             match format {
                 StatusFormat::Json => {
@@ -279,7 +279,7 @@ async fn run(cmd: RootCommand, common: &Common, store: &Store) -> anyhow::Result
 fn write_status_table(
     out: &mut impl Write,
     authorities: &[AuthorityRecord],
-    expiring: &[crate::diagnose::expiry::Expiring],
+    expiring: &[crate::authority::expiry::Expiring],
 ) -> std::io::Result<()> {
     let now = OffsetDateTime::now_utc().unix_timestamp();
     let header = [

@@ -566,7 +566,7 @@ fn settings(args: RunArgs, common: Common) -> anyhow::Result<Settings> {
         expiry_warning: ttl(
             "--expiry-warning",
             args.expiry_warning.or(file.expiry_warning),
-            crate::diagnose::expiry::DEFAULT_WARNING,
+            crate::authority::expiry::DEFAULT_WARNING,
         )?,
         audiences: or_list(args.token_audiences, file.token_audience, &["istio-ca"]),
         jwks_ca_file: args.token_jwks_ca.or(file.token_jwks_ca),

@@ -304,7 +304,7 @@ pub async fn inspect_certificates(
                 Layer::Expiry,
                 format!(
                     "{which} expired {} ago ({}): {advice}",
-                    super::expiry::span(c.seconds_left),
+                    crate::authority::expiry::span(c.seconds_left),
                     c.not_after
                 ),
             );
@@ -319,7 +319,7 @@ pub async fn inspect_certificates(
         } else if c.role == Role::Leaf {
             report.findings.facts.push(format!(
                 "expiry: the leaf is valid for {} more ({})",
-                super::expiry::span(c.seconds_left),
+                crate::authority::expiry::span(c.seconds_left),
                 c.not_after
             ));
         }
@@ -657,9 +657,12 @@ pub fn render(report: &Report) -> String {
             out.push_str(&format!("  SAN          {name}\n"));
         }
         let left = if c.seconds_left > 0 {
-            format!("{} left", super::expiry::span(c.seconds_left))
+            format!("{} left", crate::authority::expiry::span(c.seconds_left))
         } else {
-            format!("expired {} ago", super::expiry::span(c.seconds_left))
+            format!(
+                "expired {} ago",
+                crate::authority::expiry::span(c.seconds_left)
+            )
         };
         out.push_str(&format!(
             "  valid        {} to {} ({left})\n",

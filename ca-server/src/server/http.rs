@@ -94,7 +94,7 @@ pub(super) async fn refresh_store_gauges(store: &Store, expiry_warning: time::Du
         // Rebuilt each time: a retired authority's series goes once it is gone from the store.
         m.authority_expiry_seconds.clear();
         m.authority_expiring.clear();
-        let expiring = crate::diagnose::expiry::expiring(&authorities, now, expiry_warning);
+        let expiring = crate::authority::expiry::expiring(&authorities, now, expiry_warning);
         for a in authorities {
             let labels = crate::metrics::AuthorityLabels {
                 authority_id: a.id.to_string(),

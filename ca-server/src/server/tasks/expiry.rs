@@ -28,7 +28,7 @@ pub(in crate::server) async fn check_expiry(store: &Store, window: time::Duratio
     match store.authorities().await {
         Ok(authorities) => {
             let now = time::OffsetDateTime::now_utc().unix_timestamp();
-            for e in crate::diagnose::expiry::expiring(&authorities, now, window) {
+            for e in crate::authority::expiry::expiring(&authorities, now, window) {
                 warn!(authority_id = e.id, state = %e.state, "{e}");
             }
         }
