@@ -6,6 +6,7 @@ pub mod import;
 mod key;
 mod key_ref;
 mod keystore;
+pub mod lifecycle;
 pub mod pkcs11;
 
 use std::path::Path;

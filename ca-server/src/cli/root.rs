@@ -258,7 +258,8 @@ async fn run(cmd: RootCommand, common: &Common, store: &Store) -> anyhow::Result
             Ok(ExitCode::SUCCESS)
         }
         RootCommand::Activate { id } => {
-            let previous = store.activate_authority(id, authority_event()).await?;
+            let previous =
+                crate::authority::lifecycle::activate(store, id, authority_event()).await?;
             match previous {
                 Some(prev) => eprintln!(
                     "authority {id} is active; authority {prev} is retiring. Retire it with \
@@ -269,7 +270,7 @@ async fn run(cmd: RootCommand, common: &Common, store: &Store) -> anyhow::Result
             Ok(ExitCode::SUCCESS)
         }
         RootCommand::Retire { id, force } => {
-            store.retire_authority(id, force, authority_event()).await?;
+            crate::authority::lifecycle::retire(store, id, force, authority_event()).await?;
             eprintln!("authority {id} is retired; its root leaves the bundle");
             Ok(ExitCode::SUCCESS)
         }

@@ -143,6 +143,41 @@ pub struct AuthorityVersion {
     pub newest: Option<i64>,
 }
 
+/// An authority as a transition's rule sees it, inside the transaction.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Standing {
+    /// Its state.
+    pub state: AuthorityState,
+    /// Its notAfter, unix seconds.
+    pub not_after: i64,
+}
+
+/// The unexpired workload certificates an authority signed.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Leaves {
+    /// How many.
+    pub unexpired: i64,
+    /// When the last of them expires, unix seconds.
+    pub last_expiry: Option<i64>,
+}
+
+/// Why a transition did not happen: its rule refused (`E`), or the store failed.
+#[derive(Debug, thiserror::Error)]
+pub enum TransitionError<E> {
+    /// The rule refused.
+    #[error("{0}")]
+    Refused(E),
+    /// The store failed.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+impl<E> From<sqlx::Error> for TransitionError<E> {
+    fn from(e: sqlx::Error) -> Self {
+        Self::Store(e.into())
+    }
+}
+
 /// What is needed to record a new authority.
 #[derive(Debug, Clone)]
 pub struct NewAuthority {
@@ -253,36 +288,20 @@ impl Store {
         Ok(())
     }
 
-    /// Makes `id` the active authority; the one active before becomes `retiring`. Returns
-    /// that one's id. Refused unless `id` is `prepared` or `retiring` (a rollback) and valid.
-    pub async fn activate_authority(
+    /// Makes `id` the active authority, if `rule` allows it as `id` stands inside the
+    /// transaction; the one active before becomes `retiring`. Returns that one's id. The
+    /// rules are `authority::lifecycle`'s.
+    pub async fn activate_authority<E>(
         &self,
         id: i64,
         mut event: EventRow,
-    ) -> Result<Option<i64>, StoreError> {
-        let now = time::OffsetDateTime::now_utc().unix_timestamp();
+        now: i64,
+        rule: impl FnOnce(Option<&Standing>) -> Result<(), E>,
+    ) -> Result<Option<i64>, TransitionError<E>> {
         let mut tx = self.begin_write().await?;
-        let (state, not_after) = state_of(&mut tx, id).await?;
-        match state {
-            AuthorityState::Prepared | AuthorityState::Retiring => {}
-            AuthorityState::Active => {
-                return Err(StoreError::Refused(format!(
-                    "authority {id} is already active"
-                )));
-            }
-            AuthorityState::Retired => {
-                return Err(StoreError::Refused(format!(
-                    "authority {id} is retired: its root has left the bundle and proxies no \
-                     longer trust it; prepare a new authority (`ca-server root prepare`) instead"
-                )));
-            }
-        }
-        if not_after <= now {
-            return Err(StoreError::Refused(format!(
-                "authority {id} expired at {}; prepare a new authority instead",
-                crate::rfc3339::secs_text(not_after)
-            )));
-        }
+        let standing = standing_of(&mut tx, id).await?;
+        rule(standing.as_ref()).map_err(TransitionError::Refused)?;
+        let state = standing.ok_or(StoreError::NoSuchAuthority(id))?.state;
         let previous: Option<i64> =
             sqlx::query("SELECT id FROM authorities WHERE state = 'active'")
                 .fetch_optional(&mut *tx)
@@ -318,54 +337,25 @@ impl Store {
         Ok(previous)
     }
 
-    /// Retires `id`: its root leaves the bundle (unless another authority shares it).
-    /// Refused for the active authority, and while unexpired workload certificates chain to
-    /// it, unless `force`.
-    pub async fn retire_authority(
+    /// Retires `id`, if `rule` allows it as `id` stands and given its unexpired workload
+    /// certificates: its root leaves the bundle (unless another authority shares it). The
+    /// rules are `authority::lifecycle`'s.
+    pub async fn retire_authority<E>(
         &self,
         id: i64,
-        force: bool,
         mut event: EventRow,
-    ) -> Result<(), StoreError> {
-        let now = time::OffsetDateTime::now_utc().unix_timestamp();
+        now: i64,
+        rule: impl FnOnce(Option<&Standing>, &Leaves) -> Result<(), E>,
+    ) -> Result<(), TransitionError<E>> {
         let mut tx = self.begin_write().await?;
-        let (state, _) = state_of(&mut tx, id).await?;
-        match state {
-            AuthorityState::Prepared | AuthorityState::Retiring => {}
-            AuthorityState::Active => {
-                return Err(StoreError::Refused(format!(
-                    "authority {id} is active and would leave nothing to sign with: activate \
-                     another authority first (`ca-server root activate ID`), then retire this \
-                     one once its certificates have expired"
-                )));
-            }
-            AuthorityState::Retired => {
-                return Err(StoreError::Refused(format!(
-                    "authority {id} is already retired"
-                )));
-            }
-        }
-        // The server's own TLS certificates (no SPIFFE ID) are re-minted on activation, so
-        // only workload certificates hold a retirement back.
-        let row = sqlx::query(
-            "SELECT COUNT(*) AS n, MAX(not_after) AS last FROM audit_events \
-             WHERE kind = 'issued' AND authority_id = $1 AND not_after > $2 \
-             AND spiffe_id IS NOT NULL",
-        )
-        .bind(id)
-        .bind(now)
-        .fetch_one(&mut *tx)
-        .await?;
-        let unexpired: i64 = column(&row, "n")?;
-        let last: Option<i64> = column(&row, "last")?;
-        if unexpired > 0 && !force {
-            return Err(StoreError::Refused(format!(
-                "{unexpired} unexpired certificate(s) chain to authority {id}, the last until {}; \
-                 retiring it now would make their holders fail mTLS with peers that drop its \
-                 root. Wait until then, or pass --force",
-                last.map(crate::rfc3339::secs_text).unwrap_or_default()
-            )));
-        }
+        let standing = standing_of(&mut tx, id).await?;
+        let leaves = match &standing {
+            Some(_) => leaves_of(&mut tx, id, now).await?,
+            None => Leaves::default(),
+        };
+        rule(standing.as_ref(), &leaves).map_err(TransitionError::Refused)?;
+        let state = standing.ok_or(StoreError::NoSuchAuthority(id))?.state;
+        let unexpired = leaves.unexpired;
         let before = bundle_roots(&mut tx).await?;
         sqlx::query("UPDATE authorities SET state = 'retired', retired_at = $1 WHERE id = $2")
             .bind(now)
@@ -479,20 +469,39 @@ async fn bump_if_changed(tx: &mut AnyConnection, before: &[String]) -> Result<()
     Ok(())
 }
 
-async fn state_of(tx: &mut AnyConnection, id: i64) -> Result<(AuthorityState, i64), StoreError> {
-    let row = sqlx::query("SELECT state, not_after FROM authorities WHERE id = $1")
+async fn standing_of(tx: &mut AnyConnection, id: i64) -> Result<Option<Standing>, StoreError> {
+    let Some(row) = sqlx::query("SELECT state, not_after FROM authorities WHERE id = $1")
         .bind(id)
         .fetch_optional(&mut *tx)
         .await?
-        .ok_or_else(|| {
-            StoreError::Refused(format!(
-                "no authority with id {id}; `ca-server root status` lists them"
-            ))
-        })?;
+    else {
+        return Ok(None);
+    };
     let state: String = column(&row, "state")?;
     let state = state.parse().map_err(|detail| StoreError::Corrupt {
         table: "authorities",
         detail,
     })?;
-    Ok((state, column(&row, "not_after")?))
+    Ok(Some(Standing {
+        state,
+        not_after: column(&row, "not_after")?,
+    }))
+}
+
+/// The unexpired workload certificates signed by `id` at `now`. The server's own TLS
+/// certificates (no SPIFFE ID) are re-minted on activation, so they do not count.
+async fn leaves_of(tx: &mut AnyConnection, id: i64, now: i64) -> Result<Leaves, StoreError> {
+    let row = sqlx::query(
+        "SELECT COUNT(*) AS n, MAX(not_after) AS last FROM audit_events \
+         WHERE kind = 'issued' AND authority_id = $1 AND not_after > $2 \
+         AND spiffe_id IS NOT NULL",
+    )
+    .bind(id)
+    .bind(now)
+    .fetch_one(&mut *tx)
+    .await?;
+    Ok(Leaves {
+        unexpired: column(&row, "n")?,
+        last_expiry: column(&row, "last")?,
+    })
 }

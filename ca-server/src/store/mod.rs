@@ -18,6 +18,7 @@ pub use audit::{AuditQuery, AuditWriter, Checkpoint, Head, Pruned};
 pub use authorities::{
     AuthorityKind, AuthorityRecord, AuthorityState, AuthorityVersion, NewAuthority,
 };
+pub use authorities::{Leaves, Standing, TransitionError};
 
 /// What went wrong talking to the database.
 #[derive(Debug, thiserror::Error)]
@@ -31,9 +32,9 @@ pub enum StoreError {
     /// The schema could not be brought up to date.
     #[error("database migration failed: {0}")]
     Migrate(#[from] sqlx::migrate::MigrateError),
-    /// An operation the current state does not allow (the message says why and what to do).
-    #[error("{0}")]
-    Refused(String),
+    /// A transition of an authority that does not exist (its rule should have refused it).
+    #[error("no authority with id {0}")]
+    NoSuchAuthority(i64),
     /// A row holds a value this version cannot read.
     #[error("corrupt row in {table}: {detail}")]
     Corrupt {
