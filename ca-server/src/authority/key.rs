@@ -51,18 +51,38 @@ pub enum KeyError {
 }
 
 /// The key types an authority can be generated with.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum KeyType {
     /// ECDSA on P-256 with SHA-256 (the default).
     #[default]
-    #[value(name = "ec-p256")]
     EcP256,
     /// ECDSA on P-384 with SHA-384.
-    #[value(name = "ec-p384")]
     EcP384,
     /// RSA 3072 with SHA-256.
-    #[value(name = "rsa-3072")]
     Rsa3072,
+}
+
+impl KeyType {
+    /// Every key type.
+    pub const ALL: [Self; 3] = [Self::EcP256, Self::EcP384, Self::Rsa3072];
+
+    /// Its name, as the command line and the config file spell it.
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Self::EcP256 => "ec-p256",
+            Self::EcP384 => "ec-p384",
+            Self::Rsa3072 => "rsa-3072",
+        }
+    }
+
+    /// What it is, in words.
+    pub const fn describe(self) -> &'static str {
+        match self {
+            Self::EcP256 => "ECDSA on P-256 with SHA-256 (the default)",
+            Self::EcP384 => "ECDSA on P-384 with SHA-384",
+            Self::Rsa3072 => "RSA 3072 with SHA-256",
+        }
+    }
 }
 
 /// A CA private key. Held as aws-lc-rs's key object alone (which cleanses its memory when

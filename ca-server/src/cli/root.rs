@@ -17,6 +17,17 @@ use crate::spiffe::{SpiffeId, TrustDomain};
 use crate::store::{AuthorityRecord, AuthorityState, Store};
 
 /// Output formats of `root status`.
+/// Key types on the command line: the authority's own names and descriptions.
+impl ValueEnum for KeyType {
+    fn value_variants<'a>() -> &'a [Self] {
+        &KeyType::ALL
+    }
+
+    fn to_possible_value(&self) -> Option<clap::builder::PossibleValue> {
+        Some(clap::builder::PossibleValue::new(self.as_str()).help(self.describe()))
+    }
+}
+
 #[derive(Debug, Clone, Copy, ValueEnum)]
 pub(super) enum StatusFormat {
     /// Aligned columns for a person
