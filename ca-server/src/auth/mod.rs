@@ -386,6 +386,44 @@ struct Header {
     kid: Option<String>,
 }
 
+/// Checks `token`'s signature with `key` and decodes its claims. A signature check is CPU
+/// work (an RSA or ECDSA verification, on a token not seen before), so it runs on the
+/// blocking pool, not on the reactor that serves every other connection.
+async fn check_signature(
+    token: &BearerToken,
+    key: std::sync::Arc<jwks::VerifyingKey>,
+    kid: Option<&str>,
+    alg: &str,
+) -> Result<Claims, AuthError> {
+    let text = Zeroizing::new(token.expose().to_owned());
+    let checking = std::sync::Arc::clone(&key);
+    let decoded = tokio::task::spawn_blocking(move || {
+        let mut validation = Validation::new(checking.algorithms[0]);
+        validation.algorithms = checking.algorithms.clone();
+        validation.required_spec_claims.clear();
+        validation.validate_exp = false;
+        validation.validate_nbf = false;
+        validation.validate_aud = false;
+        jsonwebtoken::decode::<Claims>(text.as_str(), &checking.key, &validation)
+            .map(|data| data.claims)
+    })
+    .await
+    .map_err(|e| AuthError::KeysUnavailable(format!("the signature check did not finish: {e}")))?;
+    decoded.map_err(|e| {
+        use jsonwebtoken::errors::ErrorKind;
+        let kid = crate::untrusted::claim(kid.unwrap_or_default());
+        match e.kind() {
+            ErrorKind::InvalidSignature => AuthError::BadSignature(kid),
+            ErrorKind::InvalidAlgorithm => AuthError::AlgorithmMismatch {
+                alg: crate::untrusted::claim(alg),
+                kid,
+                allowed: format!("{:?}", key.algorithms),
+            },
+            _ => AuthError::Malformed(crate::untrusted::claim(&e.to_string())),
+        }
+    })
+}
+
 fn decode_part<T: serde::de::DeserializeOwned>(part: &str, what: &str) -> Result<T, AuthError> {
     let bytes = URL_SAFE_NO_PAD
         .decode(part.trim_end_matches('='))
@@ -568,30 +606,7 @@ impl Authenticator {
             kid: header.kid.clone(),
             thumbprint: key.thumbprint,
         };
-        let kid = crate::untrusted::claim(&header.kid.unwrap_or_default());
-        let alg = crate::untrusted::claim(&alg);
-
-        let mut validation = Validation::new(key.algorithms[0]);
-        validation.algorithms = key.algorithms.clone();
-        validation.required_spec_claims.clear();
-        validation.validate_exp = false;
-        validation.validate_nbf = false;
-        validation.validate_aud = false;
-        let claims = match jsonwebtoken::decode::<Claims>(text, &key.key, &validation) {
-            Ok(data) => data.claims,
-            Err(e) => {
-                use jsonwebtoken::errors::ErrorKind;
-                return Err(match e.kind() {
-                    ErrorKind::InvalidSignature => AuthError::BadSignature(kid),
-                    ErrorKind::InvalidAlgorithm => AuthError::AlgorithmMismatch {
-                        alg,
-                        kid,
-                        allowed: format!("{:?}", key.algorithms),
-                    },
-                    _ => AuthError::Malformed(crate::untrusted::claim(&e.to_string())),
-                });
-            }
-        };
+        let claims = check_signature(token, key, header.kid.as_deref(), &alg).await?;
         let account = claims.check(&issuer.policy, now)?;
         let spiffe_id =
             SpiffeId::for_service_account(&self.trust_domain, &account.namespace, &account.name)
