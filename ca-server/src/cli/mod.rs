@@ -71,6 +71,15 @@ impl Cli {
     pub fn log_format(&self) -> LogFormat {
         self.global.log_format
     }
+
+    /// Parses a command line (the program's name first), as `main` does.
+    pub fn parse_args<I, T>(args: I) -> Result<Self, clap::Error>
+    where
+        I: IntoIterator<Item = T>,
+        T: Into<std::ffi::OsString> + Clone,
+    {
+        <Self as clap::Parser>::try_parse_from(args)
+    }
 }
 
 #[derive(Debug, Subcommand)]
@@ -251,6 +260,17 @@ pub fn init_tracing(format: LogFormat) {
     match format {
         LogFormat::Text => builder.init(),
         LogFormat::Json => builder.json().flatten_event(true).init(),
+    }
+}
+
+/// The settings `ca-server … run …` would start the server with: its flags, the config file
+/// and the defaults, resolved exactly as `run` resolves them. For starting the server in
+/// process (`server::start`), as tests and embedders do.
+pub fn run_settings(cli: Cli) -> anyhow::Result<crate::server::Settings> {
+    let common = cli.global.resolve()?;
+    match cli.command {
+        Command::Run(args) => run::settings(*args, common),
+        _ => anyhow::bail!("not a `run` command"),
     }
 }
 

@@ -298,7 +298,7 @@ fn kube_api(
     Ok(Some(api))
 }
 
-fn settings(args: RunArgs, common: Common) -> anyhow::Result<Settings> {
+pub(crate) fn settings(args: RunArgs, common: Common) -> anyhow::Result<Settings> {
     let keys = Arc::new(common.key_store()?);
     let file = common.file.run;
     let token_review = args.token_review || file.token_review.unwrap_or(false);
