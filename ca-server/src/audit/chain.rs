@@ -1,5 +1,5 @@
 //! Verifying the hash chain: each event's hash covers the previous event's hash and the
-//! event's canonical encoding (`store::event_hash`, applied as events are appended). The walk
+//! event's canonical encoding (`audit::encoding::event_hash`, applied as events are appended). The walk
 //! reads the log in pages, so it runs in constant memory however long the log is.
 
 use std::collections::BTreeMap;
@@ -33,8 +33,14 @@ pub enum VerifyReport {
     },
 }
 
-fn broken(seq: i64, problem: String) -> Result<VerifyReport, StoreError> {
-    Ok(VerifyReport::Broken { seq, problem })
+/// Where the chain breaks: the first bad event and what is wrong there.
+struct Broken {
+    seq: i64,
+    problem: String,
+}
+
+fn broken(seq: i64, problem: String) -> Result<(), Broken> {
+    Err(Broken { seq, problem })
 }
 
 /// Why a checkpoint under a key nobody pinned is tampering, naming the key.
@@ -56,179 +62,261 @@ pub async fn verify_chain(
     exported: Option<&Checkpoint>,
     trusted: &TrustedKeys,
 ) -> Result<VerifyReport, StoreError> {
-    const PAGE: i64 = 2_000;
-    if let Some(cp) = exported {
+    let mut walk = Walk::new(exported, trusted);
+    Ok(match walk.run(store).await? {
+        Ok(()) => walk.report(),
+        Err(Broken { seq, problem }) => VerifyReport::Broken { seq, problem },
+    })
+}
+
+/// Events per page of the walk: memory stays constant however long the log is.
+const PAGE: i64 = 2_000;
+
+/// The walk's state: where the chain stands after the events checked so far.
+struct Walk<'a> {
+    exported: Option<&'a Checkpoint>,
+    trusted: &'a TrustedKeys,
+    /// The hash the next event must link to.
+    prev: String,
+    expected_seq: i64,
+    first: Option<i64>,
+    /// The anchor a pruned log starts at, and whether a prune event vouched for it.
+    anchor: Option<(i64, String)>,
+    anchor_vouched: bool,
+    checked: u64,
+    checkpoints: usize,
+}
+
+impl<'a> Walk<'a> {
+    fn new(exported: Option<&'a Checkpoint>, trusted: &'a TrustedKeys) -> Self {
+        Self {
+            exported,
+            trusted,
+            prev: GENESIS_HASH.to_owned(),
+            expected_seq: 1,
+            first: None,
+            anchor: None,
+            anchor_vouched: false,
+            checked: 0,
+            checkpoints: 0,
+        }
+    }
+
+    /// The whole walk: the exported checkpoint, every page, then the ends of the log.
+    async fn run(&mut self, store: &Store) -> Result<Result<(), Broken>, StoreError> {
+        if let Err(b) = self.check_exported() {
+            return Ok(Err(b));
+        }
+        let mut after = 0;
+        loop {
+            let page = store.audit_events_after(after, PAGE).await?;
+            let (Some(page_first), Some(page_last)) = (page.first(), page.last()) else {
+                break;
+            };
+            let stored = store
+                .checkpoints_between(page_first.seq, page_last.seq)
+                .await?;
+            let expected = match self.page_checkpoints(stored, page_first.seq..=page_last.seq) {
+                Ok(expected) => expected,
+                Err(b) => return Ok(Err(b)),
+            };
+            after = page_last.seq;
+            for event in page {
+                if let Err(b) = self.step(event, &expected) {
+                    return Ok(Err(b));
+                }
+            }
+        }
+        let latest = store.latest_checkpoint().await?;
+        Ok(self.check_ends(latest.as_ref()))
+    }
+
+    /// The exported checkpoint is genuine and signed by a trusted key.
+    fn check_exported(&self) -> Result<(), Broken> {
+        let Some(cp) = self.exported else {
+            return Ok(());
+        };
         if let Err(e) = verify_signature(cp) {
             return broken(
                 cp.seq,
                 format!("the exported checkpoint is not genuine: {e}"),
             );
         }
-        if !trusted.trusts(cp) {
+        if !self.trusted.trusts(cp) {
             return broken(
                 cp.seq,
-                untrusted_key("the exported checkpoint", cp, trusted),
+                untrusted_key("the exported checkpoint", cp, self.trusted),
             );
         }
+        Ok(())
     }
 
-    let mut prev = GENESIS_HASH.to_owned();
-    let mut expected_seq = 1;
-    let mut first = None;
-    let mut anchor: Option<(i64, String)> = None;
-    let mut anchor_vouched = false;
-    let mut checked = 0u64;
-    let mut checkpoints = 0usize;
-    let mut after = 0;
-    loop {
-        let page = store.audit_events_after(after, PAGE).await?;
-        let (Some(page_first), Some(page_last)) = (page.first(), page.last()) else {
-            break;
-        };
-        // The checkpoints this page must agree with: stored ones, and the exported one.
-        let mut expected: BTreeMap<i64, (String, &'static str)> = BTreeMap::new();
-        for cp in store
-            .checkpoints_between(page_first.seq, page_last.seq)
-            .await?
-        {
+    /// The checkpoints a page must agree with, by event: the stored ones (each genuine and
+    /// trusted), and the exported one if it falls in the page.
+    fn page_checkpoints(
+        &mut self,
+        stored: Vec<Checkpoint>,
+        page: std::ops::RangeInclusive<i64>,
+    ) -> Result<BTreeMap<i64, (String, &'static str)>, Broken> {
+        let mut expected = BTreeMap::new();
+        for cp in stored {
             if verify_signature(&cp).is_err() {
-                return broken(
-                    cp.seq,
-                    format!(
-                        "the stored checkpoint at event {} has a bad signature",
-                        cp.seq
-                    ),
+                let problem = format!(
+                    "the stored checkpoint at event {} has a bad signature",
+                    cp.seq
                 );
+                return Err(Broken {
+                    seq: cp.seq,
+                    problem,
+                });
             }
-            if !trusted.trusts(&cp) {
+            if !self.trusted.trusts(&cp) {
                 let what = format!("the stored checkpoint at event {}", cp.seq);
-                return broken(cp.seq, untrusted_key(&what, &cp, trusted));
+                let problem = untrusted_key(&what, &cp, self.trusted);
+                return Err(Broken {
+                    seq: cp.seq,
+                    problem,
+                });
             }
             expected.insert(cp.seq, (cp.hash, "a stored checkpoint"));
         }
-        if let Some(cp) = exported
-            && (page_first.seq..=page_last.seq).contains(&cp.seq)
+        if let Some(cp) = self.exported
+            && page.contains(&cp.seq)
         {
             expected.insert(cp.seq, (cp.hash.clone(), "the exported checkpoint"));
         }
-        checkpoints += expected.len();
-        after = page_last.seq;
-        for event in page {
-            if let Some((hash, what)) = expected.get(&event.seq)
-                && *hash != event.hash
-            {
-                return broken(
-                    event.seq,
-                    format!(
-                        "event {} differs from {what}: the log was rewritten after that checkpoint was signed",
-                        event.seq
-                    ),
-                );
-            }
-            if first.is_none() {
-                first = Some(event.seq);
-                if event.kind == EventKind::Anchor {
-                    // A pruned log starts at an anchor: it holds the hash the chain continues
-                    // from. A prune event later in the chain must vouch for it.
-                    prev = event.hash.clone();
-                    expected_seq = event.seq + 1;
-                    anchor = Some((event.seq, event.hash));
-                    checked += 1;
-                    continue;
-                }
-            }
-            if event.seq != expected_seq {
-                return broken(
-                    expected_seq,
-                    format!(
-                        "event {expected_seq} is missing (the next event is {})",
-                        event.seq
-                    ),
-                );
-            }
-            if event.kind == EventKind::Anchor {
-                return broken(
-                    event.seq,
-                    format!("event {} is an anchor in the middle of the log", event.seq),
-                );
-            }
-            if event.prev_hash != prev {
-                return broken(
-                    event.seq,
-                    format!(
-                        "event {} does not follow event {}: it links to {} but that event hashes to {}",
-                        event.seq,
-                        event.seq - 1,
-                        event.prev_hash,
-                        prev
-                    ),
-                );
-            }
-            let recomputed = event_hash(&event);
-            if recomputed != event.hash {
-                return broken(
-                    event.seq,
-                    format!(
-                        "event {} was altered: its contents hash to {recomputed}, not the recorded {}",
-                        event.seq, event.hash
-                    ),
-                );
-            }
-            if let Some((seq, hash)) = &anchor
-                && vouches_for(&event, *seq, hash)
-            {
-                anchor_vouched = true;
-            }
-            prev = event.hash;
-            expected_seq += 1;
-            checked += 1;
+        self.checkpoints += expected.len();
+        Ok(expected)
+    }
+
+    /// One event: it agrees with any checkpoint at it, comes next, links to the one before
+    /// and hashes to its recorded hash; a pruned log's first event is its anchor.
+    fn step(
+        &mut self,
+        event: EventRow,
+        expected: &BTreeMap<i64, (String, &'static str)>,
+    ) -> Result<(), Broken> {
+        let seq = event.seq;
+        if let Some((hash, what)) = expected.get(&seq)
+            && *hash != event.hash
+        {
+            return broken(
+                seq,
+                format!(
+                    "event {seq} differs from {what}: the log was rewritten after that checkpoint was signed"
+                ),
+            );
         }
+        if self.first.is_none() {
+            self.first = Some(seq);
+            if event.kind == EventKind::Anchor {
+                // A pruned log starts at an anchor: it holds the hash the chain continues
+                // from. A prune event later in the chain must vouch for it.
+                self.prev = event.hash.clone();
+                self.expected_seq = seq + 1;
+                self.anchor = Some((seq, event.hash));
+                self.checked += 1;
+                return Ok(());
+            }
+        }
+        if seq != self.expected_seq {
+            let missing = self.expected_seq;
+            return broken(
+                missing,
+                format!("event {missing} is missing (the next event is {seq})"),
+            );
+        }
+        if event.kind == EventKind::Anchor {
+            return broken(
+                seq,
+                format!("event {seq} is an anchor in the middle of the log"),
+            );
+        }
+        if event.prev_hash != self.prev {
+            return broken(
+                seq,
+                format!(
+                    "event {seq} does not follow event {}: it links to {} but that event hashes to {}",
+                    seq - 1,
+                    event.prev_hash,
+                    self.prev
+                ),
+            );
+        }
+        let recomputed = event_hash(&event);
+        if recomputed != event.hash {
+            return broken(
+                seq,
+                format!(
+                    "event {seq} was altered: its contents hash to {recomputed}, not the recorded {}",
+                    event.hash
+                ),
+            );
+        }
+        if let Some((anchor_seq, anchor_hash)) = &self.anchor
+            && vouches_for(&event, *anchor_seq, anchor_hash)
+        {
+            self.anchor_vouched = true;
+        }
+        self.prev = event.hash;
+        self.expected_seq += 1;
+        self.checked += 1;
+        Ok(())
     }
-    if let Some((seq, _)) = anchor
-        && !anchor_vouched
-    {
-        return broken(
-            seq,
-            format!("the log starts at an anchor (event {seq}) that no prune event vouches for"),
-        );
-    }
-    let head_seq = expected_seq - 1;
-    let first = first.unwrap_or(1);
-    // A checkpoint beyond the head means events were removed from the end.
-    let latest = store
-        .latest_checkpoint()
-        .await?
-        .map(|c| (c.seq, "a stored checkpoint"));
-    let beyond = [latest, exported.map(|c| (c.seq, "the exported checkpoint"))]
+
+    /// After the last event: the anchor was vouched for, no checkpoint lies beyond the head
+    /// (events removed from the end), and the exported one was not pruned away.
+    fn check_ends(&self, latest: Option<&Checkpoint>) -> Result<(), Broken> {
+        if let Some((seq, _)) = self.anchor
+            && !self.anchor_vouched
+        {
+            return broken(
+                seq,
+                format!(
+                    "the log starts at an anchor (event {seq}) that no prune event vouches for"
+                ),
+            );
+        }
+        let head_seq = self.expected_seq - 1;
+        let first = self.first.unwrap_or(1);
+        let beyond = [
+            latest.map(|c| (c.seq, "a stored checkpoint")),
+            self.exported.map(|c| (c.seq, "the exported checkpoint")),
+        ]
         .into_iter()
         .flatten()
         .find(|(seq, _)| *seq > head_seq);
-    if let Some((seq, what)) = beyond {
-        return broken(
-            head_seq + 1,
-            format!(
-                "{what} covers event {seq}, but the log ends at event {head_seq}: events were removed"
-            ),
-        );
+        if let Some((seq, what)) = beyond {
+            return broken(
+                head_seq + 1,
+                format!(
+                    "{what} covers event {seq}, but the log ends at event {head_seq}: events were removed"
+                ),
+            );
+        }
+        if let Some(cp) = self.exported
+            && cp.seq < first
+        {
+            return broken(
+                cp.seq,
+                format!(
+                    "the exported checkpoint covers event {}, which was pruned (the log starts at {first}); it cannot vouch for this log",
+                    cp.seq
+                ),
+            );
+        }
+        Ok(())
     }
-    if let Some(cp) = exported
-        && cp.seq < first
-    {
-        return broken(
-            cp.seq,
-            format!(
-                "the exported checkpoint covers event {}, which was pruned (the log starts at {first}); it cannot vouch for this log",
-                cp.seq
-            ),
-        );
+
+    fn report(self) -> VerifyReport {
+        VerifyReport::Intact {
+            events: self.checked,
+            first: self.first.unwrap_or(1),
+            head_seq: self.expected_seq - 1,
+            head: self.prev,
+            checkpoints: self.checkpoints,
+        }
     }
-    Ok(VerifyReport::Intact {
-        events: checked,
-        first,
-        head_seq,
-        head: prev,
-        checkpoints,
-    })
 }
 
 /// Whether `event` is a prune that vouches for the anchor `seq` with `hash`: it names them
