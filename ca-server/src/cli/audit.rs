@@ -182,91 +182,17 @@ pub(super) async fn audit(cmd: AuditCommand, common: &Common) -> anyhow::Result<
                 authority,
                 valid_at,
             };
-            let query = filters.to_query(limit, None).map_err(flag_error)?;
-            let store = open(common).await?;
-            let events = store.audit_events(&query).await?;
-            let mut out = std::io::stdout().lock();
-            match format {
-                Format::Json => {
-                    for e in &events {
-                        writeln!(out, "{}", to_json(e))?;
-                    }
-                }
-                Format::Csv => write_csv(&mut out, &events)?,
-                Format::Table => write_table(&mut out, &events)?,
-            }
-            Ok(ExitCode::SUCCESS)
+            list(common, &filters, limit, format).await
         }
         AuditCommand::Show { serial } => show(&open(common).await?, &serial).await,
         AuditCommand::Verify {
             checkpoint,
             trusted_audit_keys,
-        } => {
-            let trusted = trusted_keys(common, trusted_audit_keys)?;
-            let exported = match &checkpoint {
-                Some(path) => {
-                    let text = super::read_text(path, "--checkpoint")?;
-                    let cp: Checkpoint = serde_json::from_str(text.trim()).with_context(|| {
-                        format!(
-                            "--checkpoint {}: not a checkpoint from `audit checkpoint`",
-                            path.display()
-                        )
-                    })?;
-                    Some(cp)
-                }
-                None => None,
-            };
-            let store = open(common).await?;
-            match verify_chain(&store, exported.as_ref(), &trusted).await? {
-                VerifyReport::Intact {
-                    events,
-                    first,
-                    head_seq,
-                    head,
-                    checkpoints,
-                } => {
-                    println!(
-                        "audit log intact: {events} events ({first}..{head_seq}), head {head}, \
-                         {checkpoints} signed checkpoint(s) agree"
-                    );
-                    Ok(ExitCode::SUCCESS)
-                }
-                VerifyReport::Broken { seq, problem } => {
-                    println!("audit log BROKEN at event {seq}: {problem}");
-                    Ok(ExitCode::FAILURE)
-                }
-            }
-        }
+        } => verify(common, checkpoint.as_deref(), trusted_audit_keys).await,
         AuditCommand::Checkpoint {
             now,
             trusted_audit_keys,
-        } => {
-            if now {
-                let store = super::open_store(common).await?;
-                let key = AuditKey::load_or_create(&common.data_dir)?;
-                record_checkpoint(&store, &key).await?;
-            }
-            let trusted = trusted_keys(common, trusted_audit_keys)?;
-            let store = open(common).await?;
-            match store.latest_checkpoint().await? {
-                Some(cp) if !trusted.trusts(&cp) => anyhow::bail!(
-                    "the latest checkpoint (event {}) is signed by audit key {}, which is not \
-                     trusted (trusted: {}); it is not exported: run `audit verify`, and pin \
-                     another replica's key with --trusted-audit-key",
-                    cp.seq,
-                    crate::untrusted::claim(&cp.public_key),
-                    trusted.describe()
-                ),
-                Some(cp) => {
-                    println!("{}", serde_json::to_string(&cp)?);
-                    Ok(ExitCode::SUCCESS)
-                }
-                None => anyhow::bail!(
-                    "no checkpoint yet: a running server signs one every minute; \
-                     `audit checkpoint --now` signs one at once"
-                ),
-            }
-        }
+        } => checkpoint(common, now, trusted_audit_keys).await,
         AuditCommand::Key => {
             if !AuditKey::path(&common.data_dir).exists() {
                 anyhow::bail!(
@@ -278,31 +204,131 @@ pub(super) async fn audit(cmd: AuditCommand, common: &Common) -> anyhow::Result<
             print!("{}", key.public_key_pem());
             Ok(ExitCode::SUCCESS)
         }
-        AuditCommand::Prune { before } => {
-            let cut = OffsetDateTime::parse(&before, &Rfc3339).map_err(|_| {
-                anyhow::anyhow!(
-                    "--before {before:?} is not an RFC 3339 time (e.g. 2026-01-01T00:00:00Z)"
+        AuditCommand::Prune { before } => prune(common, &before).await,
+    }
+}
+
+/// `audit list`.
+async fn list(
+    common: &Common,
+    filters: &Filters,
+    limit: i64,
+    format: Format,
+) -> anyhow::Result<ExitCode> {
+    let query = filters.to_query(limit, None).map_err(flag_error)?;
+    let store = open(common).await?;
+    let events = store.audit_events(&query).await?;
+    let mut out = std::io::stdout().lock();
+    match format {
+        Format::Json => {
+            for e in &events {
+                writeln!(out, "{}", to_json(e))?;
+            }
+        }
+        Format::Csv => write_csv(&mut out, &events)?,
+        Format::Table => write_table(&mut out, &events)?,
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `audit verify`: the chain, every stored checkpoint, and the exported one if given.
+async fn verify(
+    common: &Common,
+    checkpoint: Option<&std::path::Path>,
+    trusted_audit_keys: Vec<PathBuf>,
+) -> anyhow::Result<ExitCode> {
+    let trusted = trusted_keys(common, trusted_audit_keys)?;
+    let exported = match checkpoint {
+        Some(path) => {
+            let text = super::read_text(path, "--checkpoint")?;
+            let cp: Checkpoint = serde_json::from_str(text.trim()).with_context(|| {
+                format!(
+                    "--checkpoint {}: not a checkpoint from `audit checkpoint`",
+                    path.display()
                 )
             })?;
-            let store = super::open_store(common).await?;
-            let mut event = EventRow::new(EventKind::Prune);
-            event.operator = Some(operator_name());
-            event.reason = Some(format!("pruned the events before {before}"));
-            let cut_ms = crate::rfc3339::unix_ms(cut);
-            match store.prune_before(cut_ms, event).await? {
-                Some(pruned) => {
-                    let key = AuditKey::load_or_create(&common.data_dir)?;
-                    record_checkpoint(&store, &key).await?;
-                    println!(
-                        "pruned {} event(s) up to event {}; the chain continues from {}",
-                        pruned.removed, pruned.anchor_seq, pruned.anchor_hash
-                    );
-                }
-                None => println!("nothing to prune: no event before {before}"),
-            }
+            Some(cp)
+        }
+        None => None,
+    };
+    let store = open(common).await?;
+    match verify_chain(&store, exported.as_ref(), &trusted).await? {
+        VerifyReport::Intact {
+            events,
+            first,
+            head_seq,
+            head,
+            checkpoints,
+        } => {
+            println!(
+                "audit log intact: {events} events ({first}..{head_seq}), head {head}, \
+                 {checkpoints} signed checkpoint(s) agree"
+            );
             Ok(ExitCode::SUCCESS)
         }
+        VerifyReport::Broken { seq, problem } => {
+            println!("audit log BROKEN at event {seq}: {problem}");
+            Ok(ExitCode::FAILURE)
+        }
     }
+}
+
+/// `audit checkpoint`: the latest signed head (signed now with `--now`), if a trusted key
+/// signed it.
+async fn checkpoint(
+    common: &Common,
+    now: bool,
+    trusted_audit_keys: Vec<PathBuf>,
+) -> anyhow::Result<ExitCode> {
+    if now {
+        let store = super::open_store(common).await?;
+        let key = AuditKey::load_or_create(&common.data_dir)?;
+        record_checkpoint(&store, &key).await?;
+    }
+    let trusted = trusted_keys(common, trusted_audit_keys)?;
+    let store = open(common).await?;
+    match store.latest_checkpoint().await? {
+        Some(cp) if !trusted.trusts(&cp) => anyhow::bail!(
+            "the latest checkpoint (event {}) is signed by audit key {}, which is not \
+             trusted (trusted: {}); it is not exported: run `audit verify`, and pin \
+             another replica's key with --trusted-audit-key",
+            cp.seq,
+            crate::untrusted::claim(&cp.public_key),
+            trusted.describe()
+        ),
+        Some(cp) => {
+            println!("{}", serde_json::to_string(&cp)?);
+            Ok(ExitCode::SUCCESS)
+        }
+        None => anyhow::bail!(
+            "no checkpoint yet: a running server signs one every minute; \
+             `audit checkpoint --now` signs one at once"
+        ),
+    }
+}
+
+/// `audit prune --before TIME`.
+async fn prune(common: &Common, before: &str) -> anyhow::Result<ExitCode> {
+    let cut = OffsetDateTime::parse(before, &Rfc3339).map_err(|_| {
+        anyhow::anyhow!("--before {before:?} is not an RFC 3339 time (e.g. 2026-01-01T00:00:00Z)")
+    })?;
+    let store = super::open_store(common).await?;
+    let mut event = EventRow::new(EventKind::Prune);
+    event.operator = Some(operator_name());
+    event.reason = Some(format!("pruned the events before {before}"));
+    let cut_ms = crate::rfc3339::unix_ms(cut);
+    match store.prune_before(cut_ms, event).await? {
+        Some(pruned) => {
+            let key = AuditKey::load_or_create(&common.data_dir)?;
+            record_checkpoint(&store, &key).await?;
+            println!(
+                "pruned {} event(s) up to event {}; the chain continues from {}",
+                pruned.removed, pruned.anchor_seq, pruned.anchor_hash
+            );
+        }
+        None => println!("nothing to prune: no event before {before}"),
+    }
+    Ok(ExitCode::SUCCESS)
 }
 
 /// The keys whose checkpoints are believed: the data dir's own, those given with

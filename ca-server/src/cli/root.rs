@@ -136,80 +136,12 @@ async fn run(cmd: RootCommand, common: &Common, store: &Store) -> anyhow::Result
             format,
             check,
             expiry_warning,
-        } => {
-            let authorities = store.authorities().await?;
-            let sequence = store.bundle_sequence().await?;
-            let window = super::parse_duration(&expiry_warning)
-                .map_err(|e| anyhow::anyhow!("--expiry-warning: {e}"))?;
-            let now = OffsetDateTime::now_utc().unix_timestamp();
-            let expiring = crate::authority::expiry::expiring(&authorities, now, window);
-            let mut out = std::io::stdout().lock();
-            match format {
-                StatusFormat::Json => {
-                    for a in &authorities {
-                        let value = serde_json::json!({
-                            "id": a.id,
-                            "state": a.state.as_str(),
-                            "kind": a.kind.as_str(),
-                            "subject": a.subject,
-                            "not_before": rfc3339(a.not_before),
-                            "not_after": rfc3339(a.not_after),
-                            "fingerprint_sha256": a.fingerprint_sha256,
-                            "key": a.key_ref,
-                            "expiring": expiring.iter().any(|e| e.id == a.id),
-                            "in_bundle": a.state != AuthorityState::Retired,
-                            "prepared_at": rfc3339(a.created_at),
-                            "activated_at": a.activated_at.map(rfc3339),
-                            "retiring_at": a.retiring_at.map(rfc3339),
-                            "retired_at": a.retired_at.map(rfc3339),
-                        });
-                        writeln!(out, "{value}")?;
-                    }
-                }
-                StatusFormat::Table => {
-                    if authorities.is_empty() {
-                        writeln!(
-                            out,
-                            "no authorities yet: `ca-server run` creates the first root on its first start"
-                        )?;
-                    } else {
-                        write_status_table(&mut out, &authorities, &expiring)?;
-                        writeln!(out, "\nbundle sequence {sequence}")?;
-                        for e in &expiring {
-                            writeln!(out, "{e}")?;
-                        }
-                    }
-                }
-            }
-            if !check {
-                return Ok(ExitCode::SUCCESS);
-            }
-            let mut problems: Vec<String> = expiring.iter().map(ToString::to_string).collect();
-            if !authorities
-                .iter()
-                .any(|a| a.state == AuthorityState::Active)
-            {
-                problems
-                    .push("ca: no authority is active: `ca-server root activate ID`".to_owned());
-            }
-            for problem in &problems {
-                eprintln!("{problem}");
-            }
-            Ok(if problems.is_empty() {
-                ExitCode::SUCCESS
-            } else {
-                ExitCode::FAILURE
-            })
-        }
+        } => status(store, format, check, &expiry_warning).await,
         RootCommand::Csr {
             key_type,
             trust_domain,
         } => {
-            let td = match trust_domain {
-                Some(td) => TrustDomain::new(&td)
-                    .map_err(|e| anyhow::anyhow!("--trust-domain {td:?} {e}"))?,
-                None => current_trust_domain(common, store).await?,
-            };
+            let td = chosen_trust_domain(trust_domain, common, store).await?;
             let (key, object) = common.key_store()?.generate_in_token(key_type)?;
             let csr = authority::intermediate_csr(&td, &key)?;
             print!("{csr}");
@@ -228,30 +160,9 @@ async fn run(cmd: RootCommand, common: &Common, store: &Store) -> anyhow::Result
             trust_domain,
         } => {
             let id = match import_dir {
-                Some(dir) => {
-                    let mut event = authority_event();
-                    event.reason = Some(match &pkcs11_object {
-                        Some(object) => format!(
-                            "prepared an imported CA from {} with key {object} in the PKCS#11 token",
-                            dir.display()
-                        ),
-                        None => format!("prepared an imported CA from {}", dir.display()),
-                    });
-                    authority::import_authority(
-                        store,
-                        &common.key_store()?,
-                        &dir,
-                        pkcs11_object.as_deref(),
-                        event,
-                    )
-                    .await?
-                }
+                Some(dir) => prepare_import(common, store, &dir, pkcs11_object.as_deref()).await?,
                 None => {
-                    let td = match trust_domain {
-                        Some(td) => TrustDomain::new(&td)
-                            .map_err(|e| anyhow::anyhow!("--trust-domain {td:?} {e}"))?,
-                        None => current_trust_domain(common, store).await?,
-                    };
+                    let td = chosen_trust_domain(trust_domain, common, store).await?;
                     let mut event = authority_event();
                     event.reason = Some(format!("prepared a self-signed root for {td}"));
                     authority::create_self_signed_root(
@@ -286,6 +197,112 @@ async fn run(cmd: RootCommand, common: &Common, store: &Store) -> anyhow::Result
             Ok(ExitCode::SUCCESS)
         }
     }
+}
+
+/// `--trust-domain`, else the trust domain of the authorities there are.
+async fn chosen_trust_domain(
+    flag: Option<String>,
+    common: &Common,
+    store: &Store,
+) -> anyhow::Result<TrustDomain> {
+    match flag {
+        Some(td) => TrustDomain::new(&td).map_err(|e| anyhow::anyhow!("--trust-domain {td:?} {e}")),
+        None => current_trust_domain(common, store).await,
+    }
+}
+
+/// `root prepare --import-dir DIR`: a plug-in CA, its key in files or in the token.
+async fn prepare_import(
+    common: &Common,
+    store: &Store,
+    dir: &std::path::Path,
+    pkcs11_object: Option<&str>,
+) -> anyhow::Result<i64> {
+    let mut event = authority_event();
+    event.reason = Some(match pkcs11_object {
+        Some(object) => format!(
+            "prepared an imported CA from {} with key {object} in the PKCS#11 token",
+            dir.display()
+        ),
+        None => format!("prepared an imported CA from {}", dir.display()),
+    });
+    Ok(authority::import_authority(store, &common.key_store()?, dir, pkcs11_object, event).await?)
+}
+
+/// `root status`: the authorities as a table or JSON lines; with `--check`, exit 1 if one is
+/// near its end or none is active.
+async fn status(
+    store: &Store,
+    format: StatusFormat,
+    check: bool,
+    expiry_warning: &str,
+) -> anyhow::Result<ExitCode> {
+    let authorities = store.authorities().await?;
+    let sequence = store.bundle_sequence().await?;
+    let window = super::parse_duration(expiry_warning)
+        .map_err(|e| anyhow::anyhow!("--expiry-warning: {e}"))?;
+    let now = OffsetDateTime::now_utc().unix_timestamp();
+    let expiring = crate::authority::expiry::expiring(&authorities, now, window);
+    let mut out = std::io::stdout().lock();
+    match format {
+        StatusFormat::Json => {
+            for a in &authorities {
+                writeln!(out, "{}", status_json(a, &expiring))?;
+            }
+        }
+        StatusFormat::Table if authorities.is_empty() => writeln!(
+            out,
+            "no authorities yet: `ca-server run` creates the first root on its first start"
+        )?,
+        StatusFormat::Table => {
+            write_status_table(&mut out, &authorities, &expiring)?;
+            writeln!(out, "\nbundle sequence {sequence}")?;
+            for e in &expiring {
+                writeln!(out, "{e}")?;
+            }
+        }
+    }
+    if !check {
+        return Ok(ExitCode::SUCCESS);
+    }
+    let mut problems: Vec<String> = expiring.iter().map(ToString::to_string).collect();
+    if !authorities
+        .iter()
+        .any(|a| a.state == AuthorityState::Active)
+    {
+        problems.push("ca: no authority is active: `ca-server root activate ID`".to_owned());
+    }
+    for problem in &problems {
+        eprintln!("{problem}");
+    }
+    Ok(if problems.is_empty() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
+}
+
+/// One authority as `root status --format json` prints it.
+fn status_json(
+    a: &AuthorityRecord,
+    expiring: &[crate::authority::expiry::Expiring],
+) -> serde_json::Value {
+    serde_json::json!({
+        "id": a.id,
+        "state": a.state.as_str(),
+        "kind": a.kind.as_str(),
+        "subject": a.subject,
+        "not_before": rfc3339(a.not_before),
+        "not_after": rfc3339(a.not_after),
+        "fingerprint_sha256": a.fingerprint_sha256,
+        "key": a.key_ref,
+        "expiring": expiring.iter().any(|e| e.id == a.id),
+        "in_bundle": a.state != AuthorityState::Retired,
+        "prepared_at": rfc3339(a.created_at),
+        "activated_at": a.activated_at.map(rfc3339),
+        "retiring_at": a.retiring_at.map(rfc3339),
+        "retired_at": a.retired_at.map(rfc3339),
+    })
 }
 
 fn write_status_table(
