@@ -115,65 +115,16 @@ pub fn check(t: CheckTarget<'_>) -> CheckReport {
     let ours = spiffe_of(&t.chain)
         .map(|id| id.to_string())
         .unwrap_or_else(|| "no SPIFFE ID".into());
-    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
-    let mut roots = rustls::RootCertStore::empty();
-    for root in &t.roots {
-        if let Err(e) = roots.add(root.clone()) {
-            report.problem(
-                Layer::Trust,
-                format!("a root of the bundle is unusable: {e}"),
-            );
-        }
-    }
-    let recorder = Arc::new(Recorder {
-        roots,
-        provider: Arc::clone(&provider),
-        seen: Mutex::new(None),
-    });
-    let config = match rustls::ClientConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()
-        .map(|b| {
-            b.dangerous()
-                .with_custom_certificate_verifier(recorder.clone() as Arc<dyn ServerCertVerifier>)
-                .with_client_auth_cert(t.chain.clone(), t.key.clone_key())
-        }) {
-        Ok(Ok(config)) => config,
-        Ok(Err(e)) | Err(e) => {
-            report.problem(
-                Layer::Profile,
-                format!("our certificate and key do not go together: {e}"),
-            );
-            return report;
-        }
+    let Some((config, recorder)) = client_config(&t, &mut report) else {
+        return report;
     };
     let host = t.target.rsplit_once(':').map_or(t.target, |(h, _)| h);
     let host = host.trim_start_matches('[').trim_end_matches(']');
     let name = ServerName::try_from(host.to_owned())
         .unwrap_or_else(|_| ServerName::try_from("localhost").expect("a valid name"));
-
-    let addr = match t.target.to_socket_addrs().map(|mut a| a.next()) {
-        Ok(Some(addr)) => addr,
-        Ok(None) | Err(_) => {
-            report.problem(Layer::Transport, format!("{} does not resolve", t.target));
-            return report;
-        }
+    let Some(tcp) = connect(t.target, &mut report) else {
+        return report;
     };
-    let tcp = match TcpStream::connect_timeout(&addr, TIMEOUT) {
-        Ok(tcp) => tcp,
-        Err(e) => {
-            report.problem(
-                Layer::Transport,
-                format!(
-                    "cannot connect to {}: {e} (is it listening? a NetworkPolicy?)",
-                    t.target
-                ),
-            );
-            return report;
-        }
-    };
-    let _ = tcp.set_read_timeout(Some(TIMEOUT));
-    let _ = tcp.set_write_timeout(Some(TIMEOUT));
-    report.facts.push(format!("transport: connected to {addr}"));
     let conn = match rustls::ClientConnection::new(Arc::new(config), name) {
         Ok(conn) => conn,
         Err(e) => {
@@ -186,9 +137,8 @@ pub fn check(t: CheckTarget<'_>) -> CheckReport {
         if !tls.conn.is_handshaking() {
             break Ok(());
         }
-        match tls.conn.complete_io(&mut tls.sock) {
-            Ok(_) => {}
-            Err(e) => break Err(e),
+        if let Err(e) = tls.conn.complete_io(&mut tls.sock) {
+            break Err(e);
         }
     };
     let seen = recorder
@@ -223,10 +173,83 @@ pub fn check(t: CheckTarget<'_>) -> CheckReport {
             .facts
             .push(format!("tls: the server accepted our certificate ({ours})")),
     }
+    check_identity(
+        &mut report,
+        seen.as_deref().and_then(spiffe_of),
+        t.expect_id.as_deref(),
+    );
+    report
+}
 
-    let theirs = seen.as_deref().and_then(spiffe_of);
-    match (&theirs, &t.expect_id) {
-        (Some(id), Some(want)) if id.to_string() != *want => report.problem(
+/// A client configuration presenting the workload's chain and recording (and verifying
+/// against the bundle) what the server presents; `None`, with the problem reported, if the
+/// chain and key do not go together.
+fn client_config(
+    t: &CheckTarget<'_>,
+    report: &mut CheckReport,
+) -> Option<(rustls::ClientConfig, Arc<Recorder>)> {
+    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+    let mut roots = rustls::RootCertStore::empty();
+    for root in &t.roots {
+        if let Err(e) = roots.add(root.clone()) {
+            report.problem(
+                Layer::Trust,
+                format!("a root of the bundle is unusable: {e}"),
+            );
+        }
+    }
+    let recorder = Arc::new(Recorder {
+        roots,
+        provider: Arc::clone(&provider),
+        seen: Mutex::new(None),
+    });
+    let config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map(|b| {
+            b.dangerous()
+                .with_custom_certificate_verifier(recorder.clone() as Arc<dyn ServerCertVerifier>)
+                .with_client_auth_cert(t.chain.clone(), t.key.clone_key())
+        });
+    match config {
+        Ok(Ok(config)) => Some((config, recorder)),
+        Ok(Err(e)) | Err(e) => {
+            report.problem(
+                Layer::Profile,
+                format!("our certificate and key do not go together: {e}"),
+            );
+            None
+        }
+    }
+}
+
+/// A TCP connection to `target`, with read and write timeouts; `None`, with the problem
+/// reported, if it does not resolve or connect.
+fn connect(target: &str, report: &mut CheckReport) -> Option<TcpStream> {
+    let Ok(Some(addr)) = target.to_socket_addrs().map(|mut a| a.next()) else {
+        report.problem(Layer::Transport, format!("{target} does not resolve"));
+        return None;
+    };
+    match TcpStream::connect_timeout(&addr, TIMEOUT) {
+        Ok(tcp) => {
+            let _ = tcp.set_read_timeout(Some(TIMEOUT));
+            let _ = tcp.set_write_timeout(Some(TIMEOUT));
+            report.facts.push(format!("transport: connected to {addr}"));
+            Some(tcp)
+        }
+        Err(e) => {
+            report.problem(
+                Layer::Transport,
+                format!("cannot connect to {target}: {e} (is it listening? a NetworkPolicy?)"),
+            );
+            None
+        }
+    }
+}
+
+/// The server's SPIFFE ID against the one expected.
+fn check_identity(report: &mut CheckReport, theirs: Option<SpiffeId>, want: Option<&str>) {
+    match (&theirs, want) {
+        (Some(id), Some(want)) if id.to_string() != want => report.problem(
             Layer::Identity,
             format!(
                 "the server is {id}, not {want}: the Service routes to another workload, or it \
@@ -242,7 +265,6 @@ pub fn check(t: CheckTarget<'_>) -> CheckReport {
             .facts
             .push("identity: the server's certificate has no SPIFFE ID".into()),
     }
-    report
 }
 
 fn rustls_error(e: &std::io::Error) -> Option<&Error> {
