@@ -1,7 +1,9 @@
 //! Caller authentication: a Kubernetes service-account JWT becomes an [`Identity`].
 
+mod cache;
 mod claims;
 pub mod dev;
+mod error;
 mod fetch;
 pub mod jwks;
 pub mod node;
@@ -15,161 +17,13 @@ use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use jsonwebtoken::Validation;
 use zeroize::Zeroizing;
 
+use cache::{VERIFIED_TOKENS, Verified, VerifiedBy, VerifiedTokens};
 pub use claims::{ClaimPolicy, Claims, LEEWAY_SECS, ServiceAccount};
+pub use error::AuthError;
 pub use fetch::Fetcher;
 pub use jwks::{ALLOWED_ALGORITHMS, IssuerKeys, KeySet};
 
 use crate::spiffe::{SpiffeId, TrustDomain};
-
-/// Why a token was refused. Every message says what is wrong in terms a person can act on,
-/// and none includes the token.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum AuthError {
-    /// No `authorization: Bearer` header.
-    #[error(
-        "no bearer token: send the pod's service-account token as `authorization: Bearer <token>`"
-    )]
-    NoToken,
-    /// The header is not `Bearer <token>`.
-    #[error("the authorization header is not `Bearer <token>`")]
-    NotBearer,
-    /// The token is too large to be a service-account token.
-    #[error("the token is larger than {0} bytes")]
-    TooLarge(usize),
-    /// The token is not a well-formed JWT.
-    #[error("the token is not a well-formed JWT: {0}")]
-    Malformed(String),
-    /// The token's `alg` is not on the allowed list.
-    #[error(
-        "token algorithm {0:?} is not accepted (only RS256/384/512, PS256/384/512 and ES256/384)"
-    )]
-    AlgorithmNotAllowed(String),
-    /// The token's `alg` does not fit the key its `kid` names.
-    #[error("token algorithm {alg} does not match its key (kid {kid:?}), which allows {allowed}")]
-    AlgorithmMismatch {
-        /// The token's `alg`.
-        alg: String,
-        /// The token's `kid`.
-        kid: String,
-        /// What the key allows.
-        allowed: String,
-    },
-    /// No key with that `kid`.
-    #[error("no key with kid {0:?} in the issuer's JWKS")]
-    UnknownKid(String),
-    /// No `kid`, and the issuer has several keys (or none).
-    #[error("the token has no kid and the issuer has {0} keys to choose from")]
-    NoKid(usize),
-    /// The signature does not verify.
-    #[error("the token's signature does not verify with the issuer's key (kid {0:?})")]
-    BadSignature(String),
-    /// The issuer's keys could not be fetched.
-    #[error("the issuer's keys are unavailable: {0}")]
-    KeysUnavailable(String),
-    /// `iss` is not the configured issuer.
-    #[error("token issuer {got:?} is not the configured issuer {want:?}")]
-    WrongIssuer {
-        /// The token's `iss`.
-        got: String,
-        /// What we accept.
-        want: String,
-    },
-    /// The request's `clusterid` selects an issuer the token is not from.
-    #[error(
-        "token issuer {got:?} is not the issuer of cluster {cluster:?} ({want:?}), which the \
-         request's clusterid header names: check the proxy's CLUSTER_ID"
-    )]
-    NotTheClustersIssuer {
-        /// The `clusterid` header.
-        cluster: String,
-        /// The token's `iss`.
-        got: String,
-        /// That cluster's issuer.
-        want: String,
-    },
-    /// `aud` does not contain a configured audience.
-    #[error("audience [{}] does not include {}", got.join(", "), want.join(" or "))]
-    WrongAudience {
-        /// The token's audiences.
-        got: Vec<String>,
-        /// What we accept.
-        want: Vec<String>,
-    },
-    /// No `exp`.
-    #[error(
-        "the token has no exp claim; legacy service-account secrets are refused: use a projected \
-         token (serviceAccountToken volume) with audience istio-ca"
-    )]
-    NoExpiry,
-    /// `exp` is past.
-    #[error("token expired at {at}")]
-    Expired {
-        /// When, RFC 3339.
-        at: String,
-    },
-    /// `nbf` or `iat` is in the future (beyond the leeway).
-    #[error("token is not valid before {at} ({claim} is in the future; check the clocks)")]
-    NotYetValid {
-        /// `nbf` or `iat`.
-        claim: &'static str,
-        /// When, RFC 3339.
-        at: String,
-    },
-    /// A required claim is missing.
-    #[error("the token has no {0} claim")]
-    MissingClaim(&'static str),
-    /// A time claim is not a number.
-    #[error("the token's {0} claim is not a number")]
-    BadClaim(&'static str),
-    /// `sub` is not a service account.
-    #[error("sub {0:?} is not system:serviceaccount:<namespace>:<name>")]
-    BadSubject(String),
-    /// `sub` and the `kubernetes.io` claim disagree.
-    #[error("sub {sub:?} disagrees with the kubernetes.io claim, which names {kubernetes}")]
-    SubjectMismatch {
-        /// The token's `sub`.
-        sub: String,
-        /// `<namespace>/<service account>` from the `kubernetes.io` claim.
-        kubernetes: String,
-    },
-    /// The namespace or service account cannot form a SPIFFE ID.
-    #[error("namespace/service account {0:?} cannot form a SPIFFE ID")]
-    BadIdentity(String),
-    /// The Kubernetes API server could not review the token.
-    #[error("the Kubernetes TokenReview failed: {0}")]
-    ReviewUnavailable(String),
-    /// The Kubernetes API server says the token is not valid.
-    #[error("the Kubernetes API server refused the token: {0}")]
-    ReviewRefused(String),
-    /// As many TokenReviews as allowed are already waiting for the API server.
-    #[error(
-        "{0} TokenReviews are already waiting for the Kubernetes API server \
-         (--max-token-reviews); retry shortly"
-    )]
-    ReviewsBusy(usize),
-}
-
-impl crate::class::Classify for AuthError {
-    /// Unauthenticated, but for faults on our side (the caller should retry): the keys or
-    /// the TokenReview API away, or too many reviews waiting.
-    fn class(&self) -> crate::class::Class {
-        use crate::class::Class;
-        match self {
-            Self::KeysUnavailable(_) | Self::ReviewUnavailable(_) => Class::Unavailable,
-            Self::ReviewsBusy(_) => Class::Overloaded,
-            _ => Class::Unauthenticated,
-        }
-    }
-
-    fn reason(&self) -> &'static str {
-        match self {
-            Self::KeysUnavailable(_) | Self::ReviewUnavailable(_) => "token_keys_unavailable",
-            Self::ReviewsBusy(_) => "token_reviews_busy",
-            Self::NoToken => "no_token",
-            _ => "token",
-        }
-    }
-}
 
 /// Largest token accepted (Kubernetes tokens are around 1 KiB).
 pub const MAX_TOKEN_BYTES: usize = 16 * 1024;
@@ -293,92 +147,6 @@ pub struct Authenticator {
     /// Reviews the tokens no configured issuer claims, when TokenReview is on.
     reviewer: Option<review::TokenReviewer>,
 }
-
-/// Which key verified a remembered token: the answer holds only while the issuer still has
-/// that key.
-#[derive(Debug, Clone, PartialEq, Eq)]
-struct VerifiedBy {
-    /// The issuer's index in [`Authenticator::issuers`].
-    issuer: usize,
-    kid: Option<String>,
-    thumbprint: [u8; 32],
-}
-
-/// A remembered answer: who the token proves, until when, and by which key (none for a
-/// TokenReview, whose answer is kept a short while instead).
-#[derive(Debug, Clone)]
-struct Verified {
-    identity: Identity,
-    expires_at: i64,
-    by: Option<VerifiedBy>,
-}
-
-/// Tokens that passed every check, by the SHA-256 of the token (never the token itself), until
-/// they expire: the same token gets the same answer, so a proxy renewing with its token does
-/// not pay for a signature check each time. Bounded; refusals are never kept here.
-struct VerifiedTokens {
-    entries: std::sync::Mutex<std::collections::HashMap<[u8; 32], Verified>>,
-    capacity: usize,
-}
-
-impl VerifiedTokens {
-    fn new(capacity: usize) -> Self {
-        Self {
-            entries: std::sync::Mutex::new(std::collections::HashMap::new()),
-            capacity,
-        }
-    }
-
-    fn lock(&self) -> std::sync::MutexGuard<'_, std::collections::HashMap<[u8; 32], Verified>> {
-        self.entries.lock().unwrap_or_else(|p| p.into_inner())
-    }
-
-    fn key(token: &BearerToken) -> [u8; 32] {
-        use sha2::{Digest, Sha256};
-        Sha256::digest(token.expose().as_bytes()).into()
-    }
-
-    fn get(&self, key: &[u8; 32], now: i64) -> Option<Verified> {
-        match self.lock().get(key) {
-            Some(v) if now < v.expires_at => Some(v.clone()),
-            _ => None,
-        }
-    }
-
-    fn insert(&self, key: [u8; 32], verified: Verified, now: i64) {
-        let mut entries = self.lock();
-        if entries.len() >= self.capacity {
-            entries.retain(|_, v| now < v.expires_at);
-            if entries.len() >= self.capacity {
-                // Still full of live tokens: drop about half (in no particular order) rather
-                // than grow; those callers pay for one more signature check.
-                let mut n = 0usize;
-                entries.retain(|_, _| {
-                    n += 1;
-                    n.is_multiple_of(2)
-                });
-            }
-        }
-        entries.insert(key, verified);
-    }
-
-    fn remove(&self, key: &[u8; 32]) {
-        self.lock().remove(key);
-    }
-
-    /// Forgets every answer that `keep` refuses.
-    fn retain(&self, mut keep: impl FnMut(&Verified) -> bool) {
-        self.lock().retain(|_, v| keep(v));
-    }
-
-    #[cfg(test)]
-    fn len(&self) -> usize {
-        self.lock().len()
-    }
-}
-
-/// How many verified tokens are remembered.
-const VERIFIED_TOKENS: usize = 10_000;
 
 #[derive(serde::Deserialize)]
 struct Header {
