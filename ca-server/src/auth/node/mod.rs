@@ -290,7 +290,7 @@ impl ImpersonationPolicy {
                 requested: shown.clone(),
             });
         };
-        let mut granted = Identity {
+        let granted = Identity {
             spiffe_id: asked.clone(),
             namespace: namespace.to_owned(),
             service_account: service_account.to_owned(),
@@ -299,9 +299,22 @@ impl ImpersonationPolicy {
             node: caller.node.clone(),
             issuer: caller.issuer.clone(),
         };
+        self.check_node(caller, granted, &shown).await
+    }
+
+    /// The node check of `granted` (the identity asked for, checked for form and trust
+    /// domain): as the caller's cluster says, a running pod with that identity on the
+    /// caller's node.
+    async fn check_node(
+        &self,
+        caller: &Identity,
+        mut granted: Identity,
+        shown: &str,
+    ) -> Result<Identity, ImpersonationError> {
+        let caller_id = caller.spiffe_id.to_string();
         let unreachable = |cluster: &str| ImpersonationError::ClusterUnreachable {
             caller: caller_id.clone(),
-            requested: shown.clone(),
+            requested: shown.to_owned(),
             cluster: cluster.to_owned(),
         };
         let Some(cluster) = self.clusters.get(&caller.issuer) else {
@@ -314,39 +327,35 @@ impl ImpersonationPolicy {
             NodeCheck::Unavailable => {
                 return Err(ImpersonationError::NoNodeCheck {
                     caller: caller_id,
-                    requested: shown.clone(),
+                    requested: shown.to_owned(),
                 });
             }
         };
-        let api = |detail: String| ImpersonationError::Api {
-            requested: shown.clone(),
-            detail,
+        let api = |e: crate::kube::Error| ImpersonationError::Api {
+            requested: shown.to_owned(),
+            detail: e.to_string(),
         };
-        let node = match authorizer
-            .node_of(caller)
-            .await
-            .map_err(|e| api(e.to_string()))?
-        {
+        let node = match authorizer.node_of(caller).await.map_err(api)? {
             CallerNode::Known(node) => node,
             CallerNode::Unknown(detail) => {
                 return Err(ImpersonationError::CallerNode {
                     caller: caller_id,
-                    requested: shown.clone(),
+                    requested: shown.to_owned(),
                     detail,
                 });
             }
         };
         let found = authorizer
-            .pod_on_node(&node, namespace, service_account)
+            .pod_on_node(&node, &granted.namespace, &granted.service_account)
             .await
-            .map_err(|e| api(e.to_string()))?;
+            .map_err(api)?;
         let Some(pod) = found else {
             return Err(ImpersonationError::NotOnNode {
                 caller: caller_id,
-                requested: shown.clone(),
+                requested: shown.to_owned(),
                 node,
-                namespace: namespace.to_owned(),
-                service_account: service_account.to_owned(),
+                namespace: granted.namespace,
+                service_account: granted.service_account,
             });
         };
         granted.pod_name = Some(pod.name);
