@@ -118,35 +118,7 @@ impl Claims {
             });
         }
 
-        let exp = self
-            .exp
-            .as_ref()
-            .ok_or(AuthError::NoExpiry)
-            .and_then(|n| seconds(n).ok_or(AuthError::BadClaim("exp")))?;
-        if exp <= now {
-            return Err(AuthError::Expired {
-                at: crate::rfc3339::secs_text(exp),
-            });
-        }
-        if let Some(nbf) = &self.nbf {
-            let nbf = seconds(nbf).ok_or(AuthError::BadClaim("nbf"))?;
-            if nbf > now + LEEWAY_SECS {
-                return Err(AuthError::NotYetValid {
-                    claim: "nbf",
-                    at: crate::rfc3339::secs_text(nbf),
-                });
-            }
-        }
-        if let Some(iat) = &self.iat {
-            let iat = seconds(iat).ok_or(AuthError::BadClaim("iat"))?;
-            if iat > now + LEEWAY_SECS {
-                return Err(AuthError::NotYetValid {
-                    claim: "iat",
-                    at: crate::rfc3339::secs_text(iat),
-                });
-            }
-        }
-
+        let exp = self.check_times(now)?;
         let sub = self.sub.as_deref().ok_or(AuthError::MissingClaim("sub"))?;
         let (namespace, name) = parse_subject(sub)?;
         let mut account = ServiceAccount {
@@ -177,6 +149,40 @@ impl Claims {
             account.node_name = k.node.as_ref().and_then(|n| n.name.clone());
         }
         Ok(account)
+    }
+
+    /// `exp` is there and in the future; `nbf` and `iat`, if there, not beyond the leeway.
+    /// Returns `exp`.
+    fn check_times(&self, now: i64) -> Result<i64, AuthError> {
+        let exp = self
+            .exp
+            .as_ref()
+            .ok_or(AuthError::NoExpiry)
+            .and_then(|n| seconds(n).ok_or(AuthError::BadClaim("exp")))?;
+        if exp <= now {
+            return Err(AuthError::Expired {
+                at: crate::rfc3339::secs_text(exp),
+            });
+        }
+        if let Some(nbf) = &self.nbf {
+            let nbf = seconds(nbf).ok_or(AuthError::BadClaim("nbf"))?;
+            if nbf > now + LEEWAY_SECS {
+                return Err(AuthError::NotYetValid {
+                    claim: "nbf",
+                    at: crate::rfc3339::secs_text(nbf),
+                });
+            }
+        }
+        if let Some(iat) = &self.iat {
+            let iat = seconds(iat).ok_or(AuthError::BadClaim("iat"))?;
+            if iat > now + LEEWAY_SECS {
+                return Err(AuthError::NotYetValid {
+                    claim: "iat",
+                    at: crate::rfc3339::secs_text(iat),
+                });
+            }
+        }
+        Ok(exp)
     }
 }
 
