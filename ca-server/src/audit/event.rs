@@ -32,6 +32,20 @@ impl EventKind {
         Self::Prune,
     ];
 
+    /// The kinds a filter may ask for (an anchor is the log's start, not a decision).
+    pub const LISTED: [Self; 4] = [Self::Issued, Self::Denied, Self::Authority, Self::Prune];
+
+    /// What the kind records, in words.
+    pub const fn describe(self) -> &'static str {
+        match self {
+            Self::Issued => "Certificates issued",
+            Self::Denied => "Requests refused",
+            Self::Authority => "Authority changes",
+            Self::Anchor => "The start of a pruned log",
+            Self::Prune => "Retention prunes",
+        }
+    }
+
     /// The name stored, hashed and shown.
     pub const fn as_str(self) -> &'static str {
         match self {

@@ -112,14 +112,16 @@ impl Filters {
         };
         let kind = match self.kind.as_deref() {
             None => None,
-            Some(k @ ("issued" | "denied" | "authority" | "prune")) => k.parse::<EventKind>().ok(),
-            Some(other) => {
-                return Err(bad(
-                    "kind",
-                    other,
-                    "is not one of issued, denied, authority, prune",
-                ));
-            }
+            Some(k) => match k.parse::<EventKind>() {
+                Ok(kind) if EventKind::LISTED.contains(&kind) => Some(kind),
+                _ => {
+                    return Err(bad(
+                        "kind",
+                        k,
+                        "is not one of issued, denied, authority, prune",
+                    ));
+                }
+            },
         };
         let since = self
             .since

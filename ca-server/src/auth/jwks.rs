@@ -37,20 +37,56 @@ pub struct KeySet {
     unnamed: Vec<Arc<VerifyingKey>>,
 }
 
+/// What is wrong with a JWK Set's text.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum JwksError {
+    /// Not a JWK Set at all.
+    #[error("not a JWK Set: {0}")]
+    NotJwks(String),
+    /// One `kid` named twice: which key a token meant cannot be known.
+    #[error("the JWK Set names kid {0:?} more than once")]
+    DuplicateKid(String),
+}
+
+/// Why an issuer's keys could not be read from their source. Kept (and cloned) as the last
+/// error until a read succeeds.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum KeysError {
+    /// The JWKS file could not be read.
+    #[error("{}: {reason}", .path.display())]
+    Read {
+        /// The file.
+        path: std::path::PathBuf,
+        /// The OS error.
+        reason: String,
+    },
+    /// The JWKS URL could not be fetched (the reason names the URL).
+    #[error("{0}")]
+    Fetch(String),
+    /// The document is not a usable JWK Set.
+    #[error("{from}: {error}")]
+    Format {
+        /// The file or URL.
+        from: String,
+        /// What is wrong.
+        error: JwksError,
+    },
+    /// The file holds no key this server can use.
+    #[error("{}: no usable key (RSA or EC P-256/P-384)", .0.display())]
+    NoUsableKey(std::path::PathBuf),
+}
+
 impl KeySet {
     /// Parses a JWK Set, keeping the keys we can use (RSA, EC P-256/P-384) and skipping the
     /// rest (HMAC secrets, other curves) with a log line. A set that names one `kid` twice is
     /// refused whole: which of the two a token meant cannot be known.
-    pub fn from_json(json: &[u8]) -> Result<Self, String> {
+    pub fn from_json(json: &[u8]) -> Result<Self, JwksError> {
         let set: JwkSet =
-            serde_json::from_slice(json).map_err(|e| format!("not a JWK Set: {e}"))?;
+            serde_json::from_slice(json).map_err(|e| JwksError::NotJwks(e.to_string()))?;
         let mut seen = std::collections::HashSet::new();
         for kid in set.keys.iter().filter_map(|k| k.common.key_id.as_deref()) {
             if !seen.insert(kid) {
-                return Err(format!(
-                    "the JWK Set names kid {:?} more than once",
-                    crate::untrusted::claim(kid)
-                ));
+                return Err(JwksError::DuplicateKid(crate::untrusted::claim(kid)));
             }
         }
         let mut keys = KeySet::default();
@@ -208,7 +244,7 @@ pub struct IssuerKeys {
     last_fetch: Mutex<Option<Instant>>,
     /// Why the last read of the source failed, if it did: a token whose key is unknown
     /// meanwhile is told the keys are unavailable, not that its key does not exist.
-    last_error: std::sync::Mutex<Option<String>>,
+    last_error: std::sync::Mutex<Option<KeysError>>,
 }
 
 impl IssuerKeys {
@@ -224,13 +260,10 @@ impl IssuerKeys {
     }
 
     /// Keys read from a JWKS file at start, and again every `refresh`.
-    pub fn from_file(path: &Path, refresh: Duration) -> Result<Self, String> {
+    pub fn from_file(path: &Path, refresh: Duration) -> Result<Self, KeysError> {
         let keys = read_file(path)?;
         if keys.is_empty() {
-            return Err(format!(
-                "{}: no usable key (RSA or EC P-256/P-384)",
-                path.display()
-            ));
+            return Err(KeysError::NoUsableKey(path.to_owned()));
         }
         Ok(Self {
             source: KeySource::File(path.to_owned()),
@@ -262,11 +295,11 @@ impl IssuerKeys {
             .unwrap_or_else(|p| Arc::clone(&p.into_inner()))
     }
 
-    fn set_error(&self, error: Option<String>) {
+    fn set_error(&self, error: Option<KeysError>) {
         *self.last_error.lock().unwrap_or_else(|p| p.into_inner()) = error;
     }
 
-    fn last_error(&self) -> Option<String> {
+    fn last_error(&self) -> Option<KeysError> {
         self.last_error
             .lock()
             .unwrap_or_else(|p| p.into_inner())
@@ -350,14 +383,15 @@ impl IssuerKeys {
                     }
                     Err(e) => {
                         warn!(url, error = %e, "Fetching issuer JWKS failed");
-                        self.set_error(Some(e.clone()));
-                        return Err(AuthError::KeysUnavailable(e));
+                        let unavailable = AuthError::KeysUnavailable(e.to_string());
+                        self.set_error(Some(e));
+                        return Err(unavailable);
                     }
                 }
             }
         }
         if let Some(e) = self.last_error() {
-            return Err(AuthError::KeysUnavailable(e));
+            return Err(AuthError::KeysUnavailable(e.to_string()));
         }
         Err(match kid {
             Some(kid) => AuthError::UnknownKid(crate::untrusted::claim(kid)),
@@ -366,14 +400,26 @@ impl IssuerKeys {
     }
 }
 
-fn read_file(path: &Path) -> Result<KeySet, String> {
-    let json = std::fs::read(path).map_err(|e| format!("{}: {e}", path.display()))?;
-    KeySet::from_json(&json).map_err(|e| format!("{}: {e}", path.display()))
+fn read_file(path: &Path) -> Result<KeySet, KeysError> {
+    let json = std::fs::read(path).map_err(|e| KeysError::Read {
+        path: path.to_owned(),
+        reason: e.to_string(),
+    })?;
+    KeySet::from_json(&json).map_err(|error| KeysError::Format {
+        from: path.display().to_string(),
+        error,
+    })
 }
 
-async fn fetch(fetcher: &Fetcher, url: &str) -> Result<KeySet, String> {
-    let body = fetcher.get(url).await.map_err(|e| e.to_string())?;
-    let keys = KeySet::from_json(&body).map_err(|e| format!("{url}: {e}"))?;
+async fn fetch(fetcher: &Fetcher, url: &str) -> Result<KeySet, KeysError> {
+    let body = fetcher
+        .get(url)
+        .await
+        .map_err(|e| KeysError::Fetch(e.to_string()))?;
+    let keys = KeySet::from_json(&body).map_err(|error| KeysError::Format {
+        from: url.to_owned(),
+        error,
+    })?;
     info!(url, keys = keys.len(), "Fetched issuer JWKS");
     Ok(keys)
 }
@@ -395,7 +441,7 @@ mod tests {
     fn a_kid_named_twice_refuses_the_whole_set() {
         let set = serde_json::json!({"keys": [ec_jwk("a"), ec_jwk("b"), ec_jwk("a")]});
         let err = KeySet::from_json(set.to_string().as_bytes()).err().unwrap();
-        assert!(err.contains("kid \"a\" more than once"), "{err}");
+        assert_eq!(err, JwksError::DuplicateKid("a".into()));
         let set = serde_json::json!({"keys": [ec_jwk("a"), ec_jwk("b")]});
         assert_eq!(
             KeySet::from_json(set.to_string().as_bytes()).unwrap().len(),

@@ -30,27 +30,14 @@ pub(super) enum Format {
     Csv,
 }
 
-/// Event kinds a filter can name.
-#[derive(Debug, Clone, Copy, ValueEnum)]
-pub(super) enum Kind {
-    /// Certificates issued
-    Issued,
-    /// Requests refused
-    Denied,
-    /// Authority changes
-    Authority,
-    /// Retention prunes
-    Prune,
-}
+/// Event kinds on the command line: those a filter may name, with the log's own words.
+impl ValueEnum for EventKind {
+    fn value_variants<'a>() -> &'a [Self] {
+        &EventKind::LISTED
+    }
 
-impl Kind {
-    fn as_str(self) -> &'static str {
-        match self {
-            Self::Issued => "issued",
-            Self::Denied => "denied",
-            Self::Authority => "authority",
-            Self::Prune => "prune",
-        }
+    fn to_possible_value(&self) -> Option<clap::builder::PossibleValue> {
+        Some(clap::builder::PossibleValue::new(self.as_str()).help(self.describe()))
     }
 }
 
@@ -77,7 +64,7 @@ pub(super) enum AuditCommand {
         node: Option<String>,
         /// Only this kind of event
         #[arg(long, value_enum)]
-        kind: Option<Kind>,
+        kind: Option<EventKind>,
         /// Only events at or after this time (RFC 3339)
         #[arg(long)]
         since: Option<String>,

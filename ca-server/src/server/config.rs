@@ -132,7 +132,7 @@ pub enum StartError {
     NoIssuer,
     /// An issuer's JWKS file does not load.
     #[error("token issuer configuration: {0}")]
-    TokenKeys(String),
+    TokenKeys(#[source] crate::auth::jwks::KeysError),
     /// The extra CA for JWKS URLs does not load.
     #[error("token issuer configuration: --token-jwks-ca {}: {source}", .path.display())]
     JwksCa {
