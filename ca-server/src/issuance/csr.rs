@@ -118,8 +118,35 @@ pub fn check_csr(pem: &str) -> Result<CheckedCsr, CsrError> {
         return Err(CsrError::SignatureAlgorithm(sig_alg.to_id_string()));
     }
 
-    let info = &csr.certification_request_info;
-    let spki = &info.subject_pki;
+    let spki = &csr.certification_request_info.subject_pki;
+    let key = key_kind(spki)?;
+
+    // Proof of possession: the request is signed by the key it asks us to certify.
+    csr.verify_signature().map_err(|_| CsrError::BadSignature)?;
+
+    let mut requested_sans = Vec::new();
+    if let Some(extensions) = csr.requested_extensions() {
+        for ext in extensions {
+            if let ParsedExtension::SubjectAlternativeName(san) = ext {
+                for name in &san.general_names {
+                    requested_sans.push(describe(name));
+                }
+            }
+        }
+    }
+
+    Ok(CheckedCsr {
+        spki_der: spki.raw.to_vec(),
+        key,
+        requested_sans,
+        csr_sha256: sha256_hex(der),
+        public_key_sha256: sha256_hex(spki.raw),
+    })
+}
+
+/// The kind of key `spki` holds, if it is one this CA certifies: EC P-256 or P-384, RSA of
+/// 2048 to 8192 bits, or Ed25519.
+fn key_kind(spki: &x509_parser::x509::SubjectPublicKeyInfo<'_>) -> Result<KeyKind, CsrError> {
     let key_oid = &spki.algorithm.algorithm;
     let key = if *key_oid == OID_KEY_TYPE_EC_PUBLIC_KEY {
         let curve = spki
@@ -155,28 +182,7 @@ pub fn check_csr(pem: &str) -> Result<CheckedCsr, CsrError> {
             key_oid.to_id_string()
         )));
     };
-
-    // Proof of possession: the request is signed by the key it asks us to certify.
-    csr.verify_signature().map_err(|_| CsrError::BadSignature)?;
-
-    let mut requested_sans = Vec::new();
-    if let Some(extensions) = csr.requested_extensions() {
-        for ext in extensions {
-            if let ParsedExtension::SubjectAlternativeName(san) = ext {
-                for name in &san.general_names {
-                    requested_sans.push(describe(name));
-                }
-            }
-        }
-    }
-
-    Ok(CheckedCsr {
-        spki_der: spki.raw.to_vec(),
-        key,
-        requested_sans,
-        csr_sha256: sha256_hex(der),
-        public_key_sha256: sha256_hex(spki.raw),
-    })
+    Ok(key)
 }
 
 /// A SAN as text: URIs as themselves, other kinds prefixed with their kind.
