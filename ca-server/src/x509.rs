@@ -18,6 +18,23 @@ pub enum PemError {
     Malformed(String),
 }
 
+/// A certificate this server cannot use for what it was given for.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum CertError {
+    /// Its PEM.
+    #[error(transparent)]
+    Pem(#[from] PemError),
+    /// Its DER does not parse as X.509.
+    #[error("the certificate does not parse: {0}")]
+    Unparsable(String),
+    /// Its public key is of a kind this use does not support.
+    #[error("its public key is not usable here: {0}")]
+    UnsupportedKey(String),
+    /// A TLS or WebPKI library refused it (the message says for what).
+    #[error("{0}")]
+    Refused(String),
+}
+
 /// Decodes the first certificate of a PEM text.
 pub fn pem_to_der(pem: &str) -> Result<CertificateDer<'static>, PemError> {
     let mut reader = pem.as_bytes();

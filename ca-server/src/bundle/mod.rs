@@ -8,6 +8,8 @@ use base64::engine::general_purpose::{STANDARD, URL_SAFE_NO_PAD};
 use x509_parser::oid_registry::{OID_EC_P256, OID_NIST_EC_P384, OID_SIG_ED25519};
 use x509_parser::public_key::PublicKey;
 
+use crate::x509::CertError;
+
 /// The bundle as published.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Bundle {
@@ -25,15 +27,12 @@ impl Bundle {
 
     /// The SPIFFE bundle: a JWK Set with one `x509-svid` key per root (`x5c` holding the
     /// root's DER, no `kid`), `spiffe_sequence` and `spiffe_refresh_hint`.
-    pub fn to_spiffe_jwks(&self, refresh_hint_secs: i64) -> Result<serde_json::Value, String> {
+    pub fn to_spiffe_jwks(&self, refresh_hint_secs: i64) -> Result<serde_json::Value, CertError> {
         let keys = self
             .roots_pem
             .iter()
-            .map(|pem| {
-                let der = crate::x509::pem_to_der(pem).map_err(|e| e.to_string())?;
-                root_jwk(&der)
-            })
-            .collect::<Result<Vec<_>, String>>()?;
+            .map(|pem| root_jwk(&crate::x509::pem_to_der(pem)?))
+            .collect::<Result<Vec<_>, CertError>>()?;
         Ok(serde_json::json!({
             "keys": keys,
             "spiffe_sequence": self.sequence,
@@ -43,28 +42,30 @@ impl Bundle {
 }
 
 /// One root as a JWK: its public key, `use: x509-svid`, and `x5c` with its DER.
-fn root_jwk(der: &[u8]) -> Result<serde_json::Value, String> {
-    let (_, cert) = x509_parser::parse_x509_certificate(der).map_err(|e| e.to_string())?;
+fn root_jwk(der: &[u8]) -> Result<serde_json::Value, CertError> {
+    let (_, cert) = x509_parser::parse_x509_certificate(der)
+        .map_err(|e| CertError::Unparsable(e.to_string()))?;
     let spki = cert.public_key();
     let b64 = |bytes: &[u8]| URL_SAFE_NO_PAD.encode(bytes);
-    let mut jwk = match spki.parsed().map_err(|e| e.to_string())? {
+    let unsupported = |why: String| CertError::UnsupportedKey(why);
+    let mut jwk = match spki.parsed().map_err(|e| unsupported(e.to_string()))? {
         PublicKey::EC(point) => {
             let curve = spki
                 .algorithm
                 .parameters
                 .as_ref()
                 .and_then(|p| p.as_oid().ok())
-                .ok_or("EC key without a named curve")?;
+                .ok_or_else(|| unsupported("EC key without a named curve".into()))?;
             let (crv, len) = if curve == OID_EC_P256 {
                 ("P-256", 32)
             } else if curve == OID_NIST_EC_P384 {
                 ("P-384", 48)
             } else {
-                return Err(format!("unsupported curve {curve}"));
+                return Err(unsupported(format!("unsupported curve {curve}")));
             };
             let data = point.data();
             if data.len() != 1 + 2 * len || data[0] != 4 {
-                return Err("EC point is not uncompressed".into());
+                return Err(unsupported("EC point is not uncompressed".into()));
             }
             serde_json::json!({
                 "kty": "EC", "crv": crv,
@@ -81,7 +82,7 @@ fn root_jwk(der: &[u8]) -> Result<serde_json::Value, String> {
         _ if spki.algorithm.algorithm == OID_SIG_ED25519 => serde_json::json!({
             "kty": "OKP", "crv": "Ed25519", "x": b64(&spki.subject_public_key.data),
         }),
-        _ => return Err("unsupported root key type".into()),
+        _ => return Err(unsupported("unsupported root key type".into())),
     };
     jwk["use"] = "x509-svid".into();
     jwk["x5c"] = serde_json::json!([STANDARD.encode(der)]);

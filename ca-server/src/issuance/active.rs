@@ -31,12 +31,11 @@ impl Active {
         bundle: Bundle,
         clients: Arc<dyn rustls::server::danger::ClientCertVerifier>,
     ) -> Result<Self, AuthorityError> {
-        let anchors = TrustAnchors::from_bundle(&bundle).map_err(|detail| {
-            AuthorityError::BadCertificate {
+        let anchors =
+            TrustAnchors::from_bundle(&bundle).map_err(|e| AuthorityError::BadCertificate {
                 id: authority.id(),
-                detail,
-            }
-        })?;
+                detail: e.to_string(),
+            })?;
         Ok(Self {
             authority,
             bundle,

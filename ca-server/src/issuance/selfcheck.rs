@@ -77,15 +77,19 @@ pub struct TrustAnchors(Vec<TrustAnchor<'static>>);
 
 impl TrustAnchors {
     /// The anchors of `bundle`'s roots.
-    pub fn from_bundle(bundle: &Bundle) -> Result<Self, String> {
+    pub fn from_bundle(bundle: &Bundle) -> Result<Self, crate::x509::CertError> {
         bundle
             .roots_pem
             .iter()
             .map(|pem| {
-                let der = crate::x509::pem_to_der(pem).map_err(|e| e.to_string())?;
+                let der = crate::x509::pem_to_der(pem)?;
                 webpki::anchor_from_trusted_cert(&der)
                     .map(|a| a.to_owned())
-                    .map_err(|e| format!("a bundle root is not a usable trust anchor: {e}"))
+                    .map_err(|e| {
+                        crate::x509::CertError::Refused(format!(
+                            "a bundle root is not a usable trust anchor: {e}"
+                        ))
+                    })
             })
             .collect::<Result<_, _>>()
             .map(Self)

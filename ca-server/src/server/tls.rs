@@ -132,24 +132,27 @@ pub(super) fn active(
     bundle: crate::bundle::Bundle,
     issuers: &[String],
 ) -> Result<Active, crate::authority::AuthorityError> {
-    let clients = client_verifier(issuers).map_err(|detail| {
-        crate::authority::AuthorityError::BadCertificate {
+    let clients =
+        client_verifier(issuers).map_err(|e| crate::authority::AuthorityError::BadCertificate {
             id: authority.id(),
-            detail,
-        }
-    })?;
+            detail: e.to_string(),
+        })?;
     Active::new(authority, bundle, clients)
 }
 
 /// A verifier of client certificates issued by one of `issuers` (the signing certificates,
 /// PEM, of the authorities not retired) and valid at the time of the check.
-pub(super) fn client_verifier(issuers: &[String]) -> Result<Arc<dyn ClientCertVerifier>, String> {
+pub(super) fn client_verifier(
+    issuers: &[String],
+) -> Result<Arc<dyn ClientCertVerifier>, crate::x509::CertError> {
+    use crate::x509::CertError;
     let mut roots = rustls::RootCertStore::empty();
     for pem in issuers {
-        let der = pem_to_der(pem).map_err(|e| e.to_string())?;
-        roots
-            .add(der)
-            .map_err(|e| format!("an authority's certificate cannot verify clients: {e}"))?;
+        roots.add(pem_to_der(pem)?).map_err(|e| {
+            CertError::Refused(format!(
+                "an authority's certificate cannot verify clients: {e}"
+            ))
+        })?;
     }
     WebPkiClientVerifier::builder_with_provider(
         Arc::new(roots),
@@ -158,7 +161,7 @@ pub(super) fn client_verifier(issuers: &[String]) -> Result<Arc<dyn ClientCertVe
     .allow_unauthenticated()
     .build()
     .map(|v| v as Arc<dyn ClientCertVerifier>)
-    .map_err(|e| format!("client certificate verifier: {e}"))
+    .map_err(|e| CertError::Refused(format!("client certificate verifier: {e}")))
 }
 
 /// Asks for a client certificate but does not require one (proxies authenticate with tokens;
