@@ -11,7 +11,7 @@ use tracing::{error, info, warn};
 
 use crate::authority::{Authority, AuthorityError, KeyStore};
 use crate::bundle;
-use crate::server::Active;
+use crate::issuance::Active;
 use crate::server::http::Readiness;
 use crate::store::{AuthorityChanges, AuthorityState, AuthorityVersion, Store, StoreError};
 

@@ -6,7 +6,7 @@ use tokio::sync::watch;
 use tracing::{error, info};
 
 use crate::audit::AuditLog;
-use crate::server::Active;
+use crate::issuance::Active;
 use crate::server::tls::{self, renew_in};
 
 /// Renews the server's certificate at half its life (retrying every 30 s on failure), and
