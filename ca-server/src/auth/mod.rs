@@ -376,6 +376,21 @@ impl Authenticator {
         };
         let claims = check_signature(token, key, header.kid.as_deref(), &alg).await?;
         let account = claims.check(&issuer.policy, now)?;
+        let expires_at = account.expires_at;
+        let identity = self.identity_of(account, IssuerId::Jwt(issuer.policy.issuer.clone()))?;
+        Ok(Verified {
+            identity,
+            expires_at,
+            by: Some(by),
+        })
+    }
+
+    /// The identity of a service account a token proved, vouched for by `issuer`.
+    fn identity_of(
+        &self,
+        account: ServiceAccount,
+        issuer: IssuerId,
+    ) -> Result<Identity, AuthError> {
         let spiffe_id =
             SpiffeId::for_service_account(&self.trust_domain, &account.namespace, &account.name)
                 .map_err(|_| {
@@ -384,18 +399,14 @@ impl Authenticator {
                         account.namespace, account.name
                     )))
                 })?;
-        Ok(Verified {
-            identity: Identity {
-                spiffe_id,
-                namespace: account.namespace,
-                service_account: account.name,
-                pod_name: account.pod_name,
-                pod_uid: account.pod_uid,
-                node: account.node_name,
-                issuer: IssuerId::Jwt(issuer.policy.issuer.clone()),
-            },
-            expires_at: account.expires_at,
-            by: Some(by),
+        Ok(Identity {
+            spiffe_id,
+            namespace: account.namespace,
+            service_account: account.name,
+            pod_name: account.pod_name,
+            pod_uid: account.pod_uid,
+            node: account.node_name,
+            issuer,
         })
     }
 
