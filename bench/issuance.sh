@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The issuance benchmark: ca-server against cfssl (without and with its SQLite certdb), driven
 # by the same client (h2load, one connection, 16 requests in flight), one after the other on
-# this machine, plus the crypto limit measured in-process and a 5,000-request burst.
+# this machine, plus the crypto limit measured in-process and a 5,000-request burst. Each server's
+# CPU (user + system, from /proc/PID/stat) over the timed part is divided by its answers.
 #
 #   bench/issuance.sh            # DURATION=8 WARMUP=2 INFLIGHT=16 by default
 #
@@ -37,14 +38,27 @@ wait_ready() { # URL
 }
 peak_rss_mib() { awk '/VmHWM/ {printf "%.1f", $2/1024}' "/proc/$1/status"; }
 
-# h2load NAME URL BODY [HEADER...]: runs the load, leaves NAME.txt and NAME.log in $work.
+# The CPU seconds (user + system, all threads) process PID has used so far.
+cpu_seconds() {
+    awk -v tck="$(getconf CLK_TCK)" '{ printf "%.3f", ($14 + $15) / tck }' "/proc/$1/stat"
+}
+# h2load NAME PID URL BODY [HEADER...]: runs the load against server PID, leaves NAME.txt and
+# NAME.log in $work, and in NAME.cpu the server's CPU seconds over the timed part (after the
+# warm-up).
 run_h2load() {
-    local name=$1 url=$2 body=$3; shift 3
+    local name=$1 pid=$2 url=$3 body=$4; shift 4
     local headers=()
     for h in "$@"; do headers+=(-H "$h"); done
     h2load -c 1 -m "$INFLIGHT" -D "$DURATION" --warm-up-time "$WARMUP" -d "$body" \
-        "${headers[@]}" --log-file "$work/$name.log" "$url" > "$work/$name.txt"
+        "${headers[@]}" --log-file "$work/$name.log" "$url" > "$work/$name.txt" &
+    local load=$!
+    sleep "$WARMUP"
+    local before; before=$(cpu_seconds "$pid")
+    wait "$load"
+    echo "$before $(cpu_seconds "$pid")" | awk '{ printf "%.3f", $2 - $1 }' > "$work/$name.cpu"
 }
+# cpu_us NAME OK -> the server's CPU per answer in the timed part, microseconds.
+cpu_us() { awk -v ok="$2" '{ printf "%.0f", (ok > 0) ? ($1 * 1e6 / ok) : 0 }' "$work/$1.cpu"; }
 # stats NAME -> "rate p50_ms p99_ms max_ms ok"
 stats() {
     python3 - "$work/$1.txt" "$work/$1.log" <<'PY'
@@ -67,10 +81,11 @@ ca_pid=$!; pids+=("$ca_pid")
 wait_ready http://127.0.0.1:25014/readyz
 $CA token issue --data-dir "$work/ca" --namespace bench --service-account client --ttl 1h > "$work/token"
 $LOAD body --out "$work/grpc.body"
-run_h2load ca https://127.0.0.1:25012/istio.v1.auth.IstioCertificateService/CreateCertificate \
+run_h2load ca "$ca_pid" https://127.0.0.1:25012/istio.v1.auth.IstioCertificateService/CreateCertificate \
     "$work/grpc.body" "content-type: application/grpc" "te: trailers" \
     "authorization: Bearer $(cat "$work/token")"
 read -r ca_rate ca_p50 ca_p99 ca_max ca_ok <<< "$(stats ca)"
+ca_cpu=$(cpu_us ca "$ca_ok")
 ca_rss=$(peak_rss_mib "$ca_pid")
 issued=$($CA audit list --data-dir "$work/ca" --kind issued --spiffe-id spiffe://cluster.local/ns/bench/sa/client --limit 100000000 --format csv | tail -n +2 | wc -l)
 denied=$($CA audit list --data-dir "$work/ca" --kind denied --limit 100000000 --format csv | tail -n +2 | wc -l)
@@ -131,14 +146,16 @@ run_cfssl() { # NAME PORT [extra cfssl flags]
         2> "$name.server.log" &
     local pid=$!; pids+=("$pid")
     for _ in $(seq 1 200); do curl -sk -o /dev/null "https://127.0.0.1:$port/api/v1/cfssl/scaninfo" && break; sleep 0.05; done
-    run_h2load "$name" "https://127.0.0.1:$port/api/v1/cfssl/authsign" cfssl.body "content-type: application/json"
+    run_h2load "$name" "$pid" "https://127.0.0.1:$port/api/v1/cfssl/authsign" cfssl.body "content-type: application/json"
     eval "${name}_rss=$(peak_rss_mib "$pid")"
     kill "$pid"
 }
 run_cfssl cfssl 28888
 read -r cf_rate cf_p50 cf_p99 cf_max cf_ok <<< "$(stats cfssl)"
+cf_cpu=$(cpu_us cfssl "$cf_ok")
 run_cfssl cfssldb 28889 -db-config cfssl-db.json
 read -r cfdb_rate cfdb_p50 cfdb_p99 cfdb_max cfdb_ok <<< "$(stats cfssldb)"
+cfdb_cpu=$(cpu_us cfssldb "$cfdb_ok")
 cfdb_rows=$(python3 -c "import sqlite3; print(sqlite3.connect('certdb.sqlite').execute('select count(*) from certificates').fetchone()[0])")
 cd - >/dev/null
 
@@ -148,14 +165,15 @@ limit=$(( limit_crypto_per_core_csr_sign_token * limit_cores ))
 
 python3 - <<PY
 rows = [
-    ("ca-server (TLS, token, durable hash-chained audit)", $ca_rate, $ca_p50, $ca_p99, $ca_max, "$ca_rss"),
-    ("cfssl serve (TLS, HMAC auth key, no record)", $cf_rate, $cf_p50, $cf_p99, $cf_max, "$cfssl_rss"),
-    ("cfssl serve + SQLite certdb", $cfdb_rate, $cfdb_p50, $cfdb_p99, $cfdb_max, "$cfssldb_rss"),
+    ("ca-server (TLS, token, durable hash-chained audit)", $ca_rate, $ca_p50, $ca_p99, $ca_max, $ca_cpu, "$ca_rss"),
+    ("cfssl serve (TLS, HMAC auth key, no record)", $cf_rate, $cf_p50, $cf_p99, $cf_max, $cf_cpu, "$cfssl_rss"),
+    ("cfssl serve + SQLite certdb", $cfdb_rate, $cfdb_p50, $cfdb_p99, $cfdb_max, $cfdb_cpu, "$cfssldb_rss"),
 ]
-print(f"\n{'server':<52} {'issuances/s':>12} {'p50 ms':>8} {'p99 ms':>8} {'max ms':>8} {'peak RSS MiB':>13}")
-for name, rate, p50, p99, mx, rss in rows:
-    print(f"{name:<52} {rate:>12,.0f} {p50:>8.2f} {p99:>8.2f} {mx:>8.1f} {rss:>13}")
+print(f"\n{'server':<52} {'issuances/s':>12} {'p50 ms':>8} {'p99 ms':>8} {'max ms':>8} {'CPU/issuance µs':>16} {'peak RSS MiB':>13}")
+for name, rate, p50, p99, mx, cpu, rss in rows:
+    print(f"{name:<52} {rate:>12,.0f} {p50:>8.2f} {p99:>8.2f} {mx:>8.1f} {cpu:>16,} {rss:>13}")
 print()
+print(f"ca-server CPU per issuance / cfssl's: {$ca_cpu / max($cf_cpu, 1):.2f}x  (goal <= 0.5x)")
 print(f"ca-server / cfssl:              {$ca_rate / max($cf_rate, 1):.2f}x  (goal >= 2.5x)")
 print(f"ca-server / cfssl with certdb:  {$ca_rate / max($cfdb_rate, 1):.1f}x  (goal >= 15x)")
 print(f"crypto limit ({$limit_cores} cores x {$limit_crypto_per_core_csr_sign_token:,} CSR verify + sign + token verify per core): {$limit:,}/s;"
