@@ -105,11 +105,12 @@ ca_headers=("content-type: application/grpc" "te: trailers" "authorization: Bear
 run_h2load ca "$ca_pid" 16 1 "$ca_url" "$work/grpc.body" "${ca_headers[@]}"
 read -r ca_rate ca_p50 ca_p99 ca_max ca_ok <<< "$(stats ca)"
 ca_cpu=$(cpu_us ca "$ca_ok")
+ca_rss=$(peak_rss_mib "$ca_pid")
 run_h2load ca1 "$ca_pid" 1 "$INFLIGHT" "$ca_url" "$work/grpc.body" "${ca_headers[@]}"
 read -r ca1_rate ca1_p50 ca1_p99 ca1_max ca1_ok <<< "$(stats ca1)"
 ca1_cpu=$(cpu_us ca1 "$ca1_ok")
 read -r ca_storm_ok ca_storm_s <<< "$(storm ca "$ca_url" "$work/grpc.body" "${ca_headers[@]}")"
-ca_rss=$(peak_rss_mib "$ca_pid")
+ca_storm_rss=$(peak_rss_mib "$ca_pid")
 issued=$($CA audit list --data-dir "$work/ca" --kind issued --spiffe-id spiffe://cluster.local/ns/bench/sa/client --limit 100000000 --format csv | tail -n +2 | wc -l)
 denied=$($CA audit list --data-dir "$work/ca" --kind denied --limit 100000000 --format csv | tail -n +2 | wc -l)
 verify=$($CA audit verify --data-dir "$work/ca")
@@ -171,9 +172,10 @@ run_cfssl() { # NAME PORT [extra cfssl flags]
     for _ in $(seq 1 200); do curl -sk -o /dev/null "https://127.0.0.1:$port/api/v1/cfssl/scaninfo" && break; sleep 0.05; done
     local url="https://127.0.0.1:$port/api/v1/cfssl/authsign"
     run_h2load "$name" "$pid" 16 1 "$url" cfssl.body "content-type: application/json"
+    eval "${name}_rss=$(peak_rss_mib "$pid")"
     run_h2load "${name}1" "$pid" 1 "$INFLIGHT" "$url" cfssl.body "content-type: application/json"
     storm "$name" "$url" cfssl.body "content-type: application/json" > "$name.storm"
-    eval "${name}_rss=$(peak_rss_mib "$pid")"
+    eval "${name}_storm_rss=$(peak_rss_mib "$pid")"
     kill "$pid"
 }
 run_cfssl cfssl 28888
@@ -205,8 +207,9 @@ for name, rate, p50, p99, mx, cpu, rss in rows:
     print(f"{name:<52} {rate:>12,.0f} {p50:>8.2f} {p99:>8.2f} {mx:>8.1f} {cpu:>16,} {rss:>13}")
 print(f"\n1 connection, $INFLIGHT in flight: ca-server {$ca1_rate:,.0f}/s (p99 {$ca1_p99:.2f} ms, {$ca1_cpu:,} µs CPU each),"
       f" cfssl {$cf1_rate:,.0f}/s, cfssl + certdb {$cfdb1_rate:,.0f}/s")
-print(f"storm of $STORM new TLS clients, one request each: ca-server {$ca_storm_ok:,} ok in {$ca_storm_s} s,"
-      f" cfssl {$cf_storm_ok:,} ok in {$cf_storm_s} s, cfssl + certdb {$cfdb_storm_ok:,} ok in {$cfdb_storm_s} s")
+print(f"storm of $STORM new TLS clients, one request each: ca-server {$ca_storm_ok:,} ok in {$ca_storm_s} s"
+      f" (peak RSS $ca_storm_rss MiB), cfssl {$cf_storm_ok:,} ok in {$cf_storm_s} s ($cfssl_storm_rss MiB),"
+      f" cfssl + certdb {$cfdb_storm_ok:,} ok in {$cfdb_storm_s} s ($cfssldb_storm_rss MiB)")
 print()
 print(f"ca-server CPU per issuance / cfssl's: {$ca_cpu / max($cf_cpu, 1):.2f}x  (goal <= 0.5x)")
 print(f"ca-server / cfssl:              {$ca_rate / max($cf_rate, 1):.2f}x  (goal >= 1.5x)")
