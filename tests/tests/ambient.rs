@@ -442,6 +442,35 @@ async fn without_a_node_in_its_token_the_callers_node_comes_from_its_pod() {
         Code::Unavailable,
         &["list pods", "ClusterRole"],
     );
+    // A success whose body is not a pod list (a broken or hostile API) is no answer, and
+    // never a grant.
+    api.set_handler(std::sync::Arc::new(|_| {
+        (
+            200,
+            serde_json::json!({"kind": "Status", "items": "not a list"}),
+        )
+    }));
+    refused(
+        ztunnel
+            .fetch(&ask(&ztunnel_token(&issuer, Some("node-e")), &web))
+            .await,
+        Code::Unavailable,
+        &["Kubernetes API", "not the object expected"],
+    );
+    // An answer past the body cap (4 MiB) is cut off, not read into memory whole.
+    api.set_handler(std::sync::Arc::new(|_| {
+        (
+            200,
+            serde_json::json!({"items": [], "padding": "x".repeat(5 << 20)}),
+        )
+    }));
+    refused(
+        ztunnel
+            .fetch(&ask(&ztunnel_token(&issuer, Some("node-f")), &web))
+            .await,
+        Code::Unavailable,
+        &["Kubernetes API", "length limit exceeded"],
+    );
 }
 
 #[tokio::test]
