@@ -4,7 +4,7 @@
 //! the rules themselves live here, pure, with their tests.
 
 use crate::audit::EventRow;
-use crate::store::{AuthorityState, Leaves, Standing, Store, StoreError, TransitionError};
+use crate::store::{AuthorityState, Leaves, Standing, Store, TransitionError};
 
 /// Why a transition was refused. Each message says what to do instead.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -97,24 +97,7 @@ pub fn may_retire(
 }
 
 /// Why a transition did not happen: the rules refused, or the store failed.
-#[derive(Debug, thiserror::Error)]
-pub enum TransitionFailed {
-    /// The rules refused.
-    #[error(transparent)]
-    Refused(#[from] LifecycleError),
-    /// The store failed.
-    #[error(transparent)]
-    Store(#[from] StoreError),
-}
-
-impl From<TransitionError<LifecycleError>> for TransitionFailed {
-    fn from(e: TransitionError<LifecycleError>) -> Self {
-        match e {
-            TransitionError::Refused(e) => Self::Refused(e),
-            TransitionError::Store(e) => Self::Store(e),
-        }
-    }
-}
+pub type TransitionFailed = TransitionError<LifecycleError>;
 
 /// Activates authority `id` if the rules allow it; returns the one that was active before.
 pub async fn activate(
@@ -123,9 +106,9 @@ pub async fn activate(
     event: EventRow,
 ) -> Result<Option<i64>, TransitionFailed> {
     let now = time::OffsetDateTime::now_utc().unix_timestamp();
-    Ok(store
+    store
         .activate_authority(id, event, now, |s| may_activate(id, s, now))
-        .await?)
+        .await
 }
 
 /// Retires authority `id` if the rules allow it.
@@ -136,9 +119,9 @@ pub async fn retire(
     event: EventRow,
 ) -> Result<(), TransitionFailed> {
     let now = time::OffsetDateTime::now_utc().unix_timestamp();
-    Ok(store
+    store
         .retire_authority(id, event, now, |s, leaves| may_retire(id, s, leaves, force))
-        .await?)
+        .await
 }
 
 #[cfg(test)]
