@@ -1,15 +1,18 @@
-//! The audit writer: one task commits events in groups (many events, one transaction), and
-//! answers each caller only after its event is durable.
+//! The audit writer: one thread commits events in groups (many events, one transaction), and
+//! answers each caller only after its event is durable. It is a thread of its own, not a
+//! task, so that a request's event goes from its task to the connection with one hand-off,
+//! and back with one wake.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::time::Duration;
+use std::sync::mpsc::{Receiver, RecvTimeoutError, SyncSender, TrySendError, sync_channel};
+use std::time::{Duration, Instant};
 
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::oneshot;
 use tracing::{debug, error, warn};
 
 use crate::audit::EventRow;
-use crate::store::{AuditWriter, Store};
+use crate::store::{AuditWriter, Store, StoreError};
 
 /// Largest group committed in one transaction.
 const MAX_GROUP: usize = 512;
@@ -59,7 +62,7 @@ struct Pending {
 /// A handle for recording events; cheap to clone.
 #[derive(Clone, Debug)]
 pub struct AuditLog {
-    queue: mpsc::Sender<Pending>,
+    queue: SyncSender<Pending>,
     coming: Arc<AtomicUsize>,
     health: Arc<Health>,
 }
@@ -98,22 +101,27 @@ impl Drop for Expected {
 }
 
 impl AuditLog {
-    /// Starts the writer task on `store`, with a queue of `capacity` events.
-    pub fn start(store: Store, capacity: usize) -> Self {
-        let (queue, rx) = mpsc::channel(capacity);
+    /// Starts the writer thread on `store`, with a queue of `capacity` events. Must be called
+    /// on the runtime, which runs the PostgreSQL commits.
+    pub fn start(store: Store, capacity: usize) -> std::io::Result<Self> {
+        let (queue, rx) = sync_channel(capacity);
         let coming = Arc::new(AtomicUsize::new(0));
         let health = Arc::new(Health::default());
-        tokio::spawn(write_loop(
+        let writer = Writer {
             store,
-            rx,
-            Arc::clone(&coming),
-            Arc::clone(&health),
-        ));
-        Self {
+            runtime: tokio::runtime::Handle::current(),
+            connection: None,
+            coming: Arc::clone(&coming),
+            health: Arc::clone(&health),
+        };
+        std::thread::Builder::new()
+            .name("audit-writer".into())
+            .spawn(move || writer.run(rx))?;
+        Ok(Self {
             queue,
             coming,
             health,
-        }
+        })
     }
 
     /// Why the audit log cannot be written, if the last commit or probe failed (`/readyz`).
@@ -137,66 +145,109 @@ impl AuditLog {
                 reply,
             })
             .map_err(|e| match e {
-                mpsc::error::TrySendError::Full(_) => AuditError::Overloaded,
-                mpsc::error::TrySendError::Closed(_) => {
-                    AuditError::Unavailable("the audit writer has stopped".into())
-                }
+                TrySendError::Full(_) => AuditError::Overloaded,
+                TrySendError::Disconnected(_) => stopped(),
             })?;
-        done.await
-            .map_err(|_| AuditError::Unavailable("the audit writer has stopped".into()))?
+        done.await.map_err(|_| stopped())?
     }
 
     /// Waits until every event queued so far is committed, then stops the writer and closes
     /// its connection; later events are refused. For shutdown.
     pub async fn close(&self) {
         let (reply, done) = oneshot::channel();
-        if self
-            .queue
-            .send(Pending { event: None, reply })
-            .await
-            .is_ok()
-        {
-            let _ = done.await;
+        let mut stop = Pending { event: None, reply };
+        loop {
+            match self.queue.try_send(stop) {
+                Ok(()) => break,
+                Err(TrySendError::Full(again)) => {
+                    stop = again;
+                    tokio::time::sleep(Duration::from_millis(1)).await;
+                }
+                Err(TrySendError::Disconnected(_)) => return,
+            }
+        }
+        let _ = done.await;
+    }
+}
+
+fn stopped() -> AuditError {
+    AuditError::Unavailable("the audit writer has stopped".into())
+}
+
+/// The writer thread's state.
+struct Writer {
+    store: Store,
+    runtime: tokio::runtime::Handle,
+    /// Opened on first use, and again after a failure.
+    connection: Option<AuditWriter>,
+    coming: Arc<AtomicUsize>,
+    health: Arc<Health>,
+}
+
+/// Moves whatever is queued already into `group`, up to [`MAX_GROUP`].
+fn take_queued(rx: &Receiver<Pending>, group: &mut Vec<Pending>) {
+    while group.len() < MAX_GROUP {
+        match rx.try_recv() {
+            Ok(p) => group.push(p),
+            Err(_) => return,
         }
     }
 }
 
-async fn write_loop(
-    store: Store,
-    mut rx: mpsc::Receiver<Pending>,
-    coming: Arc<AtomicUsize>,
-    health: Arc<Health>,
-) {
-    let mut group = Vec::with_capacity(MAX_GROUP);
-    let mut writer = None;
-    loop {
-        let pause = if health.get().is_some() {
-            PROBE_FAILING
-        } else {
-            PROBE_IDLE
-        };
-        let received = tokio::select! {
-            n = rx.recv_many(&mut group, MAX_GROUP) => n,
-            _ = tokio::time::sleep(pause) => {
-                // Nothing to write for a while: check the store still takes writes, so that
-                // `/readyz` tells the truth without traffic, and notices a recovery.
-                health.set(probe(&store, &mut writer).await.err().map(|e| e.to_string()));
-                continue;
+impl Writer {
+    fn run(mut self, rx: Receiver<Pending>) {
+        let mut group = Vec::with_capacity(MAX_GROUP);
+        loop {
+            let pause = if self.health.get().is_some() {
+                PROBE_FAILING
+            } else {
+                PROBE_IDLE
+            };
+            match rx.recv_timeout(pause) {
+                Ok(first) => group.push(first),
+                Err(RecvTimeoutError::Timeout) => {
+                    // Nothing to write for a while: check the store still takes writes, so
+                    // that `/readyz` tells the truth without traffic, and notices a recovery.
+                    let probed = self.with_connection(AuditWriter::probe);
+                    self.health.set(probed.err().map(|e| e.to_string()));
+                    continue;
+                }
+                // Every handle is gone: nothing more can come.
+                Err(RecvTimeoutError::Disconnected) => return,
             }
-        };
-        if received == 0 {
-            return;
-        }
-        // Events announced but not queued yet are a crypto operation away: gather them (for
-        // GATHER at most) so that one commit, one fsync, carries them all.
-        let deadline = tokio::time::Instant::now() + GATHER;
-        while group.len() < MAX_GROUP && coming.load(Ordering::Acquire) > 0 {
-            let room = MAX_GROUP - group.len();
-            match tokio::time::timeout_at(deadline, rx.recv_many(&mut group, room)).await {
-                Ok(n) if n > 0 => {}
-                _ => break,
+            take_queued(&rx, &mut group);
+            // Events announced but not queued yet are a crypto operation away: gather them
+            // (for GATHER at most) so that one commit, one fsync, carries them all.
+            let deadline = Instant::now() + GATHER;
+            while group.len() < MAX_GROUP && self.coming.load(Ordering::Acquire) > 0 {
+                let Some(left) = deadline.checked_duration_since(Instant::now()) else {
+                    break;
+                };
+                match rx.recv_timeout(left) {
+                    Ok(p) => {
+                        group.push(p);
+                        take_queued(&rx, &mut group);
+                    }
+                    Err(_) => break,
+                }
+            }
+            if self.commit(&mut group) {
+                // Anything that slipped in after the close request is refused, not lost
+                // silently.
+                while let Ok(late) = rx.try_recv() {
+                    let _ = late.reply.send(Err(AuditError::Unavailable(
+                        "the server is shutting down".into(),
+                    )));
+                }
+                debug!("Audit writer stopped");
+                return;
             }
         }
+    }
+
+    /// Commits the events of `group` and answers everyone in it; true if it held a request
+    /// to stop (answered once the connection is closed).
+    fn commit(&mut self, group: &mut Vec<Pending>) -> bool {
         let mut events = Vec::with_capacity(group.len());
         let mut replies = Vec::with_capacity(group.len());
         let mut closing = Vec::new();
@@ -209,96 +260,71 @@ async fn write_loop(
                 None => closing.push(p.reply),
             }
         }
-        let result = if events.is_empty() {
-            Ok(())
-        } else {
-            let started = std::time::Instant::now();
-            let result = commit_with_retry(&store, &mut writer, &mut events).await;
+        if !events.is_empty() {
+            let started = Instant::now();
+            let result = self.commit_with_retry(&mut events);
             let m = crate::metrics::metrics();
             m.audit_commit_seconds
                 .observe(started.elapsed().as_secs_f64());
             m.audit_batch_events.observe(events.len() as f64);
-            health.set(match &result {
+            self.health.set(match &result {
                 Err(AuditError::Unavailable(e)) => Some(e.clone()),
                 _ => None,
             });
-            result
-        };
-        for (event, reply) in events.iter().zip(replies) {
-            // A caller that gave up (its request was cancelled) no longer listens: fine.
-            let _ = reply.send(result.clone().map(|()| event.seq));
+            for (event, reply) in events.iter().zip(replies) {
+                // A caller that gave up (its request was cancelled) no longer listens: fine.
+                let _ = reply.send(result.clone().map(|()| event.seq));
+            }
         }
-        if !closing.is_empty() {
-            rx.close();
-            // Anything that slipped in after the close request is refused, not lost silently.
-            while let Ok(late) = rx.try_recv() {
-                let _ = late.reply.send(Err(AuditError::Unavailable(
-                    "the server is shutting down".into(),
-                )));
-            }
-            if let Some(w) = writer.take() {
-                w.close().await;
-            }
-            debug!("Audit writer stopped");
-            for reply in closing {
-                let _ = reply.send(Ok(0));
-            }
-            return;
+        if closing.is_empty() {
+            return false;
         }
+        self.connection = None;
+        for reply in closing {
+            let _ = reply.send(Ok(0));
+        }
+        true
     }
-}
 
-/// A write that changes nothing, committed (and synced) like an append.
-async fn probe(
-    store: &Store,
-    writer: &mut Option<AuditWriter>,
-) -> Result<(), crate::store::StoreError> {
-    let result = match writer {
-        Some(w) => w.probe().await,
-        None => match store.audit_writer().await {
-            Ok(w) => writer.insert(w).probe().await,
-            Err(e) => Err(e),
-        },
-    };
-    if result.is_err() {
-        *writer = None;
-    }
-    result
-}
-
-/// Commits a group. A failure is retried twice: at once (the head the writer remembered may be
-/// stale because another writer, such as the CLI, appended), then after a pause (a busy or
-/// failing store); after that the whole group fails, and the next group starts on a new
-/// connection.
-async fn commit_with_retry(
-    store: &Store,
-    writer: &mut Option<AuditWriter>,
-    events: &mut [EventRow],
-) -> Result<(), AuditError> {
-    let mut attempt = 0;
-    loop {
-        let result = match writer {
-            Some(w) => w.append(events).await,
-            None => match store.audit_writer().await {
-                Ok(w) => writer.insert(w).append(events).await,
+    /// Runs `f` on the connection, opening it first if needed; a failure drops it, so the
+    /// next write starts on a new one.
+    fn with_connection<T>(
+        &mut self,
+        f: impl FnOnce(&mut AuditWriter) -> Result<T, StoreError>,
+    ) -> Result<T, StoreError> {
+        let result = match &mut self.connection {
+            Some(c) => f(c),
+            None => match self.store.audit_writer(&self.runtime) {
+                Ok(c) => f(self.connection.insert(c)),
                 Err(e) => Err(e),
             },
         };
-        match result {
-            Ok(()) => return Ok(()),
-            Err(e) if attempt == 0 => {
-                attempt += 1;
-                debug!(error = %e, "Audit commit failed; retrying with the head read afresh");
-            }
-            Err(e) if attempt < 2 => {
-                attempt += 1;
-                warn!(error = %e, attempt, "Audit commit failed; retrying");
-                tokio::time::sleep(Duration::from_millis(50)).await;
-            }
-            Err(e) => {
-                error!(error = %e, events = events.len(), "Audit commit failed; refusing the requests");
-                *writer = None;
-                return Err(AuditError::Unavailable(e.to_string()));
+        if result.is_err() {
+            self.connection = None;
+        }
+        result
+    }
+
+    /// Commits a group. A failure is retried twice: at once (on a new connection), then after
+    /// a pause (a busy or failing store); after that the whole group fails.
+    fn commit_with_retry(&mut self, events: &mut [EventRow]) -> Result<(), AuditError> {
+        let mut attempt = 0;
+        loop {
+            match self.with_connection(|c| c.append(events)) {
+                Ok(()) => return Ok(()),
+                Err(e) if attempt == 0 => {
+                    attempt += 1;
+                    debug!(error = %e, "Audit commit failed; retrying");
+                }
+                Err(e) if attempt < 2 => {
+                    attempt += 1;
+                    warn!(error = %e, attempt, "Audit commit failed; retrying");
+                    std::thread::sleep(Duration::from_millis(50));
+                }
+                Err(e) => {
+                    error!(error = %e, events = events.len(), "Audit commit failed; refusing the requests");
+                    return Err(AuditError::Unavailable(e.to_string()));
+                }
             }
         }
     }

@@ -95,7 +95,7 @@ pub(super) struct Opened {
 /// head and checks expiry, so that all of it is done, and logged, before anything serves.
 pub(super) async fn open(settings: &Settings) -> Result<Opened, StartError> {
     let store = Store::open(&settings.database_url).await?;
-    let audit = AuditLog::start(store.clone(), AUDIT_QUEUE);
+    let audit = AuditLog::start(store.clone(), AUDIT_QUEUE).map_err(StartError::Threads)?;
     let readiness = Arc::new(Readiness::default());
     let authority = Arc::new(active_authority(&store, settings).await?);
     readiness.authority.store(true, Ordering::Release);

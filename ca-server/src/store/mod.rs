@@ -6,12 +6,10 @@ mod audit;
 mod authorities;
 
 use std::borrow::Cow;
-use std::str::FromStr;
 use std::time::Duration;
 
 use sqlx::any::{AnyPoolOptions, AnyRow};
 use sqlx::migrate::{Migration, MigrationType, Migrator};
-use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqliteSynchronous};
 use sqlx::{Any, AnyPool, Executor, SqlSafeStr, Transaction};
 
 pub use audit::{AuditQuery, AuditWriter, Checkpoint, Head, Pruned};
@@ -29,6 +27,9 @@ pub enum StoreError {
     /// The database could not be opened or queried.
     #[error("database error: {0}")]
     Sqlx(#[from] sqlx::Error),
+    /// The audit writer's own SQLite connection failed.
+    #[error("database error: {0}")]
+    Sqlite(#[from] rusqlite::Error),
     /// The schema could not be brought up to date.
     #[error("database migration failed: {0}")]
     Migrate(#[from] sqlx::migrate::MigrateError),
@@ -165,24 +166,14 @@ fn migrator(dialect: Dialect) -> Migrator {
     )
 }
 
-/// The SQLite settings every connection gets: WAL, and FULL sync, so that a committed audit
-/// event survives a power cut, not only a crash.
-fn sqlite_options(url: &str) -> Result<SqliteConnectOptions, StoreError> {
-    Ok(SqliteConnectOptions::from_str(url)?
-        .journal_mode(SqliteJournalMode::Wal)
-        .synchronous(SqliteSynchronous::Full)
-        .busy_timeout(Duration::from_secs(5))
-        .foreign_keys(true))
-}
-
 /// `url` with SQLite's open mode set (`rwc` creates the file, `ro` only reads).
 fn with_sqlite_mode(url: &str, mode: &str) -> String {
     let sep = if url.contains('?') { '&' } else { '?' };
     format!("{url}{sep}mode={mode}")
 }
 
-/// [`sqlite_options`] as pragmas, for connections opened through the `Any` driver (which
-/// takes only a URL).
+/// The SQLite settings of every connection, as pragmas (the `Any` driver takes only a URL):
+/// WAL, and FULL sync, so that a committed audit event survives a power cut, not only a crash.
 const SQLITE_PRAGMAS: &str = "PRAGMA journal_mode = WAL; PRAGMA synchronous = FULL; \
      PRAGMA busy_timeout = 5000; PRAGMA foreign_keys = ON;";
 const SQLITE_READ_ONLY_PRAGMAS: &str = "PRAGMA busy_timeout = 5000;";
@@ -292,22 +283,6 @@ impl Store {
                     .await?
             }
         })
-    }
-
-    /// A SQLite connection outside the pool, with a larger page cache, for a task that
-    /// keeps it.
-    pub(crate) async fn connect_sqlite_dedicated(
-        &self,
-    ) -> Result<sqlx::SqliteConnection, StoreError> {
-        use sqlx::ConnectOptions;
-        // 4 MiB: the pages an append touches (the tail of the table and of each index, and
-        // the interior pages above them) stay in memory.
-        let options = sqlite_options(&self.url)?
-            .pragma("cache_size", "-4096")
-            // A writer holding the lock for long is a fault to report, not to wait out: the
-            // requests behind it are waiting for their answers.
-            .busy_timeout(Duration::from_millis(500));
-        Ok(options.connect().await?)
     }
 
     /// The announcements of authority changes made by any replica or the CLI. On

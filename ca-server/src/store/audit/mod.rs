@@ -4,10 +4,12 @@ use sqlx::AssertSqlSafe;
 use sqlx::any::AnyRow;
 
 mod append;
+mod writer;
 
+pub use append::Head;
 pub(in crate::store) use append::append_in_tx;
 use append::insert_row;
-pub use append::{AuditWriter, Head};
+pub use writer::AuditWriter;
 
 use super::{Bind, Dialect, DynamicSql, Store, StoreError, column};
 use crate::audit::event::{EventKind, EventRow, FIELDS, FieldReader, UnknownKind};
