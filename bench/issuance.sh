@@ -129,6 +129,49 @@ pids+=("$!")
 wait_ready http://127.0.0.1:25014/readyz
 ready_ms=$(( ($(date +%s%N) - start_ns) / 1000000 ))
 
+# --- ca-server on PostgreSQL (one replica, the local server) -----------------------------------
+# The same runs against a fresh database on the local PostgreSQL (started, and installed if
+# missing, by .ci/postgres-start); the server's CPU is ca-server's alone, and the PostgreSQL
+# backends' CPU over the same run is reported beside it.
+pg_rate=nan pg_p50=nan pg_p99=nan pg_max=nan pg_ok=0 pg_cpu=0 pg_db_cpu=0 pg_rss=nan
+pg1_rate=nan pg_storm_ok=0 pg_storm_s=nan pg_issued=0 pg_answers=0
+if [ -z "${NO_POSTGRES:-}" ]; then
+    command -v pg_lsclusters >/dev/null || { apt-get update -qq && apt-get install -y -qq postgresql >/dev/null; }
+    bash .ci/postgres-start >/dev/null
+    pg_db="bench_$$"
+    su postgres -c "psql -qc 'CREATE DATABASE $pg_db'"
+    pg_url="postgres://postgres:postgres@127.0.0.1:5432/$pg_db"
+    pg_backends_cpu() { # the CPU seconds of every postgres process so far
+        local tck; tck=$(getconf CLK_TCK)
+        for p in $(pgrep -x postgres); do cat "/proc/$p/stat" 2>/dev/null; done |
+            awk -v tck="$tck" '{ s += $14 + $15 } END { printf "%.3f", s / tck }'
+    }
+    kill -TERM "${pids[-1]}"; wait "${pids[-1]}" 2>/dev/null || true
+    $CA run --dev --data-dir "$work/pg" --database-url "$pg_url" --grpc-listen 127.0.0.1:25022 \
+        --http-listen 127.0.0.1:25024 --identity-rate 0 --max-connections-per-ip 20000 2> "$work/ca-pg.log" &
+    pg_pid=$!; pids+=("$pg_pid")
+    wait_ready http://127.0.0.1:25024/readyz
+    $CA token issue --data-dir "$work/pg" --database-url "$pg_url" --namespace bench --service-account client --ttl 1h > "$work/pg-token"
+    pg_url_grpc=https://127.0.0.1:25022/istio.v1.auth.IstioCertificateService/CreateCertificate
+    pg_headers=("content-type: application/grpc" "te: trailers" "authorization: Bearer $(cat "$work/pg-token")")
+    db_before=$(pg_backends_cpu)
+    run_h2load pg "$pg_pid" 16 1 "$pg_url_grpc" "$work/grpc.body" "${pg_headers[@]}"
+    db_after=$(pg_backends_cpu)
+    read -r pg_rate pg_p50 pg_p99 pg_max pg_ok <<< "$(stats pg)"
+    pg_cpu=$(cpu_us pg "$pg_ok")
+    # The backends over the whole run (warm-up included), per answer of the whole run.
+    pg_db_cpu=$(awk -v a="$db_after" -v b="$db_before" -v n="$pg_ok" -v d="$DURATION" -v w="$WARMUP" \
+        'BEGIN { printf "%.0f", (n > 0) ? ((a - b) * 1e6 / (n * (d + w) / d)) : 0 }')
+    pg_rss=$(peak_rss_mib "$pg_pid")
+    run_h2load pg1 "$pg_pid" 1 "$INFLIGHT" "$pg_url_grpc" "$work/grpc.body" "${pg_headers[@]}"
+    read -r pg1_rate _ _ _ pg1_ok <<< "$(stats pg1)"
+    read -r pg_storm_ok pg_storm_s <<< "$(storm pg "$pg_url_grpc" "$work/grpc.body" "${pg_headers[@]}")"
+    pg_issued=$($CA audit list --data-dir "$work/pg" --database-url "$pg_url" --kind issued --limit 100000000 --format csv | tail -n +2 | wc -l)
+    pg_answers=$((pg_ok + pg1_ok + pg_storm_ok))
+    kill -TERM "$pg_pid"; wait "$pg_pid" 2>/dev/null || true
+    su postgres -c "psql -qc 'DROP DATABASE $pg_db'" || true
+fi
+
 # --- cfssl -----------------------------------------------------------------------------------
 cd "$work"
 openssl ecparam -name prime256v1 -genkey -noout -out cfssl-ca-key.pem 2>/dev/null
@@ -201,6 +244,8 @@ rows = [
     ("cfssl serve (TLS, HMAC auth key, no record)", $cf_rate, $cf_p50, $cf_p99, $cf_max, $cf_cpu, "$cfssl_rss"),
     ("cfssl serve + SQLite certdb", $cfdb_rate, $cfdb_p50, $cfdb_p99, $cfdb_max, $cfdb_cpu, "$cfssldb_rss"),
 ]
+rows.insert(1, ("ca-server on PostgreSQL (one replica, local server)", "$pg_rate", "$pg_p50", "$pg_p99", "$pg_max", $pg_cpu, "$pg_rss"))
+rows = [(n, float(r), float(a), float(b), float(c), cpu, rss) for n, r, a, b, c, cpu, rss in rows]
 print(f"\n16 connections, 1 request in flight each ($DURATION s after $WARMUP s):")
 print(f"{'server':<52} {'issuances/s':>12} {'p50 ms':>8} {'p99 ms':>8} {'max ms':>8} {'CPU/issuance µs':>16} {'peak RSS MiB':>13}")
 for name, rate, p50, p99, mx, cpu, rss in rows:
@@ -210,9 +255,16 @@ print(f"\n1 connection, $INFLIGHT in flight: ca-server {$ca1_rate:,.0f}/s (p99 {
 print(f"storm of $STORM new TLS clients, one request each: ca-server {$ca_storm_ok:,} ok in {$ca_storm_s} s"
       f" (peak RSS $ca_storm_rss MiB), cfssl {$cf_storm_ok:,} ok in {$cf_storm_s} s ($cfssl_storm_rss MiB),"
       f" cfssl + certdb {$cfdb_storm_ok:,} ok in {$cfdb_storm_s} s ($cfssldb_storm_rss MiB)")
+print(f"on PostgreSQL: 1 connection, $INFLIGHT in flight {float('$pg1_rate'):,.0f}/s; storm {$pg_storm_ok:,} ok in {'$pg_storm_s'} s;"
+      f" the PostgreSQL backends' own CPU {$pg_db_cpu:,} µs per issuance on top of ca-server's;"
+      f" {$pg_issued:,} issuance events for {$pg_answers:,} answers counted (plus the warm-ups')")
 print()
+floor = $limit_crypto_floor_us
+print(f"crypto floor (CSR signature check + leaf signature + its check, aws-lc-rs, one core): {floor:.0f} µs")
+print(f"ca-server CPU per issuance / crypto floor: {$ca_cpu / floor:.2f}x  (goal <= 1.5x); on PostgreSQL {$pg_cpu / floor:.2f}x")
 print(f"ca-server CPU per issuance / cfssl's: {$ca_cpu / max($cf_cpu, 1):.2f}x  (goal <= 0.5x)")
-print(f"ca-server / cfssl:              {$ca_rate / max($cf_rate, 1):.2f}x  (goal >= 1.5x)")
+print(f"ca-server / cfssl:              {$ca_rate / max($cf_rate, 1):.2f}x  (goal >= 1.5x); 1 connection x $INFLIGHT: {$ca1_rate / max($cf1_rate, 1):.2f}x")
+print(f"storm: ca-server {$ca_storm_s} s / cfssl {$cf_storm_s} s (goal: less)")
 print(f"ca-server / cfssl with certdb:  {$ca_rate / max($cfdb_rate, 1):.1f}x  (goal >= 15x)")
 print(f"crypto limit ({$limit_cores} cores x {$limit_crypto_per_core_csr_sign_token:,} CSR verify + sign + token verify per core): {$limit:,}/s;"
       f" ca-server reaches {$ca_rate / $limit:.0%} of it"
