@@ -105,19 +105,20 @@ fn bench(c: &mut Criterion) {
         b.iter(|| check_csr(black_box(&csr)).unwrap())
     });
     let checked = check_csr(&csr).unwrap();
+    let issue_at = |now| {
+        issue(
+            &authority,
+            &anchors,
+            &policy,
+            &identity,
+            checked.clone(),
+            time::Duration::hours(1),
+            now,
+        )
+        .unwrap()
+    };
     c.bench_function("issue (profile + P-256 sign + self-check)", |b| {
-        b.iter(|| {
-            issue(
-                &authority,
-                &anchors,
-                &policy,
-                &identity,
-                checked.clone(),
-                time::Duration::hours(1),
-                time::OffsetDateTime::now_utc(),
-            )
-            .unwrap()
-        })
+        b.iter(|| issue_at(time::OffsetDateTime::now_utc()))
     });
     c.bench_function("leaf built and signed (rcgen, no self-check)", |b| {
         let public = rcgen::SubjectPublicKeyInfo::from_der(&checked.spki_der).unwrap();
@@ -134,16 +135,7 @@ fn bench(c: &mut Criterion) {
         })
     });
     let now_dt = time::OffsetDateTime::now_utc();
-    let issued = issue(
-        &authority,
-        &anchors,
-        &policy,
-        &identity,
-        checked.clone(),
-        time::Duration::hours(1),
-        now_dt,
-    )
-    .unwrap();
+    let issued = issue_at(now_dt);
     let leaf = ca_server::x509::pem_to_der(&issued.chain[0]).unwrap();
     c.bench_function("self-check (webpki chain verify + profile)", |b| {
         let expected = selfcheck::Expected {
