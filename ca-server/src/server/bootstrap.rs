@@ -40,10 +40,24 @@ pub(super) fn create_data_dir(path: &std::path::Path) -> Result<(), StartError> 
     Ok(())
 }
 
-pub(super) async fn bind(addr: SocketAddr) -> Result<TcpListener, StartError> {
-    TcpListener::bind(addr)
-        .await
-        .map_err(|source| StartError::Bind { addr, source })
+/// How many connections may wait to be accepted. Pods starting together open their
+/// connections within milliseconds of each other; with the common default of 128 the rest of
+/// their SYNs are dropped and retried a second later. The kernel caps this at
+/// `net.core.somaxconn` (4096 on current kernels), as it does for Go's and nginx's listeners.
+const LISTEN_BACKLOG: u32 = 65_535;
+
+pub(super) fn bind(addr: SocketAddr) -> Result<TcpListener, StartError> {
+    let err = |source| StartError::Bind { addr, source };
+    let socket = match addr {
+        SocketAddr::V4(_) => tokio::net::TcpSocket::new_v4(),
+        SocketAddr::V6(_) => tokio::net::TcpSocket::new_v6(),
+    }
+    .map_err(err)?;
+    // As std's bind does: a restarted server binds at once, whatever TIME_WAIT remains.
+    #[cfg(unix)]
+    socket.set_reuseaddr(true).map_err(err)?;
+    socket.bind(addr).map_err(err)?;
+    socket.listen(LISTEN_BACKLOG).map_err(err)
 }
 
 /// Both listeners, bound, and where they listen (the port chosen, for port 0).
@@ -60,9 +74,9 @@ pub(super) struct Listeners {
 
 impl Listeners {
     /// Binds `--grpc-listen` and `--http-listen`.
-    pub(super) async fn bind(settings: &Settings) -> Result<Self, StartError> {
-        let grpc = bind(settings.grpc_listen).await?;
-        let http = bind(settings.http_listen).await?;
+    pub(super) fn bind(settings: &Settings) -> Result<Self, StartError> {
+        let grpc = bind(settings.grpc_listen)?;
+        let http = bind(settings.http_listen)?;
         Ok(Self {
             grpc_addr: local_addr(&grpc, settings.grpc_listen)?,
             http_addr: local_addr(&http, settings.http_listen)?,
@@ -392,4 +406,27 @@ pub(super) fn routes(
     .into_axum_router()
     .merge(publish::bundle_routes(active.clone(), hint));
     Ok((routes, reporter))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A storm of pods connects faster than any accept loop runs: a listener that has not
+    /// accepted yet still completes hundreds of handshakes at once (the kernel's default
+    /// backlog of 128 would drop the rest of the SYNs, and each would wait a second).
+    #[tokio::test]
+    async fn the_listener_queues_a_storm_of_connections() {
+        let listener = bind("127.0.0.1:0".parse().unwrap()).unwrap();
+        let addr = listener.local_addr().unwrap();
+        let mut open = Vec::new();
+        for i in 0..600 {
+            let connect = tokio::net::TcpStream::connect(addr);
+            match tokio::time::timeout(std::time::Duration::from_millis(500), connect).await {
+                Ok(Ok(stream)) => open.push(stream),
+                other => panic!("connection {i} not queued: {other:?}"),
+            }
+        }
+        drop(listener);
+    }
 }

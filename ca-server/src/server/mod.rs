@@ -83,7 +83,7 @@ pub async fn start(settings: Settings) -> Result<RunningServer, StartError> {
     let policy = bootstrap::impersonation_policy(&settings)?;
     // Bound before anything is written, so a port in use stops a first start before it
     // creates a root. Connections wait in the backlog until the server serves.
-    let listeners = bootstrap::Listeners::bind(&settings).await?;
+    let listeners = bootstrap::Listeners::bind(&settings)?;
     let opened = bootstrap::open(&settings).await?;
     let active = opened.active_tx.subscribe();
     let (cert_tx, cert_rx) = watch::channel(Arc::clone(&opened.server_cert.certified));
