@@ -44,6 +44,17 @@ peak_rss_mib() { awk '/VmHWM/ {printf "%.1f", $2/1024}' "/proc/$1/status"; }
 cpu_seconds() {
     awk -v tck="$(getconf CLK_TCK)" '{ printf "%.3f", ($14 + $15) / tck }' "/proc/$1/stat"
 }
+# The CPU seconds process PID's threads have used so far, summed by role: "crypto tokio audit
+# other" (ca-server names its threads crypto-N, tokio-rt-worker and audit-writer).
+thread_seconds() {
+    local tck; tck=$(getconf CLK_TCK)
+    for t in /proc/"$1"/task/*; do
+        { read -r comm < "$t/comm" && awk -v c="$comm" '{ print c, $14 + $15 }' "$t/stat"; } 2>/dev/null || true
+    done | awk -v tck="$tck" '
+        $1 ~ /^crypto-/ { c += $2; next } $1 == "tokio-rt-worker" { k += $2; next }
+        $1 == "audit-writer" { a += $2; next } { o += $2 }
+        END { printf "%.3f %.3f %.3f %.3f", c / tck, k / tck, a / tck, o / tck }'
+}
 # h2load NAME PID CONNECTIONS INFLIGHT URL BODY [HEADER...]: runs the load against server PID
 # (INFLIGHT requests in flight on each of CONNECTIONS), leaves NAME.txt and NAME.log in $work,
 # and in NAME.cpu the server's CPU seconds over the timed part (after the warm-up).
@@ -51,14 +62,18 @@ run_h2load() {
     local name=$1 pid=$2 conns=$3 inflight=$4 url=$5 body=$6; shift 6
     local headers=()
     for h in "$@"; do headers+=(-H "$h"); done
-    h2load -c "$conns" -m "$inflight" -D "$DURATION" --warm-up-time "$WARMUP" -d "$body" \
-        "${headers[@]}" --log-file "$work/$name.log" "$url" > "$work/$name.txt" &
+    h2load -c "$conns" -m "$inflight" ${RPS:+--rps "$RPS"} -D "$DURATION" --warm-up-time "$WARMUP" \
+        -d "$body" "${headers[@]}" --log-file "$work/$name.log" "$url" > "$work/$name.txt" &
     local load=$!
     sleep "$WARMUP"
-    local before; before=$(cpu_seconds "$pid")
+    local before threads; before=$(cpu_seconds "$pid"); threads=$(thread_seconds "$pid")
     wait "$load"
     echo "$before $(cpu_seconds "$pid")" | awk '{ printf "%.3f", $2 - $1 }' > "$work/$name.cpu"
+    echo "$threads $(thread_seconds "$pid")" |
+        awk '{ printf "%.3f %.3f %.3f %.3f", $5 - $1, $6 - $2, $7 - $3, $8 - $4 }' > "$work/$name.threads"
 }
+# thread_us NAME OK -> "crypto tokio audit other": each role's CPU per answer, microseconds.
+thread_us() { awk -v ok="$2" '{ printf "%.0f %.0f %.0f %.0f", $1 * 1e6 / ok, $2 * 1e6 / ok, $3 * 1e6 / ok, $4 * 1e6 / ok }' "$work/$1.threads"; }
 # storm NAME URL BODY [HEADER...]: STORM new TLS clients at once, one request each, as pods
 # starting together; prints "ok seconds".
 storm() {
@@ -109,6 +124,15 @@ ca_rss=$(peak_rss_mib "$ca_pid")
 run_h2load ca1 "$ca_pid" 1 "$INFLIGHT" "$ca_url" "$work/grpc.body" "${ca_headers[@]}"
 read -r ca1_rate ca1_p50 ca1_p99 ca1_max ca1_ok <<< "$(stats ca1)"
 ca1_cpu=$(cpu_us ca1 "$ca1_ok")
+read -r ca_crypto_us ca_tokio_us ca_audit_us ca_other_us <<< "$(thread_us ca "$ca_ok")"
+# The transport alone: the same server, TLS, HTTP/2 and tonic answering a unary call that does
+# nothing (GetTrustBundle, an empty request, a ~1 KiB answer) at the rate the issuance run
+# reached, so the reactor wakes as often.
+printf '\0\0\0\0\0' > "$work/empty.body"
+RPS=$(( ${ca_rate%.*} / 16 + 1 )) run_h2load transport "$ca_pid" 16 1 \
+    https://127.0.0.1:25012/ca.v1.TrustBundleService/GetTrustBundle "$work/empty.body" "${ca_headers[@]}"
+read -r transport_rate _ _ _ transport_ok <<< "$(stats transport)"
+transport_cpu=$(cpu_us transport "$transport_ok")
 read -r ca_storm_ok ca_storm_s <<< "$(storm ca "$ca_url" "$work/grpc.body" "${ca_headers[@]}")"
 ca_storm_rss=$(peak_rss_mib "$ca_pid")
 issued=$($CA audit list --data-dir "$work/ca" --kind issued --spiffe-id spiffe://cluster.local/ns/bench/sa/client --limit 100000000 --format csv | tail -n +2 | wc -l)
@@ -262,6 +286,11 @@ print()
 floor = $limit_crypto_floor_us
 print(f"crypto floor (CSR signature check + leaf signature + its check, aws-lc-rs, one core): {floor:.0f} µs")
 print(f"ca-server CPU per issuance / crypto floor: {$ca_cpu / floor:.2f}x  (goal <= 1.5x); on PostgreSQL {$pg_cpu / floor:.2f}x")
+print(f"  by thread, µs per issuance (16 x 1): crypto pool $ca_crypto_us (the floor {floor:.0f}), tokio workers $ca_tokio_us"
+      f" (the transport alone {$transport_cpu} at {$transport_rate:,.0f}/s: TLS, HTTP/2, gRPC, a no-op unary call),"
+      f" audit writer $ca_audit_us, other $ca_other_us")
+print(f"  the floor + the transport alone: {floor + $transport_cpu:.0f} µs = {(floor + $transport_cpu) / floor:.2f}x the floor,"
+      f" before any audit record; {(floor + $transport_cpu) / max($cf_cpu, 1):.2f}x cfssl's CPU")
 print(f"ca-server CPU per issuance / cfssl's: {$ca_cpu / max($cf_cpu, 1):.2f}x  (goal <= 0.5x)")
 print(f"ca-server / cfssl:              {$ca_rate / max($cf_rate, 1):.2f}x  (goal >= 1.5x); 1 connection x $INFLIGHT: {$ca1_rate / max($cf1_rate, 1):.2f}x")
 print(f"storm: ca-server {$ca_storm_s} s / cfssl {$cf_storm_s} s (goal: less)")
