@@ -43,7 +43,7 @@ pub(super) fn create_data_dir(path: &std::path::Path) -> Result<(), StartError> 
 /// How many connections may wait to be accepted. Pods starting together open their
 /// connections within milliseconds of each other; with the common default of 128 the rest of
 /// their SYNs are dropped and retried a second later. The kernel caps this at
-/// `net.core.somaxconn` (4096 on current kernels), as it does for Go's and nginx's listeners.
+/// `net.core.somaxconn` (4096 on current kernels), which is what Go's listeners ask for too.
 const LISTEN_BACKLOG: u32 = 65_535;
 
 pub(super) fn bind(addr: SocketAddr) -> Result<TcpListener, StartError> {
@@ -413,7 +413,7 @@ mod tests {
     use super::*;
 
     /// A storm of pods connects faster than any accept loop runs: a listener that has not
-    /// accepted yet still completes hundreds of handshakes at once (the kernel's default
+    /// accepted yet still completes hundreds of TCP handshakes at once (the common default
     /// backlog of 128 would drop the rest of the SYNs, and each would wait a second).
     #[tokio::test]
     async fn the_listener_queues_a_storm_of_connections() {
