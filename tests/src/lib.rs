@@ -6,6 +6,7 @@ use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
@@ -409,6 +410,19 @@ impl TestServer {
     /// `<data-dir>/trust-bundle.pem`.
     pub fn bundle_pem(&self) -> String {
         std::fs::read_to_string(self.data_dir.join("trust-bundle.pem")).expect("bundle file")
+    }
+
+    /// The chain the gRPC listener presents in a TLS handshake (verified against the bundle
+    /// file), leaf first.
+    pub fn served_chain(&self) -> Vec<rustls_pki_types::CertificateDer<'static>> {
+        let config = Arc::new(crate::ztunnel::ztunnel_tls(self));
+        let name = rustls_pki_types::ServerName::try_from("localhost").expect("a DNS name");
+        let mut conn = rustls::ClientConnection::new(config, name).expect("a client session");
+        let mut tcp = std::net::TcpStream::connect(self.grpc).expect("connect");
+        while conn.is_handshaking() {
+            conn.complete_io(&mut tcp).expect("handshake");
+        }
+        conn.peer_certificates().expect("a chain").to_vec()
     }
 
     /// `sqlite://<data-dir>/ca.db`, or its PostgreSQL database's URL.

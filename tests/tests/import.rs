@@ -72,7 +72,11 @@ async fn an_imported_intermediate_signs_leaves_that_openssl_verifies() {
         "O=Example Corp, CN=Example Corp Mesh CA"
     );
 
-    // The server's own certificate now chains through the intermediate too.
+    // The server's own certificate now chains through the intermediate too, which it
+    // presents (the corporate root it leaves to the client's bundle).
+    let served = server.served_chain();
+    assert_eq!(served.len(), 2, "[server certificate, intermediate]");
+    assert_eq!(served[1].as_ref(), der(&intermediate));
     let audit = audit_json(&server, &["--kind", "issued"]);
     assert!(audit.iter().any(|e| {
         e["authority_id"] == 2

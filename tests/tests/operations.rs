@@ -217,6 +217,8 @@ fn tls_offers_h2_with_tls13_aes_gcm_and_its_cert_is_audited() {
             Some(rustls::ProtocolVersion::TLSv1_3)
         );
         served_serials.push(serial_of_der(&conn.peer_certificates().unwrap()[0]));
+        // The leaf alone: the root is the client's own, from its bundle.
+        assert_eq!(conn.peer_certificates().unwrap().len(), 1);
     }
     // The server's own certificate is an issuance like any other.
     let issued = audit_json(&server, &["--kind", "issued"]);
