@@ -8,6 +8,7 @@
 //! `auth`, `issuance` and `audit`; `issuance` calls `authority`; everything persistent goes
 //! through `store`. See ARCHITECTURE.md.
 
+pub mod agent;
 pub mod audit;
 pub mod auth;
 pub mod authority;

@@ -20,3 +20,8 @@ pub mod ca {
         tonic::include_proto!("ca.v1");
     }
 }
+
+/// The SPIFFE Workload API (`/SpiffeWorkloadAPI/...`: its proto declares no package).
+pub mod workload {
+    include!(concat!(env!("OUT_DIR"), "/_.rs"));
+}

@@ -15,6 +15,7 @@ pub mod kube;
 pub mod mesh;
 pub mod peer;
 pub mod pki;
+pub mod workload;
 pub mod ztunnel;
 
 use base64::Engine;

@@ -1,6 +1,7 @@
 //! The command line: one binary, subcommands as `spire-server` and `istioctl` have them.
 //! Logs go to stderr; stdout carries only a command's output.
 
+mod agent;
 mod audit;
 mod bundle;
 mod diagnose;
@@ -96,7 +97,7 @@ enum Command {
     /// Request a certificate, as a proxy would (the reference client)
     Request(request::RequestArgs),
     /// Keep a certificate renewed and follow the trust bundle, as a proxy's agent does
-    Agent(request::RequestArgs),
+    Agent(agent::AgentArgs),
     /// Read the audit log
     #[command(subcommand)]
     Audit(audit::AuditCommand),
@@ -288,7 +289,7 @@ pub fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
             Command::Root(cmd) => root::root(cmd, &common).await,
             Command::Token(cmd) => token::token(cmd, &common),
             Command::Request(args) => request::request(args).await,
-            Command::Agent(args) => request::agent(args).await,
+            Command::Agent(args) => agent::agent(args).await,
             Command::Audit(cmd) => audit::audit(cmd, &common).await,
             Command::Bundle(cmd) => bundle::bundle(cmd, &common).await,
             Command::Explain(args) => diagnose::explain(args),

@@ -1,0 +1,261 @@
+//! The workload agent (`ca-server agent`): keeps the one identity its token proves (the
+//! sidecar model) renewed and the trust bundle current, and hands both to workloads on a Unix
+//! socket (the SPIFFE Workload API, `workload`) and as files in its directory, which are also
+//! what it serves from after a restart while the CA is unreachable.
+//!
+//! `client` talks to the CA, `state` holds what is served and wakes the streams, `socket`
+//! binds the Unix socket, `persist` reads and writes the files.
+
+pub mod authority;
+pub mod client;
+pub mod persist;
+pub mod socket;
+pub mod state;
+pub mod workload;
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use ca_proto::ca::v1::WatchTrustBundleRequest;
+use ca_proto::ca::v1::trust_bundle_service_client::TrustBundleServiceClient;
+use ca_proto::workload::spiffe_workload_api_server::SpiffeWorkloadApiServer;
+use time::OffsetDateTime;
+use tokio_stream::StreamExt;
+use tracing::{info, warn};
+
+use self::client::{ClientKeyType, Obtained};
+use self::state::{Roots, Shelf, Svid};
+use crate::spiffe::SpiffeId;
+use crate::x509::pem_to_der;
+
+/// What the agent is given.
+#[derive(Debug)]
+pub struct AgentConfig {
+    /// The CA, e.g. `https://ca.example:15012`.
+    pub server: String,
+    /// The bundle to verify the CA with at first (PEM); the watched bundle replaces it.
+    pub ca_bundle_pem: String,
+    /// The service-account token, read again for every request.
+    pub token_file: PathBuf,
+    /// Where the files go (`cert-chain.pem`, `key.pem`, `root-cert.pem`).
+    pub out_dir: PathBuf,
+    /// The key type of each new SVID.
+    pub key_type: ClientKeyType,
+    /// Requested TTL in seconds (0: the CA's default).
+    pub ttl_secs: i64,
+    /// The Workload API socket, if served.
+    pub socket: Option<PathBuf>,
+    /// A group to open the socket to (mode 0660 instead of 0600).
+    pub socket_group: Option<String>,
+}
+
+/// When to renew a certificate received at `received` and valid until `not_after`: between 40%
+/// and 50% of that life (`jitter` in [0, 1) picks the point), so a fleet started together does
+/// not renew together; never negative.
+pub fn renew_in(
+    received: OffsetDateTime,
+    not_after: OffsetDateTime,
+    now: OffsetDateTime,
+    jitter: f64,
+) -> Duration {
+    let life = not_after - received;
+    let at = received + life * (0.5 - 0.1 * jitter.clamp(0.0, 1.0));
+    let wait = at - now;
+    if wait.is_negative() {
+        Duration::ZERO
+    } else {
+        wait.unsigned_abs()
+    }
+}
+
+/// Exponential backoff: 1 s, 2 s, 4 s … up to 30 s.
+struct Backoff(Duration);
+
+impl Backoff {
+    const FIRST: Duration = Duration::from_secs(1);
+    const MAX: Duration = Duration::from_secs(30);
+
+    fn next(&mut self) -> Duration {
+        let wait = self.0;
+        self.0 = (self.0 * 2).min(Self::MAX);
+        wait
+    }
+}
+
+/// The life of the SVID being served, for the renewal schedule: from when it was received
+/// (or, read back from disk, its notBefore) to its notAfter.
+type Life = (OffsetDateTime, OffsetDateTime);
+
+/// Runs the agent until SIGINT or SIGTERM.
+pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
+    let shelf = Shelf::default();
+    let mut life: Option<Life> = None;
+    let mut bundle = config.ca_bundle_pem.clone();
+    match persist::restore(&config.out_dir, OffsetDateTime::now_utc()) {
+        Ok(Some((svid, roots, not_before))) => {
+            info!(spiffe_id = %svid.spiffe_id, not_after = %crate::rfc3339::text(svid.not_after), "Serving the SVID kept from the last run until the CA answers");
+            life = Some((not_before, svid.not_after));
+            bundle = roots_pem(&roots);
+            shelf.set_svid(svid);
+            shelf.set_roots(roots);
+        }
+        Ok(None) => {}
+        Err(e) => warn!(
+            error = format!("{e:#}"),
+            "Not serving the files kept from the last run"
+        ),
+    }
+
+    let mut socket_file = None;
+    let mut server = None;
+    if let Some(path) = &config.socket {
+        let (listener, file) = socket::bind(path, config.socket_group.as_deref())?;
+        info!(socket = %file.path().display(), "Serving the SPIFFE Workload API");
+        let service = SpiffeWorkloadApiServer::new(workload::WorkloadApi::new(shelf.clone()));
+        let spellings = std::sync::Arc::new(authority::spellings(file.path()));
+        let incoming =
+            tokio_stream::wrappers::UnixListenerStream::new(listener).map(move |accepted| {
+                accepted.map(|stream| authority::Rewrite::new(stream, Arc::clone(&spellings)))
+            });
+        socket_file = Some(file);
+        server = Some(tokio::spawn(
+            tonic::transport::Server::builder()
+                .add_service(service)
+                .serve_with_incoming(incoming),
+        ));
+    }
+
+    let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    let mut backoff = Backoff(Backoff::FIRST);
+    loop {
+        let session = session(&config, &shelf, &mut bundle, &mut life, &mut backoff);
+        tokio::select! {
+            result = session => {
+                if let Err(e) = result {
+                    let wait = backoff.next();
+                    let serving = shelf.now().svid.map(|svid| crate::rfc3339::text(svid.not_after));
+                    warn!(error = format!("{e:#}"), retry_in = ?wait, serving_until = serving.as_deref().unwrap_or("nothing yet"), "Agent lost the server; serving the current SVID meanwhile");
+                    tokio::time::sleep(wait).await;
+                }
+            }
+            _ = tokio::signal::ctrl_c() => break,
+            _ = terminate.recv() => break,
+        }
+    }
+    // Open streams never end on their own: stop serving, then remove the socket.
+    if let Some(server) = server {
+        server.abort();
+    }
+    drop(socket_file);
+    Ok(())
+}
+
+/// The PEM the CA channel verifies with.
+fn roots_pem(roots: &Roots) -> String {
+    roots
+        .certificates
+        .iter()
+        .map(|der| crate::x509::pem("CERTIFICATE", der))
+        .collect()
+}
+
+/// What the CA answered, as served.
+fn svid_of(obtained: &Obtained) -> anyhow::Result<Svid> {
+    let spiffe_id = SpiffeId::parse(&obtained.spiffe_id)
+        .map_err(|e| anyhow::anyhow!("the leaf's SPIFFE ID: {e}"))?;
+    let without_root = &obtained.chain[..obtained.chain.len() - 1];
+    let chain = without_root
+        .iter()
+        .map(|pem| pem_to_der(pem).map(|der| der.to_vec()))
+        .collect::<Result<_, _>>()
+        .map_err(|e| anyhow::anyhow!("the chain: {e}"))?;
+    Ok(Svid {
+        spiffe_id,
+        chain,
+        key: obtained.key_der.clone(),
+        not_after: obtained.not_after,
+    })
+}
+
+/// One connection's worth of work: follow the bundle, renew when due.
+async fn session(
+    config: &AgentConfig,
+    shelf: &Shelf,
+    bundle: &mut String,
+    life: &mut Option<Life>,
+    backoff: &mut Backoff,
+) -> anyhow::Result<()> {
+    let channel = client::connect(&config.server, bundle).await?;
+    let mut stream = TrustBundleServiceClient::new(channel.clone())
+        .watch_trust_bundle(WatchTrustBundleRequest {})
+        .await
+        .map_err(|s| anyhow::anyhow!("watching the trust bundle: {}", s.message()))?
+        .into_inner();
+    *backoff = Backoff(Backoff::FIRST);
+    let jitter: f64 = rand::random();
+    loop {
+        let wait = match life {
+            Some((from, to)) => renew_in(*from, *to, OffsetDateTime::now_utc(), jitter),
+            None => Duration::ZERO,
+        };
+        tokio::select! {
+            _ = tokio::time::sleep(wait) => {
+                let token = persist::read_token(&config.token_file)?;
+                let obtained = client::obtain(channel.clone(), &token, config.key_type, config.ttl_secs).await?;
+                persist::write_credentials(&config.out_dir, &obtained)?;
+                shelf.set_svid(svid_of(&obtained)?);
+                info!(spiffe_id = %obtained.spiffe_id, serial = %obtained.serial, not_after = %crate::rfc3339::text(obtained.not_after), "Renewed the certificate");
+                // The life is measured from receipt, not from notBefore: the server backdates
+                // notBefore for skewed clocks, and a short certificate would otherwise look
+                // half-spent the moment it arrives.
+                let received = OffsetDateTime::now_utc().max(obtained.not_before);
+                *life = Some((received, obtained.not_after));
+            }
+            message = stream.message() => {
+                let message = message
+                    .map_err(|s| anyhow::anyhow!("trust bundle stream: {}", s.message()))?
+                    .ok_or_else(|| anyhow::anyhow!("the server closed the trust bundle stream"))?;
+                *bundle = message.root_certificates.concat();
+                persist::write_roots(&config.out_dir, bundle)?;
+                let certificates = message
+                    .root_certificates
+                    .iter()
+                    .map(|pem| pem_to_der(pem).map(|der| der.to_vec()))
+                    .collect::<Result<_, _>>()
+                    .map_err(|e| anyhow::anyhow!("the trust bundle: {e}"))?;
+                shelf.set_roots(Roots {
+                    trust_domain_id: format!("spiffe://{}", message.trust_domain),
+                    certificates,
+                    sequence: message.sequence,
+                });
+                info!(sequence = message.sequence, roots = message.root_certificates.len(), "Updated the trust bundle");
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use time::macros::datetime;
+
+    #[test]
+    fn renews_between_40_and_50_percent_of_life() {
+        let nb = datetime!(2026-01-01 0:00 UTC);
+        let na = datetime!(2026-01-01 10:00 UTC);
+        assert_eq!(renew_in(nb, na, nb, 0.0), Duration::from_secs(5 * 3600));
+        assert_eq!(renew_in(nb, na, nb, 1.0), Duration::from_secs(4 * 3600));
+        assert_eq!(
+            renew_in(nb, na, datetime!(2026-01-01 6:00 UTC), 0.3),
+            Duration::ZERO
+        );
+    }
+
+    #[test]
+    fn backoff_doubles_up_to_thirty_seconds() {
+        let mut b = Backoff(Backoff::FIRST);
+        let waits: Vec<u64> = (0..7).map(|_| b.next().as_secs()).collect();
+        assert_eq!(waits, vec![1, 2, 4, 8, 16, 30, 30]);
+    }
+}

@@ -1,0 +1,42 @@
+//! `ca-server agent`: the workload agent (`crate::agent`), with `request`'s flags and the
+//! Workload API socket.
+
+use std::process::ExitCode;
+
+use clap::Args;
+
+use super::read_text;
+use super::request::RequestArgs;
+use crate::agent::{AgentConfig, socket};
+
+/// Flags of `agent`.
+#[derive(Debug, Args)]
+pub(super) struct AgentArgs {
+    #[command(flatten)]
+    request: RequestArgs,
+    /// Serve the SPIFFE Workload API on this Unix socket, e.g. unix:///run/spiffe/agent.sock
+    /// (with Istio: unix:///var/run/secrets/workload-spiffe-uds/socket)
+    #[arg(long, env = "SPIFFE_ENDPOINT_SOCKET")]
+    socket: Option<String>,
+    /// Open the socket to this group (a name or a GID; mode 0660) rather than to the agent's
+    /// user alone (0600)
+    #[arg(long, requires = "socket")]
+    socket_group: Option<String>,
+}
+
+/// Runs the agent until SIGINT or SIGTERM.
+pub(super) async fn agent(args: AgentArgs) -> anyhow::Result<ExitCode> {
+    let request = args.request;
+    let config = AgentConfig {
+        ca_bundle_pem: read_text(&request.ca_bundle, "--ca-bundle")?,
+        ttl_secs: request.ttl_secs()?,
+        server: request.server,
+        token_file: request.token_file,
+        out_dir: request.out_dir,
+        key_type: request.key_type,
+        socket: args.socket.as_deref().map(socket::path_of).transpose()?,
+        socket_group: args.socket_group,
+    };
+    crate::agent::run(config).await?;
+    Ok(ExitCode::SUCCESS)
+}

@@ -1,0 +1,223 @@
+//! The workload agent in tests: `ca-server agent` as a process serving a socket in a temp
+//! dir, and the third-party clients (Python packages installed by `.ci/run`) that talk to it.
+
+use std::io::BufRead;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use crate::{TestServer, bin};
+
+/// Whether `python3` can import `module`. `.ci/run` installs the clients and sets
+/// `CA_TEST_PYTHON_CLIENTS=1`, and then a missing one fails the test; elsewhere (a plain
+/// `cargo test` on a fresh clone) the test says it is skipped.
+pub fn python_has(module: &str) -> bool {
+    let ok = Command::new("python3")
+        .args(["-c", &format!("import {module}")])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success());
+    if !ok {
+        assert!(
+            std::env::var_os("CA_TEST_PYTHON_CLIENTS").is_none(),
+            "python3 cannot import {module}: .ci/run installs it"
+        );
+        eprintln!("skipped: python3 cannot import {module} (.ci/run installs it)");
+    }
+    ok
+}
+
+/// A script of `tests/py/`.
+pub fn py_script(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("py").join(name)
+}
+
+/// A process whose stdout lines arrive on a channel.
+pub struct LineProcess {
+    child: Child,
+    lines: mpsc::Receiver<String>,
+}
+
+impl LineProcess {
+    /// Starts `command` with stdout piped.
+    pub fn spawn(mut command: Command) -> Self {
+        let mut child = command
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("starting the process");
+        let stdout = child.stdout.take().expect("stdout");
+        let (tx, lines) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in std::io::BufReader::new(stdout).lines() {
+                let Ok(line) = line else { break };
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        Self { child, lines }
+    }
+
+    /// The next line that satisfies `wanted`, within `limit` (others are skipped).
+    pub fn wait_for(
+        &mut self,
+        limit: Duration,
+        what: &str,
+        mut wanted: impl FnMut(&serde_json::Value) -> bool,
+    ) -> serde_json::Value {
+        let deadline = Instant::now() + limit;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.lines.recv_timeout(left) {
+                Ok(line) => {
+                    let value: serde_json::Value = serde_json::from_str(&line)
+                        .unwrap_or_else(|e| panic!("{what}: not JSON ({e}): {line}"));
+                    if wanted(&value) {
+                        return value;
+                    }
+                }
+                Err(_) => panic!("{what}: not within {limit:?}"),
+            }
+        }
+    }
+}
+
+impl Drop for LineProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// `ca-server agent` serving a Workload API socket for the identity `token` proves.
+pub struct AgentProcess {
+    child: Child,
+    /// The socket file.
+    pub socket: PathBuf,
+    /// Its files (`cert-chain.pem`, `key.pem`, `root-cert.pem`).
+    pub out: PathBuf,
+    log: PathBuf,
+}
+
+impl AgentProcess {
+    /// Starts an agent in `dir` against `server`, with `token` (a JWT) and `extra` flags.
+    pub fn start(server: &TestServer, dir: &Path, token: &str, extra: &[&str]) -> Self {
+        std::fs::create_dir_all(dir).expect("agent dir");
+        let token_file = dir.join("token");
+        std::fs::write(&token_file, token).expect("token file");
+        let bootstrap = dir.join("bootstrap.pem");
+        std::fs::write(&bootstrap, server.bundle_pem()).expect("bootstrap bundle");
+        let socket = dir.join("agent.sock");
+        let out = dir.join("out");
+        let log = dir.join("agent.log");
+        let child = Command::new(bin())
+            .arg("agent")
+            .arg("--server")
+            .arg(format!("https://{}", server.grpc))
+            .arg("--ca-bundle")
+            .arg(&bootstrap)
+            .arg("--token-file")
+            .arg(&token_file)
+            .arg("--out-dir")
+            .arg(&out)
+            .arg("--socket")
+            .arg(format!("unix://{}", socket.display()))
+            .args(extra)
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).expect("agent log"))
+            .spawn()
+            .expect("starting the agent");
+        Self {
+            child,
+            socket,
+            out,
+            log,
+        }
+    }
+
+    /// `unix://<socket>`, as SPIFFE libraries take it.
+    pub fn uri(&self) -> String {
+        format!("unix://{}", self.socket.display())
+    }
+
+    /// What the agent logged so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Waits until the socket exists and the agent logged its first certificate.
+    pub fn wait_ready(&self, limit: Duration) {
+        let start = Instant::now();
+        while !(self.socket.exists() && self.out.join("cert-chain.pem").exists()) {
+            assert!(
+                start.elapsed() < limit,
+                "agent not ready within {limit:?}:\n{}",
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Stops the agent with SIGTERM and waits for it.
+    pub fn terminate(&mut self) -> std::process::ExitStatus {
+        let _ = Command::new("kill")
+            .arg("-TERM")
+            .arg(self.child.id().to_string())
+            .status();
+        self.child.wait().expect("waiting for the agent")
+    }
+}
+
+impl Drop for AgentProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A channel over the agent's Unix socket.
+pub async fn uds_channel(socket: &Path) -> tonic::transport::Channel {
+    let socket = socket.to_owned();
+    let connector = tower::service_fn(move |_: tonic::transport::Uri| {
+        let socket = socket.clone();
+        async move {
+            let stream = tokio::net::UnixStream::connect(socket).await?;
+            Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(stream))
+        }
+    });
+    tonic::transport::Endpoint::from_static("http://agent.invalid")
+        .connect_with_connector(connector)
+        .await
+        .expect("connecting to the agent's socket")
+}
+
+/// Our own Workload API client on the agent's socket, for the contract's edges (the
+/// third-party clients always send the header, so they cannot show what happens without it).
+pub async fn uds_client(
+    socket: &Path,
+) -> ca_proto::workload::spiffe_workload_api_client::SpiffeWorkloadApiClient<
+    tonic::transport::Channel,
+> {
+    ca_proto::workload::spiffe_workload_api_client::SpiffeWorkloadApiClient::new(
+        uds_channel(socket).await,
+    )
+}
+
+/// Calls `path` (a method the agent may not know) with an empty message and the security
+/// header; the status it answers.
+pub async fn call_unknown(socket: &Path, path: &str) -> tonic::Status {
+    let mut grpc = tonic::client::Grpc::new(uds_channel(socket).await);
+    grpc.ready().await.expect("ready");
+    let mut request = tonic::Request::new(());
+    request
+        .metadata_mut()
+        .insert("workload.spiffe.io", "true".parse().expect("value"));
+    let path = tonic::codegen::http::uri::PathAndQuery::try_from(path).expect("a path");
+    let codec = tonic_prost::ProstCodec::<(), ()>::default();
+    grpc.unary(request, path, codec)
+        .await
+        .expect_err("an unknown method")
+}

@@ -1,0 +1,173 @@
+//! The agent's socket: the SPIFFE Workload API, driven by clients no one here wrote
+//! (py-spiffe), and its contract at the edges (the security header, no identity yet, unknown
+//! methods, the socket's mode and its removal).
+
+#![allow(clippy::unwrap_used)] // Tests may unwrap: a panic is a failed assertion.
+
+use std::process::Command;
+use std::time::Duration;
+
+use ca_tests::workload::{AgentProcess, LineProcess, py_script, python_has};
+use ca_tests::*;
+
+#[test]
+fn py_spiffe_x509_source_follows_renewals_and_a_root_rotation() {
+    if !python_has("spiffe") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let issuer = TestIssuer::new(dir.path());
+    let flags = issuer.flags();
+    let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
+    let server = TestServer::start(&dir.path().join("data"), &flags);
+    let agent = AgentProcess::start(
+        &server,
+        &dir.path().join("agent"),
+        &issuer.token("shop", "web"),
+        &["--ttl", "6s"],
+    );
+    agent.wait_ready(Duration::from_secs(10));
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(&agent.socket)
+        .unwrap()
+        .permissions()
+        .mode();
+    assert_eq!(mode & 0o777, 0o600, "the socket is the agent user's alone");
+
+    let mut source = LineProcess::spawn({
+        let mut c = Command::new("python3");
+        c.arg(py_script("x509_source.py"))
+            .arg(agent.uri())
+            .arg("60");
+        c
+    });
+    let first = source.wait_for(Duration::from_secs(10), "the first X.509 context", |v| {
+        v["event"] == "initial"
+    });
+    assert_eq!(first["spiffe_id"], "spiffe://cluster.local/ns/shop/sa/web");
+    assert_eq!(first["key_matches"], true);
+    assert_eq!(first["chain"], 1, "the leaf; the root is in the bundle");
+    assert_eq!(first["roots"].as_array().unwrap().len(), 1);
+    // The SVID served is the one the agent holds, which the CA recorded.
+    let recorded = audit_json(
+        &server,
+        &[
+            "--kind",
+            "issued",
+            "--spiffe-id",
+            "spiffe://cluster.local/ns/shop/sa/web",
+        ],
+    );
+    assert!(
+        recorded
+            .iter()
+            .any(|e| e["serial"].as_str().is_some_and(|s| s
+                .trim_start_matches('0')
+                .eq_ignore_ascii_case(first["serial"].as_str().unwrap()))),
+        "{first} not in {recorded:?}"
+    );
+
+    // A renewal (at 40-50% of 6 s) is pushed on the open stream.
+    let renewed = source.wait_for(Duration::from_secs(8), "a renewal", |v| {
+        v["event"] == "update" && v["serial"] != first["serial"]
+    });
+    assert_eq!(renewed["key_matches"], true);
+
+    // A prepared root reaches the bundle on the stream, then certificates come from it.
+    assert!(server.cli(&["root", "prepare"]).status.success());
+    source.wait_for(
+        Duration::from_secs(4),
+        "the prepared root in the bundle",
+        |v| v["roots"].as_array().unwrap().len() == 2,
+    );
+    assert!(server.cli(&["root", "activate", "2"]).status.success());
+    let rotated = source.wait_for(Duration::from_secs(10), "an SVID from root 2", |v| {
+        v["issuer"].as_str().unwrap().contains("root 2")
+    });
+    assert_eq!(rotated["key_matches"], true);
+    assert_eq!(rotated["roots"].as_array().unwrap().len(), 2);
+}
+
+#[tokio::test]
+async fn the_socket_refuses_what_the_contract_says() {
+    let dir = tempfile::tempdir().unwrap();
+    let issuer = TestIssuer::new(dir.path());
+    let flags = issuer.flags();
+    let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
+    let server = TestServer::start(&dir.path().join("data"), &flags);
+    let mut agent = AgentProcess::start(
+        &server,
+        &dir.path().join("agent"),
+        &issuer.token("shop", "web"),
+        &[],
+    );
+    agent.wait_ready(Duration::from_secs(10));
+    let mut client = ca_tests::workload::uds_client(&agent.socket).await;
+    use ca_proto::workload::X509svidRequest;
+
+    // Without the security header: InvalidArgument, before anything else is looked at.
+    let status = client.fetch_x509svid(X509svidRequest {}).await.unwrap_err();
+    assert_eq!(status.code(), tonic::Code::InvalidArgument);
+    assert_eq!(status.message(), "security header missing from request");
+    // With it: the SVID at once, DER leaf first, the key PKCS#8.
+    let mut request = tonic::Request::new(X509svidRequest {});
+    request
+        .metadata_mut()
+        .insert("workload.spiffe.io", "true".parse().unwrap());
+    let mut stream = client.fetch_x509svid(request).await.unwrap().into_inner();
+    let first = stream.message().await.unwrap().unwrap();
+    let svid = &first.svids[0];
+    assert_eq!(svid.spiffe_id, "spiffe://cluster.local/ns/shop/sa/web");
+    let (rest, leaf) = x509_parser::parse_x509_certificate(&svid.x509_svid).unwrap();
+    assert!(rest.is_empty(), "a root authority: the leaf alone");
+    let key = rcgen::KeyPair::try_from(svid.x509_svid_key.as_slice()).unwrap();
+    assert_eq!(
+        rcgen::PublicKeyData::subject_public_key_info(&key),
+        leaf.public_key().raw
+    );
+    assert_eq!(
+        svid.bundle,
+        der(&server.bundle_pem()),
+        "the bundle: the roots' DER concatenated"
+    );
+
+    // Unknown methods (the incubating WIT-SVID calls, say) answer Unimplemented.
+    let status =
+        ca_tests::workload::call_unknown(&agent.socket, "/SpiffeWorkloadAPI/FetchX509WITSVID")
+            .await;
+    assert_eq!(status.code(), tonic::Code::Unimplemented);
+
+    // SIGTERM: the agent stops and takes its socket with it.
+    assert!(agent.terminate().success());
+    assert!(!agent.socket.exists(), "the socket is removed");
+}
+
+#[tokio::test]
+async fn with_no_identity_yet_the_socket_says_so() {
+    let dir = tempfile::tempdir().unwrap();
+    let issuer = TestIssuer::new(dir.path());
+    let flags = issuer.flags();
+    let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
+    let server = TestServer::start(&dir.path().join("data"), &flags);
+    // A token from an issuer the CA does not trust: never an identity.
+    let stranger = TestIssuer::new(&dir.path().join("stranger"));
+    let agent = AgentProcess::start(
+        &server,
+        &dir.path().join("agent"),
+        &stranger.token("shop", "web"),
+        &[],
+    );
+    let start = std::time::Instant::now();
+    while !agent.socket.exists() {
+        assert!(start.elapsed() < Duration::from_secs(10), "{}", agent.log());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let mut client = ca_tests::workload::uds_client(&agent.socket).await;
+    let mut request = tonic::Request::new(ca_proto::workload::X509svidRequest {});
+    request
+        .metadata_mut()
+        .insert("workload.spiffe.io", "true".parse().unwrap());
+    let status = client.fetch_x509svid(request).await.unwrap_err();
+    assert_eq!(status.code(), tonic::Code::PermissionDenied);
+    assert_eq!(status.message(), "no identity issued");
+}
