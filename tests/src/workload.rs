@@ -221,3 +221,31 @@ pub async fn call_unknown(socket: &Path, path: &str) -> tonic::Status {
         .await
         .expect_err("an unknown method")
 }
+
+/// The X.509-SVID the agent's socket serves now: its leaf's serial (hex, as the audit log
+/// gives it) and the whole response.
+pub async fn served_svid(socket: &Path) -> (String, ca_proto::workload::X509svidResponse) {
+    let mut client = uds_client(socket).await;
+    let mut request = tonic::Request::new(ca_proto::workload::X509svidRequest {});
+    request
+        .metadata_mut()
+        .insert("workload.spiffe.io", "true".parse().expect("value"));
+    let mut stream = client
+        .fetch_x509svid(request)
+        .await
+        .expect("FetchX509SVID")
+        .into_inner();
+    let response = stream
+        .message()
+        .await
+        .expect("a message")
+        .expect("not the end");
+    // The chain is DER concatenated; the serial is the first certificate's.
+    (crate::serial_of_der(&response.svids[0].x509_svid), response)
+}
+
+/// `GET /healthz` on an agent's `--health-listen`: the status and the JSON.
+pub fn agent_health(addr: std::net::SocketAddr) -> (u16, serde_json::Value) {
+    let (status, body) = crate::http_get(addr, "/healthz").expect("GET /healthz");
+    (status, serde_json::from_str(&body).expect("JSON"))
+}

@@ -171,3 +171,113 @@ async fn with_no_identity_yet_the_socket_says_so() {
     assert_eq!(status.code(), tonic::Code::PermissionDenied);
     assert_eq!(status.message(), "no identity issued");
 }
+
+fn wait_until(limit: Duration, what: &str, mut done: impl FnMut() -> bool) {
+    let start = std::time::Instant::now();
+    while !done() {
+        assert!(start.elapsed() < limit, "{what}: not within {limit:?}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+#[tokio::test]
+async fn through_a_ca_outage_the_agent_serves_what_it_holds_even_after_a_restart() {
+    use ca_tests::workload::{agent_health, served_svid};
+    let dir = tempfile::tempdir().unwrap();
+    let issuer = TestIssuer::new(dir.path());
+    let flags = issuer.flags();
+    let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
+    let mut server = TestServer::start(&dir.path().join("data"), &flags);
+    let health: std::net::SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    let health_flag = ["--health-listen", &health.to_string()];
+    let agent_dir = dir.path().join("agent");
+    let token = issuer.token("shop", "web");
+    let mut agent = AgentProcess::start(&server, &agent_dir, &token, &health_flag);
+    agent.wait_ready(Duration::from_secs(10));
+    wait_until(Duration::from_secs(5), "the CA connected", || {
+        agent_health(health).1["ca"]["connected"] == true
+    });
+    let (serial, _) = served_svid(&agent.socket).await;
+
+    // The CA goes away: the agent keeps serving, retries, and says so.
+    server.kill();
+    wait_until(Duration::from_secs(5), "the outage in /healthz", || {
+        agent_health(health).1["ca"]["connected"] == false
+    });
+    let (status, report) = agent_health(health);
+    assert_eq!(status, 200, "still serving a valid SVID: {report}");
+    assert_eq!(report["serving"], true);
+    assert_eq!(report["spiffe_id"], "spiffe://cluster.local/ns/shop/sa/web");
+    // First the watch breaks; then each retry finds nobody there.
+    wait_until(
+        Duration::from_secs(5),
+        "a failed reconnect in /healthz",
+        || {
+            agent_health(health).1["ca"]["last_error"]
+                .as_str()
+                .is_some_and(|e| e.contains("connecting to"))
+        },
+    );
+    assert_eq!(served_svid(&agent.socket).await.0, serial);
+    wait_until(Duration::from_secs(5), "the outage in the log", || {
+        agent.log().contains("Agent lost the server")
+    });
+
+    // Restarted during the outage, it serves the SVID it kept.
+    assert!(agent.terminate().success());
+    drop(agent);
+    let agent = AgentProcess::start(&server, &agent_dir, &token, &health_flag);
+    wait_until(
+        Duration::from_secs(10),
+        "the socket after the restart",
+        || agent.socket.exists(),
+    );
+    assert_eq!(served_svid(&agent.socket).await.0, serial, "the kept SVID");
+    let (status, report) = agent_health(health);
+    assert_eq!(
+        (status, &report["ca"]["connected"]),
+        (200, &serde_json::json!(false)),
+        "{report}"
+    );
+    assert!(
+        agent
+            .log()
+            .contains("Serving the SVID kept from the last run")
+    );
+
+    // The CA comes back: the agent reconnects on its own.
+    server.start_again();
+    wait_until(Duration::from_secs(20), "the CA reached again", || {
+        agent_health(health).1["ca"]["connected"] == true
+    });
+}
+
+#[tokio::test]
+async fn an_expired_kept_svid_is_not_served() {
+    let dir = tempfile::tempdir().unwrap();
+    let issuer = TestIssuer::new(dir.path());
+    let flags = issuer.flags();
+    let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
+    let mut server = TestServer::start(&dir.path().join("data"), &flags);
+    let agent_dir = dir.path().join("agent");
+    let token = issuer.token("shop", "web");
+    let mut agent = AgentProcess::start(&server, &agent_dir, &token, &["--ttl", "3s"]);
+    agent.wait_ready(Duration::from_secs(10));
+    server.kill();
+    assert!(agent.terminate().success());
+    drop(agent);
+    // Past the kept SVID's notAfter (3 s, whole seconds).
+    std::thread::sleep(Duration::from_secs(4));
+    let agent = AgentProcess::start(&server, &agent_dir, &token, &[]);
+    wait_until(Duration::from_secs(10), "the socket", || {
+        agent.socket.exists()
+    });
+    let mut client = ca_tests::workload::uds_client(&agent.socket).await;
+    let mut request = tonic::Request::new(ca_proto::workload::X509svidRequest {});
+    request
+        .metadata_mut()
+        .insert("workload.spiffe.io", "true".parse().unwrap());
+    let status = client.fetch_x509svid(request).await.unwrap_err();
+    assert_eq!(status.code(), tonic::Code::PermissionDenied);
+    assert!(agent.log().contains("expired"), "{}", agent.log());
+}

@@ -8,6 +8,7 @@
 
 pub mod authority;
 pub mod client;
+pub mod health;
 pub mod persist;
 pub mod socket;
 pub mod state;
@@ -48,6 +49,8 @@ pub struct AgentConfig {
     pub socket: Option<PathBuf>,
     /// A group to open the socket to (mode 0660 instead of 0600).
     pub socket_group: Option<String>,
+    /// Where to answer `/healthz`, if anywhere.
+    pub health_listen: Option<std::net::SocketAddr>,
 }
 
 /// When to renew a certificate received at `received` and valid until `not_after`: between 40%
@@ -126,13 +129,26 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
         ));
     }
 
+    let link = health::Link::default();
+    let mut health_task = None;
+    if let Some(addr) = config.health_listen {
+        let listener = health::bind(addr).await?;
+        info!(%addr, "Serving /healthz");
+        health_task = Some(tokio::spawn(health::serve(
+            listener,
+            shelf.clone(),
+            link.clone(),
+        )));
+    }
+
     let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     let mut backoff = Backoff(Backoff::FIRST);
     loop {
-        let session = session(&config, &shelf, &mut bundle, &mut life, &mut backoff);
+        let session = session(&config, &shelf, &link, &mut bundle, &mut life, &mut backoff);
         tokio::select! {
             result = session => {
                 if let Err(e) = result {
+                    link.down(&format!("{e:#}"));
                     let wait = backoff.next();
                     let serving = shelf.now().svid.map(|svid| crate::rfc3339::text(svid.not_after));
                     warn!(error = format!("{e:#}"), retry_in = ?wait, serving_until = serving.as_deref().unwrap_or("nothing yet"), "Agent lost the server; serving the current SVID meanwhile");
@@ -144,8 +160,11 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
         }
     }
     // Open streams never end on their own: stop serving, then remove the socket.
-    if let Some(server) = server {
-        server.abort();
+    if let Some(task) = server {
+        task.abort();
+    }
+    if let Some(task) = health_task {
+        task.abort();
     }
     drop(socket_file);
     Ok(())
@@ -182,6 +201,7 @@ fn svid_of(obtained: &Obtained) -> anyhow::Result<Svid> {
 async fn session(
     config: &AgentConfig,
     shelf: &Shelf,
+    link: &health::Link,
     bundle: &mut String,
     life: &mut Option<Life>,
     backoff: &mut Backoff,
@@ -192,6 +212,7 @@ async fn session(
         .await
         .map_err(|s| anyhow::anyhow!("watching the trust bundle: {}", s.message()))?
         .into_inner();
+    link.up();
     *backoff = Backoff(Backoff::FIRST);
     let jitter: f64 = rand::random();
     loop {

@@ -22,6 +22,10 @@ pub(super) struct AgentArgs {
     /// user alone (0600)
     #[arg(long, requires = "socket")]
     socket_group: Option<String>,
+    /// Answer GET /healthz (JSON: what is served until when, and whether the CA is reached)
+    /// on this address, e.g. 127.0.0.1:15021
+    #[arg(long)]
+    health_listen: Option<std::net::SocketAddr>,
 }
 
 /// Runs the agent until SIGINT or SIGTERM.
@@ -36,6 +40,7 @@ pub(super) async fn agent(args: AgentArgs) -> anyhow::Result<ExitCode> {
         key_type: request.key_type,
         socket: args.socket.as_deref().map(socket::path_of).transpose()?,
         socket_group: args.socket_group,
+        health_listen: args.health_listen,
     };
     crate::agent::run(config).await?;
     Ok(ExitCode::SUCCESS)
