@@ -281,3 +281,67 @@ async fn an_expired_kept_svid_is_not_served() {
     assert_eq!(status.code(), tonic::Code::PermissionDenied);
     assert!(agent.log().contains("expired"), "{}", agent.log());
 }
+
+#[tokio::test]
+async fn the_rust_spiffe_crate_fetches_and_streams() {
+    use futures_util::StreamExt;
+    let dir = tempfile::tempdir().unwrap();
+    let issuer = TestIssuer::new(dir.path());
+    let flags = issuer.flags();
+    let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
+    let server = TestServer::start(&dir.path().join("data"), &flags);
+    let agent = AgentProcess::start(
+        &server,
+        &dir.path().join("agent"),
+        &issuer.token("shop", "web"),
+        &[],
+    );
+    agent.wait_ready(Duration::from_secs(10));
+    let uri = agent.uri();
+
+    let client = spiffe::WorkloadApiClient::connect_to(&uri).await.unwrap();
+    let svid = client.fetch_x509_svid().await.unwrap();
+    assert_eq!(
+        svid.spiffe_id().to_string(),
+        "spiffe://cluster.local/ns/shop/sa/web"
+    );
+    assert_eq!(
+        svid.leaf().as_ref(),
+        der(&std::fs::read_to_string(agent.out.join("cert-chain.pem")).unwrap()),
+        "the SVID the agent holds"
+    );
+    let domain = spiffe::TrustDomain::new("cluster.local").unwrap();
+    let bundles = client.fetch_x509_bundles().await.unwrap();
+    let bundle = bundles.get(&domain).expect("our trust domain's bundle");
+    assert_eq!(bundle.authorities().len(), 1);
+    assert_eq!(bundle.authorities()[0].as_ref(), der(&server.bundle_pem()));
+
+    // The stream delivers the set at once, then again when the bundle changes.
+    let mut contexts = client.stream_x509_contexts().await.unwrap();
+    let first = contexts.next().await.unwrap().unwrap();
+    assert_eq!(
+        first.bundle_set().get(&domain).unwrap().authorities().len(),
+        1
+    );
+    assert!(server.cli(&["root", "prepare"]).status.success());
+    let next = tokio::time::timeout(Duration::from_secs(5), contexts.next())
+        .await
+        .expect("an update within 5 s")
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        next.bundle_set().get(&domain).unwrap().authorities().len(),
+        2
+    );
+
+    // Its X509Source, pointed at the same socket.
+    let source = spiffe::X509Source::builder()
+        .endpoint(&uri)
+        .build()
+        .await
+        .unwrap();
+    assert_eq!(
+        source.svid().unwrap().spiffe_id().to_string(),
+        "spiffe://cluster.local/ns/shop/sa/web"
+    );
+}
