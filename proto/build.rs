@@ -17,8 +17,16 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .build_client(true)
         .build_server(true)
         .compile_fds(descriptors)?;
-    // The agent's: the SPIFFE Workload API, served on a Unix socket and not by the CA.
-    let workload = protox::compile(["proto/spiffe/workloadapi.proto"], ["proto"])?;
+    // The agent's: the SPIFFE Workload API and Envoy's SDS (the subset of Envoy's protos it
+    // uses, with Envoy's field numbers), served on a Unix socket and not by the CA.
+    let workload = protox::compile(
+        [
+            "proto/spiffe/workloadapi.proto",
+            "proto/envoy/service/secret/v3/sds.proto",
+            "proto/envoy/extensions/transport_sockets/tls/v3/secret.proto",
+        ],
+        ["proto"],
+    )?;
     tonic_prost_build::configure()
         .build_client(true)
         .build_server(true)

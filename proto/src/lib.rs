@@ -25,3 +25,45 @@ pub mod ca {
 pub mod workload {
     include!(concat!(env!("OUT_DIR"), "/_.rs"));
 }
+
+/// Envoy's SDS and the parts of its API SDS uses (`envoy.*`, field numbers as Envoy's).
+pub mod envoy {
+    /// `envoy.config.core.v3`.
+    pub mod config {
+        pub mod core {
+            pub mod v3 {
+                tonic::include_proto!("envoy.config.core.v3");
+            }
+        }
+    }
+    /// `envoy.service.*.v3`.
+    pub mod service {
+        pub mod discovery {
+            pub mod v3 {
+                tonic::include_proto!("envoy.service.discovery.v3");
+            }
+        }
+        pub mod secret {
+            pub mod v3 {
+                tonic::include_proto!("envoy.service.secret.v3");
+            }
+        }
+    }
+    /// `envoy.extensions.transport_sockets.tls.v3`.
+    pub mod extensions {
+        pub mod transport_sockets {
+            pub mod tls {
+                pub mod v3 {
+                    tonic::include_proto!("envoy.extensions.transport_sockets.tls.v3");
+                }
+            }
+        }
+    }
+}
+
+/// `google.rpc.Status`, as xDS carries a NACK's reason.
+pub mod google {
+    pub mod rpc {
+        tonic::include_proto!("google.rpc");
+    }
+}

@@ -137,6 +137,26 @@ async fn the_socket_refuses_what_the_contract_says() {
             .await;
     assert_eq!(status.code(), tonic::Code::Unimplemented);
 
+    // SDS on the same socket: FetchSecrets answers at once; DeltaSecrets is not served.
+    use ca_proto::envoy::service::discovery::v3::{DeltaDiscoveryRequest, DiscoveryRequest};
+    use ca_proto::envoy::service::secret::v3::secret_discovery_service_client::SecretDiscoveryServiceClient;
+    let mut sds =
+        SecretDiscoveryServiceClient::new(ca_tests::workload::uds_channel(&agent.socket).await);
+    let fetched = sds
+        .fetch_secrets(DiscoveryRequest {
+            resource_names: vec!["default".into(), "ROOTCA".into()],
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(fetched.resources.len(), 2);
+    let status = sds
+        .delta_secrets(tokio_stream::iter(vec![DeltaDiscoveryRequest::default()]))
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), tonic::Code::Unimplemented);
+
     // SIGTERM: the agent stops and takes its socket with it.
     assert!(agent.terminate().success());
     assert!(!agent.socket.exists(), "the socket is removed");
@@ -343,5 +363,119 @@ async fn the_rust_spiffe_crate_fetches_and_streams() {
     assert_eq!(
         source.svid().unwrap().spiffe_id().to_string(),
         "spiffe://cluster.local/ns/shop/sa/web"
+    );
+}
+
+fn sds_client(agent: &AgentProcess, name: &str, seconds: u32, mode: &str) -> LineProcess {
+    let mut c = Command::new("python3");
+    c.arg(py_script("sds_client.py"))
+        .arg(agent.uri())
+        .arg(name)
+        .arg(seconds.to_string())
+        .arg(mode);
+    LineProcess::spawn(c)
+}
+
+/// The leaf's serial and whether `key_pem` is its key, from an SDS `default` secret.
+fn default_secret(response: &serde_json::Value) -> (String, bool) {
+    let secret = &response["secrets"][0];
+    assert_eq!(secret["name"], "default");
+    let chain = secret["chain"].as_str().unwrap();
+    let leaf = der(chain);
+    let (_, cert) = x509_parser::parse_x509_certificate(&leaf).unwrap();
+    let key = rcgen::KeyPair::from_pem(secret["key"].as_str().unwrap()).unwrap();
+    let matches = rcgen::PublicKeyData::subject_public_key_info(&key) == cert.public_key().raw;
+    (serial_of(chain), matches)
+}
+
+#[test]
+fn an_envoy_sds_client_gets_default_and_rootca_acks_and_sees_pushes() {
+    if !python_has("envoy.service.secret.v3.sds_pb2_grpc") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let issuer = TestIssuer::new(dir.path());
+    let flags = issuer.flags();
+    let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
+    let server = TestServer::start(&dir.path().join("data"), &flags);
+    let agent = AgentProcess::start(
+        &server,
+        &dir.path().join("agent"),
+        &issuer.token("shop", "web"),
+        &["--ttl", "6s"],
+    );
+    agent.wait_ready(Duration::from_secs(10));
+    let secret_type = "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.Secret";
+
+    let mut default = sds_client(&agent, "default", 30, "ack");
+    let mut rootca = sds_client(&agent, "ROOTCA", 30, "ack");
+    let mut nacker = sds_client(&agent, "default", 30, "nack");
+
+    let first = default.wait_for(Duration::from_secs(10), "default", |_| true);
+    assert_eq!(first["type_url"], secret_type);
+    assert_eq!(first["secrets"][0]["type_url"], secret_type);
+    let (serial, key_matches) = default_secret(&first);
+    assert!(key_matches, "the key certified by the chain");
+    let spiffe =
+        x509_parser::parse_x509_certificate(&der(first["secrets"][0]["chain"].as_str().unwrap()))
+            .unwrap()
+            .1
+            .subject_alternative_name()
+            .unwrap()
+            .unwrap()
+            .value
+            .general_names
+            .iter()
+            .map(|n| format!("{n}"))
+            .collect::<Vec<_>>();
+    assert!(
+        spiffe
+            .iter()
+            .any(|n| n.contains("spiffe://cluster.local/ns/shop/sa/web")),
+        "{spiffe:?}"
+    );
+
+    let roots = rootca.wait_for(Duration::from_secs(10), "ROOTCA", |_| true);
+    let trusted = roots["secrets"][0]["trusted_ca"].as_str().unwrap();
+    assert_eq!(roots["secrets"][0]["name"], "ROOTCA");
+    assert_eq!(der(trusted), der(&server.bundle_pem()));
+
+    // After the ACK nothing is resent; the next response is the renewal, pushed.
+    let pushed = default.wait_for(Duration::from_secs(8), "the renewal pushed", |_| true);
+    let (renewed, key_matches) = default_secret(&pushed);
+    assert_ne!(renewed, serial, "a new SVID, not the same version again");
+    assert_ne!(pushed["version"], first["version"]);
+    assert!(key_matches);
+
+    // A prepared root is pushed to ROOTCA.
+    assert!(server.cli(&["root", "prepare"]).status.success());
+    let both = rootca.wait_for(Duration::from_secs(5), "the prepared root", |_| true);
+    assert_eq!(
+        both["secrets"][0]["trusted_ca"]
+            .as_str()
+            .unwrap()
+            .matches("BEGIN CERTIFICATE")
+            .count(),
+        2
+    );
+
+    // The NACK was heard, and the client still got the next version.
+    nacker.wait_for(Duration::from_secs(5), "the NACKed first version", |_| true);
+    nacker.wait_for(Duration::from_secs(8), "a later version", |_| true);
+    assert!(
+        agent.log().contains("rejected a version (NACK)"),
+        "{}",
+        agent.log()
+    );
+
+    // An unknown name is refused.
+    let mut unknown = sds_client(&agent, "spiffe://cluster.local/ns/shop/sa/web", 5, "ack");
+    let refused = unknown.wait_for(Duration::from_secs(5), "the refusal", |_| true);
+    assert_eq!(refused["error"], "INVALID_ARGUMENT", "{refused}");
+    assert!(
+        refused["message"]
+            .as_str()
+            .unwrap()
+            .contains("unknown resource name")
     );
 }

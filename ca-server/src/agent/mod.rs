@@ -10,6 +10,7 @@ pub mod authority;
 pub mod client;
 pub mod health;
 pub mod persist;
+pub mod sds;
 pub mod socket;
 pub mod state;
 pub mod workload;
@@ -20,6 +21,7 @@ use std::time::Duration;
 
 use ca_proto::ca::v1::WatchTrustBundleRequest;
 use ca_proto::ca::v1::trust_bundle_service_client::TrustBundleServiceClient;
+use ca_proto::envoy::service::secret::v3::secret_discovery_service_server::SecretDiscoveryServiceServer;
 use ca_proto::workload::spiffe_workload_api_server::SpiffeWorkloadApiServer;
 use time::OffsetDateTime;
 use tokio_stream::StreamExt;
@@ -114,8 +116,9 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
     let mut server = None;
     if let Some(path) = &config.socket {
         let (listener, file) = socket::bind(path, config.socket_group.as_deref())?;
-        info!(socket = %file.path().display(), "Serving the SPIFFE Workload API");
-        let service = SpiffeWorkloadApiServer::new(workload::WorkloadApi::new(shelf.clone()));
+        info!(socket = %file.path().display(), "Serving the SPIFFE Workload API and Envoy SDS");
+        let workload_api = SpiffeWorkloadApiServer::new(workload::WorkloadApi::new(shelf.clone()));
+        let sds = SecretDiscoveryServiceServer::new(sds::Sds::new(shelf.clone()));
         let spellings = std::sync::Arc::new(authority::spellings(file.path()));
         let incoming =
             tokio_stream::wrappers::UnixListenerStream::new(listener).map(move |accepted| {
@@ -124,7 +127,8 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
         socket_file = Some(file);
         server = Some(tokio::spawn(
             tonic::transport::Server::builder()
-                .add_service(service)
+                .add_service(workload_api)
+                .add_service(sds)
                 .serve_with_incoming(incoming),
         ));
     }
