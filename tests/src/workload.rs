@@ -38,6 +38,8 @@ pub fn py_script(name: &str) -> PathBuf {
 pub struct LineProcess {
     child: Child,
     lines: mpsc::Receiver<String>,
+    /// Every line read so far, parsed.
+    pub seen: Vec<serde_json::Value>,
 }
 
 impl LineProcess {
@@ -57,7 +59,19 @@ impl LineProcess {
                 }
             }
         });
-        Self { child, lines }
+        Self {
+            child,
+            lines,
+            seen: Vec::new(),
+        }
+    }
+
+    /// Reads what has arrived so far into [`LineProcess::seen`], without waiting.
+    pub fn drain(&mut self) {
+        while let Ok(line) = self.lines.try_recv() {
+            self.seen
+                .push(serde_json::from_str(&line).unwrap_or(serde_json::Value::String(line)));
+        }
     }
 
     /// The next line that satisfies `wanted`, within `limit` (others are skipped).
@@ -74,11 +88,15 @@ impl LineProcess {
                 Ok(line) => {
                     let value: serde_json::Value = serde_json::from_str(&line)
                         .unwrap_or_else(|e| panic!("{what}: not JSON ({e}): {line}"));
+                    self.seen.push(value.clone());
                     if wanted(&value) {
                         return value;
                     }
                 }
-                Err(_) => panic!("{what}: not within {limit:?}"),
+                Err(_) => {
+                    let last = &self.seen[self.seen.len().saturating_sub(5)..];
+                    panic!("{what}: not within {limit:?}; the last lines: {last:?}")
+                }
             }
         }
     }

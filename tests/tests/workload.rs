@@ -479,3 +479,94 @@ fn an_envoy_sds_client_gets_default_and_rootca_acks_and_sees_pushes() {
             .contains("unknown resource name")
     );
 }
+
+#[test]
+fn two_workloads_make_mtls_with_spiffe_tls_through_a_root_rotation() {
+    if !python_has("spiffetls") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let issuer = TestIssuer::new(dir.path());
+    let flags = issuer.flags();
+    let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
+    let server = TestServer::start(&dir.path().join("data"), &flags);
+    let ttl = ["--ttl", "6s"];
+    let web = AgentProcess::start(
+        &server,
+        &dir.path().join("web"),
+        &issuer.token("shop", "web"),
+        &ttl,
+    );
+    let api = AgentProcess::start(
+        &server,
+        &dir.path().join("api"),
+        &issuer.token("shop", "api"),
+        &ttl,
+    );
+    web.wait_ready(Duration::from_secs(10));
+    api.wait_ready(Duration::from_secs(10));
+    let address = format!("127.0.0.1:{}", free_port());
+    let python = |args: &[&str]| {
+        let mut c = Command::new("python3");
+        c.arg(py_script("mtls_pair.py")).args(args);
+        LineProcess::spawn(c)
+    };
+    let mut listener = python(&[
+        "server",
+        &address,
+        &web.uri(),
+        "spiffe://cluster.local/ns/shop/sa/api",
+    ]);
+    listener.wait_for(Duration::from_secs(10), "listening", |v| {
+        v["listening"].is_string()
+    });
+    let mut dialer = python(&[
+        "client",
+        &address,
+        &api.uri(),
+        "spiffe://cluster.local/ns/shop/sa/web",
+        "40",
+    ]);
+    let first = dialer.wait_for(Duration::from_secs(10), "a first round trip", |_| true);
+    assert_eq!(first["ok"], true, "{first}");
+    assert!(first["peer_issuer"].as_str().unwrap().contains("root 1"));
+
+    // Prepare root 2; once both agents hold it in their bundles, activate it.
+    assert!(server.cli(&["root", "prepare"]).status.success());
+    let roots = |agent: &AgentProcess| {
+        std::fs::read_to_string(agent.out.join("root-cert.pem"))
+            .unwrap_or_default()
+            .matches("BEGIN CERTIFICATE")
+            .count()
+    };
+    wait_until(Duration::from_secs(5), "root 2 in both bundles", || {
+        roots(&web) == 2 && roots(&api) == 2
+    });
+    assert!(server.cli(&["root", "activate", "2"]).status.success());
+    // Both sides move to root 2 at their next renewal; the connections keep working.
+    dialer.wait_for(
+        Duration::from_secs(15),
+        "both certificates from root 2",
+        |v| {
+            v["ok"] == true
+                && v["peer_issuer"]
+                    .as_str()
+                    .is_some_and(|i| i.contains("root 2"))
+                && v["own_issuer"]
+                    .as_str()
+                    .is_some_and(|i| i.contains("root 2"))
+        },
+    );
+    listener.drain();
+    let failures: Vec<_> = dialer
+        .seen
+        .iter()
+        .chain(&listener.seen[1..])
+        .filter(|v| v["ok"] != true)
+        .collect();
+    assert!(
+        failures.is_empty(),
+        "mTLS failed during the rotation: {failures:?}"
+    );
+    assert!(dialer.seen.len() >= 10, "{} round trips", dialer.seen.len());
+}
