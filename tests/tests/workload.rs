@@ -570,3 +570,51 @@ fn two_workloads_make_mtls_with_spiffe_tls_through_a_root_rotation() {
     );
     assert!(dialer.seen.len() >= 10, "{} round trips", dialer.seen.len());
 }
+
+#[test]
+fn a_socket_group_opens_the_socket_to_that_group_alone() {
+    let dir = tempfile::tempdir().unwrap();
+    let issuer = TestIssuer::new(dir.path());
+    let flags = issuer.flags();
+    let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
+    let server = TestServer::start(&dir.path().join("data"), &flags);
+    let agent = AgentProcess::start(
+        &server,
+        &dir.path().join("agent"),
+        &issuer.token("shop", "web"),
+        &["--socket-group", "daemon"],
+    );
+    agent.wait_ready(Duration::from_secs(10));
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    let meta = std::fs::metadata(&agent.socket).unwrap();
+    assert_eq!(meta.permissions().mode() & 0o777, 0o660);
+    let daemon_gid = std::fs::read_to_string("/etc/group")
+        .unwrap()
+        .lines()
+        .find_map(|l| {
+            l.strip_prefix("daemon:x:")?
+                .split(':')
+                .next()?
+                .parse::<u32>()
+                .ok()
+        })
+        .unwrap();
+    assert_eq!(meta.gid(), daemon_gid);
+    // A group that does not exist is refused at start, naming it.
+    let out = ca_server(&[
+        "agent",
+        "--ca-bundle",
+        "/dev/null",
+        "--token-file",
+        "/dev/null",
+        "--out-dir",
+        dir.path().join("other").to_str().unwrap(),
+        "--socket",
+        &format!("unix://{}", dir.path().join("other.sock").display()),
+        "--socket-group",
+        "no-such-group",
+    ]);
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("no-such-group"), "{stderr}");
+}
