@@ -122,6 +122,16 @@ pub struct AgentProcess {
 impl AgentProcess {
     /// Starts an agent in `dir` against `server`, with `token` (a JWT) and `extra` flags.
     pub fn start(server: &TestServer, dir: &Path, token: &str, extra: &[&str]) -> Self {
+        Self::launch(server, dir, token, extra, false)
+    }
+
+    /// [`AgentProcess::start`], naming the socket in `SPIFFE_ENDPOINT_SOCKET` rather than
+    /// with `--socket`.
+    pub fn start_from_env(server: &TestServer, dir: &Path, token: &str, extra: &[&str]) -> Self {
+        Self::launch(server, dir, token, extra, true)
+    }
+
+    fn launch(server: &TestServer, dir: &Path, token: &str, extra: &[&str], env: bool) -> Self {
         std::fs::create_dir_all(dir).expect("agent dir");
         let token_file = dir.join("token");
         std::fs::write(&token_file, token).expect("token file");
@@ -130,8 +140,15 @@ impl AgentProcess {
         let socket = dir.join("agent.sock");
         let out = dir.join("out");
         let log = dir.join("agent.log");
-        let child = Command::new(bin())
-            .arg("agent")
+        let uri = format!("unix://{}", socket.display());
+        let mut command = Command::new(bin());
+        command.arg("agent");
+        if env {
+            command.env("SPIFFE_ENDPOINT_SOCKET", &uri);
+        } else {
+            command.arg("--socket").arg(&uri);
+        }
+        let child = command
             .arg("--server")
             .arg(format!("https://{}", server.grpc))
             .arg("--ca-bundle")
@@ -140,8 +157,6 @@ impl AgentProcess {
             .arg(&token_file)
             .arg("--out-dir")
             .arg(&out)
-            .arg("--socket")
-            .arg(format!("unix://{}", socket.display()))
             .args(extra)
             .env("RUST_LOG", "info")
             .stdout(Stdio::null())

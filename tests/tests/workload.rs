@@ -618,3 +618,68 @@ fn a_socket_group_opens_the_socket_to_that_group_alone() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("no-such-group"), "{stderr}");
 }
+
+#[tokio::test]
+async fn garbage_and_idle_clients_on_the_socket_do_not_disturb_the_others() {
+    use tokio::io::AsyncWriteExt;
+    let dir = tempfile::tempdir().unwrap();
+    let issuer = TestIssuer::new(dir.path());
+    let flags = issuer.flags();
+    let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
+    let server = TestServer::start(&dir.path().join("data"), &flags);
+    // The socket named by SPIFFE_ENDPOINT_SOCKET, as a workload's environment gives it.
+    let agent = AgentProcess::start_from_env(
+        &server,
+        &dir.path().join("agent"),
+        &issuer.token("shop", "web"),
+        &[],
+    );
+    agent.wait_ready(Duration::from_secs(10));
+    let (serial, _) = ca_tests::workload::served_svid(&agent.socket).await;
+
+    // Not HTTP/2 at all; a preface and then a header block announced at 16 MiB that never
+    // comes; a preface and silence; and many streams left open.
+    let mut garbage = tokio::net::UnixStream::connect(&agent.socket)
+        .await
+        .unwrap();
+    garbage.write_all(&[0xff; 4096]).await.unwrap();
+    let mut huge = tokio::net::UnixStream::connect(&agent.socket)
+        .await
+        .unwrap();
+    huge.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n")
+        .await
+        .unwrap();
+    huge.write_all(&[0xff, 0xff, 0xff, 0x1, 0x4, 0, 0, 0, 1])
+        .await
+        .unwrap();
+    huge.write_all(&[0x41; 1000]).await.unwrap();
+    let mut silent = tokio::net::UnixStream::connect(&agent.socket)
+        .await
+        .unwrap();
+    silent
+        .write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n")
+        .await
+        .unwrap();
+    let mut open = Vec::new();
+    let mut client = ca_tests::workload::uds_client(&agent.socket).await;
+    for _ in 0..200 {
+        let mut request = tonic::Request::new(ca_proto::workload::X509svidRequest {});
+        request
+            .metadata_mut()
+            .insert("workload.spiffe.io", "true".parse().unwrap());
+        open.push(client.fetch_x509svid(request).await.unwrap().into_inner());
+    }
+
+    // Everyone else is still served, and the agent is still up.
+    for _ in 0..3 {
+        let (again, _) = tokio::time::timeout(
+            Duration::from_secs(5),
+            ca_tests::workload::served_svid(&agent.socket),
+        )
+        .await
+        .expect("served within 5 s");
+        assert_eq!(again, serial);
+    }
+    assert!(agent.socket.exists());
+    drop((garbage, huge, silent, open));
+}

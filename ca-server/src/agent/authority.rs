@@ -22,8 +22,10 @@ const PREFACE_LEN: usize = 24;
 const FRAME_HEADER_LEN: usize = 9;
 const HEADERS: u8 = 0x1;
 const CONTINUATION: u8 = 0x9;
-/// Header blocks longer than this pass untouched (h2 refuses frames over 16 KiB anyway).
-const MAX_BLOCK: usize = 64 * 1024;
+/// The largest header block held back for rewriting: h2's default `SETTINGS_MAX_FRAME_SIZE`,
+/// which the socket's server keeps; a longer frame passes untouched and h2 refuses it. So a
+/// connection holds at most this much beyond what h2 itself would.
+const MAX_BLOCK: usize = 16 * 1024;
 
 /// The spellings of `socket` that clients send as `:authority`, each with its replacement.
 pub fn spellings(socket: &Path) -> Vec<(Vec<u8>, Vec<u8>)> {
