@@ -10,16 +10,31 @@ use std::time::Duration;
 use ca_tests::workload::{AgentProcess, LineProcess, py_script, python_has};
 use ca_tests::*;
 
-#[test]
-fn py_spiffe_x509_source_follows_renewals_and_a_root_rotation() {
-    if !python_has("spiffe") {
-        return;
-    }
+/// A CA trusting a test issuer, in a temporary directory.
+fn ca() -> (tempfile::TempDir, TestIssuer, TestServer) {
     let dir = tempfile::tempdir().unwrap();
     let issuer = TestIssuer::new(dir.path());
     let flags = issuer.flags();
     let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
     let server = TestServer::start(&dir.path().join("data"), &flags);
+    (dir, issuer, server)
+}
+
+/// A Workload API request with the security header.
+fn with_header<T>(message: T) -> tonic::Request<T> {
+    let mut request = tonic::Request::new(message);
+    request
+        .metadata_mut()
+        .insert("workload.spiffe.io", "true".parse().unwrap());
+    request
+}
+
+#[test]
+fn py_spiffe_x509_source_follows_renewals_and_a_root_rotation() {
+    if !python_has("spiffe") {
+        return;
+    }
+    let (dir, issuer, server) = ca();
     let agent = AgentProcess::start(
         &server,
         &dir.path().join("agent"),
@@ -90,11 +105,7 @@ fn py_spiffe_x509_source_follows_renewals_and_a_root_rotation() {
 
 #[tokio::test]
 async fn the_socket_refuses_what_the_contract_says() {
-    let dir = tempfile::tempdir().unwrap();
-    let issuer = TestIssuer::new(dir.path());
-    let flags = issuer.flags();
-    let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
-    let server = TestServer::start(&dir.path().join("data"), &flags);
+    let (dir, issuer, server) = ca();
     let mut agent = AgentProcess::start(
         &server,
         &dir.path().join("agent"),
@@ -110,10 +121,7 @@ async fn the_socket_refuses_what_the_contract_says() {
     assert_eq!(status.code(), tonic::Code::InvalidArgument);
     assert_eq!(status.message(), "security header missing from request");
     // With it: the SVID at once, DER leaf first, the key PKCS#8.
-    let mut request = tonic::Request::new(X509svidRequest {});
-    request
-        .metadata_mut()
-        .insert("workload.spiffe.io", "true".parse().unwrap());
+    let request = with_header(X509svidRequest {});
     let mut stream = client.fetch_x509svid(request).await.unwrap().into_inner();
     let first = stream.message().await.unwrap().unwrap();
     let svid = &first.svids[0];
@@ -164,11 +172,7 @@ async fn the_socket_refuses_what_the_contract_says() {
 
 #[tokio::test]
 async fn with_no_identity_yet_the_socket_says_so() {
-    let dir = tempfile::tempdir().unwrap();
-    let issuer = TestIssuer::new(dir.path());
-    let flags = issuer.flags();
-    let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
-    let server = TestServer::start(&dir.path().join("data"), &flags);
+    let (dir, _issuer, server) = ca();
     // A token from an issuer the CA does not trust: never an identity.
     let stranger = TestIssuer::new(&dir.path().join("stranger"));
     let agent = AgentProcess::start(
@@ -183,10 +187,7 @@ async fn with_no_identity_yet_the_socket_says_so() {
         std::thread::sleep(Duration::from_millis(50));
     }
     let mut client = ca_tests::workload::uds_client(&agent.socket).await;
-    let mut request = tonic::Request::new(ca_proto::workload::X509svidRequest {});
-    request
-        .metadata_mut()
-        .insert("workload.spiffe.io", "true".parse().unwrap());
+    let request = with_header(ca_proto::workload::X509svidRequest {});
     let status = client.fetch_x509svid(request).await.unwrap_err();
     assert_eq!(status.code(), tonic::Code::PermissionDenied);
     assert_eq!(status.message(), "no identity issued");
@@ -203,11 +204,7 @@ fn wait_until(limit: Duration, what: &str, mut done: impl FnMut() -> bool) {
 #[tokio::test]
 async fn through_a_ca_outage_the_agent_serves_what_it_holds_even_after_a_restart() {
     use ca_tests::workload::{agent_health, served_svid};
-    let dir = tempfile::tempdir().unwrap();
-    let issuer = TestIssuer::new(dir.path());
-    let flags = issuer.flags();
-    let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
-    let mut server = TestServer::start(&dir.path().join("data"), &flags);
+    let (dir, issuer, mut server) = ca();
     let health: std::net::SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
     let health_flag = ["--health-listen", &health.to_string()];
     let agent_dir = dir.path().join("agent");
@@ -274,11 +271,7 @@ async fn through_a_ca_outage_the_agent_serves_what_it_holds_even_after_a_restart
 
 #[tokio::test]
 async fn an_expired_kept_svid_is_not_served() {
-    let dir = tempfile::tempdir().unwrap();
-    let issuer = TestIssuer::new(dir.path());
-    let flags = issuer.flags();
-    let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
-    let mut server = TestServer::start(&dir.path().join("data"), &flags);
+    let (dir, issuer, mut server) = ca();
     let agent_dir = dir.path().join("agent");
     let token = issuer.token("shop", "web");
     let mut agent = AgentProcess::start(&server, &agent_dir, &token, &["--ttl", "3s"]);
@@ -293,10 +286,7 @@ async fn an_expired_kept_svid_is_not_served() {
         agent.socket.exists()
     });
     let mut client = ca_tests::workload::uds_client(&agent.socket).await;
-    let mut request = tonic::Request::new(ca_proto::workload::X509svidRequest {});
-    request
-        .metadata_mut()
-        .insert("workload.spiffe.io", "true".parse().unwrap());
+    let request = with_header(ca_proto::workload::X509svidRequest {});
     let status = client.fetch_x509svid(request).await.unwrap_err();
     assert_eq!(status.code(), tonic::Code::PermissionDenied);
     assert!(agent.log().contains("expired"), "{}", agent.log());
@@ -305,11 +295,7 @@ async fn an_expired_kept_svid_is_not_served() {
 #[tokio::test]
 async fn the_rust_spiffe_crate_fetches_and_streams() {
     use futures_util::StreamExt;
-    let dir = tempfile::tempdir().unwrap();
-    let issuer = TestIssuer::new(dir.path());
-    let flags = issuer.flags();
-    let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
-    let server = TestServer::start(&dir.path().join("data"), &flags);
+    let (dir, issuer, server) = ca();
     let agent = AgentProcess::start(
         &server,
         &dir.path().join("agent"),
@@ -393,11 +379,7 @@ fn an_envoy_sds_client_gets_default_and_rootca_acks_and_sees_pushes() {
     if !python_has("envoy.service.secret.v3.sds_pb2_grpc") {
         return;
     }
-    let dir = tempfile::tempdir().unwrap();
-    let issuer = TestIssuer::new(dir.path());
-    let flags = issuer.flags();
-    let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
-    let server = TestServer::start(&dir.path().join("data"), &flags);
+    let (dir, issuer, server) = ca();
     let agent = AgentProcess::start(
         &server,
         &dir.path().join("agent"),
@@ -485,11 +467,7 @@ fn two_workloads_make_mtls_with_spiffe_tls_through_a_root_rotation() {
     if !python_has("spiffetls") {
         return;
     }
-    let dir = tempfile::tempdir().unwrap();
-    let issuer = TestIssuer::new(dir.path());
-    let flags = issuer.flags();
-    let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
-    let server = TestServer::start(&dir.path().join("data"), &flags);
+    let (dir, issuer, server) = ca();
     let ttl = ["--ttl", "6s"];
     let web = AgentProcess::start(
         &server,
@@ -573,11 +551,7 @@ fn two_workloads_make_mtls_with_spiffe_tls_through_a_root_rotation() {
 
 #[test]
 fn a_socket_group_opens_the_socket_to_that_group_alone() {
-    let dir = tempfile::tempdir().unwrap();
-    let issuer = TestIssuer::new(dir.path());
-    let flags = issuer.flags();
-    let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
-    let server = TestServer::start(&dir.path().join("data"), &flags);
+    let (dir, issuer, server) = ca();
     let agent = AgentProcess::start(
         &server,
         &dir.path().join("agent"),
@@ -622,11 +596,7 @@ fn a_socket_group_opens_the_socket_to_that_group_alone() {
 #[tokio::test]
 async fn garbage_and_idle_clients_on_the_socket_do_not_disturb_the_others() {
     use tokio::io::AsyncWriteExt;
-    let dir = tempfile::tempdir().unwrap();
-    let issuer = TestIssuer::new(dir.path());
-    let flags = issuer.flags();
-    let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
-    let server = TestServer::start(&dir.path().join("data"), &flags);
+    let (dir, issuer, server) = ca();
     // The socket named by SPIFFE_ENDPOINT_SOCKET, as a workload's environment gives it.
     let agent = AgentProcess::start_from_env(
         &server,
@@ -663,10 +633,7 @@ async fn garbage_and_idle_clients_on_the_socket_do_not_disturb_the_others() {
     let mut open = Vec::new();
     let mut client = ca_tests::workload::uds_client(&agent.socket).await;
     for _ in 0..200 {
-        let mut request = tonic::Request::new(ca_proto::workload::X509svidRequest {});
-        request
-            .metadata_mut()
-            .insert("workload.spiffe.io", "true".parse().unwrap());
+        let request = with_header(ca_proto::workload::X509svidRequest {});
         open.push(client.fetch_x509svid(request).await.unwrap().into_inner());
     }
 
