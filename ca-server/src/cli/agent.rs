@@ -14,7 +14,8 @@ use crate::agent::{AgentConfig, socket};
 pub(super) struct AgentArgs {
     #[command(flatten)]
     request: RequestArgs,
-    /// Serve the SPIFFE Workload API on this Unix socket, e.g. unix:///run/spiffe/agent.sock
+    /// Serve the SPIFFE Workload API and Envoy SDS on this Unix socket, e.g.
+    /// unix:///run/spiffe/agent.sock
     /// (with Istio: unix:///var/run/secrets/workload-spiffe-uds/socket)
     #[arg(long, env = "SPIFFE_ENDPOINT_SOCKET")]
     socket: Option<String>,
