@@ -225,6 +225,7 @@ async fn through_a_ca_outage_the_agent_serves_what_it_holds_even_after_a_restart
     assert_eq!(status, 200, "still serving a valid SVID: {report}");
     assert_eq!(report["serving"], true);
     assert_eq!(report["spiffe_id"], "spiffe://cluster.local/ns/shop/sa/web");
+    assert_eq!(report["bundle_sequence"], 1, "{report}");
     // First the watch breaks; then each retry finds nobody there.
     wait_until(
         Duration::from_secs(5),

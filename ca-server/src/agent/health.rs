@@ -90,6 +90,9 @@ async fn healthz(State(health): State<Health>) -> impl IntoResponse {
         "spiffe_id": held.svid.as_ref().map(|svid| svid.spiffe_id.to_string()),
         "not_after": held.svid.as_ref().map(|svid| rfc3339::text(svid.not_after)),
         "bundle_roots": held.roots.as_ref().map(|roots| roots.certificates.len()),
+        // The CA's bundle sequence last received (0: read back from disk), to see a rotation
+        // reach this agent.
+        "bundle_sequence": held.roots.as_ref().map(|roots| roots.sequence),
         "ca": {
             "connected": link.connected,
             "since": rfc3339::text(link.since),
