@@ -147,18 +147,25 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
 
     let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     let mut backoff = Backoff(Backoff::FIRST);
+    let mut pause = Duration::ZERO;
     loop {
-        let session = session(&config, &shelf, &link, &mut bundle, &mut life, &mut backoff);
-        tokio::select! {
-            result = session => {
-                if let Err(e) = result {
-                    link.down(&format!("{e:#}"));
-                    let wait = backoff.next();
-                    let serving = shelf.now().svid.map(|svid| crate::rfc3339::text(svid.not_after));
-                    warn!(error = format!("{e:#}"), retry_in = ?wait, serving_until = serving.as_deref().unwrap_or("nothing yet"), "Agent lost the server; serving the current SVID meanwhile");
-                    tokio::time::sleep(wait).await;
-                }
+        // The backoff's wait is part of the attempt, so a signal ends it at once too.
+        let attempt = async {
+            tokio::time::sleep(pause).await;
+            if let Err(e) =
+                session(&config, &shelf, &link, &mut bundle, &mut life, &mut backoff).await
+            {
+                link.down(&format!("{e:#}"));
+                pause = backoff.next();
+                let serving = shelf
+                    .now()
+                    .svid
+                    .map(|svid| crate::rfc3339::text(svid.not_after));
+                warn!(error = format!("{e:#}"), retry_in = ?pause, serving_until = serving.as_deref().unwrap_or("nothing yet"), "Agent lost the server; serving the current SVID meanwhile");
             }
+        };
+        tokio::select! {
+            () = attempt => {}
             _ = tokio::signal::ctrl_c() => break,
             _ = terminate.recv() => break,
         }
