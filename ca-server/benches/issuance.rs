@@ -75,6 +75,7 @@ fn bench(c: &mut Criterion) {
     let anchors = TrustAnchors::from_bundle(&Bundle {
         sequence: 1,
         roots_pem: vec![authority.root_pem().to_owned()],
+        jwt_keys: Vec::new(),
     })
     .unwrap();
     let policy = LeafPolicy::default();

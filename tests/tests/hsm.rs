@@ -111,6 +111,24 @@ async fn root_keys_live_in_the_token() {
         0
     );
 
+    // Its JWT-SVID key is in the token too.
+    {
+        use sqlx::Connection;
+        sqlx::any::install_default_drivers();
+        let mut db = sqlx::AnyConnection::connect(&server.database_url())
+            .await
+            .unwrap();
+        let (key_ref,): (String,) = sqlx::query_as("SELECT key_ref FROM jwt_keys")
+            .fetch_one(&mut db)
+            .await
+            .unwrap();
+        db.close().await.unwrap();
+        assert!(
+            key_ref.starts_with("pkcs11:token=ca;object=ca-server-jwt-1-"),
+            "{key_ref}"
+        );
+    }
+
     // Leaves it signs verify with webpki and OpenSSL against the root.
     let token = issuer.token("shop", "web");
     let (csr, _) = csr(&rcgen::PKCS_ECDSA_P256_SHA256, &[]);

@@ -196,7 +196,14 @@ async fn the_bundle_is_published_as_pem_jwks_and_a_stream() {
     let check_jwks = |jwks: &serde_json::Value, pem_bundle: &str| {
         use base64::Engine;
         let keys = jwks["keys"].as_array().unwrap();
-        let from_jwks: Vec<Vec<u8>> = keys
+        // Beside the roots, each authority's JWT-SVID key (jwt_keys.rs checks them whole).
+        let (roots, jwt): (Vec<_>, Vec<_>) = keys.iter().partition(|k| k["use"] == "x509-svid");
+        assert!(!jwt.is_empty());
+        for k in &jwt {
+            assert_eq!(k["use"], "jwt-svid");
+            assert!(k["kid"].is_string());
+        }
+        let from_jwks: Vec<Vec<u8>> = roots
             .iter()
             .map(|k| {
                 assert_eq!(k["use"], "x509-svid");

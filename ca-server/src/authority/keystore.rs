@@ -17,9 +17,11 @@ use base64::Engine;
 use base64::engine::general_purpose::STANDARD;
 use zeroize::Zeroizing;
 
+use super::jwt::JwtKey;
+
 use super::pkcs11::Token;
 use super::{AuthorityError, CaKey, KeyError, KeyType};
-use crate::store::AuthorityRecord;
+use crate::store::{AuthorityRecord, JwtKeyRecord};
 
 /// A key-encryption key: 32 bytes for AES-256-GCM.
 pub struct Kek {
@@ -76,6 +78,27 @@ impl Kek {
 
     /// Seals `plaintext` (a key's PEM) for authority `authority_id`.
     pub fn seal(&self, authority_id: i64, plaintext: &[u8]) -> Result<String, KeyError> {
+        self.seal_for(&associated_data(authority_id), plaintext)
+    }
+
+    /// Opens what [`Kek::seal`] sealed for `authority_id`; `None` if it does not open (another
+    /// KEK, another authority's key, or altered).
+    pub fn open(&self, authority_id: i64, sealed: &str) -> Option<Zeroizing<Vec<u8>>> {
+        self.open_for(&associated_data(authority_id), sealed)
+    }
+
+    /// Seals authority `authority_id`'s JWT-SVID key (bound to that use: it never opens as
+    /// the authority's X.509 key, nor the other way round).
+    pub fn seal_jwt(&self, authority_id: i64, plaintext: &[u8]) -> Result<String, KeyError> {
+        self.seal_for(&jwt_associated_data(authority_id), plaintext)
+    }
+
+    /// Opens what [`Kek::seal_jwt`] sealed.
+    pub fn open_jwt(&self, authority_id: i64, sealed: &str) -> Option<Zeroizing<Vec<u8>>> {
+        self.open_for(&jwt_associated_data(authority_id), sealed)
+    }
+
+    fn seal_for(&self, associated: &[u8], plaintext: &[u8]) -> Result<String, KeyError> {
         let mut nonce = [0u8; NONCE_LEN];
         aws_lc_rs::rand::fill(&mut nonce)
             .map_err(|_| KeyError::Generate("no randomness for a nonce".into()))?;
@@ -84,7 +107,7 @@ impl Kek {
         self.key
             .seal_in_place_append_tag(
                 Nonce::assume_unique_for_key(nonce),
-                Aad::from(associated_data(authority_id)),
+                Aad::from(associated),
                 in_out,
             )
             .map_err(|_| KeyError::Generate("sealing the key failed".into()))?;
@@ -93,9 +116,7 @@ impl Kek {
         Ok(format!("v1:{}", STANDARD.encode(out)))
     }
 
-    /// Opens what [`Kek::seal`] sealed for `authority_id`; `None` if it does not open (another
-    /// KEK, another authority's key, or altered).
-    pub fn open(&self, authority_id: i64, sealed: &str) -> Option<Zeroizing<Vec<u8>>> {
+    fn open_for(&self, associated: &[u8], sealed: &str) -> Option<Zeroizing<Vec<u8>>> {
         let bytes = STANDARD.decode(sealed.strip_prefix("v1:")?).ok()?;
         if bytes.len() < NONCE_LEN {
             return None;
@@ -105,7 +126,7 @@ impl Kek {
         let mut buffer = Zeroizing::new(ciphertext.to_vec());
         let plain_len = self
             .key
-            .open_in_place(nonce, Aad::from(associated_data(authority_id)), &mut buffer)
+            .open_in_place(nonce, Aad::from(associated), &mut buffer)
             .ok()?
             .len();
         buffer.truncate(plain_len);
@@ -137,6 +158,10 @@ fn check_kek_mode(path: &Path) -> Result<(), KeyError> {
 
 fn associated_data(authority_id: i64) -> Vec<u8> {
     format!("ca-server authority {authority_id} key").into_bytes()
+}
+
+fn jwt_associated_data(authority_id: i64) -> Vec<u8> {
+    format!("ca-server authority {authority_id} jwt-svid key").into_bytes()
 }
 
 /// The 32 bytes of a KEK file's contents, if they are base64, hex or raw 32 bytes.
@@ -289,6 +314,93 @@ impl KeyStore {
         })
     }
 
+    /// Generates authority `id`'s JWT-SVID signing key (EC P-256) where its X.509 key would
+    /// go: in the PKCS#11 token if there is one, else sealed under the KEK, else in a 0600
+    /// file. Names are new each time (`…-jwt-<id>-<random>`, `keys/<id>.jwt.<random>.key.pem`)
+    /// so an earlier attempt or another replica's never collides.
+    pub fn generate_jwt(&self, id: i64) -> Result<(JwtKey, StoredKey), KeyError> {
+        let mut suffix = [0u8; 4];
+        aws_lc_rs::rand::fill(&mut suffix)
+            .map_err(|_| KeyError::Generate("no randomness for a key name".into()))?;
+        let suffix = hex::encode(suffix);
+        if let Some(token) = &self.token {
+            let object = format!("ca-server-jwt-{id}-{suffix}");
+            let key = token.generate(&object, JwtKey::KEY_TYPE)?;
+            let stored = StoredKey {
+                key_ref: KeyRef::Pkcs11 {
+                    token: token.label().to_owned(),
+                    object,
+                },
+                sealed_key: None,
+            };
+            return Ok((JwtKey::new(CaKey::from_hsm(key))?, stored));
+        }
+        let key = JwtKey::generate()?;
+        let pem = key.key().to_pkcs8_pem()?;
+        if let Some(kek) = &self.kek {
+            let stored = StoredKey {
+                key_ref: KeyRef::Sealed {
+                    kek: kek.id().to_owned(),
+                },
+                sealed_key: Some(kek.seal_jwt(id, pem.as_bytes())?),
+            };
+            return Ok((key, stored));
+        }
+        let rel = format!("keys/{id}.jwt.{suffix}.key.pem");
+        let path = self.data_dir.join(&rel);
+        crate::files::write_private_new(&path, pem.as_bytes()).map_err(|source| KeyError::Io {
+            path: path.display().to_string(),
+            source,
+        })?;
+        Ok((
+            key,
+            StoredKey {
+                key_ref: KeyRef::File(rel),
+                sealed_key: None,
+            },
+        ))
+    }
+
+    /// Removes a JWT key file [`KeyStore::generate_jwt`] wrote that was not recorded (another
+    /// replica recorded one first). A token object is left: it holds no secret outside it.
+    pub fn discard_jwt(&self, stored: &StoredKey) {
+        if let KeyRef::File(rel) = &stored.key_ref {
+            let _ = std::fs::remove_file(self.data_dir.join(rel));
+        }
+    }
+
+    /// Loads authority `record.authority_id`'s JWT-SVID key from where its row says it lives.
+    pub fn load_jwt(&self, record: &JwtKeyRecord) -> Result<JwtKey, AuthorityError> {
+        let id = record.authority_id;
+        let fail = |detail: String| AuthorityError::SealedKey {
+            id,
+            detail: format!("its JWT-SVID key: {detail}"),
+        };
+        let key_ref = record
+            .key_ref
+            .parse::<KeyRef>()
+            .map_err(|e| fail(e.to_string()))?;
+        let key = match key_ref {
+            KeyRef::File(rel) => CaKey::read_file(&self.data_dir.join(rel))?,
+            KeyRef::Pkcs11 { token, object } => self.load_from_token(id, &token, &object)?,
+            KeyRef::Sealed { kek: kek_id } => {
+                let kek = self.kek.as_ref().filter(|k| k.id() == kek_id).ok_or_else(|| {
+                    fail(format!(
+                        "sealed under key-encryption key {kek_id}: pass --key-encryption-key-file with that key"
+                    ))
+                })?;
+                let plain = record
+                    .sealed_key
+                    .as_deref()
+                    .and_then(|sealed| kek.open_jwt(id, sealed))
+                    .ok_or_else(|| fail("the sealed key does not open".into()))?;
+                let pem = std::str::from_utf8(&plain).map_err(|_| fail("not PEM".into()))?;
+                CaKey::from_pem(pem, Path::new("the sealed JWT-SVID key"))?
+            }
+        };
+        Ok(JwtKey::new(key)?)
+    }
+
     /// Loads `record`'s key from wherever its `key_ref` says it lives.
     pub fn load(&self, record: &AuthorityRecord) -> Result<CaKey, AuthorityError> {
         let key_ref =
@@ -374,6 +486,36 @@ mod tests {
 
     fn kek(byte: u8) -> Kek {
         Kek::new(&[byte; 32]).unwrap()
+    }
+
+    #[test]
+    fn a_jwt_key_is_kept_and_read_back_as_a_file_or_sealed_never_as_an_authority_key() {
+        let dir = tempfile::tempdir().unwrap();
+        for keys in [
+            KeyStore::files(dir.path()),
+            KeyStore::sealed(dir.path(), kek(3)),
+        ] {
+            let (key, stored) = keys.generate_jwt(4).unwrap();
+            let record = JwtKeyRecord {
+                authority_id: 4,
+                key_ref: stored.key_ref.to_string(),
+                sealed_key: stored.sealed_key.clone(),
+            };
+            let loaded = keys.load_jwt(&record).unwrap();
+            assert_eq!(loaded.public(), key.public());
+            if let Some(sealed) = &stored.sealed_key {
+                // Bound to its use and its authority.
+                assert!(keys.kek().unwrap().open(4, sealed).is_none());
+                assert!(keys.kek().unwrap().open_jwt(5, sealed).is_none());
+            } else {
+                let path = dir
+                    .path()
+                    .join(stored.key_ref.to_string().strip_prefix("file:").unwrap());
+                assert_eq!(crate::files::too_open(&path).unwrap(), None);
+                keys.discard_jwt(&stored);
+                assert!(!path.exists());
+            }
+        }
     }
 
     #[test]

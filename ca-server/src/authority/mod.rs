@@ -3,6 +3,7 @@
 
 pub mod expiry;
 pub mod import;
+pub mod jwt;
 mod key;
 mod key_ref;
 mod keystore;
@@ -24,7 +25,7 @@ pub use keystore::{Kek, KeyStore, StoredKey};
 use crate::audit::EventRow;
 use crate::spiffe::TrustDomain;
 use crate::store::{
-    AuthorityKind, AuthorityRecord, AuthorityState, NewAuthority, Store, StoreError,
+    AuthorityKind, AuthorityRecord, AuthorityState, NewAuthority, NewJwtKey, Store, StoreError,
 };
 use crate::x509::{pem_to_der, random_serial, sha256_hex, split_pem};
 
@@ -261,6 +262,7 @@ pub async fn create_self_signed_root(
         }
     })?;
     let pem = cert.pem();
+    let (jwt, _) = new_jwt_key(keys, id)?;
     let new = NewAuthority {
         state,
         kind: AuthorityKind::SelfSigned,
@@ -273,9 +275,37 @@ pub async fn create_self_signed_root(
         not_before: parsed.validity().not_before.timestamp(),
         not_after: parsed.validity().not_after.timestamp(),
         fingerprint_sha256: sha256_hex(cert.der()),
+        jwt,
     };
     store.add_authority(id, &new, event).await?;
     Ok(id)
+}
+
+/// Generates authority `id`'s JWT-SVID signing key and what its row records.
+fn new_jwt_key(keys: &KeyStore, id: i64) -> Result<(NewJwtKey, StoredKey), AuthorityError> {
+    let (key, stored) = keys.generate_jwt(id)?;
+    let new = NewJwtKey {
+        kid: key.public().kid.clone(),
+        key_ref: stored.key_ref.to_string(),
+        sealed_key: stored.sealed_key.clone(),
+        public_jwk: key.public().jwk.to_string(),
+    };
+    Ok((new, stored))
+}
+
+/// Gives every authority not retired that has none (made before JWT-SVIDs) its JWT-SVID
+/// key; a key another replica recorded first is discarded. Returns how many were added.
+pub async fn ensure_jwt_keys(store: &Store, keys: &KeyStore) -> Result<usize, AuthorityError> {
+    let mut added = 0;
+    for id in store.authorities_without_jwt_key().await? {
+        let (new, stored) = new_jwt_key(keys, id)?;
+        if store.add_jwt_key(id, &new).await? {
+            added += 1;
+        } else {
+            keys.discard_jwt(&stored);
+        }
+    }
+    Ok(added)
 }
 
 /// Imports the plug-in CA in `dir` (Istio's `cacerts` layout) as a `prepared` authority: its
@@ -301,6 +331,7 @@ pub async fn import_authority(
         Some(stored) => stored,
         None => keys.put(id, &ca.key_pem)?,
     };
+    let (jwt, _) = new_jwt_key(keys, id)?;
     let new = NewAuthority {
         state: AuthorityState::Prepared,
         kind: AuthorityKind::Imported,
@@ -313,6 +344,7 @@ pub async fn import_authority(
         not_before: ca.not_before,
         not_after: ca.not_after,
         fingerprint_sha256: ca.fingerprint_sha256,
+        jwt,
     };
     store.add_authority(id, &new, event).await?;
     Ok(id)

@@ -1,5 +1,6 @@
-//! The trust bundle: the roots of every authority not retired, with a sequence that goes up
-//! on every change of its contents; rendered as PEM and as a SPIFFE bundle (a JWK Set).
+//! The trust bundle: the roots and JWT-SVID keys of every authority not retired, with a
+//! sequence that goes up on every change of its contents; rendered as PEM (the roots) and as
+//! a SPIFFE bundle (a JWK Set of both).
 
 use std::path::{Path, PathBuf};
 
@@ -17,6 +18,8 @@ pub struct Bundle {
     pub sequence: i64,
     /// Root certificates, PEM, oldest authority first.
     pub roots_pem: Vec<String>,
+    /// JWT-SVID signing keys' public halves, oldest authority first.
+    pub jwt_keys: Vec<crate::authority::jwt::JwtPublicKey>,
 }
 
 impl Bundle {
@@ -26,13 +29,20 @@ impl Bundle {
     }
 
     /// The SPIFFE bundle: a JWK Set with one `x509-svid` key per root (`x5c` holding the
-    /// root's DER, no `kid`), `spiffe_sequence` and `spiffe_refresh_hint`.
+    /// root's DER, no `kid`) and one `jwt-svid` key per JWT signing key (with its `kid`),
+    /// `spiffe_sequence` and `spiffe_refresh_hint`.
     pub fn to_spiffe_jwks(&self, refresh_hint_secs: i64) -> Result<serde_json::Value, CertError> {
-        let keys = self
+        let mut keys = self
             .roots_pem
             .iter()
             .map(|pem| root_jwk(&crate::x509::pem_to_der(pem)?))
             .collect::<Result<Vec<_>, CertError>>()?;
+        keys.extend(self.jwt_keys.iter().map(|key| {
+            let mut jwk = key.jwk.clone();
+            jwk["kid"] = key.kid.clone().into();
+            jwk["use"] = "jwt-svid".into();
+            jwk
+        }));
         Ok(serde_json::json!({
             "keys": keys,
             "spiffe_sequence": self.sequence,
@@ -91,10 +101,20 @@ fn root_jwk(der: &[u8]) -> Result<serde_json::Value, CertError> {
 
 /// The current bundle, from the store.
 pub async fn load(store: &crate::store::Store) -> Result<Bundle, crate::store::StoreError> {
-    let (sequence, roots_pem) = store.bundle().await?;
+    let rows = store.bundle().await?;
+    let jwt_keys = rows
+        .jwt_keys
+        .iter()
+        .map(|jwk| crate::authority::jwt::JwtPublicKey::from_stored(jwk))
+        .collect::<Result<_, _>>()
+        .map_err(|detail| crate::store::StoreError::Corrupt {
+            table: "jwt_keys",
+            detail,
+        })?;
     Ok(Bundle {
-        sequence,
-        roots_pem,
+        sequence: rows.sequence,
+        roots_pem: rows.roots,
+        jwt_keys,
     })
 }
 
@@ -125,15 +145,24 @@ mod tests {
                 .unwrap();
             roots.push(cert.pem());
         }
+        let jwt = crate::authority::jwt::JwtKey::generate().unwrap();
         let bundle = Bundle {
             sequence: 7,
             roots_pem: roots.clone(),
+            jwt_keys: vec![jwt.public().clone()],
         };
         let jwks = bundle.to_spiffe_jwks(300).unwrap();
         assert_eq!(jwks["spiffe_sequence"], 7);
         assert_eq!(jwks["spiffe_refresh_hint"], 300);
         let keys = jwks["keys"].as_array().unwrap();
-        assert_eq!(keys.len(), 2);
+        assert_eq!(keys.len(), 3);
+        assert_eq!(keys[2]["use"], "jwt-svid");
+        assert_eq!(keys[2]["kid"], jwt.public().kid.as_str());
+        assert_eq!(
+            (&keys[2]["kty"], &keys[2]["crv"]),
+            (&"EC".into(), &"P-256".into())
+        );
+        let keys = &keys[..2];
         assert_eq!(keys[0]["crv"], "P-256");
         assert_eq!(keys[1]["crv"], "P-384");
         for (key, pem) in keys.iter().zip(&roots) {

@@ -268,6 +268,7 @@ mod tests {
         TrustAnchors::from_bundle(&Bundle {
             sequence: 1,
             roots_pem: roots.iter().map(|r| r.to_string()).collect(),
+            jwt_keys: Vec::new(),
         })
         .unwrap()
     }

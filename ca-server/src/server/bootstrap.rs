@@ -114,6 +114,14 @@ pub(super) async fn open(settings: &Settings) -> Result<Opened, StartError> {
     let authority = Arc::new(active_authority(&store, settings).await?);
     readiness.authority.store(true, Ordering::Release);
     info!(authority_id = authority.id(), subject = authority.subject(), not_after = %crate::rfc3339::text(authority.not_after()), "Loaded the active authority");
+    // Authorities made before JWT-SVIDs get their signing key now (it joins the bundle).
+    let added = crate::authority::ensure_jwt_keys(&store, &settings.keys).await?;
+    if added > 0 {
+        info!(
+            added,
+            "Made JWT-SVID signing keys for authorities that had none"
+        );
+    }
     let bundle = bundle::load(&store).await?;
     bundle::write_bundle_file(&settings.data_dir, &bundle).map_err(|source| {
         StartError::BundleFile {

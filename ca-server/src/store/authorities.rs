@@ -203,6 +203,44 @@ pub struct NewAuthority {
     pub not_after: i64,
     /// See [`AuthorityRecord`].
     pub fingerprint_sha256: String,
+    /// Its JWT-SVID signing key.
+    pub jwt: NewJwtKey,
+}
+
+/// An authority's JWT-SVID signing key, as recorded.
+#[derive(Debug, Clone)]
+pub struct NewJwtKey {
+    /// RFC 7638 thumbprint of `public_jwk`.
+    pub kid: String,
+    /// Where the private key lives (`file:…` or `sealed:…`).
+    pub key_ref: String,
+    /// The key sealed under the KEK, when `key_ref` is `sealed:…`.
+    pub sealed_key: Option<String>,
+    /// The public key, a JWK without `kid` or `use`.
+    pub public_jwk: String,
+}
+
+/// A JWT-SVID key as stored, for signing.
+#[derive(Debug, Clone)]
+pub struct JwtKeyRecord {
+    /// Its authority.
+    pub authority_id: i64,
+    /// See [`NewJwtKey`].
+    pub key_ref: String,
+    /// See [`NewJwtKey`].
+    pub sealed_key: Option<String>,
+}
+
+/// What the bundle holds: its sequence, the roots, and the JWT-SVID keys (`public_jwk` of each
+/// authority not retired, oldest first).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BundleRows {
+    /// Goes up on every change of the roots or keys.
+    pub sequence: i64,
+    /// Root certificates, PEM.
+    pub roots: Vec<String>,
+    /// JWT-SVID public keys as stored.
+    pub jwt_keys: Vec<String>,
 }
 
 fn record_from_row(row: &AnyRow) -> Result<AuthorityRecord, StoreError> {
@@ -257,7 +295,7 @@ impl Store {
     ) -> Result<(), StoreError> {
         let now = time::OffsetDateTime::now_utc().unix_timestamp();
         let mut tx = self.begin_write().await?;
-        let before = bundle_roots(&mut tx).await?;
+        let before = bundle_contents(&mut tx).await?;
         sqlx::query(
             "INSERT INTO authorities (id, state, kind, subject, cert_pem, chain_pem, root_pem, \
              key_ref, sealed_key, not_before, not_after, fingerprint_sha256, created_at, \
@@ -280,6 +318,7 @@ impl Store {
         .bind((new.state == AuthorityState::Active).then_some(now))
         .execute(&mut *tx)
         .await?;
+        insert_jwt_key(&mut tx, id, &new.jwt, now).await?;
         bump_if_changed(&mut tx, &before).await?;
         announce(&mut tx, self.dialect()).await?;
         event.authority_id = Some(id);
@@ -308,7 +347,7 @@ impl Store {
                 .await?
                 .map(|row| column(&row, "id"))
                 .transpose()?;
-        let before = bundle_roots(&mut tx).await?;
+        let before = bundle_contents(&mut tx).await?;
         if let Some(prev) = previous {
             sqlx::query(
                 "UPDATE authorities SET state = 'retiring', retiring_at = $1 WHERE id = $2",
@@ -356,7 +395,7 @@ impl Store {
         rule(standing.as_ref(), &leaves).map_err(TransitionError::Refused)?;
         let state = standing.ok_or(StoreError::NoSuchAuthority(id))?.state;
         let unexpired = leaves.unexpired;
-        let before = bundle_roots(&mut tx).await?;
+        let before = bundle_contents(&mut tx).await?;
         sqlx::query("UPDATE authorities SET state = 'retired', retired_at = $1 WHERE id = $2")
             .bind(now)
             .bind(id)
@@ -377,16 +416,72 @@ impl Store {
         Ok(())
     }
 
-    /// The bundle: its sequence and roots, read in one transaction so they agree.
-    pub async fn bundle(&self) -> Result<(i64, Vec<String>), StoreError> {
+    /// The bundle: its sequence, roots and JWT keys, read in one transaction so they agree.
+    pub async fn bundle(&self) -> Result<BundleRows, StoreError> {
         let mut tx = self.begin_read().await?;
-        let roots = bundle_roots(&mut tx).await?;
+        let (roots, jwt_keys) = bundle_contents(&mut tx).await?;
         let sequence: i64 = sqlx::query("SELECT sequence FROM bundle WHERE id = 1")
             .fetch_one(&mut *tx)
             .await
             .map(|row| column(&row, "sequence"))??;
         tx.commit().await?;
-        Ok((sequence, roots))
+        Ok(BundleRows {
+            sequence,
+            roots,
+            jwt_keys,
+        })
+    }
+
+    /// Authorities not retired that have no JWT-SVID key yet (made before keys existed).
+    pub async fn authorities_without_jwt_key(&self) -> Result<Vec<i64>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT id FROM authorities WHERE state != 'retired' \
+             AND id NOT IN (SELECT authority_id FROM jwt_keys) ORDER BY id",
+        )
+        .fetch_all(self.pool())
+        .await?;
+        rows.iter().map(|row| column(row, "id")).collect()
+    }
+
+    /// Records authority `id`'s JWT-SVID key unless it has one; bumps the bundle sequence
+    /// when it joins the bundle. Returns whether this one was recorded (false: another
+    /// replica's came first).
+    pub async fn add_jwt_key(&self, id: i64, key: &NewJwtKey) -> Result<bool, StoreError> {
+        let now = time::OffsetDateTime::now_utc().unix_timestamp();
+        let mut tx = self.begin_write().await?;
+        let exists = sqlx::query("SELECT authority_id FROM jwt_keys WHERE authority_id = $1")
+            .bind(id)
+            .fetch_optional(&mut *tx)
+            .await?
+            .is_some();
+        if exists {
+            tx.commit().await?;
+            return Ok(false);
+        }
+        let before = bundle_contents(&mut tx).await?;
+        insert_jwt_key(&mut tx, id, key, now).await?;
+        bump_if_changed(&mut tx, &before).await?;
+        announce(&mut tx, self.dialect()).await?;
+        tx.commit().await?;
+        Ok(true)
+    }
+
+    /// Authority `id`'s JWT-SVID key, if it has one.
+    pub async fn jwt_key(&self, id: i64) -> Result<Option<JwtKeyRecord>, StoreError> {
+        sqlx::query(
+            "SELECT authority_id, key_ref, sealed_key FROM jwt_keys WHERE authority_id = $1",
+        )
+        .bind(id)
+        .fetch_optional(self.pool())
+        .await?
+        .map(|row| {
+            Ok(JwtKeyRecord {
+                authority_id: column(&row, "authority_id")?,
+                key_ref: column(&row, "key_ref")?,
+                sealed_key: column(&row, "sealed_key")?,
+            })
+        })
+        .transpose()
     }
 
     /// What a running server polls to notice changes (see [`AuthorityVersion`]).
@@ -459,13 +554,57 @@ async fn announce(tx: &mut AnyConnection, dialect: Dialect) -> Result<(), StoreE
     Ok(())
 }
 
-/// Bumps the bundle sequence if the roots differ from `before`, and only then.
-async fn bump_if_changed(tx: &mut AnyConnection, before: &[String]) -> Result<(), StoreError> {
-    if bundle_roots(tx).await? != before {
+/// Bumps the bundle sequence if its contents (roots and JWT keys) differ from `before`, and
+/// only then.
+async fn bump_if_changed(
+    tx: &mut AnyConnection,
+    before: &BundleContents,
+) -> Result<(), StoreError> {
+    if bundle_contents(tx).await? != *before {
         sqlx::query("UPDATE bundle SET sequence = sequence + 1 WHERE id = 1")
             .execute(&mut *tx)
             .await?;
     }
+    Ok(())
+}
+
+/// The bundle's roots and JWT keys.
+type BundleContents = (Vec<String>, Vec<String>);
+
+/// The roots and the JWT-SVID keys of authorities not retired, oldest first.
+async fn bundle_contents(tx: &mut AnyConnection) -> Result<BundleContents, StoreError> {
+    let roots = bundle_roots(tx).await?;
+    let rows = sqlx::query(
+        "SELECT k.public_jwk FROM jwt_keys k JOIN authorities a ON a.id = k.authority_id \
+         WHERE a.state != 'retired' ORDER BY a.id",
+    )
+    .fetch_all(&mut *tx)
+    .await?;
+    let keys = rows
+        .iter()
+        .map(|row| column(row, "public_jwk"))
+        .collect::<Result<_, _>>()?;
+    Ok((roots, keys))
+}
+
+async fn insert_jwt_key(
+    tx: &mut AnyConnection,
+    id: i64,
+    key: &NewJwtKey,
+    now: i64,
+) -> Result<(), StoreError> {
+    sqlx::query(
+        "INSERT INTO jwt_keys (authority_id, kid, key_ref, sealed_key, public_jwk, created_at) \
+         VALUES ($1, $2, $3, $4, $5, $6)",
+    )
+    .bind(id)
+    .bind(&key.kid)
+    .bind(&key.key_ref)
+    .bind(&key.sealed_key)
+    .bind(&key.public_jwk)
+    .bind(now)
+    .execute(&mut *tx)
+    .await?;
     Ok(())
 }
 

@@ -14,7 +14,8 @@ use sqlx::{Any, AnyPool, Executor, SqlSafeStr, Transaction};
 
 pub use audit::{AuditQuery, AuditWriter, Checkpoint, Head, Pruned};
 pub use authorities::{
-    AuthorityKind, AuthorityRecord, AuthorityState, AuthorityVersion, NewAuthority,
+    AuthorityKind, AuthorityRecord, AuthorityState, AuthorityVersion, BundleRows, JwtKeyRecord,
+    NewAuthority, NewJwtKey,
 };
 pub use authorities::{Leaves, Standing, TransitionError};
 
@@ -116,7 +117,7 @@ pub fn redact_url(url: &str) -> String {
 /// The schema's migrations, in order: a name, then the SQLite and the PostgreSQL text. A
 /// schema change is a new line here and a new file in each dialect's directory, never an
 /// edit of an old one.
-const MIGRATIONS: [(&str, &str, &str); 5] = [
+const MIGRATIONS: [(&str, &str, &str); 6] = [
     (
         "init",
         include_str!("migrations/sqlite/0001_init.sql"),
@@ -141,6 +142,11 @@ const MIGRATIONS: [(&str, &str, &str); 5] = [
         "prune anchor",
         include_str!("migrations/sqlite/0005_prune_anchor.sql"),
         include_str!("migrations/postgres/0005_prune_anchor.sql"),
+    ),
+    (
+        "jwt keys",
+        include_str!("migrations/sqlite/0006_jwt_keys.sql"),
+        include_str!("migrations/postgres/0006_jwt_keys.sql"),
     ),
 ];
 

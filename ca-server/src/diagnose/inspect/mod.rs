@@ -122,8 +122,10 @@ pub struct Known {
 impl Known {
     /// Reads the bundle and the authorities.
     pub async fn load(store: &Store) -> Result<Self, crate::store::StoreError> {
-        let (sequence, roots_pem) = store.bundle().await?;
-        let roots = roots_pem
+        let rows = store.bundle().await?;
+        let sequence = rows.sequence;
+        let roots = rows
+            .roots
             .iter()
             .filter_map(|p| crate::x509::pem_to_der(p).ok())
             .map(|d| d.as_ref().to_vec())
