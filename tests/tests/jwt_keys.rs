@@ -134,3 +134,79 @@ async fn with_a_kek_the_jwt_key_is_sealed_in_the_store() {
     assert!(key_ref.starts_with("sealed:"), "{key_ref}");
     assert!(sealed.is_some_and(|s| s.starts_with("v1:") && !s.contains("PRIVATE KEY")));
 }
+
+#[test]
+fn pyjwt_finds_the_jwt_svid_keys_through_oidc_discovery() {
+    if !ca_tests::workload::python_has("jwt") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let server = TestServer::start(&data, &["--dev"]);
+    let issuer = format!("https://localhost:{}", server.grpc.port());
+    let discover = || {
+        let out = std::process::Command::new("python3")
+            .arg(ca_tests::workload::py_script("oidc_keys.py"))
+            .arg(&issuer)
+            .arg(data.join("trust-bundle.pem"))
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_slice::<serde_json::Value>(&out.stdout).unwrap()
+    };
+    let found = discover();
+    assert_eq!(
+        found["issuer"],
+        issuer.as_str(),
+        "by default, this server's name and port"
+    );
+    assert_eq!(found["jwks_uri"], format!("{issuer}/keys"));
+    assert_eq!(found["algs"], serde_json::json!(["ES256"]));
+    assert_eq!(found["key_types"], serde_json::json!(["ECPublicKey"]));
+    assert_eq!(
+        found["kids"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|k| k.as_str().unwrap().to_owned())
+            .collect::<Vec<_>>(),
+        jwt_kids(&jwks(&server)),
+        "the keys of the SPIFFE bundle"
+    );
+    // A prepared authority's key is there as soon as the server has noticed it.
+    server.cli_ok(&["root", "prepare"]);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    while discover()["kids"].as_array().unwrap().len() != 2 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the prepared key not served"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
+}
+
+#[test]
+fn a_jwt_issuer_must_be_an_https_url() {
+    for bad in [
+        "http://ca.example",
+        "ca.example",
+        "https://",
+        "https://ca.example/?x=1",
+    ] {
+        let out = ca_server(&[
+            "run",
+            "--dev",
+            "--jwt-issuer",
+            bad,
+            "--data-dir",
+            "/nonexistent/x",
+        ]);
+        assert!(!out.status.success());
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(stderr.contains("--jwt-issuer"), "{bad}: {stderr}");
+    }
+}

@@ -412,7 +412,11 @@ pub(super) fn routes(
     .add_service(health)
     .add_service(reflection)
     .into_axum_router()
-    .merge(publish::bundle_routes(active.clone(), hint));
+    .merge(publish::bundle_routes(active.clone(), hint))
+    .merge(publish::oidc_routes(
+        active.clone(),
+        settings.jwt_issuer.clone(),
+    ));
     Ok((routes, reporter))
 }
 

@@ -67,6 +67,8 @@ pub struct Settings {
     pub trust_domain: TrustDomain,
     /// DNS names and IPs of the server's own certificate.
     pub server_names: Vec<String>,
+    /// The `iss` of JWT-SVIDs, where OIDC discovery is served.
+    pub jwt_issuer: String,
     /// Accepted token issuers (besides the development one).
     pub issuers: Vec<IssuerSettings>,
     /// Accepted token audiences.

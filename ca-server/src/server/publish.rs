@@ -33,6 +33,60 @@ pub(super) fn bundle_routes(
         })
 }
 
+/// OIDC discovery for the JWT-SVIDs this CA signs, so cloud providers and Vault can verify
+/// them: `/.well-known/openid-configuration` names `issuer` and `jwks_uri`, and `/keys` is
+/// the JWT-SVID keys as a plain JWK Set (`use: sig`, `alg: ES256`).
+pub(super) fn oidc_routes(active: watch::Receiver<Arc<Active>>, issuer: String) -> Router {
+    Router::new()
+        .route(
+            "/.well-known/openid-configuration",
+            get(openid_configuration),
+        )
+        .route("/keys", get(oidc_keys))
+        .with_state(OidcState {
+            active,
+            issuer: Arc::from(issuer),
+        })
+}
+
+#[derive(Clone)]
+struct OidcState {
+    active: watch::Receiver<Arc<Active>>,
+    issuer: Arc<str>,
+}
+
+async fn openid_configuration(State(state): State<OidcState>) -> Response {
+    let document = serde_json::json!({
+        "issuer": &*state.issuer,
+        "jwks_uri": format!("{}/keys", state.issuer),
+        "response_types_supported": ["id_token"],
+        "subject_types_supported": ["public"],
+        "id_token_signing_alg_values_supported": ["ES256"],
+    });
+    (
+        [(header::CONTENT_TYPE, "application/json")],
+        document.to_string(),
+    )
+        .into_response()
+}
+
+async fn oidc_keys(State(state): State<OidcState>, headers: HeaderMap) -> Response {
+    let bundle = state.active.borrow().bundle.clone();
+    let keys: Vec<serde_json::Value> = bundle
+        .jwt_keys
+        .iter()
+        .map(|key| {
+            let mut jwk = key.jwk.clone();
+            jwk["kid"] = key.kid.clone().into();
+            jwk["use"] = "sig".into();
+            jwk["alg"] = "ES256".into();
+            jwk
+        })
+        .collect();
+    let body = serde_json::json!({ "keys": keys }).to_string();
+    respond(&headers, bundle.sequence, "application/json", body)
+}
+
 fn etag(sequence: i64) -> String {
     format!("\"{sequence}\"")
 }

@@ -31,6 +31,11 @@ pub(super) struct RunArgs {
     /// [default: localhost, 127.0.0.1]
     #[arg(long = "server-name")]
     server_names: Vec<String>,
+    /// The `iss` of the JWT-SVIDs this CA signs, an https URL where its OIDC discovery
+    /// document is served (`<URL>/.well-known/openid-configuration`)
+    /// [default: https://<first --server-name>:<--grpc-listen's port>]
+    #[arg(long)]
+    jwt_issuer: Option<String>,
     /// The `iss` of accepted service-account tokens
     #[arg(long)]
     token_issuer: Option<String>,
@@ -141,6 +146,7 @@ pub(super) struct FileRunConfig {
     http_listen: Option<SocketAddr>,
     trust_domain: Option<String>,
     server_name: Option<Vec<String>>,
+    jwt_issuer: Option<String>,
     token_issuer: Option<String>,
     token_jwks_file: Option<PathBuf>,
     token_jwks_url: Option<String>,

@@ -76,6 +76,7 @@ pub(crate) fn settings(mut args: RunArgs, common: Common) -> anyhow::Result<Sett
             .or(file.http_listen)
             .unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 15014))),
         trust_domain,
+        jwt_issuer: jwt_issuer(&mut args, &mut file)?,
         server_names: or_list(
             std::mem::take(&mut args.server_names),
             file.server_name.take(),
@@ -439,4 +440,40 @@ fn kube_api(
         );
     }
     Ok(Some(api))
+}
+
+/// `--jwt-issuer`: an https URL without a query or fragment, as OIDC wants an issuer; by
+/// default the server's first name and the gRPC port, where discovery is served.
+fn jwt_issuer(args: &mut RunArgs, file: &mut FileRunConfig) -> anyhow::Result<String> {
+    let given = args.jwt_issuer.take().or(file.jwt_issuer.take());
+    let issuer = match given {
+        Some(url) => url,
+        None => {
+            let name = args
+                .server_names
+                .first()
+                .cloned()
+                .or_else(|| file.server_name.as_ref().and_then(|n| n.first().cloned()))
+                .unwrap_or_else(|| "localhost".to_owned());
+            let port = args
+                .grpc_listen
+                .or(file.grpc_listen)
+                .map_or(15012, |addr| addr.port());
+            let host = if name.contains(':') {
+                format!("[{name}]")
+            } else {
+                name
+            };
+            format!("https://{host}:{port}")
+        }
+    };
+    let valid = issuer
+        .strip_prefix("https://")
+        .is_some_and(|rest| !rest.is_empty() && !rest.contains(['?', '#', ' ']));
+    if !valid {
+        anyhow::bail!(
+            "--jwt-issuer {issuer:?}: an https URL without query or fragment, e.g. https://ca.example.com"
+        );
+    }
+    Ok(issuer.trim_end_matches('/').to_owned())
 }
