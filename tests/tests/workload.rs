@@ -659,3 +659,75 @@ async fn garbage_and_idle_clients_on_the_socket_do_not_disturb_the_others() {
     assert!(agent.socket.exists());
     drop((garbage, huge, silent, open));
 }
+
+#[tokio::test]
+async fn the_jwt_bundle_reaches_py_spiffe_and_the_rust_crate() {
+    let (dir, issuer, server) = ca();
+    let agent = AgentProcess::start(
+        &server,
+        &dir.path().join("agent"),
+        &issuer.token("shop", "web"),
+        &[],
+    );
+    agent.wait_ready(Duration::from_secs(10));
+    // The CA's JWT-SVID key ids, from its SPIFFE bundle.
+    let shown: serde_json::Value =
+        serde_json::from_str(&server.cli_ok(&["bundle", "show", "--format", "jwks"])).unwrap();
+    let kids: Vec<String> = shown["keys"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|k| k["use"] == "jwt-svid")
+        .map(|k| k["kid"].as_str().unwrap().to_owned())
+        .collect();
+    assert_eq!(kids.len(), 1);
+
+    // The Rust crate's client.
+    let client = spiffe::WorkloadApiClient::connect_to(agent.uri())
+        .await
+        .unwrap();
+    let bundles = client.fetch_jwt_bundles().await.unwrap();
+    let domain = spiffe::TrustDomain::new("cluster.local").unwrap();
+    let bundle = bundles.get(&domain).expect("our trust domain's JWT bundle");
+    let got: Vec<String> = bundle
+        .jwt_authorities()
+        .map(|a| a.key_id().to_owned())
+        .collect();
+    assert_eq!(got, kids);
+
+    // py-spiffe's.
+    if python_has("spiffe") {
+        let out = Command::new("python3")
+            .args([
+                "-c",
+                "import json, sys\n\
+                 from spiffe import WorkloadApiClient, TrustDomain\n\
+                 c = WorkloadApiClient(socket_path=sys.argv[1])\n\
+                 b = c.fetch_jwt_bundles().get_bundle_for_trust_domain(TrustDomain('cluster.local'))\n\
+                 print(json.dumps(sorted(b.jwt_authorities.keys())))",
+                &agent.uri(),
+            ])
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let py: Vec<String> = serde_json::from_slice(&out.stdout).unwrap();
+        assert_eq!(py, kids);
+    }
+
+    // A prepared authority's key reaches the agent's stream.
+    let mut stream = client.stream_jwt_bundles().await.unwrap();
+    use futures_util::StreamExt;
+    let first = stream.next().await.unwrap().unwrap();
+    assert_eq!(first.get(&domain).unwrap().jwt_authorities().count(), 1);
+    assert!(server.cli(&["root", "prepare"]).status.success());
+    let next = tokio::time::timeout(Duration::from_secs(5), stream.next())
+        .await
+        .expect("an update within 5 s")
+        .unwrap()
+        .unwrap();
+    assert_eq!(next.get(&domain).unwrap().jwt_authorities().count(), 2);
+}

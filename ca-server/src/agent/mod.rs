@@ -250,6 +250,7 @@ async fn session(
                     .ok_or_else(|| anyhow::anyhow!("the server closed the trust bundle stream"))?;
                 *bundle = message.root_certificates.concat();
                 persist::write_roots(&config.out_dir, bundle)?;
+                persist::write_jwt_bundle(&config.out_dir, &message.jwt_authorities_jwks)?;
                 let certificates = message
                     .root_certificates
                     .iter()
@@ -260,6 +261,7 @@ async fn session(
                     trust_domain_id: format!("spiffe://{}", message.trust_domain),
                     certificates,
                     sequence: message.sequence,
+                    jwt_jwks: message.jwt_authorities_jwks,
                 });
                 info!(sequence = message.sequence, roots = message.root_certificates.len(), "Updated the trust bundle");
             }

@@ -16,6 +16,7 @@ use crate::x509::{pem_to_der, split_pem};
 const KEY: &str = "key.pem";
 const CHAIN: &str = "cert-chain.pem";
 const ROOTS: &str = "root-cert.pem";
+const JWT_BUNDLE: &str = "jwt-bundle.json";
 
 fn write_file(dir: &Path, name: &str, contents: &[u8], mode: u32) -> anyhow::Result<()> {
     std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
@@ -42,6 +43,11 @@ pub fn write_credentials(dir: &Path, obtained: &Obtained) -> anyhow::Result<()> 
     write_file(dir, KEY, key_pem.as_bytes(), 0o600)?;
     let without_root = &obtained.chain[..obtained.chain.len() - 1];
     write_file(dir, CHAIN, without_root.concat().as_bytes(), 0o644)
+}
+
+/// Writes the JWT bundle (a JWK Set).
+pub fn write_jwt_bundle(dir: &Path, jwks: &str) -> anyhow::Result<()> {
+    write_file(dir, JWT_BUNDLE, jwks.as_bytes(), 0o644)
 }
 
 /// Writes the trust bundle (PEM).
@@ -124,6 +130,9 @@ pub fn restore(
             trust_domain_id,
             certificates,
             sequence: 0,
+            // Absent (an agent from before JWT bundles): none until the CA answers.
+            jwt_jwks: std::fs::read_to_string(dir.join(JWT_BUNDLE))
+                .unwrap_or_else(|_| r#"{"keys":[]}"#.to_owned()),
         },
         not_before,
     )))

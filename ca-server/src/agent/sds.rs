@@ -294,6 +294,7 @@ mod tests {
                 trust_domain_id: "spiffe://td".into(),
                 certificates: vec![vec![9; 4]],
                 sequence: 1,
+                jwt_jwks: "{\"keys\":[]}".into(),
             })),
         }
     }

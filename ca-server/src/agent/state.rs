@@ -41,6 +41,8 @@ pub struct Roots {
     pub certificates: Vec<Vec<u8>>,
     /// The CA's bundle sequence it came with (0 when read from a file).
     pub sequence: i64,
+    /// The JWT-SVID keys, a JWK Set (JSON), as the CA sent them.
+    pub jwt_jwks: String,
 }
 
 impl Roots {

@@ -90,6 +90,19 @@ fn x509_bundles(held: &Held) -> Option<X509BundlesResponse> {
     })
 }
 
+/// The JWT bundle (a JWK Set) keyed by its trust domain, once an identity is held.
+fn jwt_bundles(held: &Held) -> Option<JwtBundlesResponse> {
+    held.svid.as_ref()?;
+    let roots = held.roots.as_ref()?;
+    Some(JwtBundlesResponse {
+        bundles: [(
+            roots.trust_domain_id.clone(),
+            roots.jwt_jwks.clone().into_bytes(),
+        )]
+        .into(),
+    })
+}
+
 #[tonic::async_trait]
 impl SpiffeWorkloadApi for WorkloadApi {
     type FetchX509SVIDStream = Updates<X509svidResponse>;
@@ -125,7 +138,7 @@ impl SpiffeWorkloadApi for WorkloadApi {
         request: Request<JwtBundlesRequest>,
     ) -> Result<Response<Self::FetchJWTBundlesStream>, Status> {
         check_header(&request)?;
-        Err(Status::unimplemented("JWT bundles are not served yet"))
+        self.updates(jwt_bundles)
     }
 
     async fn validate_jwtsvid(

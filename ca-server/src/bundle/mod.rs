@@ -37,17 +37,29 @@ impl Bundle {
             .iter()
             .map(|pem| root_jwk(&crate::x509::pem_to_der(pem)?))
             .collect::<Result<Vec<_>, CertError>>()?;
-        keys.extend(self.jwt_keys.iter().map(|key| {
-            let mut jwk = key.jwk.clone();
-            jwk["kid"] = key.kid.clone().into();
-            jwk["use"] = "jwt-svid".into();
-            jwk
-        }));
+        keys.extend(self.jwt_authorities());
         Ok(serde_json::json!({
             "keys": keys,
             "spiffe_sequence": self.sequence,
             "spiffe_refresh_hint": refresh_hint_secs,
         }))
+    }
+}
+
+impl Bundle {
+    /// The JWT-SVID keys as JWKs with their `kid` and `use: jwt-svid`.
+    pub fn jwt_authorities(&self) -> impl Iterator<Item = serde_json::Value> + '_ {
+        self.jwt_keys.iter().map(|key| {
+            let mut jwk = key.jwk.clone();
+            jwk["kid"] = key.kid.clone().into();
+            jwk["use"] = "jwt-svid".into();
+            jwk
+        })
+    }
+
+    /// The JWT bundle: a JWK Set of the JWT-SVID keys alone.
+    pub fn jwt_jwks(&self) -> serde_json::Value {
+        serde_json::json!({ "keys": self.jwt_authorities().collect::<Vec<_>>() })
     }
 }
 

@@ -214,12 +214,22 @@ impl BundleService {
     }
 
     fn message(&self, active: &Active) -> TrustBundle {
-        TrustBundle {
-            trust_domain: self.trust_domain.to_string(),
-            sequence: active.bundle.sequence,
-            root_certificates: active.bundle.roots_pem.clone(),
-            refresh_hint_seconds: self.refresh_hint_secs,
-        }
+        bundle_message(
+            &self.trust_domain.to_string(),
+            active,
+            self.refresh_hint_secs,
+        )
+    }
+}
+
+/// The bundle as `TrustBundleService` sends it.
+fn bundle_message(trust_domain: &str, active: &Active, refresh_hint_secs: i64) -> TrustBundle {
+    TrustBundle {
+        trust_domain: trust_domain.to_owned(),
+        sequence: active.bundle.sequence,
+        root_certificates: active.bundle.roots_pem.clone(),
+        refresh_hint_seconds: refresh_hint_secs,
+        jwt_authorities_jwks: active.bundle.jwt_jwks().to_string(),
     }
 }
 
@@ -251,12 +261,7 @@ impl TrustBundleService for BundleService {
                 return None;
             }
             last_sequence = Some(active.bundle.sequence);
-            Some(Ok(TrustBundle {
-                trust_domain: trust_domain.clone(),
-                sequence: active.bundle.sequence,
-                root_certificates: active.bundle.roots_pem.clone(),
-                refresh_hint_seconds: hint,
-            }))
+            Some(Ok(bundle_message(&trust_domain, &active, hint)))
         });
         Ok(Response::new(Box::pin(stream)))
     }
