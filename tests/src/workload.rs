@@ -29,6 +29,20 @@ pub fn python_has(module: &str) -> bool {
     ok
 }
 
+/// Runs `python3 ARGS...`, which must succeed, and parses what it printed as JSON.
+pub fn python_json(args: &[&str]) -> serde_json::Value {
+    let out = Command::new("python3")
+        .args(args)
+        .output()
+        .expect("running python3");
+    assert!(
+        out.status.success(),
+        "python3 {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).expect("JSON from python3")
+}
+
 /// A script of `tests/py/`.
 pub fn py_script(name: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("py").join(name)

@@ -145,18 +145,13 @@ fn pyjwt_finds_the_jwt_svid_keys_through_oidc_discovery() {
     let server = TestServer::start(&data, &["--dev"]);
     let issuer = format!("https://localhost:{}", server.grpc.port());
     let discover = || {
-        let out = std::process::Command::new("python3")
-            .arg(ca_tests::workload::py_script("oidc_keys.py"))
-            .arg(&issuer)
-            .arg(data.join("trust-bundle.pem"))
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        serde_json::from_slice::<serde_json::Value>(&out.stdout).unwrap()
+        ca_tests::workload::python_json(&[
+            ca_tests::workload::py_script("oidc_keys.py")
+                .to_str()
+                .unwrap(),
+            &issuer,
+            data.join("trust-bundle.pem").to_str().unwrap(),
+        ])
     };
     let found = discover();
     assert_eq!(

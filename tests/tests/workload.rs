@@ -20,6 +20,23 @@ fn ca() -> (tempfile::TempDir, TestIssuer, TestServer) {
     (dir, issuer, server)
 }
 
+/// The agent of `shop/web`, in `<dir>/agent`, once it serves its first SVID.
+fn web_agent(
+    dir: &tempfile::TempDir,
+    issuer: &TestIssuer,
+    server: &TestServer,
+    extra: &[&str],
+) -> AgentProcess {
+    let agent = AgentProcess::start(
+        server,
+        &dir.path().join("agent"),
+        &issuer.token("shop", "web"),
+        extra,
+    );
+    agent.wait_ready(Duration::from_secs(10));
+    agent
+}
+
 /// A Workload API request with the security header.
 fn with_header<T>(message: T) -> tonic::Request<T> {
     let mut request = tonic::Request::new(message);
@@ -35,13 +52,7 @@ fn py_spiffe_x509_source_follows_renewals_and_a_root_rotation() {
         return;
     }
     let (dir, issuer, server) = ca();
-    let agent = AgentProcess::start(
-        &server,
-        &dir.path().join("agent"),
-        &issuer.token("shop", "web"),
-        &["--ttl", "6s"],
-    );
-    agent.wait_ready(Duration::from_secs(10));
+    let agent = web_agent(&dir, &issuer, &server, &["--ttl", "6s"]);
     use std::os::unix::fs::PermissionsExt;
     let mode = std::fs::metadata(&agent.socket)
         .unwrap()
@@ -106,13 +117,7 @@ fn py_spiffe_x509_source_follows_renewals_and_a_root_rotation() {
 #[tokio::test]
 async fn the_socket_refuses_what_the_contract_says() {
     let (dir, issuer, server) = ca();
-    let mut agent = AgentProcess::start(
-        &server,
-        &dir.path().join("agent"),
-        &issuer.token("shop", "web"),
-        &[],
-    );
-    agent.wait_ready(Duration::from_secs(10));
+    let mut agent = web_agent(&dir, &issuer, &server, &[]);
     let mut client = ca_tests::workload::uds_client(&agent.socket).await;
     use ca_proto::workload::X509svidRequest;
 
@@ -305,13 +310,7 @@ async fn an_expired_kept_svid_is_not_served() {
 async fn the_rust_spiffe_crate_fetches_and_streams() {
     use futures_util::StreamExt;
     let (dir, issuer, server) = ca();
-    let agent = AgentProcess::start(
-        &server,
-        &dir.path().join("agent"),
-        &issuer.token("shop", "web"),
-        &[],
-    );
-    agent.wait_ready(Duration::from_secs(10));
+    let agent = web_agent(&dir, &issuer, &server, &[]);
     let uri = agent.uri();
 
     let client = spiffe::WorkloadApiClient::connect_to(&uri).await.unwrap();
@@ -389,13 +388,7 @@ fn an_envoy_sds_client_gets_default_and_rootca_acks_and_sees_pushes() {
         return;
     }
     let (dir, issuer, server) = ca();
-    let agent = AgentProcess::start(
-        &server,
-        &dir.path().join("agent"),
-        &issuer.token("shop", "web"),
-        &["--ttl", "6s"],
-    );
-    agent.wait_ready(Duration::from_secs(10));
+    let agent = web_agent(&dir, &issuer, &server, &["--ttl", "6s"]);
     let secret_type = "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.Secret";
 
     let mut default = sds_client(&agent, "default", 30, "ack");
@@ -561,13 +554,7 @@ fn two_workloads_make_mtls_with_spiffe_tls_through_a_root_rotation() {
 #[test]
 fn a_socket_group_opens_the_socket_to_that_group_alone() {
     let (dir, issuer, server) = ca();
-    let agent = AgentProcess::start(
-        &server,
-        &dir.path().join("agent"),
-        &issuer.token("shop", "web"),
-        &["--socket-group", "daemon"],
-    );
-    agent.wait_ready(Duration::from_secs(10));
+    let agent = web_agent(&dir, &issuer, &server, &["--socket-group", "daemon"]);
     use std::os::unix::fs::{MetadataExt, PermissionsExt};
     let meta = std::fs::metadata(&agent.socket).unwrap();
     assert_eq!(meta.permissions().mode() & 0o777, 0o660);
@@ -663,13 +650,7 @@ async fn garbage_and_idle_clients_on_the_socket_do_not_disturb_the_others() {
 #[tokio::test]
 async fn the_jwt_bundle_reaches_py_spiffe_and_the_rust_crate() {
     let (dir, issuer, server) = ca();
-    let agent = AgentProcess::start(
-        &server,
-        &dir.path().join("agent"),
-        &issuer.token("shop", "web"),
-        &[],
-    );
-    agent.wait_ready(Duration::from_secs(10));
+    let agent = web_agent(&dir, &issuer, &server, &[]);
     // The CA's JWT-SVID key ids, from its SPIFFE bundle.
     let shown: serde_json::Value =
         serde_json::from_str(&server.cli_ok(&["bundle", "show", "--format", "jwks"])).unwrap();
@@ -697,24 +678,16 @@ async fn the_jwt_bundle_reaches_py_spiffe_and_the_rust_crate() {
 
     // py-spiffe's.
     if python_has("spiffe") {
-        let out = Command::new("python3")
-            .args([
-                "-c",
+        let py: Vec<String> = serde_json::from_value(ca_tests::workload::python_json(&[
+            "-c",
                 "import json, sys\n\
                  from spiffe import WorkloadApiClient, TrustDomain\n\
                  c = WorkloadApiClient(socket_path=sys.argv[1])\n\
                  b = c.fetch_jwt_bundles().get_bundle_for_trust_domain(TrustDomain('cluster.local'))\n\
                  print(json.dumps(sorted(b.jwt_authorities.keys())))",
-                &agent.uri(),
-            ])
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        let py: Vec<String> = serde_json::from_slice(&out.stdout).unwrap();
+            &agent.uri(),
+        ]))
+        .unwrap();
         assert_eq!(py, kids);
     }
 
