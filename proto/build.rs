@@ -6,6 +6,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         "proto/istio/v1/auth/ca.proto",
         "proto/ca/v1/bundle.proto",
         "proto/ca/v1/audit.proto",
+        "proto/ca/v1/jwt.proto",
     ];
     let descriptors = protox::compile(files, ["proto"])?;
     let out = std::path::PathBuf::from(std::env::var("OUT_DIR")?);

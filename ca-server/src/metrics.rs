@@ -44,6 +44,8 @@ pub struct Metrics {
     registry: Registry,
     /// Certificates issued to workloads.
     pub issuances: Counter,
+    /// JWT-SVIDs issued to workloads.
+    pub jwt_issuances: Counter,
     /// Requests refused, by code and check.
     pub refusals: Family<RefusalLabels, Counter>,
     /// Time from a request's arrival to its answer, for issued certificates.
@@ -78,10 +80,16 @@ impl Metrics {
             "Certificates issued to workloads",
             issuances.clone(),
         );
+        let jwt_issuances = Counter::default();
+        registry.register(
+            "jwt_issuances",
+            "JWT-SVIDs issued to workloads",
+            jwt_issuances.clone(),
+        );
         let refusals = Family::<RefusalLabels, Counter>::default();
         registry.register(
             "refusals",
-            "Certificate requests refused, by gRPC code and the check that refused them",
+            "Certificate and JWT-SVID requests refused, by gRPC code and the check that refused them",
             refusals.clone(),
         );
         // 0.5 ms to about 4 s.
@@ -152,6 +160,7 @@ impl Metrics {
             connections_refused,
             connections_open,
             issuances,
+            jwt_issuances,
             refusals,
             issuance_seconds,
             audit_batch_events,

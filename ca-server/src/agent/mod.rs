@@ -4,11 +4,13 @@
 //! what it serves from after a restart while the CA is unreachable.
 //!
 //! `client` talks to the CA, `state` holds what is served and wakes the streams, `socket`
-//! binds the Unix socket, `persist` reads and writes the files.
+//! binds the Unix socket, `persist` reads and writes the files, `jwt` mints JWT-SVIDs through
+//! the CA and validates them against the bundle.
 
 pub mod authority;
 pub mod client;
 pub mod health;
+pub mod jwt;
 pub mod persist;
 pub mod sds;
 pub mod socket;
@@ -47,6 +49,8 @@ pub struct AgentConfig {
     pub key_type: ClientKeyType,
     /// Requested TTL in seconds (0: the CA's default).
     pub ttl_secs: i64,
+    /// Requested TTL of JWT-SVIDs in seconds (0: the CA's default).
+    pub jwt_ttl_secs: i64,
     /// The Workload API socket, if served.
     pub socket: Option<PathBuf>,
     /// A group to open the socket to (mode 0660 instead of 0600).
@@ -112,12 +116,16 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
         ),
     }
 
+    let minter = Arc::new(jwt::Minter::new(config.token_file.clone(), config.jwt_ttl_secs));
     let mut socket_file = None;
     let mut server = None;
     if let Some(path) = &config.socket {
         let (listener, file) = socket::bind(path, config.socket_group.as_deref())?;
         info!(socket = %file.path().display(), "Serving the SPIFFE Workload API and Envoy SDS");
-        let workload_api = SpiffeWorkloadApiServer::new(workload::WorkloadApi::new(shelf.clone()));
+        let workload_api = SpiffeWorkloadApiServer::new(workload::WorkloadApi::new(
+            shelf.clone(),
+            Arc::clone(&minter),
+        ));
         let sds = SecretDiscoveryServiceServer::new(sds::Sds::new(shelf.clone()));
         let spellings = std::sync::Arc::new(authority::spellings(file.path()));
         let incoming =
@@ -153,7 +161,7 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
         let attempt = async {
             tokio::time::sleep(pause).await;
             if let Err(e) =
-                session(&config, &shelf, &link, &mut bundle, &mut life, &mut backoff).await
+                session(&config, &shelf, &minter, &link, &mut bundle, &mut life, &mut backoff).await
             {
                 link.down(&format!("{e:#}"));
                 pause = backoff.next();
@@ -212,6 +220,7 @@ fn svid_of(obtained: &Obtained) -> anyhow::Result<Svid> {
 async fn session(
     config: &AgentConfig,
     shelf: &Shelf,
+    minter: &jwt::Minter,
     link: &health::Link,
     bundle: &mut String,
     life: &mut Option<Life>,
@@ -224,6 +233,7 @@ async fn session(
         .map_err(|s| anyhow::anyhow!("watching the trust bundle: {}", s.message()))?
         .into_inner();
     link.up();
+    minter.connected(channel.clone());
     *backoff = Backoff(Backoff::FIRST);
     let jitter: f64 = rand::random();
     loop {

@@ -83,6 +83,7 @@ impl Shelf {
             let same = held.roots.as_deref().is_some_and(|old| {
                 old.trust_domain_id == roots.trust_domain_id
                     && old.certificates == roots.certificates
+                    && old.jwt_jwks == roots.jwt_jwks
             });
             if !same {
                 held.roots = Some(Arc::new(roots));

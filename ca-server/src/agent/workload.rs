@@ -7,7 +7,8 @@ use std::pin::Pin;
 
 use ca_proto::workload::spiffe_workload_api_server::SpiffeWorkloadApi;
 use ca_proto::workload::{
-    JwtBundlesRequest, JwtBundlesResponse, JwtsvidRequest, JwtsvidResponse, ValidateJwtsvidRequest,
+    JwtBundlesRequest, JwtBundlesResponse, Jwtsvid, JwtsvidRequest, JwtsvidResponse,
+    ValidateJwtsvidRequest,
     ValidateJwtsvidResponse, X509BundlesRequest, X509BundlesResponse, X509svid, X509svidRequest,
     X509svidResponse,
 };
@@ -15,6 +16,7 @@ use tokio_stream::wrappers::WatchStream;
 use tokio_stream::{Stream, StreamExt};
 use tonic::{Request, Response, Status};
 
+use super::jwt::{self, Minter};
 use super::state::{Held, Shelf};
 
 /// The metadata every Workload API request carries, with the value `true`.
@@ -23,16 +25,17 @@ pub const SECURITY_HEADER: &str = "workload.spiffe.io";
 /// A server stream of the Workload API.
 type Updates<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
 
-/// The Workload API, answering from the agent's shelf.
+/// The Workload API, answering from the agent's shelf, and minting JWT-SVIDs with `minter`.
 #[derive(Debug, Clone)]
 pub struct WorkloadApi {
     shelf: Shelf,
+    minter: std::sync::Arc<Minter>,
 }
 
 impl WorkloadApi {
-    /// Serves what `shelf` holds.
-    pub fn new(shelf: Shelf) -> Self {
-        Self { shelf }
+    /// Serves what `shelf` holds, and JWT-SVIDs through `minter`.
+    pub fn new(shelf: Shelf, minter: std::sync::Arc<Minter>) -> Self {
+        Self { shelf, minter }
     }
 
     /// A stream of `render(held)` for what is held now and after each change; refused at
@@ -130,7 +133,29 @@ impl SpiffeWorkloadApi for WorkloadApi {
         request: Request<JwtsvidRequest>,
     ) -> Result<Response<JwtsvidResponse>, Status> {
         check_header(&request)?;
-        Err(Status::unimplemented("JWT-SVIDs are not served yet"))
+        let request = request.into_inner();
+        if request.audience.is_empty() {
+            return Err(Status::invalid_argument("audience must be specified"));
+        }
+        let audience = crate::issuance::jwt_svid::check_audience(&request.audience)
+            .map_err(|e| Status::invalid_argument(e.to_string()))?;
+        // The socket serves one identity: asking for another gets nothing, as when none is
+        // held.
+        let held = self.shelf.now().svid.map(|svid| svid.spiffe_id.to_string());
+        if !request.spiffe_id.is_empty() && held.as_deref() != Some(&request.spiffe_id) {
+            return Err(no_identity());
+        }
+        let minted = self.minter.fetch(audience).await?;
+        if !request.spiffe_id.is_empty() && minted.spiffe_id != request.spiffe_id {
+            return Err(no_identity());
+        }
+        Ok(Response::new(JwtsvidResponse {
+            svids: vec![Jwtsvid {
+                spiffe_id: minted.spiffe_id.clone(),
+                svid: minted.token.to_string(),
+                hint: String::new(),
+            }],
+        }))
     }
 
     async fn fetch_jwt_bundles(
@@ -146,6 +171,16 @@ impl SpiffeWorkloadApi for WorkloadApi {
         request: Request<ValidateJwtsvidRequest>,
     ) -> Result<Response<ValidateJwtsvidResponse>, Status> {
         check_header(&request)?;
-        Err(Status::unimplemented("JWT-SVIDs are not served yet"))
+        let request = request.into_inner();
+        let roots = self
+            .shelf
+            .now()
+            .roots
+            .ok_or_else(|| Status::unavailable("the agent holds no trust bundle yet"))?;
+        let (spiffe_id, claims) = jwt::validate(&roots, &request.audience, &request.svid)?;
+        Ok(Response::new(ValidateJwtsvidResponse {
+            spiffe_id: spiffe_id.to_string(),
+            claims: Some(jwt::to_struct(claims)),
+        }))
     }
 }

@@ -299,6 +299,10 @@ audit_event! {
     anchor_seq: Int, AsIs, WhenSet;
     /// For a prune: that anchor's hash.
     anchor_hash: Text, AsIs, WhenSet;
+    /// For a JWT-SVID: the audiences it was minted for, a JSON array. Only JWT-SVIDs have
+    /// one (their `serial` is the token's `jti`, `not_before` and `not_after` its `iat` and
+    /// `exp`; they certify no key, so `public_key_sha256` and `csr_sha256` are empty).
+    audience: Text, AsIs, WhenSet;
 }
 
 #[cfg(test)]

@@ -71,6 +71,21 @@ impl JwtKey {
     }
 }
 
+impl JwtKey {
+    /// `claims` signed as a JWS in compact serialization, with the header a JWT-SVID has:
+    /// `{"alg":"ES256","kid":<this key's>,"typ":"JWT"}`.
+    pub fn compact(&self, claims: &serde_json::Value) -> Result<String, KeyError> {
+        let header = serde_json::json!({"alg": "ES256", "kid": self.public.kid, "typ": "JWT"});
+        let mut out = URL_SAFE_NO_PAD.encode(header.to_string());
+        out.push('.');
+        out.push_str(&URL_SAFE_NO_PAD.encode(claims.to_string()));
+        let signature = self.sign(out.as_bytes())?;
+        out.push('.');
+        out.push_str(&URL_SAFE_NO_PAD.encode(signature));
+        Ok(out)
+    }
+}
+
 /// An ECDSA signature as DER (`SEQUENCE { INTEGER r, INTEGER s }`) turned into P-256's
 /// fixed 64 bytes, `r || s`, each left-padded to 32.
 fn fixed_signature(der: &[u8]) -> Option<Vec<u8>> {
@@ -177,6 +192,38 @@ mod tests {
         }
         assert!(JwtPublicKey::from_stored(r#"{"kty":"RSA"}"#).is_err());
         assert!(JwtKey::new(CaKey::generate(KeyType::EcP384).unwrap()).is_err());
+    }
+
+    #[test]
+    fn a_compact_jws_verifies_with_the_published_jwk() {
+        let key = JwtKey::generate().unwrap();
+        let claims = serde_json::json!({"sub": "spiffe://td/ns/a/sa/b", "aud": "x", "exp": 4_000_000_000u64});
+        let token = key.compact(&claims).unwrap();
+        let header = jsonwebtoken::decode_header(&token).unwrap();
+        assert_eq!(header.alg, jsonwebtoken::Algorithm::ES256);
+        assert_eq!(header.kid.as_deref(), Some(key.public().kid.as_str()));
+        assert_eq!(header.typ.as_deref(), Some("JWT"));
+        let jwk: jsonwebtoken::jwk::Jwk = serde_json::from_value(key.public().jwk.clone()).unwrap();
+        let mut validation = jsonwebtoken::Validation::new(jsonwebtoken::Algorithm::ES256);
+        validation.set_audience(&["x"]);
+        let data = jsonwebtoken::decode::<serde_json::Value>(
+            &token,
+            &jsonwebtoken::DecodingKey::from_jwk(&jwk).unwrap(),
+            &validation,
+        )
+        .unwrap();
+        assert_eq!(data.claims, claims);
+        // Another key's signature does not verify.
+        let other: jsonwebtoken::jwk::Jwk =
+            serde_json::from_value(JwtKey::generate().unwrap().public().jwk.clone()).unwrap();
+        assert!(
+            jsonwebtoken::decode::<serde_json::Value>(
+                &token,
+                &jsonwebtoken::DecodingKey::from_jwk(&other).unwrap(),
+                &validation,
+            )
+            .is_err()
+        );
     }
 
     #[test]

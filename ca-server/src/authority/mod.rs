@@ -17,6 +17,7 @@ use rustls_pki_types::CertificateDer;
 
 use time::{Duration, OffsetDateTime};
 
+pub use jwt::JwtKey;
 pub use import::{ImportError, ImportedCa, read_cacerts, read_cacerts_with_key};
 pub use key::{CaKey, KeyError, KeyType, check_private};
 pub use key_ref::{KeyRef, UnknownKeyRef};
@@ -291,6 +292,19 @@ fn new_jwt_key(keys: &KeyStore, id: i64) -> Result<(NewJwtKey, StoredKey), Autho
         public_jwk: key.public().jwk.to_string(),
     };
     Ok((new, stored))
+}
+
+/// Authority `id`'s JWT-SVID signing key, loaded from where its row says it lives; none if
+/// it has no row (an authority made by a replica that predates JWT-SVIDs).
+pub async fn load_jwt_key(
+    store: &Store,
+    keys: &KeyStore,
+    id: i64,
+) -> Result<Option<JwtKey>, AuthorityError> {
+    match store.jwt_key(id).await? {
+        Some(record) => Ok(Some(keys.load_jwt(&record)?)),
+        None => Ok(None),
+    }
 }
 
 /// Gives every authority not retired that has none (made before JWT-SVIDs) its JWT-SVID

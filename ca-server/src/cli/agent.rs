@@ -5,7 +5,7 @@ use std::process::ExitCode;
 
 use clap::Args;
 
-use super::read_text;
+use super::{parse_duration, read_text};
 use super::request::RequestArgs;
 use crate::agent::{AgentConfig, socket};
 
@@ -27,6 +27,10 @@ pub(super) struct AgentArgs {
     /// on this address, e.g. 127.0.0.1:15021
     #[arg(long)]
     health_listen: Option<std::net::SocketAddr>,
+    /// TTL of the JWT-SVIDs the agent asks for, e.g. 5m (absent: the server's default, 5
+    /// minutes; at most 1h)
+    #[arg(long)]
+    jwt_ttl: Option<String>,
 }
 
 /// Runs the agent until SIGINT or SIGTERM.
@@ -35,6 +39,12 @@ pub(super) async fn agent(args: AgentArgs) -> anyhow::Result<ExitCode> {
     let config = AgentConfig {
         ca_bundle_pem: read_text(&request.ca_bundle, "--ca-bundle")?,
         ttl_secs: request.ttl_secs()?,
+        jwt_ttl_secs: match &args.jwt_ttl {
+            Some(text) => parse_duration(text)
+                .map_err(|e| anyhow::anyhow!("--jwt-ttl: {e}"))?
+                .whole_seconds(),
+            None => 0,
+        },
         server: request.server,
         token_file: request.token_file,
         out_dir: request.out_dir,

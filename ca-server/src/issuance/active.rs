@@ -3,7 +3,7 @@
 use std::sync::Arc;
 
 use super::TrustAnchors;
-use crate::authority::{Authority, AuthorityError};
+use crate::authority::{Authority, AuthorityError, JwtKey};
 use crate::bundle::Bundle;
 
 /// What rotates together: the signing authority, the bundle, and the authorities whose
@@ -13,6 +13,9 @@ use crate::bundle::Bundle;
 pub struct Active {
     /// The authority that signs.
     pub authority: Arc<Authority>,
+    /// Its JWT-SVID key (none only for an authority made by a replica that predates them,
+    /// until a restart makes it one).
+    pub jwt: Option<Arc<JwtKey>>,
     /// The published roots.
     pub bundle: Bundle,
     /// The same roots, parsed for the self-check of every issued chain.
@@ -24,10 +27,11 @@ pub struct Active {
 }
 
 impl Active {
-    /// The authority and bundle, with the bundle's roots parsed as trust anchors, and
-    /// `clients`, the verifier of client certificates.
+    /// The authority (and its JWT-SVID key) and bundle, with the bundle's roots parsed as
+    /// trust anchors, and `clients`, the verifier of client certificates.
     pub fn new(
         authority: Arc<Authority>,
+        jwt: Option<Arc<JwtKey>>,
         bundle: Bundle,
         clients: Arc<dyn rustls::server::danger::ClientCertVerifier>,
     ) -> Result<Self, AuthorityError> {
@@ -38,6 +42,7 @@ impl Active {
             })?;
         Ok(Self {
             authority,
+            jwt,
             bundle,
             anchors,
             clients,

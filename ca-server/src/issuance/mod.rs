@@ -1,10 +1,12 @@
 //! Issuance: CSR checks, the leaf profile, `issue` (which signs with the active authority),
-//! and the `pipeline` behind `CreateCertificate` (authenticate, check, sign, record, answer),
+//! the `pipeline` behind `CreateCertificate` (authenticate, check, sign, record, answer) and
+//! `jwt_svid` behind `MintJwtSvid` (the same steps for a JWT-SVID),
 //! pure of any transport: its refusals are classed (`crate::class`), and the server turns
 //! the class into a gRPC code.
 
 mod active;
 pub mod csr;
+pub mod jwt_svid;
 mod pipeline;
 pub mod pool;
 pub mod profile;
@@ -15,6 +17,7 @@ pub mod selfcheck;
 use time::OffsetDateTime;
 
 pub use active::Active;
+pub use jwt_svid::{JwtRequest, MintedJwt};
 pub use csr::{CheckedCsr, CsrError, KeyKind, MAX_CSR_BYTES, check_csr};
 pub use pipeline::{CertificateAuthority, CsrRequest, LimitSettings};
 pub use profile::{LeafPolicy, Validity, ValidityError, leaf_validity, resolve_ttl};

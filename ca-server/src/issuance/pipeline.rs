@@ -19,6 +19,7 @@ use crate::auth::node::ImpersonationPolicy;
 use crate::auth::{AuthError, Authenticator, BearerToken, Identity};
 use crate::issuance::{self, Issued, LeafPolicy};
 use crate::limits::{Aggregator, Rate, RateLimiter, peer_key};
+use crate::untrusted;
 
 /// A certificate request, as the transport received it. Its `Debug` leaves the
 /// `authorization` header out: it carries the caller's token.
@@ -59,9 +60,11 @@ pub struct CertificateAuthority {
     impersonation: ImpersonationPolicy,
     pub(super) audit: AuditLog,
     policy: LeafPolicy,
-    active: watch::Receiver<Arc<Active>>,
-    pool: CryptoPool,
+    pub(super) active: watch::Receiver<Arc<Active>>,
+    pub(super) pool: CryptoPool,
     limits: Limits,
+    /// The `iss` of JWT-SVIDs (`--jwt-issuer`).
+    pub(super) jwt_issuer: Option<String>,
     pub(super) refusals: Aggregator<RefusalKey, EventRow>,
 }
 
@@ -103,8 +106,15 @@ impl CertificateAuthority {
                 per_identity: RateLimiter::new(limits.per_identity),
                 unauthenticated: RateLimiter::new(limits.unauthenticated_per_peer),
             },
+            jwt_issuer: None,
             refusals: Aggregator::new(REFUSAL_WINDOW),
         }
+    }
+
+    /// JWT-SVIDs name `issuer` as their `iss` (and the OIDC discovery document does too).
+    pub fn with_jwt_issuer(mut self, issuer: String) -> Self {
+        self.jwt_issuer = Some(issuer);
+        self
     }
 
     /// Issues a chain for `request`, or refuses; either way the decision is in the audit log
@@ -148,7 +158,12 @@ impl CertificateAuthority {
                 }
             }
             Err(refusal) => {
-                self.refuse(&request, now, known, &refusal).await;
+                let requested = request
+                    .impersonated_identity
+                    .as_deref()
+                    .map(untrusted::claim);
+                self.refuse(request.peer, requested, now, known, &refusal)
+                    .await;
                 Err(refusal)
             }
         }
@@ -160,7 +175,14 @@ impl CertificateAuthority {
         now: OffsetDateTime,
         known: &mut Known,
     ) -> Result<Issued, Refusal> {
-        let caller = self.authenticate(request, now).await?;
+        let caller = self
+            .authenticate(
+                request.peer,
+                request.authorization.as_deref(),
+                request.cluster_id.as_deref(),
+                now,
+            )
+            .await?;
         let own_id = caller.spiffe_id.to_string();
         // The rate is per identity issued; a node proxy's are counted per node as well, since
         // every node's proxy asks for the identities of its own pods.
@@ -175,15 +197,7 @@ impl CertificateAuthority {
             _ => (caller, own_id),
         };
         known.identity = Some(identity.clone());
-        if let Err(wait) = self.limits.per_identity.take(&limited, Instant::now()) {
-            let rate = self.limits.settings.per_identity;
-            return Err(Refusal::IdentityRate {
-                identity: limited,
-                per_second: rate.per_second,
-                burst: rate.burst,
-                retry_after_ms: wait.as_millis(),
-            });
-        }
+        self.take_identity_budget(limited, Instant::now())?;
 
         let ttl = issuance::resolve_ttl(request.validity_secs, &self.policy)
             .map_err(issuance::IssueError::from)?;
@@ -220,26 +234,45 @@ impl CertificateAuthority {
 }
 
 impl CertificateAuthority {
+    /// Takes one from `identity`'s budget (`--identity-rate`), or refuses.
+    pub(super) fn take_identity_budget(
+        &self,
+        identity: String,
+        now: Instant,
+    ) -> Result<(), Refusal> {
+        self.limits.per_identity.take(&identity, now).map_err(|wait| {
+            let rate = self.limits.settings.per_identity;
+            Refusal::IdentityRate {
+                identity,
+                per_second: rate.per_second,
+                burst: rate.burst,
+                retry_after_ms: wait.as_millis(),
+            }
+        })
+    }
+
     /// The caller's identity from its token. A token verified before (and still good) costs
     /// nothing and is never refused for what others at its address did. Anything else is
     /// charged to the peer's failed-authentication budget before it is looked at, so that
     /// the charge holds whatever happens next (the client gives up, the API server is slow);
     /// it is given back when the token checks out. A peer with no budget left is refused
     /// unread.
-    async fn authenticate(
+    pub(super) async fn authenticate(
         &self,
-        request: &CsrRequest,
+        peer: Option<SocketAddr>,
+        authorization: Option<&str>,
+        cluster_id: Option<&str>,
         now: OffsetDateTime,
     ) -> Result<Identity, Refusal> {
-        let peer = request.peer.map(|p| peer_key(p.ip()));
-        let token = match request.authorization.as_deref() {
+        let peer = peer.map(|p| peer_key(p.ip()));
+        let token = match authorization {
             Some(header) => BearerToken::from_header(header).ok(),
             None => None,
         };
         if let Some(token) = &token
-            && let Some(identity) =
-                self.authn
-                    .remembered(token, request.cluster_id.as_deref(), now.unix_timestamp())
+            && let Some(identity) = self
+                .authn
+                .remembered(token, cluster_id, now.unix_timestamp())
         {
             return Ok(identity);
         }
@@ -255,13 +288,13 @@ impl CertificateAuthority {
         let token = match token {
             Some(token) => token,
             None => {
-                let header = request.authorization.as_deref().ok_or(AuthError::NoToken)?;
+                let header = authorization.ok_or(AuthError::NoToken)?;
                 BearerToken::from_header(header)?
             }
         };
         let identity = self
             .authn
-            .verify_new(&token, request.cluster_id.as_deref(), now.unix_timestamp())
+            .verify_new(&token, cluster_id, now.unix_timestamp())
             .await?;
         if let Some(peer) = peer {
             self.limits.unauthenticated.give_back(&peer, Instant::now());

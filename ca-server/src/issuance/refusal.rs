@@ -1,7 +1,8 @@
-//! Why a certificate request was refused: every domain error the pipeline can end with, each
+//! Why a certificate (or JWT-SVID) request was refused: every domain error the pipeline can end with, each
 //! classed by its own type ([`Classify`]).
 
 use super::IssueError;
+use super::jwt_svid::JwtError;
 use super::pool::PoolError;
 use crate::audit::AuditError;
 use crate::auth::AuthError;
@@ -52,6 +53,9 @@ pub enum Refusal {
     /// The crypto pool's queue is full, or it stopped.
     #[error(transparent)]
     Pool(#[from] PoolError),
+    /// The audiences or TTL of a JWT-SVID, or its signing.
+    #[error(transparent)]
+    Jwt(#[from] JwtError),
 }
 
 impl Classify for Refusal {
@@ -62,6 +66,7 @@ impl Classify for Refusal {
             Self::Audit(e) => e.class(),
             Self::Impersonation(e) => e.class(),
             Self::Pool(e) => e.class(),
+            Self::Jwt(e) => e.class(),
             Self::IdentityRate { .. } | Self::PeerRate { .. } => Class::Overloaded,
         }
     }
@@ -73,6 +78,7 @@ impl Classify for Refusal {
             Self::Audit(e) => e.reason(),
             Self::Impersonation(e) => e.reason(),
             Self::Pool(e) => e.reason(),
+            Self::Jwt(e) => e.reason(),
             Self::IdentityRate { .. } => "identity_rate",
             Self::PeerRate { .. } => "peer_rate",
         }

@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 use time::OffsetDateTime;
 use tracing::{error, info, warn};
 
-use super::pipeline::{CertificateAuthority, CsrRequest};
+use super::pipeline::CertificateAuthority;
 use super::refusal::Refusal;
 use crate::audit::{EventKind, EventRow};
 use crate::auth::Identity;
@@ -70,11 +70,12 @@ impl CertificateAuthority {
     }
 
     /// Counts, logs and records a refusal. The event holds only what a verified credential
-    /// or the node check established; what the caller claimed goes into `requested`, cut and
-    /// escaped like the reason.
+    /// or the node check established; what the caller asked for goes into `requested`, which
+    /// the caller cuts and escapes ([`untrusted::claim`]).
     pub(super) async fn refuse(
         &self,
-        request: &CsrRequest,
+        peer: Option<SocketAddr>,
+        requested: Option<String>,
         now: OffsetDateTime,
         known: Known,
         refusal: &Refusal,
@@ -89,21 +90,18 @@ impl CertificateAuthority {
                 reason: check,
             })
             .inc();
-        let mut event = event_for(EventKind::Denied, now, &known, request.peer);
+        let mut event = event_for(EventKind::Denied, now, &known, peer);
         event.code = Some(code.to_owned());
         event.reason = Some(untrusted::cut(
             &refusal.to_string(),
             untrusted::REASON_BYTES,
         ));
-        event.requested = request
-            .impersonated_identity
-            .as_deref()
-            .map(untrusted::claim);
+        event.requested = requested;
         event.csr_sha256 = known.csr_sha256;
         event.public_key_sha256 = known.public_key_sha256;
         if class == Class::Internal {
             // Not the caller's doing: a bug or a broken authority. Someone must look.
-            error!(alert = true, reason = %refusal, peer = ?request.peer, "ALERT: certificate request failed inside the CA; nothing was returned");
+            error!(alert = true, reason = %refusal, peer = ?peer, "ALERT: certificate request failed inside the CA; nothing was returned");
         }
         // Refusals of one kind in a burst become one event with a count, so that a flood can
         // fill neither the disk with records nor the log with lines.
@@ -112,14 +110,14 @@ impl CertificateAuthority {
             .as_ref()
             .or(known.identity.as_ref())
             .map(|id| id.spiffe_id.to_string());
-        let key = (request.peer.map(|p| peer_key(p.ip())), code, check, proven);
+        let key = (peer.map(|p| peer_key(p.ip())), code, check, proven);
         let (record_now, ended) = self.refusals.admit(key, event.clone(), Instant::now());
         if let Some((key, run)) = ended {
             self.record_run(key, run).await;
         }
         if record_now {
             if class != Class::Internal {
-                info!(code, reason = %refusal, peer = ?request.peer, "Refused certificate request");
+                info!(code, reason = %refusal, peer = ?peer, "Refused certificate request");
             }
             if let Err(e) = self.audit.record(event).await {
                 warn!(error = %e, "Refusal could not be recorded in the audit log");

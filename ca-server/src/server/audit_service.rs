@@ -159,6 +159,7 @@ fn to_proto(e: EventRow) -> AuditEvent {
         requested: e.requested,
         anchor_seq: e.anchor_seq,
         anchor_hash: e.anchor_hash,
+        audience: e.audience,
         hash: e.hash,
         prev_hash: e.prev_hash,
     }

@@ -6,6 +6,7 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
 use ca_proto::ca::v1::audit_service_server::AuditServiceServer;
+use ca_proto::ca::v1::jwt_svid_service_server::JwtSvidServiceServer;
 use ca_proto::ca::v1::trust_bundle_service_server::TrustBundleServiceServer;
 use ca_proto::istio::v1::auth::istio_certificate_service_server::IstioCertificateServiceServer;
 use tokio::net::TcpListener;
@@ -13,7 +14,8 @@ use tokio::sync::watch;
 use tracing::{Instrument, info, info_span, warn};
 
 use super::config::{
-    AUDIT_QUEUE, IssuerApi, IssuerKeysFrom, MAX_REQUEST_BYTES, Settings, StartError,
+    AUDIT_QUEUE, IssuerApi, IssuerKeysFrom, MAX_JWT_REQUEST_BYTES, MAX_REQUEST_BYTES, Settings,
+    StartError,
 };
 use super::http::Readiness;
 use super::{Active, CertificateAuthority, audit_service, grpc, publish, tasks, tls};
@@ -143,7 +145,12 @@ pub(super) async fn open(settings: &Settings) -> Result<Opened, StartError> {
         .await;
     let version = store.authority_version().await?;
     let issuers = tasks::client_issuers(&store).await?;
-    let (active_tx, _) = watch::channel(Arc::new(tls::active(authority, bundle, &issuers)?));
+    let jwt = crate::authority::load_jwt_key(&store, &settings.keys, authority.id())
+        .await?
+        .map(Arc::new);
+    let (active_tx, _) = watch::channel(Arc::new(tls::active(
+        authority, jwt, bundle, &issuers,
+    )?));
     Ok(Opened {
         store,
         audit,
@@ -390,8 +397,12 @@ pub(super) fn routes(
         .build_v1()
         .map_err(|e| StartError::Reflection(e.to_string()))?;
     let routes = tonic::service::Routes::new(
-        IstioCertificateServiceServer::new(grpc::CertificateService::new(ca))
+        IstioCertificateServiceServer::new(grpc::CertificateService::new(Arc::clone(&ca)))
             .max_decoding_message_size(MAX_REQUEST_BYTES),
+    )
+    .add_service(
+        JwtSvidServiceServer::new(grpc::JwtService::new(ca))
+            .max_decoding_message_size(MAX_JWT_REQUEST_BYTES),
     )
     .add_service(
         TrustBundleServiceServer::new(grpc::BundleService::new(

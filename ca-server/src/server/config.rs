@@ -108,6 +108,9 @@ pub struct Settings {
 /// The largest gRPC request message: a CSR at its limit plus room for the metadata.
 pub const MAX_REQUEST_BYTES: usize = crate::issuance::MAX_CSR_BYTES + 16 * 1024;
 
+/// The largest JWT-SVID request: its most audiences at their longest, with room to spare.
+pub const MAX_JWT_REQUEST_BYTES: usize = 8 * 1024;
+
 /// The largest header block a request may send (the token is at most 16 KiB).
 pub const MAX_HEADER_BYTES: u32 = 32 * 1024;
 

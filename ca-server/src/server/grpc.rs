@@ -5,7 +5,9 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
+use ca_proto::ca::v1::jwt_svid_service_server::JwtSvidService;
 use ca_proto::ca::v1::trust_bundle_service_server::TrustBundleService;
+use ca_proto::ca::v1::{MintJwtSvidRequest, MintJwtSvidResponse};
 use ca_proto::ca::v1::{GetTrustBundleRequest, TrustBundle, WatchTrustBundleRequest};
 use ca_proto::istio::v1::auth::istio_certificate_service_server::IstioCertificateService;
 use ca_proto::istio::v1::auth::{IstioCertificateRequest, IstioCertificateResponse};
@@ -17,7 +19,7 @@ use tonic::{Request, Response, Status};
 
 use super::status;
 use crate::class::{Class, Classify};
-use crate::issuance::{Active, CertificateAuthority, CsrRequest};
+use crate::issuance::{Active, CertificateAuthority, CsrRequest, JwtRequest};
 use crate::spiffe::TrustDomain;
 
 /// The caller's address, put into each request's extensions by the connection handler.
@@ -105,6 +107,43 @@ fn parse_grpc_timeout(text: &str) -> Option<std::time::Duration> {
     })
 }
 
+/// What a caller presents besides its request: its address, its credential and the
+/// deadline the server holds it to.
+struct Presented {
+    peer: Option<SocketAddr>,
+    /// The `authorization` header (empty if it is not text).
+    authorization: Option<String>,
+    /// The `clusterid` header, if not empty.
+    cluster_id: Option<String>,
+    /// The client's `grpc-timeout` less a margin, and never above [`REQUEST_DEADLINE`].
+    deadline: Duration,
+}
+
+impl Presented {
+    fn of<T>(request: &Request<T>) -> Self {
+        let metadata = request.metadata();
+        let deadline = metadata
+            .get("grpc-timeout")
+            .and_then(|v| v.to_str().ok())
+            .and_then(parse_grpc_timeout)
+            // Give up a little before the client does, so that it hears why.
+            .map(|d| d.saturating_sub(DEADLINE_MARGIN).max(d / 2))
+            .map_or(REQUEST_DEADLINE, |d| d.min(REQUEST_DEADLINE));
+        Self {
+            peer: request.extensions().get::<PeerAddr>().map(|p| p.0),
+            authorization: metadata
+                .get("authorization")
+                .map(|v| v.to_str().map(str::to_owned).unwrap_or_default()),
+            cluster_id: metadata
+                .get("clusterid")
+                .and_then(|v| v.to_str().ok())
+                .filter(|v| !v.is_empty())
+                .map(str::to_owned),
+            deadline,
+        }
+    }
+}
+
 /// The metadata key ztunnel uses to ask for a pod's identity.
 const IMPERSONATED_IDENTITY: &str = "ImpersonatedIdentity";
 
@@ -126,25 +165,7 @@ impl IstioCertificateService for CertificateService {
         &self,
         request: Request<IstioCertificateRequest>,
     ) -> Result<Response<IstioCertificateResponse>, Status> {
-        let peer = request.extensions().get::<PeerAddr>().map(|p| p.0);
-        let deadline = request
-            .metadata()
-            .get("grpc-timeout")
-            .and_then(|v| v.to_str().ok())
-            .and_then(parse_grpc_timeout)
-            // Give up a little before the client does, so that it hears why.
-            .map(|d| d.saturating_sub(DEADLINE_MARGIN).max(d / 2))
-            .map_or(REQUEST_DEADLINE, |d| d.min(REQUEST_DEADLINE));
-        let authorization = request
-            .metadata()
-            .get("authorization")
-            .map(|v| v.to_str().map(str::to_owned).unwrap_or_default());
-        let cluster_id = request
-            .metadata()
-            .get("clusterid")
-            .and_then(|v| v.to_str().ok())
-            .filter(|v| !v.is_empty())
-            .map(str::to_owned);
+        let presented = Presented::of(&request);
         let body = request.into_inner();
         let impersonated_identity = body.metadata.as_ref().and_then(|m| {
             m.fields
@@ -156,10 +177,11 @@ impl IstioCertificateService for CertificateService {
                     _ => None,
                 })
         });
+        let deadline = presented.deadline;
         let work = self.ca.create_certificate(CsrRequest {
-            peer,
-            authorization,
-            cluster_id,
+            peer: presented.peer,
+            authorization: presented.authorization,
+            cluster_id: presented.cluster_id,
             csr: body.csr,
             validity_secs: body.validity_duration,
             impersonated_identity,
@@ -173,6 +195,46 @@ impl IstioCertificateService for CertificateService {
             .map_err(|r| status::to_status(&r))?;
         Ok(Response::new(IstioCertificateResponse {
             cert_chain: chain,
+        }))
+    }
+}
+
+/// `ca.v1.JwtSvidService`.
+pub(super) struct JwtService {
+    ca: Arc<CertificateAuthority>,
+}
+
+impl JwtService {
+    /// The service over `ca`.
+    pub(super) fn new(ca: Arc<CertificateAuthority>) -> Self {
+        Self { ca }
+    }
+}
+
+#[tonic::async_trait]
+impl JwtSvidService for JwtService {
+    async fn mint_jwt_svid(
+        &self,
+        request: Request<MintJwtSvidRequest>,
+    ) -> Result<Response<MintJwtSvidResponse>, Status> {
+        let presented = Presented::of(&request);
+        let body = request.into_inner();
+        let work = self.ca.mint_jwt_svid(JwtRequest {
+            peer: presented.peer,
+            authorization: presented.authorization,
+            cluster_id: presented.cluster_id,
+            audience: body.audience,
+            ttl_secs: body.ttl_seconds,
+        });
+        let minted = tokio::time::timeout(presented.deadline, work)
+            .await
+            .map_err(|_| status::to_status(&DeadlinePassed(presented.deadline)))?
+            .map_err(|r| status::to_status(&r))?;
+        Ok(Response::new(MintJwtSvidResponse {
+            token: minted.token,
+            spiffe_id: minted.spiffe_id,
+            issued_at: minted.issued_at,
+            expires_at: minted.expires_at,
         }))
     }
 }

@@ -100,7 +100,8 @@ pub async fn start(settings: Settings) -> Result<RunningServer, StartError> {
         active.clone(),
         pool,
         settings.limits,
-    ));
+    )
+    .with_jwt_issuer(settings.jwt_issuer.clone()));
     let (app, health_reporter) =
         bootstrap::routes(&settings, Arc::clone(&ca), &opened.store, &active)?;
     let configmaps = bootstrap::configmap_client(&settings)?;

@@ -127,10 +127,12 @@ impl ResolvesServerCert for CurrentCert {
     }
 }
 
-/// What the server publishes for `authority` and `bundle`: the two, the bundle's trust
-/// anchors, and a verifier of client certificates issued by one of `issuers`.
+/// What the server publishes for `authority` (with its JWT-SVID key) and `bundle`: those,
+/// the bundle's trust anchors, and a verifier of client certificates issued by one of
+/// `issuers`.
 pub(super) fn active(
     authority: Arc<crate::authority::Authority>,
+    jwt: Option<Arc<crate::authority::JwtKey>>,
     bundle: crate::bundle::Bundle,
     issuers: &[String],
 ) -> Result<Active, crate::authority::AuthorityError> {
@@ -139,7 +141,7 @@ pub(super) fn active(
             id: authority.id(),
             detail: e.to_string(),
         })?;
-    Active::new(authority, bundle, clients)
+    Active::new(authority, jwt, bundle, clients)
 }
 
 /// A verifier of client certificates issued by one of `issuers` (the signing certificates,

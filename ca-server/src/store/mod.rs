@@ -117,7 +117,7 @@ pub fn redact_url(url: &str) -> String {
 /// The schema's migrations, in order: a name, then the SQLite and the PostgreSQL text. A
 /// schema change is a new line here and a new file in each dialect's directory, never an
 /// edit of an old one.
-const MIGRATIONS: [(&str, &str, &str); 6] = [
+const MIGRATIONS: [(&str, &str, &str); 7] = [
     (
         "init",
         include_str!("migrations/sqlite/0001_init.sql"),
@@ -147,6 +147,11 @@ const MIGRATIONS: [(&str, &str, &str); 6] = [
         "jwt keys",
         include_str!("migrations/sqlite/0006_jwt_keys.sql"),
         include_str!("migrations/postgres/0006_jwt_keys.sql"),
+    ),
+    (
+        "audience",
+        include_str!("migrations/sqlite/0007_audience.sql"),
+        include_str!("migrations/postgres/0007_audience.sql"),
     ),
 ];
 

@@ -131,14 +131,17 @@ async fn reload(
     active: &watch::Sender<Arc<Active>>,
 ) -> Result<(), ReloadError> {
     let current = Arc::clone(&active.borrow());
-    let authority = match version.active {
-        Some(id) if id == current.authority.id() => Arc::clone(&current.authority),
+    let (authority, jwt) = match version.active {
+        Some(id) if id == current.authority.id() && current.jwt.is_some() => {
+            (Arc::clone(&current.authority), current.jwt.clone())
+        }
         Some(_) => {
             let record = store
                 .active_authority()
                 .await?
                 .ok_or(AuthorityError::NoneActive)?;
-            Arc::new(Authority::load(&record, keys)?)
+            let jwt = crate::authority::load_jwt_key(store, keys, record.id).await?;
+            (Arc::new(Authority::load(&record, keys)?), jwt.map(Arc::new))
         }
         None => return Err(AuthorityError::NoneActive.into()),
     };
@@ -158,7 +161,7 @@ async fn reload(
         "Applied an authority change"
     );
     active.send_replace(Arc::new(crate::server::tls::active(
-        authority, bundle, &issuers,
+        authority, jwt, bundle, &issuers,
     )?));
     Ok(())
 }
