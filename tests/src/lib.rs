@@ -527,6 +527,30 @@ pub async fn create_certificate(
         .map(|r| r.into_inner().cert_chain)
 }
 
+/// Sends `MintJwtSvid` to `server` with `token` (if any).
+pub async fn mint_jwt_svid(
+    server: &TestServer,
+    token: Option<&str>,
+    audience: &[&str],
+    ttl_seconds: i64,
+) -> Result<ca_proto::ca::v1::MintJwtSvidResponse, tonic::Status> {
+    use ca_proto::ca::v1::jwt_svid_service_client::JwtSvidServiceClient;
+    let mut request = tonic::Request::new(ca_proto::ca::v1::MintJwtSvidRequest {
+        audience: audience.iter().map(|s| (*s).to_owned()).collect(),
+        ttl_seconds,
+    });
+    if let Some(token) = token {
+        request.metadata_mut().insert(
+            "authorization",
+            format!("Bearer {token}").parse().expect("header"),
+        );
+    }
+    JwtSvidServiceClient::new(server.channel().await)
+        .mint_jwt_svid(request)
+        .await
+        .map(tonic::Response::into_inner)
+}
+
 /// A CSR for a fresh key of `alg`, with the URI SANs given (none for an empty request).
 pub fn csr(alg: &'static rcgen::SignatureAlgorithm, uri_sans: &[&str]) -> (String, rcgen::KeyPair) {
     let key = if alg == &rcgen::PKCS_RSA_SHA256 {

@@ -138,6 +138,8 @@ async fn root_keys_live_in_the_token() {
     let root = server.bundle_pem();
     webpki_verify(&chain, &root).unwrap();
     openssl_verify(dir.path(), &chain, "sslclient").unwrap();
+    // The token signs JWT-SVIDs too, and they verify with the bundle's key.
+    jwt_svid_verifies(&server, &token).await;
 
     // A second root prepared through the CLI (P-384) is made in the token too, and signs
     // once active; after a restart the server finds its key there again.
@@ -161,6 +163,7 @@ async fn root_keys_live_in_the_token() {
         "1.2.840.10045.4.3.3",
         "ecdsa-with-SHA384"
     );
+    jwt_svid_verifies(&server, &token).await;
     let new_root = chain.last().unwrap();
     assert!(server.bundle_pem().contains(new_root.trim()));
     webpki_verify(&chain, new_root).unwrap();
@@ -199,6 +202,36 @@ async fn root_keys_live_in_the_token() {
         stderr.contains("PKCS#11 token \"ca\"") && stderr.contains("--pkcs11-pin-file"),
         "{stderr}"
     );
+}
+
+/// Mints a JWT-SVID and verifies it with the bundle's key its header names.
+async fn jwt_svid_verifies(server: &TestServer, token: &str) {
+    let minted = mint_jwt_svid(server, Some(token), &["db"], 0)
+        .await
+        .unwrap();
+    let kid = jsonwebtoken::decode_header(&minted.token)
+        .unwrap()
+        .kid
+        .unwrap();
+    let shown: serde_json::Value =
+        serde_json::from_str(&server.cli_ok(&["bundle", "show", "--format", "jwks"])).unwrap();
+    let jwk = shown["keys"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|k| k["kid"] == kid.as_str())
+        .unwrap_or_else(|| panic!("kid {kid} not in {shown}"));
+    let jwk: jsonwebtoken::jwk::Jwk = serde_json::from_value(jwk.clone()).unwrap();
+    let mut validation = jsonwebtoken::Validation::new(jsonwebtoken::Algorithm::ES256);
+    validation.set_audience(&["db"]);
+    let claims = jsonwebtoken::decode::<serde_json::Value>(
+        &minted.token,
+        &jsonwebtoken::DecodingKey::from_jwk(&jwk).unwrap(),
+        &validation,
+    )
+    .unwrap()
+    .claims;
+    assert_eq!(claims["sub"], "spiffe://cluster.local/ns/shop/sa/web");
 }
 
 /// The public key a CSR carries, for signing a certificate for it with rcgen.

@@ -283,6 +283,17 @@ async fn refused_for_the_store(f: &Fixture, cause: &str) {
         "{}",
         status.message()
     );
+    // Nor a JWT-SVID.
+    let status =
+        ca_tests::mint_jwt_svid(&f.server, Some(&f.issuer.token("shop", "web")), &["db"], 0)
+            .await
+            .expect_err("no JWT-SVID while the audit log cannot be written");
+    assert_eq!(status.code(), Code::Unavailable, "{}", status.message());
+    assert!(
+        status.message().contains("audit log cannot be written"),
+        "{}",
+        status.message()
+    );
 }
 
 /// Waits for `/readyz` to answer `code`, and returns its body.
@@ -537,6 +548,10 @@ async fn no_key_or_token_reaches_the_log() {
     create_certificate(&mut client, Some(&good), &csr, 0)
         .await
         .unwrap();
+    let jwt_svid = ca_tests::mint_jwt_svid(&server, Some(&good), &["db"], 0)
+        .await
+        .unwrap()
+        .token;
     for bad in [&forged, &expired] {
         create_certificate(&mut client, Some(bad), &csr, 0)
             .await
@@ -595,7 +610,7 @@ async fn no_key_or_token_reaches_the_log() {
     let mut secrets: Vec<String> = private_key_material(&server.data_dir);
     secrets.extend(private_key_material(dir.path()));
     assert!(secrets.len() > 10, "keys found: {}", secrets.len());
-    for token in [&good, &forged, &expired, &dev_token] {
+    for token in [&good, &forged, &expired, &dev_token, &jwt_svid] {
         secrets.push(token.clone());
         // The signature alone is as secret as the token: it makes the token valid.
         secrets.push(token.rsplit('.').next().unwrap().to_owned());

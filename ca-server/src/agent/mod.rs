@@ -116,7 +116,10 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
         ),
     }
 
-    let minter = Arc::new(jwt::Minter::new(config.token_file.clone(), config.jwt_ttl_secs));
+    let minter = Arc::new(jwt::Minter::new(
+        config.token_file.clone(),
+        config.jwt_ttl_secs,
+    ));
     let mut socket_file = None;
     let mut server = None;
     if let Some(path) = &config.socket {
@@ -160,8 +163,16 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
         // The backoff's wait is part of the attempt, so a signal ends it at once too.
         let attempt = async {
             tokio::time::sleep(pause).await;
-            if let Err(e) =
-                session(&config, &shelf, &minter, &link, &mut bundle, &mut life, &mut backoff).await
+            if let Err(e) = session(
+                &config,
+                &shelf,
+                &minter,
+                &link,
+                &mut bundle,
+                &mut life,
+                &mut backoff,
+            )
+            .await
             {
                 link.down(&format!("{e:#}"));
                 pause = backoff.next();

@@ -8,9 +8,8 @@ use std::pin::Pin;
 use ca_proto::workload::spiffe_workload_api_server::SpiffeWorkloadApi;
 use ca_proto::workload::{
     JwtBundlesRequest, JwtBundlesResponse, Jwtsvid, JwtsvidRequest, JwtsvidResponse,
-    ValidateJwtsvidRequest,
-    ValidateJwtsvidResponse, X509BundlesRequest, X509BundlesResponse, X509svid, X509svidRequest,
-    X509svidResponse,
+    ValidateJwtsvidRequest, ValidateJwtsvidResponse, X509BundlesRequest, X509BundlesResponse,
+    X509svid, X509svidRequest, X509svidResponse,
 };
 use tokio_stream::wrappers::WatchStream;
 use tokio_stream::{Stream, StreamExt};

@@ -17,8 +17,8 @@ use rustls_pki_types::CertificateDer;
 
 use time::{Duration, OffsetDateTime};
 
-pub use jwt::JwtKey;
 pub use import::{ImportError, ImportedCa, read_cacerts, read_cacerts_with_key};
+pub use jwt::JwtKey;
 pub use key::{CaKey, KeyError, KeyType, check_private};
 pub use key_ref::{KeyRef, UnknownKeyRef};
 pub use keystore::{Kek, KeyStore, StoredKey};

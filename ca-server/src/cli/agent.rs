@@ -5,8 +5,8 @@ use std::process::ExitCode;
 
 use clap::Args;
 
-use super::{parse_duration, read_text};
 use super::request::RequestArgs;
+use super::{parse_duration, read_text};
 use crate::agent::{AgentConfig, socket};
 
 /// Flags of `agent`.

@@ -279,10 +279,7 @@ impl CertificateAuthority {
 
         let active = Arc::clone(&self.active.borrow());
         let authority = &active.authority;
-        let key: Arc<JwtKey> = active
-            .jwt
-            .clone()
-            .ok_or(JwtError::NoKey(authority.id()))?;
+        let key: Arc<JwtKey> = active.jwt.clone().ok_or(JwtError::NoKey(authority.id()))?;
         if now < authority.not_before() || now >= authority.not_after() {
             return Err(JwtError::AuthorityNotValid(authority.not_after()).into());
         }
@@ -382,7 +379,14 @@ mod tests {
 
     #[test]
     fn one_audience_is_a_string_several_an_array() {
-        let one = claims("spiffe://td/x", &strings(&["a"]), Some("https://i"), 1, 2, "j");
+        let one = claims(
+            "spiffe://td/x",
+            &strings(&["a"]),
+            Some("https://i"),
+            1,
+            2,
+            "j",
+        );
         assert_eq!(one["aud"], "a");
         assert_eq!(one["iss"], "https://i");
         let two = claims("spiffe://td/x", &strings(&["a", "b"]), None, 1, 2, "j");

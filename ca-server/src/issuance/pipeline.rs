@@ -240,15 +240,18 @@ impl CertificateAuthority {
         identity: String,
         now: Instant,
     ) -> Result<(), Refusal> {
-        self.limits.per_identity.take(&identity, now).map_err(|wait| {
-            let rate = self.limits.settings.per_identity;
-            Refusal::IdentityRate {
-                identity,
-                per_second: rate.per_second,
-                burst: rate.burst,
-                retry_after_ms: wait.as_millis(),
-            }
-        })
+        self.limits
+            .per_identity
+            .take(&identity, now)
+            .map_err(|wait| {
+                let rate = self.limits.settings.per_identity;
+                Refusal::IdentityRate {
+                    identity,
+                    per_second: rate.per_second,
+                    burst: rate.burst,
+                    retry_after_ms: wait.as_millis(),
+                }
+            })
     }
 
     /// The caller's identity from its token. A token verified before (and still good) costs

@@ -148,9 +148,7 @@ pub(super) async fn open(settings: &Settings) -> Result<Opened, StartError> {
     let jwt = crate::authority::load_jwt_key(&store, &settings.keys, authority.id())
         .await?
         .map(Arc::new);
-    let (active_tx, _) = watch::channel(Arc::new(tls::active(
-        authority, jwt, bundle, &issuers,
-    )?));
+    let (active_tx, _) = watch::channel(Arc::new(tls::active(authority, jwt, bundle, &issuers)?));
     Ok(Opened {
         store,
         audit,

@@ -7,8 +7,8 @@ use std::time::Duration;
 
 use ca_proto::ca::v1::jwt_svid_service_server::JwtSvidService;
 use ca_proto::ca::v1::trust_bundle_service_server::TrustBundleService;
-use ca_proto::ca::v1::{MintJwtSvidRequest, MintJwtSvidResponse};
 use ca_proto::ca::v1::{GetTrustBundleRequest, TrustBundle, WatchTrustBundleRequest};
+use ca_proto::ca::v1::{MintJwtSvidRequest, MintJwtSvidResponse};
 use ca_proto::istio::v1::auth::istio_certificate_service_server::IstioCertificateService;
 use ca_proto::istio::v1::auth::{IstioCertificateRequest, IstioCertificateResponse};
 use futures_util::Stream;

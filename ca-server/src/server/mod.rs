@@ -92,16 +92,18 @@ pub async fn start(settings: Settings) -> Result<RunningServer, StartError> {
         Arc::new(tls::AuthorityClientVerifier::new(active.clone())),
     );
     let pool = CryptoPool::per_core(CRYPTO_QUEUE).map_err(StartError::Threads)?;
-    let ca = Arc::new(CertificateAuthority::new(
-        Arc::clone(&authn),
-        policy,
-        opened.audit.clone(),
-        settings.leaf_policy,
-        active.clone(),
-        pool,
-        settings.limits,
-    )
-    .with_jwt_issuer(settings.jwt_issuer.clone()));
+    let ca = Arc::new(
+        CertificateAuthority::new(
+            Arc::clone(&authn),
+            policy,
+            opened.audit.clone(),
+            settings.leaf_policy,
+            active.clone(),
+            pool,
+            settings.limits,
+        )
+        .with_jwt_issuer(settings.jwt_issuer.clone()),
+    );
     let (app, health_reporter) =
         bootstrap::routes(&settings, Arc::clone(&ca), &opened.store, &active)?;
     let configmaps = bootstrap::configmap_client(&settings)?;
