@@ -122,7 +122,9 @@ async fn what_a_jwt_svid_request_may_not_be() {
     let long = "a".repeat(257);
     let seventeen: Vec<String> = (0..17).map(|i| format!("aud-{i}")).collect();
     let seventeen: Vec<&str> = seventeen.iter().map(String::as_str).collect();
-    let cases: Vec<(Option<&str>, Vec<&str>, i64, Code, &str)> = vec![
+    // (token, audiences, TTL, code, what the message says)
+    type Case<'a> = (Option<&'a str>, Vec<&'a str>, i64, Code, &'a str);
+    let cases: Vec<Case<'_>> = vec![
         (None, vec!["db"], 0, Code::Unauthenticated, "token"),
         (
             Some("not-a-jwt"),

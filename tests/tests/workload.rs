@@ -704,3 +704,145 @@ async fn the_jwt_bundle_reaches_py_spiffe_and_the_rust_crate() {
         .unwrap();
     assert_eq!(next.get(&domain).unwrap().jwt_authorities().count(), 2);
 }
+
+#[test]
+fn py_spiffe_fetches_and_validates_jwt_svids() {
+    if !python_has("spiffe") {
+        return;
+    }
+    let (dir, issuer, server) = ca();
+    let agent = web_agent(&dir, &issuer, &server, &[]);
+    let got = ca_tests::workload::python_json(&[
+        py_script("jwt_svid.py").to_str().unwrap(),
+        &agent.uri(),
+        "db",
+        "cache",
+    ]);
+    assert_eq!(got["spiffe_id"], WEB, "{got}");
+    assert_eq!(got["audience"], serde_json::json!(["cache", "db"]));
+    assert_eq!(got["same_token_again"], true, "kept for its audience set");
+    assert_eq!(got["validated_spiffe_id"], WEB);
+    assert!(
+        got["other_audience"]
+            .as_str()
+            .unwrap()
+            .contains("the JWT-SVID is not valid"),
+        "{got}"
+    );
+    assert_eq!(got["locally_validated"], WEB);
+    assert_eq!(got["bundle_keys"], 1);
+    // The CA minted once for the set, and recorded it.
+    let minted: Vec<serde_json::Value> =
+        audit_json(&server, &["--kind", "issued", "--spiffe-id", WEB])
+            .into_iter()
+            .filter(|e| !e["audience"].is_null())
+            .collect();
+    assert_eq!(minted.len(), 1, "{minted:?}");
+    assert_eq!(minted[0]["audience"], r#"["cache","db"]"#);
+}
+
+const WEB: &str = "spiffe://cluster.local/ns/shop/sa/web";
+
+#[tokio::test]
+async fn the_rust_spiffe_crate_fetches_and_validates_jwt_svids() {
+    let (dir, issuer, mut server) = ca();
+    let agent = web_agent(&dir, &issuer, &server, &["--jwt-ttl", "10m"]);
+    let client = spiffe::WorkloadApiClient::connect_to(agent.uri())
+        .await
+        .unwrap();
+    let svid = client.fetch_jwt_svid(["db"], None).await.unwrap();
+    assert_eq!(svid.spiffe_id().to_string(), WEB);
+    assert_eq!(svid.audience(), ["db".to_owned()]);
+    let validated = client.validate_jwt_token("db", svid.token()).await.unwrap();
+    assert_eq!(validated.spiffe_id().to_string(), WEB);
+    let claims = jsonwebtoken::dangerous::insecure_decode::<serde_json::Value>(svid.token())
+        .unwrap()
+        .claims;
+    let life = claims["exp"].as_i64().unwrap() - claims["iat"].as_i64().unwrap();
+    assert_eq!(life, 600, "--jwt-ttl");
+    assert!(
+        client
+            .validate_jwt_token("elsewhere", svid.token())
+            .await
+            .is_err(),
+        "not for an audience it does not name"
+    );
+
+    // The contract's edges, with the generated client.
+    let mut raw = ca_tests::workload::uds_client(&agent.socket).await;
+    use ca_proto::workload::{JwtsvidRequest, ValidateJwtsvidRequest};
+    let ask = |audience: &[&str], spiffe_id: &str| JwtsvidRequest {
+        audience: audience.iter().map(|s| (*s).to_owned()).collect(),
+        spiffe_id: spiffe_id.to_owned(),
+    };
+    let status = raw.fetch_jwtsvid(ask(&["db"], "")).await.unwrap_err();
+    assert_eq!(status.message(), "security header missing from request");
+    let status = raw
+        .fetch_jwtsvid(with_header(ask(&[], "")))
+        .await
+        .unwrap_err();
+    assert_eq!(
+        (status.code(), status.message()),
+        (tonic::Code::InvalidArgument, "audience must be specified")
+    );
+    let status = raw
+        .fetch_jwtsvid(with_header(ask(
+            &["db"],
+            "spiffe://cluster.local/ns/x/sa/y",
+        )))
+        .await
+        .unwrap_err();
+    assert_eq!(
+        (status.code(), status.message()),
+        (tonic::Code::PermissionDenied, "no identity issued")
+    );
+    let long = "a".repeat(300);
+    let status = raw
+        .fetch_jwtsvid(with_header(ask(&[&long], "")))
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), tonic::Code::InvalidArgument);
+    let validate = |audience: &str, svid: &str| ValidateJwtsvidRequest {
+        audience: audience.to_owned(),
+        svid: svid.to_owned(),
+    };
+    let status = raw
+        .validate_jwtsvid(validate("db", svid.token()))
+        .await
+        .unwrap_err();
+    assert_eq!(status.message(), "security header missing from request");
+    let answer = raw
+        .validate_jwtsvid(with_header(validate("db", svid.token())))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(answer.spiffe_id, WEB);
+    let claims = answer.claims.unwrap();
+    assert!(
+        matches!(&claims.fields["sub"].kind, Some(prost_types::value::Kind::StringValue(s)) if s == WEB)
+    );
+    // A token signed by a key outside the bundle (here, a Kubernetes token) is refused.
+    let status = raw
+        .validate_jwtsvid(with_header(validate("db", &issuer.token("shop", "web"))))
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), tonic::Code::InvalidArgument);
+    assert!(
+        status.message().contains("no key with kid"),
+        "{}",
+        status.message()
+    );
+
+    // Through a CA outage the token kept for a set is still handed out; a new set cannot be
+    // minted, and the workload hears why.
+    server.kill();
+    let again = client.fetch_jwt_svid(["db"], None).await.unwrap();
+    assert_eq!(again.token(), svid.token());
+    let status = raw
+        .fetch_jwtsvid(with_header(ask(&["new-audience"], "")))
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), tonic::Code::Unavailable, "{status:?}");
+    // Validation needs no CA.
+    assert!(client.validate_jwt_token("db", svid.token()).await.is_ok());
+}
