@@ -208,7 +208,7 @@ async fn every_filter_and_format_returns_exactly_the_right_events() {
     let rows: Vec<&str> = csv.lines().collect();
     assert_eq!(
         rows[0],
-        "seq,time,kind,spiffe_id,namespace,service_account,pod_name,pod_uid,token_issuer,serial,not_before,not_after,authority_id,public_key_sha256,csr_sha256,peer,code,reason,count,operator,caller,node,requested,anchor_seq,anchor_hash,hash,prev_hash"
+        "seq,time,kind,spiffe_id,namespace,service_account,pod_name,pod_uid,token_issuer,serial,not_before,not_after,authority_id,public_key_sha256,csr_sha256,peer,code,reason,count,operator,caller,node,requested,anchor_seq,anchor_hash,audience,hash,prev_hash"
     );
     assert_eq!(rows.len(), all.len() + 1);
     for (row, e) in rows[1..].iter().zip(&all) {
@@ -344,6 +344,7 @@ fn as_json(e: &ca_proto::ca::v1::AuditEvent) -> Value {
         "code": s(&e.code), "reason": s(&e.reason), "count": i(e.count), "operator": s(&e.operator),
         "caller": s(&e.caller), "node": s(&e.node), "requested": s(&e.requested),
         "anchor_seq": i(e.anchor_seq), "anchor_hash": s(&e.anchor_hash),
+        "audience": s(&e.audience),
         "hash": e.hash, "prev_hash": e.prev_hash,
     })
 }
@@ -353,6 +354,15 @@ async fn remote_auditors_see_what_the_cli_sees_and_no_one_else_does() {
     let s = seed(&["--auditor", "spiffe://cluster.local/ns/audit/sa/reader"]).await;
     let auditor = identity_for(&s, "audit", "reader").await;
     let mut client = audit_client(&s.server, Some(auditor)).await;
+    // A JWT-SVID's event too: its audiences reach the auditor.
+    ca_tests::mint_jwt_svid(
+        &s.server,
+        Some(&s.issuer.token("shop", "web")),
+        &["db", "cache"],
+        0,
+    )
+    .await
+    .unwrap();
 
     // All pages of a filtered query equal the CLI's answer.
     for (request, cli_args) in [
@@ -414,6 +424,12 @@ async fn remote_auditors_see_what_the_cli_sees_and_no_one_else_does() {
             .filter(|e| cli.iter().any(|c| c["seq"] == e["seq"]))
             .collect();
         assert_eq!(got, cli, "{cli_args:?}");
+        if cli_args.is_empty() {
+            assert!(
+                got.iter().any(|e| e["audience"] == r#"["db","cache"]"#),
+                "{got:?}"
+            );
+        }
     }
     let bad = client
         .list_events(ListEventsRequest {
@@ -529,7 +545,7 @@ async fn tampering_is_found_and_a_consistent_rewrite_fails_against_an_exported_c
             vec![
                 "UPDATE audit_events SET seq = seq + 1000 WHERE seq > 3".into(),
                 "UPDATE audit_events SET seq = seq - 999 WHERE seq > 1000".into(),
-                "INSERT INTO audit_events SELECT 4, time_ms, kind, spiffe_id, namespace, service_account, pod_name, pod_uid, token_issuer, serial, not_before, not_after, authority_id, public_key_sha256, csr_sha256, peer, code, reason, count, operator, prev_hash, hash, caller, node, requested, anchor_seq, anchor_hash FROM audit_events WHERE seq = 3".into(),
+                "INSERT INTO audit_events SELECT 4, time_ms, kind, spiffe_id, namespace, service_account, pod_name, pod_uid, token_issuer, serial, not_before, not_after, authority_id, public_key_sha256, csr_sha256, peer, code, reason, count, operator, prev_hash, hash, caller, node, requested, anchor_seq, anchor_hash, audience FROM audit_events WHERE seq = 3".into(),
             ],
             4,
             "",

@@ -295,6 +295,7 @@ async fn audit_list_filters_and_formats() {
             "requested",
             "anchor_seq",
             "anchor_hash",
+            "audience",
             "hash",
             "prev_hash"
         ]
