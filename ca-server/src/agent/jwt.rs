@@ -202,6 +202,16 @@ pub fn validate(
         )));
     }
     let header = jsonwebtoken::decode_header(token).map_err(invalid)?;
+    // JWT-SVID: a `typ`, if present, is JWT or JOSE.
+    if let Some(typ) = header.typ.as_deref()
+        && typ != "JWT"
+        && typ != "JOSE"
+    {
+        return Err(invalid(format!(
+            "its typ is {}, not JWT or JOSE",
+            crate::untrusted::claim(typ)
+        )));
+    }
     let kid = header
         .kid
         .as_deref()
@@ -323,6 +333,17 @@ mod tests {
         tampered.replace_range(tampered.len() - 4.., "AAAA");
         refused("db", &tampered);
         refused("db", "not a token");
+        // A header with a typ a JWT-SVID may not have; and alg none.
+        let body = good.split('.').nth(1).unwrap();
+        use base64::Engine;
+        let b64 = |v: serde_json::Value| {
+            base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(v.to_string())
+        };
+        let header =
+            b64(serde_json::json!({"alg": "ES256", "kid": key.public().kid, "typ": "at+jwt"}));
+        assert!(refused("db", &format!("{header}.{body}.AAAA")).contains("typ"));
+        let none = b64(serde_json::json!({"alg": "none", "kid": key.public().kid}));
+        refused("db", &format!("{none}.{body}."));
         refused("", &good);
         refused("db", "");
         refused("db", &"a".repeat(MAX_TOKEN_BYTES + 1));
