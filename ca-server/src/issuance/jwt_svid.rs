@@ -2,14 +2,13 @@
 //! audiences and TTL are checked, the active authority's JWT-SVID key signs, and the issuance
 //! is in the audit log before the token leaves.
 
-use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Instant;
 
 use time::{Duration, OffsetDateTime};
 use tracing::{debug, warn};
 
-use super::pipeline::CertificateAuthority;
+use super::pipeline::{Caller, CertificateAuthority};
 use super::refusal::Refusal;
 use super::refusals::{Known, event_for};
 use crate::audit::EventKind;
@@ -26,34 +25,15 @@ pub const MAX_AUDIENCES: usize = 16;
 /// The longest audience, in bytes.
 pub const MAX_AUDIENCE_BYTES: usize = 256;
 
-/// A JWT-SVID request, as the transport received it. Its `Debug` leaves the `authorization`
-/// header out: it carries the caller's token.
+/// A JWT-SVID request, as the transport received it.
+#[derive(Debug)]
 pub struct JwtRequest {
-    /// The caller's address.
-    pub peer: Option<SocketAddr>,
-    /// The `authorization` header, if any.
-    pub authorization: Option<String>,
-    /// The `clusterid` header, if any.
-    pub cluster_id: Option<String>,
+    /// Who asks.
+    pub caller: Caller,
     /// The audiences asked for.
     pub audience: Vec<String>,
     /// Requested TTL in seconds; 0 for the default.
     pub ttl_secs: i64,
-}
-
-impl std::fmt::Debug for JwtRequest {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("JwtRequest")
-            .field("peer", &self.peer)
-            .field(
-                "authorization",
-                &self.authorization.as_ref().map(|_| "<redacted>"),
-            )
-            .field("cluster_id", &self.cluster_id)
-            .field("audience", &self.audience.len())
-            .field("ttl_secs", &self.ttl_secs)
-            .finish()
-    }
 }
 
 /// A minted JWT-SVID. Its `Debug` leaves the token out: it is a bearer credential.
@@ -221,7 +201,7 @@ impl CertificateAuthority {
         drop(coming);
         match outcome {
             Ok((minted, authority_id, audience)) => {
-                let mut event = event_for(EventKind::Issued, now, &known, request.peer);
+                let mut event = event_for(EventKind::Issued, now, &known, request.caller.peer);
                 event.serial = Some(jti_of(&minted.token));
                 event.not_before = Some(minted.issued_at);
                 event.not_after = Some(minted.expires_at);
@@ -245,7 +225,7 @@ impl CertificateAuthority {
                     serde_json::Value::from(request.audience.clone())
                 );
                 self.refuse(
-                    request.peer,
+                    request.caller.peer,
                     Some(untrusted::claim(&requested)),
                     now,
                     known,
@@ -263,14 +243,7 @@ impl CertificateAuthority {
         now: OffsetDateTime,
         known: &mut Known,
     ) -> Result<(MintedJwt, i64, Vec<String>), Refusal> {
-        let caller = self
-            .authenticate(
-                request.peer,
-                request.authorization.as_deref(),
-                request.cluster_id.as_deref(),
-                now,
-            )
-            .await?;
+        let caller = self.authenticate(&request.caller, now).await?;
         known.identity = Some(caller.clone());
         let audience = check_audience(&request.audience)?;
         let ttl = jwt_ttl(request.ttl_secs)?;

@@ -19,7 +19,7 @@ use time::OffsetDateTime;
 pub use active::Active;
 pub use csr::{CheckedCsr, CsrError, KeyKind, MAX_CSR_BYTES, check_csr};
 pub use jwt_svid::{JwtRequest, MintedJwt};
-pub use pipeline::{CertificateAuthority, CsrRequest, LimitSettings};
+pub use pipeline::{Caller, CertificateAuthority, CsrRequest, LimitSettings};
 pub use profile::{LeafPolicy, Validity, ValidityError, leaf_validity, resolve_ttl};
 pub use refusal::Refusal;
 pub use selfcheck::{SelfCheckError, TrustAnchors};

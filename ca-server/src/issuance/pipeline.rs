@@ -21,15 +21,34 @@ use crate::issuance::{self, Issued, LeafPolicy};
 use crate::limits::{Aggregator, Rate, RateLimiter, peer_key};
 use crate::untrusted;
 
-/// A certificate request, as the transport received it. Its `Debug` leaves the
-/// `authorization` header out: it carries the caller's token.
-pub struct CsrRequest {
+/// Who a request comes from, as the transport received it: the caller's address and its
+/// credential. Its `Debug` leaves the `authorization` header out: it carries the token.
+pub struct Caller {
     /// The caller's address.
     pub peer: Option<SocketAddr>,
     /// The `authorization` header, if any.
     pub authorization: Option<String>,
     /// The `clusterid` header (Istio's `CLUSTER_ID`), if any.
     pub cluster_id: Option<String>,
+}
+
+impl std::fmt::Debug for Caller {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Caller")
+            .field("peer", &self.peer)
+            .field(
+                "authorization",
+                &self.authorization.as_ref().map(|_| "<redacted>"),
+            )
+            .field("cluster_id", &self.cluster_id)
+            .finish()
+    }
+}
+
+/// A certificate request, as the transport received it.
+pub struct CsrRequest {
+    /// Who asks.
+    pub caller: Caller,
     /// The PEM CSR.
     pub csr: String,
     /// Requested TTL in seconds; 0 for the default.
@@ -41,12 +60,7 @@ pub struct CsrRequest {
 impl std::fmt::Debug for CsrRequest {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("CsrRequest")
-            .field("peer", &self.peer)
-            .field(
-                "authorization",
-                &self.authorization.as_ref().map(|_| "<redacted>"),
-            )
-            .field("cluster_id", &self.cluster_id)
+            .field("caller", &self.caller)
             .field("csr_bytes", &self.csr.len())
             .field("validity_secs", &self.validity_secs)
             .field("impersonated_identity", &self.impersonated_identity)
@@ -129,7 +143,7 @@ impl CertificateAuthority {
         match outcome {
             Ok(issued) => {
                 let identity = known.identity.as_ref();
-                let mut event = event_for(EventKind::Issued, now, &known, request.peer);
+                let mut event = event_for(EventKind::Issued, now, &known, request.caller.peer);
                 event.serial = Some(issued.serial.clone());
                 event.not_before = Some(issued.validity.not_before.unix_timestamp());
                 event.not_after = Some(issued.validity.not_after.unix_timestamp());
@@ -162,7 +176,7 @@ impl CertificateAuthority {
                     .impersonated_identity
                     .as_deref()
                     .map(untrusted::claim);
-                self.refuse(request.peer, requested, now, known, &refusal)
+                self.refuse(request.caller.peer, requested, now, known, &refusal)
                     .await;
                 Err(refusal)
             }
@@ -175,14 +189,7 @@ impl CertificateAuthority {
         now: OffsetDateTime,
         known: &mut Known,
     ) -> Result<Issued, Refusal> {
-        let caller = self
-            .authenticate(
-                request.peer,
-                request.authorization.as_deref(),
-                request.cluster_id.as_deref(),
-                now,
-            )
-            .await?;
+        let caller = self.authenticate(&request.caller, now).await?;
         let own_id = caller.spiffe_id.to_string();
         // The rate is per identity issued; a node proxy's are counted per node as well, since
         // every node's proxy asks for the identities of its own pods.
@@ -262,12 +269,12 @@ impl CertificateAuthority {
     /// unread.
     pub(super) async fn authenticate(
         &self,
-        peer: Option<SocketAddr>,
-        authorization: Option<&str>,
-        cluster_id: Option<&str>,
+        caller: &Caller,
         now: OffsetDateTime,
     ) -> Result<Identity, Refusal> {
-        let peer = peer.map(|p| peer_key(p.ip()));
+        let peer = caller.peer.map(|p| peer_key(p.ip()));
+        let authorization = caller.authorization.as_deref();
+        let cluster_id = caller.cluster_id.as_deref();
         let token = match authorization {
             Some(header) => BearerToken::from_header(header).ok(),
             None => None,

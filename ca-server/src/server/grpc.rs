@@ -19,7 +19,7 @@ use tonic::{Request, Response, Status};
 
 use super::status;
 use crate::class::{Class, Classify};
-use crate::issuance::{Active, CertificateAuthority, CsrRequest, JwtRequest};
+use crate::issuance::{Active, Caller, CertificateAuthority, CsrRequest, JwtRequest};
 use crate::spiffe::TrustDomain;
 
 /// The caller's address, put into each request's extensions by the connection handler.
@@ -107,41 +107,29 @@ fn parse_grpc_timeout(text: &str) -> Option<std::time::Duration> {
     })
 }
 
-/// What a caller presents besides its request: its address, its credential and the
-/// deadline the server holds it to.
-struct Presented {
-    peer: Option<SocketAddr>,
-    /// The `authorization` header (empty if it is not text).
-    authorization: Option<String>,
-    /// The `clusterid` header, if not empty.
-    cluster_id: Option<String>,
-    /// The client's `grpc-timeout` less a margin, and never above [`REQUEST_DEADLINE`].
-    deadline: Duration,
-}
-
-impl Presented {
-    fn of<T>(request: &Request<T>) -> Self {
-        let metadata = request.metadata();
-        let deadline = metadata
-            .get("grpc-timeout")
+/// Who a request comes from (its address and credential), and the deadline the server holds
+/// it to: the client's `grpc-timeout` less a margin, never above [`REQUEST_DEADLINE`].
+fn caller_of<T>(request: &Request<T>) -> (Caller, Duration) {
+    let metadata = request.metadata();
+    let deadline = metadata
+        .get("grpc-timeout")
+        .and_then(|v| v.to_str().ok())
+        .and_then(parse_grpc_timeout)
+        // Give up a little before the client does, so that it hears why.
+        .map(|d| d.saturating_sub(DEADLINE_MARGIN).max(d / 2))
+        .map_or(REQUEST_DEADLINE, |d| d.min(REQUEST_DEADLINE));
+    let caller = Caller {
+        peer: request.extensions().get::<PeerAddr>().map(|p| p.0),
+        authorization: metadata
+            .get("authorization")
+            .map(|v| v.to_str().map(str::to_owned).unwrap_or_default()),
+        cluster_id: metadata
+            .get("clusterid")
             .and_then(|v| v.to_str().ok())
-            .and_then(parse_grpc_timeout)
-            // Give up a little before the client does, so that it hears why.
-            .map(|d| d.saturating_sub(DEADLINE_MARGIN).max(d / 2))
-            .map_or(REQUEST_DEADLINE, |d| d.min(REQUEST_DEADLINE));
-        Self {
-            peer: request.extensions().get::<PeerAddr>().map(|p| p.0),
-            authorization: metadata
-                .get("authorization")
-                .map(|v| v.to_str().map(str::to_owned).unwrap_or_default()),
-            cluster_id: metadata
-                .get("clusterid")
-                .and_then(|v| v.to_str().ok())
-                .filter(|v| !v.is_empty())
-                .map(str::to_owned),
-            deadline,
-        }
-    }
+            .filter(|v| !v.is_empty())
+            .map(str::to_owned),
+    };
+    (caller, deadline)
 }
 
 /// The metadata key ztunnel uses to ask for a pod's identity.
@@ -165,7 +153,7 @@ impl IstioCertificateService for CertificateService {
         &self,
         request: Request<IstioCertificateRequest>,
     ) -> Result<Response<IstioCertificateResponse>, Status> {
-        let presented = Presented::of(&request);
+        let (caller, deadline) = caller_of(&request);
         let body = request.into_inner();
         let impersonated_identity = body.metadata.as_ref().and_then(|m| {
             m.fields
@@ -177,11 +165,8 @@ impl IstioCertificateService for CertificateService {
                     _ => None,
                 })
         });
-        let deadline = presented.deadline;
         let work = self.ca.create_certificate(CsrRequest {
-            peer: presented.peer,
-            authorization: presented.authorization,
-            cluster_id: presented.cluster_id,
+            caller,
             csr: body.csr,
             validity_secs: body.validity_duration,
             impersonated_identity,
@@ -217,18 +202,16 @@ impl JwtSvidService for JwtService {
         &self,
         request: Request<MintJwtSvidRequest>,
     ) -> Result<Response<MintJwtSvidResponse>, Status> {
-        let presented = Presented::of(&request);
+        let (caller, deadline) = caller_of(&request);
         let body = request.into_inner();
         let work = self.ca.mint_jwt_svid(JwtRequest {
-            peer: presented.peer,
-            authorization: presented.authorization,
-            cluster_id: presented.cluster_id,
+            caller,
             audience: body.audience,
             ttl_secs: body.ttl_seconds,
         });
-        let minted = tokio::time::timeout(presented.deadline, work)
+        let minted = tokio::time::timeout(deadline, work)
             .await
-            .map_err(|_| status::to_status(&DeadlinePassed(presented.deadline)))?
+            .map_err(|_| status::to_status(&DeadlinePassed(deadline)))?
             .map_err(|r| status::to_status(&r))?;
         Ok(Response::new(MintJwtSvidResponse {
             token: minted.token,
