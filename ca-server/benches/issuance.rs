@@ -57,6 +57,7 @@ fn authority(dir: &std::path::Path) -> Authority {
         activated_at: None,
         retiring_at: None,
         retired_at: None,
+        tainted_at: None,
     };
     Authority::load(&record, &ca_server::authority::KeyStore::files(dir)).unwrap()
 }
@@ -76,6 +77,7 @@ fn bench(c: &mut Criterion) {
         sequence: 1,
         roots_pem: vec![authority.root_pem().to_owned()],
         jwt_keys: Vec::new(),
+        tainted: Vec::new(),
     })
     .unwrap();
     let policy = LeafPolicy::default();

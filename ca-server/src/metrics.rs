@@ -61,6 +61,10 @@ pub struct Metrics {
     pub authority_expiring: Family<AuthorityLabels, Gauge>,
     /// The published bundle's sequence.
     pub bundle_sequence: Gauge,
+    /// Each authority's live certificates (each holder's newest unexpired one).
+    pub authority_live_certificates: Family<AuthorityLabels, Gauge>,
+    /// The share of identities whose newest certificate comes from the active authority.
+    pub rotation_converged_ratio: Gauge<f64, AtomicU64>,
     /// Token checks answered from the verified-token cache.
     pub token_cache_hits: Counter,
     /// Token checks that needed a signature verification.
@@ -130,6 +134,19 @@ impl Metrics {
             "Sequence of the published trust bundle; it moves on every change of the roots",
             bundle_sequence.clone(),
         );
+        let authority_live_certificates = Family::<AuthorityLabels, Gauge>::default();
+        registry.register(
+            "authority_live_certificates",
+            "Certificates from each authority that are still their holder's newest unexpired one",
+            authority_live_certificates.clone(),
+        );
+        let rotation_converged_ratio = Gauge::<f64, AtomicU64>::default();
+        registry.register(
+            "rotation_converged_ratio",
+            "Share of identities with a live certificate whose newest comes from the active \
+             authority (1 when a rotation has reached them all)",
+            rotation_converged_ratio.clone(),
+        );
         let token_cache_hits = Counter::default();
         registry.register(
             "token_cache_hits",
@@ -168,6 +185,8 @@ impl Metrics {
             authority_expiry_seconds,
             authority_expiring,
             bundle_sequence,
+            authority_live_certificates,
+            rotation_converged_ratio,
             token_cache_hits,
             token_cache_misses,
         }

@@ -133,6 +133,14 @@ impl Proxy {
         Self { held, tasks }
     }
 
+    /// A proxy that holds `held` and follows nothing (for material another agent serves).
+    pub fn holding(held: Held) -> Self {
+        Self {
+            held: Arc::new(RwLock::new(held)),
+            tasks: Vec::new(),
+        }
+    }
+
     /// A snapshot of what it holds.
     pub fn held(&self) -> Held {
         self.held.read().expect("lock").clone()

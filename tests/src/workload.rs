@@ -296,3 +296,42 @@ pub fn agent_health(addr: std::net::SocketAddr) -> (u16, serde_json::Value) {
     let (status, body) = crate::http_get(addr, "/healthz").expect("GET /healthz");
     (status, serde_json::from_str(&body).expect("JSON"))
 }
+
+/// DER certificates concatenated, as the Workload API carries chains and bundles, apart.
+pub fn split_der(mut concatenated: &[u8]) -> Vec<rustls::pki_types::CertificateDer<'static>> {
+    let mut certificates = Vec::new();
+    while !concatenated.is_empty() {
+        let (rest, _) =
+            x509_parser::parse_x509_certificate(concatenated).expect("a DER certificate");
+        let used = concatenated.len() - rest.len();
+        certificates.push(rustls::pki_types::CertificateDer::from(
+            concatenated[..used].to_vec(),
+        ));
+        concatenated = rest;
+    }
+    certificates
+}
+
+/// What the agent on `socket` serves now, as a [`crate::mesh::Proxy`] a workload would build
+/// from it: the SVID and its key, and the bundle.
+pub async fn agent_proxy(socket: &Path) -> crate::mesh::Proxy {
+    let (_, response) = served_svid(socket).await;
+    let svid = &response.svids[0];
+    let chain = split_der(&svid.x509_svid);
+    let (_, leaf) = x509_parser::parse_x509_certificate(&chain[0]).expect("the leaf");
+    let leaf_issuer = leaf.issuer().to_string();
+    let key = rustls::pki_types::PrivateKeyDer::Pkcs8(rustls::pki_types::PrivatePkcs8KeyDer::from(
+        svid.x509_svid_key.clone(),
+    ));
+    let signing = rustls::crypto::aws_lc_rs::default_provider()
+        .key_provider
+        .load_private_key(key)
+        .expect("the SVID's key");
+    crate::mesh::Proxy::holding(crate::mesh::Held {
+        certified: std::sync::Arc::new(rustls::sign::CertifiedKey::new(chain, signing)),
+        leaf_issuer,
+        roots: split_der(&svid.bundle),
+        sequence: 0,
+        certificates: 1,
+    })
+}

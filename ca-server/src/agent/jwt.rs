@@ -38,6 +38,8 @@ pub struct Minted {
     pub token: Arc<Zeroizing<String>>,
     /// Its `sub`.
     pub spiffe_id: String,
+    /// The `kid` of the key that signed it.
+    kid: String,
     issued_at: i64,
     expires_at: i64,
 }
@@ -81,6 +83,16 @@ impl Minter {
             cache: Mutex::new(HashMap::new()),
             minting: tokio::sync::Mutex::new(()),
         }
+    }
+
+    /// Drops the tokens signed by the keys `kids` (a tainted authority's): the next request
+    /// for their audiences mints anew.
+    pub fn forget_signed_by(&self, kids: &[String]) {
+        if kids.is_empty() {
+            return;
+        }
+        let mut cache = self.cache.lock().unwrap_or_else(|e| e.into_inner());
+        cache.retain(|_, m| !kids.contains(&m.kid));
     }
 
     /// The channel to mint through from now on.
@@ -148,9 +160,14 @@ impl Minter {
             Status::new(s.code(), format!("the CA refused: {}", s.message()))
         })?
         .into_inner();
+        let kid = jsonwebtoken::decode_header(&answer.token)
+            .ok()
+            .and_then(|h| h.kid)
+            .unwrap_or_default();
         let minted = Minted {
             token: Arc::new(Zeroizing::new(answer.token)),
             spiffe_id: answer.spiffe_id,
+            kid,
             issued_at: answer.issued_at,
             expires_at: answer.expires_at,
         };
@@ -293,6 +310,8 @@ mod tests {
             certificates: Vec::new(),
             sequence: 1,
             jwt_jwks: serde_json::json!({ "keys": jwks }).to_string(),
+            tainted: Vec::new(),
+            tainted_kids: Vec::new(),
         }
     }
 
@@ -364,6 +383,7 @@ mod tests {
         let minted = Minted {
             token: Arc::new(Zeroizing::new("t".into())),
             spiffe_id: WEB.into(),
+            kid: "k1".into(),
             issued_at: 1000,
             expires_at: 1300,
         };
@@ -380,5 +400,9 @@ mod tests {
         // The ones nearest their end made room.
         assert!(!cache.contains_key(&vec!["0".to_owned()]));
         assert!(cache.contains_key(&vec![(CACHED_SETS + 9).to_string()]));
+        drop(cache);
+        // A tainted authority's key: its tokens go.
+        minter.forget_signed_by(&["k1".to_owned()]);
+        assert!(minter.cache.lock().unwrap().is_empty());
     }
 }

@@ -227,6 +227,33 @@ fn svid_of(obtained: &Obtained) -> anyhow::Result<Svid> {
     })
 }
 
+/// Why `svid` must be replaced at once under the bundle `roots`, if it must: a tainted
+/// authority signed it, or its chain no longer reaches a root of the bundle.
+fn replace_now(svid: &Svid, roots: &Roots) -> Option<&'static str> {
+    let signed_by = |child: &[u8], parent: &[u8]| {
+        let (Ok((_, child)), Ok((_, parent))) = (
+            x509_parser::parse_x509_certificate(child),
+            x509_parser::parse_x509_certificate(parent),
+        ) else {
+            return false;
+        };
+        child.verify_signature(Some(parent.public_key())).is_ok()
+    };
+    let leaf = svid.chain.first()?;
+    if roots.tainted.iter().any(|t| signed_by(leaf, t)) {
+        return Some("a tainted authority signed it");
+    }
+    let top = svid.chain.last()?;
+    if !roots
+        .certificates
+        .iter()
+        .any(|root| root == top || signed_by(top, root))
+    {
+        return Some("its root is no longer in the trust bundle");
+    }
+    None
+}
+
 /// One connection's worth of work: follow the bundle, renew when due.
 async fn session(
     config: &AgentConfig,
@@ -272,19 +299,35 @@ async fn session(
                 *bundle = message.root_certificates.concat();
                 persist::write_roots(&config.out_dir, bundle)?;
                 persist::write_jwt_bundle(&config.out_dir, &message.jwt_authorities_jwks)?;
-                let certificates = message
-                    .root_certificates
-                    .iter()
-                    .map(|pem| pem_to_der(pem).map(|der| der.to_vec()))
-                    .collect::<Result<_, _>>()
-                    .map_err(|e| anyhow::anyhow!("the trust bundle: {e}"))?;
-                shelf.set_roots(Roots {
+                let ders = |pems: &mut dyn Iterator<Item = &String>| {
+                    pems.map(|pem| pem_to_der(pem).map(|der| der.to_vec()))
+                        .collect::<Result<Vec<_>, _>>()
+                        .map_err(|e| anyhow::anyhow!("the trust bundle: {e}"))
+                };
+                let certificates = ders(&mut message.root_certificates.iter())?;
+                let tainted = ders(&mut message.tainted_authorities.iter().map(|t| &t.certificate))?;
+                let roots = Roots {
                     trust_domain_id: format!("spiffe://{}", message.trust_domain),
                     certificates,
                     sequence: message.sequence,
                     jwt_jwks: message.jwt_authorities_jwks,
-                });
-                info!(sequence = message.sequence, roots = message.root_certificates.len(), "Updated the trust bundle");
+                    tainted,
+                    tainted_kids: message
+                        .tainted_authorities
+                        .iter()
+                        .map(|t| t.jwt_key_id.clone())
+                        .filter(|kid| !kid.is_empty())
+                        .collect(),
+                };
+                minter.forget_signed_by(&roots.tainted_kids);
+                if let Some(svid) = shelf.now().svid
+                    && let Some(why) = replace_now(&svid, &roots)
+                {
+                    info!(spiffe_id = %svid.spiffe_id, why, "Renewing the certificate now");
+                    *life = None;
+                }
+                shelf.set_roots(roots);
+                info!(sequence = message.sequence, roots = message.root_certificates.len(), tainted = message.tainted_authorities.len(), "Updated the trust bundle");
             }
         }
     }

@@ -133,6 +133,9 @@ pub fn restore(
             // Absent (an agent from before JWT bundles): none until the CA answers.
             jwt_jwks: std::fs::read_to_string(dir.join(JWT_BUNDLE))
                 .unwrap_or_else(|_| r#"{"keys":[]}"#.to_owned()),
+            // Taints come with the CA's bundle, when it answers.
+            tainted: Vec::new(),
+            tainted_kids: Vec::new(),
         },
         not_before,
     )))

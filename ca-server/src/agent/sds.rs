@@ -295,6 +295,8 @@ mod tests {
                 certificates: vec![vec![9; 4]],
                 sequence: 1,
                 jwt_jwks: "{\"keys\":[]}".into(),
+                tainted: Vec::new(),
+                tainted_kids: Vec::new(),
             })),
         }
     }

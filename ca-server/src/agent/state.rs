@@ -43,6 +43,11 @@ pub struct Roots {
     pub sequence: i64,
     /// The JWT-SVID keys, a JWK Set (JSON), as the CA sent them.
     pub jwt_jwks: String,
+    /// The signing certificates (DER) of tainted authorities: an SVID one of them signed is
+    /// replaced at once.
+    pub tainted: Vec<Vec<u8>>,
+    /// The `kid`s of tainted authorities' JWT-SVID keys.
+    pub tainted_kids: Vec<String>,
 }
 
 impl Roots {
@@ -84,6 +89,7 @@ impl Shelf {
                 old.trust_domain_id == roots.trust_domain_id
                     && old.certificates == roots.certificates
                     && old.jwt_jwks == roots.jwt_jwks
+                    && old.tainted == roots.tainted
             });
             if !same {
                 held.roots = Some(Arc::new(roots));

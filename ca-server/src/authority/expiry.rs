@@ -113,6 +113,7 @@ mod tests {
             activated_at: None,
             retiring_at: None,
             retired_at: None,
+            tainted_at: None,
         }
     }
 

@@ -39,6 +39,38 @@ pub enum LifecycleError {
     /// Retiring a retired authority.
     #[error("authority {0} is already retired")]
     AlreadyRetired(i64),
+    /// Activating a tainted authority.
+    #[error(
+        "authority {0} is tainted (marked compromised) and may not sign again; prepare a new \
+         authority (`ca-server root prepare`) instead"
+    )]
+    ActivatingTainted(i64),
+    /// Tainting the active authority.
+    #[error(
+        "authority {0} is active: activate another authority first (`ca-server root prepare`, \
+         then `root activate ID`), then taint this one, so its holders have somewhere to go"
+    )]
+    TaintingActive(i64),
+    /// Tainting a retired authority.
+    #[error("authority {0} is retired: its root has already left the bundle")]
+    TaintingRetired(i64),
+    /// Tainting a tainted authority.
+    #[error("authority {0} is already tainted")]
+    AlreadyTainted(i64),
+    /// Retiring a tainted authority that some holder's newest certificate still comes from.
+    #[error(
+        "{} holder(s) still have no certificate newer than authority {id}'s (the last of its \
+         certificates expires at {}); their agents renew when they see the taint: wait until \
+         `ca-server root status` shows none live, or pass --force",
+        .leaves.live,
+        .leaves.last_expiry.map(crate::rfc3339::secs_text).unwrap_or_default()
+    )]
+    TaintedStillLive {
+        /// The authority.
+        id: i64,
+        /// Its certificates.
+        leaves: Leaves,
+    },
     /// Retiring an authority whose workload certificates are still valid.
     #[error(
         "{} unexpired certificate(s) chain to authority {id}, the last until {}; retiring it \
@@ -64,6 +96,9 @@ pub fn may_activate(id: i64, standing: Option<&Standing>, now: i64) -> Result<()
         AuthorityState::Active => return Err(LifecycleError::AlreadyActive(id)),
         AuthorityState::Retired => return Err(LifecycleError::Retired(id)),
     }
+    if s.tainted {
+        return Err(LifecycleError::ActivatingTainted(id));
+    }
     if s.not_after <= now {
         return Err(LifecycleError::Expired {
             id,
@@ -74,7 +109,8 @@ pub fn may_activate(id: i64, standing: Option<&Standing>, now: i64) -> Result<()
 }
 
 /// Whether authority `id` may be retired: never the active one; a prepared or retiring one
-/// once no unexpired workload certificate chains to it, or at once with `force`.
+/// once no unexpired workload SVID chains to it, a tainted one once no holder's newest
+/// certificate comes from it (its holders have moved on), or either at once with `force`.
 pub fn may_retire(
     id: i64,
     standing: Option<&Standing>,
@@ -87,11 +123,35 @@ pub fn may_retire(
         AuthorityState::Active => return Err(LifecycleError::RetiringActive(id)),
         AuthorityState::Retired => return Err(LifecycleError::AlreadyRetired(id)),
     }
-    if leaves.unexpired > 0 && !force {
+    if force {
+        return Ok(());
+    }
+    if s.tainted {
+        if leaves.live > 0 {
+            return Err(LifecycleError::TaintedStillLive {
+                id,
+                leaves: leaves.clone(),
+            });
+        }
+    } else if leaves.unexpired > 0 {
         return Err(LifecycleError::StillInUse {
             id,
             leaves: leaves.clone(),
         });
+    }
+    Ok(())
+}
+
+/// Whether authority `id` may be tainted: a prepared or retiring one not tainted yet.
+pub fn may_taint(id: i64, standing: Option<&Standing>) -> Result<(), LifecycleError> {
+    let s = standing.ok_or(LifecycleError::NoSuchAuthority(id))?;
+    match s.state {
+        AuthorityState::Prepared | AuthorityState::Retiring => {}
+        AuthorityState::Active => return Err(LifecycleError::TaintingActive(id)),
+        AuthorityState::Retired => return Err(LifecycleError::TaintingRetired(id)),
+    }
+    if s.tainted {
+        return Err(LifecycleError::AlreadyTainted(id));
     }
     Ok(())
 }
@@ -108,6 +168,14 @@ pub async fn activate(
     let now = time::OffsetDateTime::now_utc().unix_timestamp();
     store
         .activate_authority(id, event, now, |s| may_activate(id, s, now))
+        .await
+}
+
+/// Taints authority `id` if the rules allow it.
+pub async fn taint(store: &Store, id: i64, event: EventRow) -> Result<(), TransitionFailed> {
+    let now = time::OffsetDateTime::now_utc().unix_timestamp();
+    store
+        .taint_authority(id, event, now, |s| may_taint(id, s))
         .await
 }
 
@@ -129,7 +197,11 @@ mod tests {
     use super::*;
 
     fn standing(state: AuthorityState, not_after: i64) -> Standing {
-        Standing { state, not_after }
+        Standing {
+            state,
+            not_after,
+            tainted: false,
+        }
     }
 
     #[test]
@@ -165,6 +237,7 @@ mod tests {
         let some = Leaves {
             unexpired: 2,
             last_expiry: Some(5_000),
+            live: 1,
         };
         let retiring = standing(AuthorityState::Retiring, 9_000);
         assert_eq!(may_retire(3, Some(&retiring), &none, false), Ok(()));
@@ -191,6 +264,50 @@ mod tests {
                 false
             ),
             Err(LifecycleError::AlreadyRetired(3))
+        );
+    }
+
+    #[test]
+    fn a_tainted_authority_retires_once_its_holders_moved_on_and_never_signs_again() {
+        let tainted = Standing {
+            tainted: true,
+            ..standing(AuthorityState::Retiring, 9_000)
+        };
+        // Unexpired certificates, but every holder has a newer one: it may go.
+        let replaced = Leaves {
+            unexpired: 5,
+            last_expiry: Some(5_000),
+            live: 0,
+        };
+        assert_eq!(may_retire(3, Some(&tainted), &replaced, false), Ok(()));
+        let held = Leaves {
+            live: 2,
+            ..replaced
+        };
+        assert!(matches!(
+            may_retire(3, Some(&tainted), &held, false),
+            Err(LifecycleError::TaintedStillLive { id: 3, .. })
+        ));
+        assert_eq!(may_retire(3, Some(&tainted), &held, true), Ok(()));
+        assert_eq!(
+            may_activate(3, Some(&tainted), 1_000),
+            Err(LifecycleError::ActivatingTainted(3))
+        );
+        // Which may be tainted.
+        for state in [AuthorityState::Prepared, AuthorityState::Retiring] {
+            assert_eq!(may_taint(3, Some(&standing(state, 9_000))), Ok(()));
+        }
+        assert_eq!(
+            may_taint(3, Some(&standing(AuthorityState::Active, 9_000))),
+            Err(LifecycleError::TaintingActive(3))
+        );
+        assert_eq!(
+            may_taint(3, Some(&standing(AuthorityState::Retired, 9_000))),
+            Err(LifecycleError::TaintingRetired(3))
+        );
+        assert_eq!(
+            may_taint(3, Some(&tainted)),
+            Err(LifecycleError::AlreadyTainted(3))
         );
     }
 }

@@ -1,6 +1,7 @@
 //! Authorities: a signing certificate, its private key and its chain up to a root. This module
 //! is the only one that touches CA keys; it signs what `issuance` decided to issue.
 
+pub mod convergence;
 pub mod expiry;
 pub mod import;
 pub mod jwt;

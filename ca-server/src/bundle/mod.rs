@@ -20,6 +20,24 @@ pub struct Bundle {
     pub roots_pem: Vec<String>,
     /// JWT-SVID signing keys' public halves, oldest authority first.
     pub jwt_keys: Vec<crate::authority::jwt::JwtPublicKey>,
+    /// The tainted authorities still in the bundle, oldest first.
+    pub tainted: Vec<TaintedAuthority>,
+}
+
+/// An authority marked compromised (`root taint`): its root stays in the bundle while its
+/// holders renew from the active authority.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TaintedAuthority {
+    /// Its id.
+    pub authority_id: i64,
+    /// Its signing certificate, PEM: an agent whose leaf it signed renews at once.
+    pub cert_pem: String,
+    /// Its root, PEM.
+    pub root_pem: String,
+    /// Whether every authority in the bundle under that root is tainted.
+    pub root_tainted: bool,
+    /// Its JWT-SVID key's `kid`, if it has one.
+    pub jwt_kid: Option<String>,
 }
 
 impl Bundle {
@@ -30,12 +48,23 @@ impl Bundle {
 
     /// The SPIFFE bundle: a JWK Set with one `x509-svid` key per root (`x5c` holding the
     /// root's DER, no `kid`) and one `jwt-svid` key per JWT signing key (with its `kid`),
-    /// `spiffe_sequence` and `spiffe_refresh_hint`.
+    /// `spiffe_sequence` and `spiffe_refresh_hint`. The keys of tainted authorities carry
+    /// `"tainted": true` (a root only when every authority under it is tainted).
     pub fn to_spiffe_jwks(&self, refresh_hint_secs: i64) -> Result<serde_json::Value, CertError> {
         let mut keys = self
             .roots_pem
             .iter()
-            .map(|pem| root_jwk(&crate::x509::pem_to_der(pem)?))
+            .map(|pem| {
+                let mut jwk = root_jwk(&crate::x509::pem_to_der(pem)?)?;
+                if self
+                    .tainted
+                    .iter()
+                    .any(|t| t.root_tainted && t.root_pem == *pem)
+                {
+                    jwk["tainted"] = true.into();
+                }
+                Ok(jwk)
+            })
             .collect::<Result<Vec<_>, CertError>>()?;
         keys.extend(self.jwt_authorities());
         Ok(serde_json::json!({
@@ -53,8 +82,18 @@ impl Bundle {
             let mut jwk = key.jwk.clone();
             jwk["kid"] = key.kid.clone().into();
             jwk["use"] = "jwt-svid".into();
+            if self.is_tainted_kid(&key.kid) {
+                jwk["tainted"] = true.into();
+            }
             jwk
         })
+    }
+
+    /// Whether `kid` is a tainted authority's JWT-SVID key.
+    pub fn is_tainted_kid(&self, kid: &str) -> bool {
+        self.tainted
+            .iter()
+            .any(|t| t.jwt_kid.as_deref() == Some(kid))
     }
 
     /// The JWT bundle: a JWK Set of the JWT-SVID keys alone.
@@ -114,19 +153,41 @@ fn root_jwk(der: &[u8]) -> Result<serde_json::Value, CertError> {
 /// The current bundle, from the store.
 pub async fn load(store: &crate::store::Store) -> Result<Bundle, crate::store::StoreError> {
     let rows = store.bundle().await?;
+    let corrupt = |detail| crate::store::StoreError::Corrupt {
+        table: "jwt_keys",
+        detail,
+    };
     let jwt_keys = rows
         .jwt_keys
         .iter()
         .map(|jwk| crate::authority::jwt::JwtPublicKey::from_stored(jwk))
         .collect::<Result<_, _>>()
-        .map_err(|detail| crate::store::StoreError::Corrupt {
-            table: "jwt_keys",
-            detail,
-        })?;
+        .map_err(corrupt)?;
+    let tainted = rows
+        .tainted
+        .into_iter()
+        .map(|t| {
+            let jwt_kid = t
+                .jwt_key
+                .as_deref()
+                .map(crate::authority::jwt::JwtPublicKey::from_stored)
+                .transpose()
+                .map_err(corrupt)?
+                .map(|k| k.kid);
+            Ok(TaintedAuthority {
+                authority_id: t.authority_id,
+                cert_pem: t.cert_pem,
+                root_pem: t.root_pem,
+                root_tainted: t.root_tainted,
+                jwt_kid,
+            })
+        })
+        .collect::<Result<_, crate::store::StoreError>>()?;
     Ok(Bundle {
         sequence: rows.sequence,
         roots_pem: rows.roots,
         jwt_keys,
+        tainted,
     })
 }
 
@@ -162,6 +223,7 @@ mod tests {
             sequence: 7,
             roots_pem: roots.clone(),
             jwt_keys: vec![jwt.public().clone()],
+            tainted: Vec::new(),
         };
         let jwks = bundle.to_spiffe_jwks(300).unwrap();
         assert_eq!(jwks["spiffe_sequence"], 7);

@@ -1,4 +1,4 @@
-//! `ca-server root status|prepare|activate|retire`: the authority lifecycle, acting on the
+//! `ca-server root status|prepare|activate|taint|retire`: the authority lifecycle, acting on the
 //! store directly. Running servers notice within 2 seconds.
 
 use std::io::Write;
@@ -11,6 +11,7 @@ use time::OffsetDateTime;
 use super::Common;
 use crate::audit::{AuditKey, operator_name, record_checkpoint};
 use crate::audit::{EventKind, EventRow};
+use crate::authority::convergence::{Convergence, convergence};
 use crate::authority::{self, KeyType};
 use crate::rfc3339::secs_text as rfc3339;
 use crate::spiffe::{SpiffeId, TrustDomain};
@@ -83,6 +84,13 @@ pub(super) enum RootCommand {
     },
     /// Make an authority the one that signs; the one active before starts retiring
     Activate {
+        /// The authority's id (see `root status`)
+        id: i64,
+    },
+    /// Mark a prepared or retiring authority compromised: its root stays in the bundle for
+    /// now, the bundle names it, agents holding its certificates renew at once, and it may
+    /// be retired as soon as none of its certificates is any holder's newest
+    Taint {
         /// The authority's id (see `root status`)
         id: i64,
     },
@@ -191,6 +199,15 @@ async fn run(cmd: RootCommand, common: &Common, store: &Store) -> anyhow::Result
             }
             Ok(ExitCode::SUCCESS)
         }
+        RootCommand::Taint { id } => {
+            crate::authority::lifecycle::taint(store, id, authority_event()).await?;
+            eprintln!(
+                "authority {id} is tainted: agents holding its certificates renew from the \
+                 active authority now. Watch `ca-server root status` until it shows no live \
+                 certificate from {id}, then `ca-server root retire {id}`."
+            );
+            Ok(ExitCode::SUCCESS)
+        }
         RootCommand::Retire { id, force } => {
             crate::authority::lifecycle::retire(store, id, force, authority_event()).await?;
             eprintln!("authority {id} is retired; its root leaves the bundle");
@@ -243,11 +260,16 @@ async fn status(
         .map_err(|e| anyhow::anyhow!("--expiry-warning: {e}"))?;
     let now = OffsetDateTime::now_utc().unix_timestamp();
     let expiring = crate::authority::expiry::expiring(&authorities, now, window);
+    let active = authorities
+        .iter()
+        .find(|a| a.state == AuthorityState::Active)
+        .map(|a| a.id);
+    let converging = convergence(&store.unexpired_certificates(now).await?, active);
     let mut out = std::io::stdout().lock();
     match format {
         StatusFormat::Json => {
             for a in &authorities {
-                writeln!(out, "{}", status_json(a, &expiring))?;
+                writeln!(out, "{}", status_json(a, &expiring, &converging))?;
             }
         }
         StatusFormat::Table if authorities.is_empty() => writeln!(
@@ -255,8 +277,18 @@ async fn status(
             "no authorities yet: `ca-server run` creates the first root on its first start"
         )?,
         StatusFormat::Table => {
-            write_status_table(&mut out, &authorities, &expiring)?;
+            write_status_table(&mut out, &authorities, &expiring, &converging)?;
             writeln!(out, "\nbundle sequence {sequence}")?;
+            if let Some(active) = active {
+                writeln!(
+                    out,
+                    "rotation: {} of {} identities ({:.0}%) hold their newest certificate from \
+                     active authority {active}",
+                    converging.on_active,
+                    converging.identities,
+                    converging.ratio() * 100.0
+                )?;
+            }
             for e in &expiring {
                 writeln!(out, "{e}")?;
             }
@@ -286,8 +318,10 @@ async fn status(
 fn status_json(
     a: &AuthorityRecord,
     expiring: &[crate::authority::expiry::Expiring],
+    converging: &Convergence,
 ) -> serde_json::Value {
-    serde_json::json!({
+    let used = converging.of(a.id);
+    let mut json = serde_json::json!({
         "id": a.id,
         "state": a.state.as_str(),
         "kind": a.kind.as_str(),
@@ -302,13 +336,26 @@ fn status_json(
         "activated_at": a.activated_at.map(rfc3339),
         "retiring_at": a.retiring_at.map(rfc3339),
         "retired_at": a.retired_at.map(rfc3339),
-    })
+        "tainted": a.tainted_at.is_some(),
+        "tainted_at": a.tainted_at.map(rfc3339),
+        "unexpired_certificates": used.unexpired,
+        "live_certificates": used.live,
+        "live_identities": used.identities,
+        "last_certificate_not_after": used.last_not_after.map(rfc3339),
+    });
+    if a.state == AuthorityState::Active {
+        json["converged_ratio"] = converging.ratio().into();
+        json["identities"] = converging.identities.into();
+        json["identities_on_active"] = converging.on_active.into();
+    }
+    json
 }
 
 fn write_status_table(
     out: &mut impl Write,
     authorities: &[AuthorityRecord],
     expiring: &[crate::authority::expiry::Expiring],
+    converging: &Convergence,
 ) -> std::io::Result<()> {
     let now = OffsetDateTime::now_utc().unix_timestamp();
     let header = [
@@ -316,21 +363,32 @@ fn write_status_table(
         "STATE",
         "SUBJECT",
         "NOT AFTER",
+        "LIVE (IDENTITIES)",
+        "LAST LEAF ENDS",
         "FINGERPRINT (SHA-256)",
     ];
-    let rows: Vec<[String; 5]> = authorities
+    let rows: Vec<[String; 7]> = authorities
         .iter()
         .map(|a| {
             let days = (a.not_after - now) / 86_400;
+            let used = converging.of(a.id);
             [
                 a.id.to_string(),
-                a.state.as_str().to_owned(),
+                if a.tainted_at.is_some() {
+                    format!("{} TAINTED", a.state)
+                } else {
+                    a.state.as_str().to_owned()
+                },
                 a.subject.clone(),
                 if expiring.iter().any(|e| e.id == a.id) {
                     format!("{} ({days} days) EXPIRING", rfc3339(a.not_after))
                 } else {
                     format!("{} ({days} days)", rfc3339(a.not_after))
                 },
+                format!("{} ({})", used.live, used.identities),
+                used.last_not_after
+                    .map(rfc3339)
+                    .unwrap_or_else(|| "-".into()),
                 a.fingerprint_sha256[..16.min(a.fingerprint_sha256.len())].to_owned() + "…",
             ]
         })

@@ -269,6 +269,7 @@ mod tests {
             sequence: 1,
             roots_pem: roots.iter().map(|r| r.to_string()).collect(),
             jwt_keys: Vec::new(),
+            tainted: Vec::new(),
         })
         .unwrap()
     }

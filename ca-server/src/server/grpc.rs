@@ -7,7 +7,9 @@ use std::time::Duration;
 
 use ca_proto::ca::v1::jwt_svid_service_server::JwtSvidService;
 use ca_proto::ca::v1::trust_bundle_service_server::TrustBundleService;
-use ca_proto::ca::v1::{GetTrustBundleRequest, TrustBundle, WatchTrustBundleRequest};
+use ca_proto::ca::v1::{
+    GetTrustBundleRequest, TaintedAuthority, TrustBundle, WatchTrustBundleRequest,
+};
 use ca_proto::ca::v1::{MintJwtSvidRequest, MintJwtSvidResponse};
 use ca_proto::istio::v1::auth::istio_certificate_service_server::IstioCertificateService;
 use ca_proto::istio::v1::auth::{IstioCertificateRequest, IstioCertificateResponse};
@@ -275,6 +277,16 @@ fn bundle_message(trust_domain: &str, active: &Active, refresh_hint_secs: i64) -
         root_certificates: active.bundle.roots_pem.clone(),
         refresh_hint_seconds: refresh_hint_secs,
         jwt_authorities_jwks: active.bundle.jwt_jwks().to_string(),
+        tainted_authorities: active
+            .bundle
+            .tainted
+            .iter()
+            .map(|t| TaintedAuthority {
+                authority_id: t.authority_id,
+                certificate: t.cert_pem.clone(),
+                jwt_key_id: t.jwt_kid.clone().unwrap_or_default(),
+            })
+            .collect(),
     }
 }
 

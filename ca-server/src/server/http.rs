@@ -111,6 +111,49 @@ pub(super) async fn refresh_store_gauges(store: &Store, expiry_warning: time::Du
     if let Ok(version) = store.authority_version().await {
         m.bundle_sequence.set(version.sequence);
     }
+    refresh_convergence(store, now).await;
+}
+
+/// How often the convergence gauges are computed: they read every unexpired certificate.
+const CONVERGENCE_EVERY: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// Sets `ca_authority_live_certificates` and `ca_rotation_converged_ratio`, at most every
+/// [`CONVERGENCE_EVERY`].
+async fn refresh_convergence(store: &Store, now: i64) {
+    static LAST: std::sync::Mutex<Option<std::time::Instant>> = std::sync::Mutex::new(None);
+    {
+        let mut last = LAST.lock().unwrap_or_else(|e| e.into_inner());
+        if last.is_some_and(|at| at.elapsed() < CONVERGENCE_EVERY) {
+            return;
+        }
+        *last = Some(std::time::Instant::now());
+    }
+    let (Ok(authorities), Ok(unexpired)) = (
+        store.authorities().await,
+        store.unexpired_certificates(now).await,
+    ) else {
+        return;
+    };
+    let active = authorities
+        .iter()
+        .find(|a| a.state == crate::store::AuthorityState::Active)
+        .map(|a| a.id);
+    let converging = crate::authority::convergence::convergence(&unexpired, active);
+    let m = crate::metrics::metrics();
+    m.authority_live_certificates.clear();
+    for a in authorities {
+        if a.state == crate::store::AuthorityState::Retired && converging.of(a.id).live == 0 {
+            continue;
+        }
+        let labels = crate::metrics::AuthorityLabels {
+            authority_id: a.id.to_string(),
+            state: a.state.as_str().to_owned(),
+        };
+        m.authority_live_certificates
+            .get_or_create(&labels)
+            .set(i64::try_from(converging.of(a.id).live).unwrap_or(i64::MAX));
+    }
+    m.rotation_converged_ratio.set(converging.ratio());
 }
 
 async fn readyz(State(readiness): State<Arc<Readiness>>) -> (StatusCode, String) {

@@ -125,6 +125,8 @@ pub struct AuthorityRecord {
     pub retiring_at: Option<i64>,
     /// When it was retired.
     pub retired_at: Option<i64>,
+    /// When it was tainted (marked compromised), if it was.
+    pub tainted_at: Option<i64>,
 }
 
 /// What a running server compares to notice that the authorities changed: the bundle's
@@ -150,15 +152,57 @@ pub struct Standing {
     pub state: AuthorityState,
     /// Its notAfter, unix seconds.
     pub not_after: i64,
+    /// Whether it is tainted.
+    pub tainted: bool,
 }
 
-/// The unexpired workload certificates an authority signed.
+/// The unexpired workload SVIDs an authority signed.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Leaves {
-    /// How many.
+    /// How many: certificates and JWT-SVIDs.
     pub unexpired: i64,
     /// When the last of them expires, unix seconds.
     pub last_expiry: Option<i64>,
+    /// Its live certificates: those still the newest of their holder (see [`Holder`]).
+    pub live: i64,
+}
+
+/// Who holds a certificate, as far as the audit log can tell: the identity, and the pod when
+/// the token named one. A holder's newer certificate replaces its older ones.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Holder {
+    /// The SPIFFE ID issued.
+    pub spiffe_id: String,
+    /// The pod's uid, from the token, if it had one.
+    pub pod_uid: Option<String>,
+}
+
+/// An unexpired workload certificate, as the audit log records it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UnexpiredCertificate {
+    /// Its event's position in the log (later is newer).
+    pub seq: i64,
+    /// Who got it.
+    pub holder: Holder,
+    /// The authority that signed it.
+    pub authority_id: i64,
+    /// Its notAfter, unix seconds.
+    pub not_after: i64,
+}
+
+/// The live certificates among `unexpired`: each holder's newest.
+pub fn live_certificates(unexpired: &[UnexpiredCertificate]) -> Vec<&UnexpiredCertificate> {
+    let mut newest: std::collections::HashMap<&Holder, &UnexpiredCertificate> =
+        std::collections::HashMap::new();
+    for cert in unexpired {
+        let slot = newest.entry(&cert.holder).or_insert(cert);
+        if cert.seq > slot.seq {
+            *slot = cert;
+        }
+    }
+    let mut live: Vec<_> = newest.into_values().collect();
+    live.sort_by_key(|c| c.seq);
+    live
 }
 
 /// Why a transition did not happen: its rule refused (`E`), or the store failed.
@@ -231,16 +275,34 @@ pub struct JwtKeyRecord {
     pub sealed_key: Option<String>,
 }
 
-/// What the bundle holds: its sequence, the roots, and the JWT-SVID keys (`public_jwk` of each
-/// authority not retired, oldest first).
+/// What the bundle holds: its sequence, the roots, the JWT-SVID keys (`public_jwk` of each
+/// authority not retired, oldest first), and which of those authorities are tainted.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct BundleRows {
-    /// Goes up on every change of the roots or keys.
+    /// Goes up on every change of the roots, keys or taints.
     pub sequence: i64,
     /// Root certificates, PEM.
     pub roots: Vec<String>,
     /// JWT-SVID public keys as stored.
     pub jwt_keys: Vec<String>,
+    /// The tainted authorities not retired, oldest first.
+    pub tainted: Vec<TaintedRow>,
+}
+
+/// A tainted authority, as the bundle names it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TaintedRow {
+    /// Its id.
+    pub authority_id: i64,
+    /// Its signing certificate, PEM: what a holder's leaf was signed by.
+    pub cert_pem: String,
+    /// Its root, PEM.
+    pub root_pem: String,
+    /// Its JWT-SVID public key as stored, if it has one.
+    pub jwt_key: Option<String>,
+    /// Whether every authority in the bundle with its root is tainted (an imported
+    /// intermediate's root may be another's too).
+    pub root_tainted: bool,
 }
 
 fn record_from_row(row: &AnyRow) -> Result<AuthorityRecord, StoreError> {
@@ -269,12 +331,13 @@ fn record_from_row(row: &AnyRow) -> Result<AuthorityRecord, StoreError> {
         activated_at: column(row, "activated_at")?,
         retiring_at: column(row, "retiring_at")?,
         retired_at: column(row, "retired_at")?,
+        tainted_at: column(row, "tainted_at")?,
     })
 }
 
 const SELECT_AUTHORITIES: &str = "SELECT id, state, subject, cert_pem, chain_pem, root_pem, \
      key_ref, sealed_key, not_before, not_after, fingerprint_sha256, kind, created_at, \
-     activated_at, retiring_at, retired_at FROM authorities ORDER BY id";
+     activated_at, retiring_at, retired_at, tainted_at FROM authorities ORDER BY id";
 
 impl Store {
     /// The next authority id (ids are never reused, so subjects `root <n>` stay unique).
@@ -416,10 +479,56 @@ impl Store {
         Ok(())
     }
 
-    /// The bundle: its sequence, roots and JWT keys, read in one transaction so they agree.
+    /// Marks `id` tainted (compromised), if `rule` allows it as `id` stands inside the
+    /// transaction; the bundle names it from then on. The rules are `authority::lifecycle`'s.
+    pub async fn taint_authority<E>(
+        &self,
+        id: i64,
+        mut event: EventRow,
+        now: i64,
+        rule: impl FnOnce(Option<&Standing>) -> Result<(), E>,
+    ) -> Result<(), TransitionError<E>> {
+        let mut tx = self.begin_write().await?;
+        let standing = standing_of(&mut tx, id).await?;
+        rule(standing.as_ref()).map_err(TransitionError::Refused)?;
+        let state = standing.ok_or(StoreError::NoSuchAuthority(id))?.state;
+        let before = bundle_contents(&mut tx).await?;
+        sqlx::query("UPDATE authorities SET tainted_at = $1 WHERE id = $2")
+            .bind(now)
+            .bind(id)
+            .execute(&mut *tx)
+            .await?;
+        bump_if_changed(&mut tx, &before).await?;
+        announce(&mut tx, self.dialect()).await?;
+        event.authority_id = Some(id);
+        event.reason = Some(format!(
+            "tainted authority {id} (was {state}): its holders renew from the active authority"
+        ));
+        append_in_tx(&mut tx, std::slice::from_mut(&mut event)).await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
+    /// Every unexpired workload certificate at `now` (see [`live_certificates`]).
+    pub async fn unexpired_certificates(
+        &self,
+        now: i64,
+    ) -> Result<Vec<UnexpiredCertificate>, StoreError> {
+        let mut tx = self.begin_read().await?;
+        let certificates = unexpired_certificates(&mut tx, now).await?;
+        tx.commit().await?;
+        Ok(certificates)
+    }
+
+    /// The bundle: its sequence, roots, JWT keys and taints, read in one transaction so they
+    /// agree.
     pub async fn bundle(&self) -> Result<BundleRows, StoreError> {
         let mut tx = self.begin_read().await?;
-        let (roots, jwt_keys) = bundle_contents(&mut tx).await?;
+        let BundleContents {
+            roots,
+            jwt_keys,
+            tainted,
+        } = bundle_contents(&mut tx).await?;
         let sequence: i64 = sqlx::query("SELECT sequence FROM bundle WHERE id = 1")
             .fetch_one(&mut *tx)
             .await
@@ -429,6 +538,7 @@ impl Store {
             sequence,
             roots,
             jwt_keys,
+            tainted,
         })
     }
 
@@ -528,21 +638,6 @@ impl Store {
     }
 }
 
-/// The roots in the bundle: those of authorities not retired, oldest first, each once.
-async fn bundle_roots(tx: &mut AnyConnection) -> Result<Vec<String>, StoreError> {
-    let rows = sqlx::query("SELECT root_pem FROM authorities WHERE state != 'retired' ORDER BY id")
-        .fetch_all(&mut *tx)
-        .await?;
-    let mut roots: Vec<String> = Vec::new();
-    for row in rows {
-        let pem: String = column(&row, "root_pem")?;
-        if !roots.contains(&pem) {
-            roots.push(pem);
-        }
-    }
-    Ok(roots)
-}
-
 /// Tells the other replicas that the authorities changed (PostgreSQL's `NOTIFY` is
 /// delivered when the transaction commits, and not at all if it rolls back).
 async fn announce(tx: &mut AnyConnection, dialect: Dialect) -> Result<(), StoreError> {
@@ -568,23 +663,54 @@ async fn bump_if_changed(
     Ok(())
 }
 
-/// The bundle's roots and JWT keys.
-type BundleContents = (Vec<String>, Vec<String>);
+/// What the bundle holds besides its sequence.
+#[derive(Debug, PartialEq, Eq)]
+struct BundleContents {
+    roots: Vec<String>,
+    jwt_keys: Vec<String>,
+    tainted: Vec<TaintedRow>,
+}
 
-/// The roots and the JWT-SVID keys of authorities not retired, oldest first.
+/// The roots (each once), the JWT-SVID keys and the taints of authorities not retired, oldest
+/// first.
 async fn bundle_contents(tx: &mut AnyConnection) -> Result<BundleContents, StoreError> {
-    let roots = bundle_roots(tx).await?;
     let rows = sqlx::query(
-        "SELECT k.public_jwk FROM jwt_keys k JOIN authorities a ON a.id = k.authority_id \
-         WHERE a.state != 'retired' ORDER BY a.id",
+        "SELECT a.id, a.root_pem, a.cert_pem, a.tainted_at, k.public_jwk FROM authorities a \
+         LEFT JOIN jwt_keys k ON k.authority_id = a.id WHERE a.state != 'retired' ORDER BY a.id",
     )
     .fetch_all(&mut *tx)
     .await?;
-    let keys = rows
-        .iter()
-        .map(|row| column(row, "public_jwk"))
-        .collect::<Result<_, _>>()?;
-    Ok((roots, keys))
+    let mut contents = BundleContents {
+        roots: Vec::new(),
+        jwt_keys: Vec::new(),
+        tainted: Vec::new(),
+    };
+    let mut untainted_roots: Vec<String> = Vec::new();
+    for row in rows {
+        let root_pem: String = column(&row, "root_pem")?;
+        let jwt_key: Option<String> = column(&row, "public_jwk")?;
+        if let Some(key) = &jwt_key {
+            contents.jwt_keys.push(key.clone());
+        }
+        if column::<Option<i64>>(&row, "tainted_at")?.is_some() {
+            contents.tainted.push(TaintedRow {
+                authority_id: column(&row, "id")?,
+                cert_pem: column(&row, "cert_pem")?,
+                root_pem: root_pem.clone(),
+                jwt_key,
+                root_tainted: true,
+            });
+        } else {
+            untainted_roots.push(root_pem.clone());
+        }
+        if !contents.roots.contains(&root_pem) {
+            contents.roots.push(root_pem);
+        }
+    }
+    for tainted in &mut contents.tainted {
+        tainted.root_tainted = !untainted_roots.contains(&tainted.root_pem);
+    }
+    Ok(contents)
 }
 
 async fn insert_jwt_key(
@@ -609,10 +735,11 @@ async fn insert_jwt_key(
 }
 
 async fn standing_of(tx: &mut AnyConnection, id: i64) -> Result<Option<Standing>, StoreError> {
-    let Some(row) = sqlx::query("SELECT state, not_after FROM authorities WHERE id = $1")
-        .bind(id)
-        .fetch_optional(&mut *tx)
-        .await?
+    let Some(row) =
+        sqlx::query("SELECT state, not_after, tainted_at FROM authorities WHERE id = $1")
+            .bind(id)
+            .fetch_optional(&mut *tx)
+            .await?
     else {
         return Ok(None);
     };
@@ -624,11 +751,13 @@ async fn standing_of(tx: &mut AnyConnection, id: i64) -> Result<Option<Standing>
     Ok(Some(Standing {
         state,
         not_after: column(&row, "not_after")?,
+        tainted: column::<Option<i64>>(&row, "tainted_at")?.is_some(),
     }))
 }
 
-/// The unexpired workload certificates signed by `id` at `now`. The server's own TLS
-/// certificates (no SPIFFE ID) are re-minted on activation, so they do not count.
+/// The unexpired workload SVIDs signed by `id` at `now`, and how many of its certificates
+/// are live. The server's own TLS certificates (no SPIFFE ID) are re-minted on activation, so
+/// they do not count.
 async fn leaves_of(tx: &mut AnyConnection, id: i64, now: i64) -> Result<Leaves, StoreError> {
     let row = sqlx::query(
         "SELECT COUNT(*) AS n, MAX(not_after) AS last FROM audit_events \
@@ -639,8 +768,46 @@ async fn leaves_of(tx: &mut AnyConnection, id: i64, now: i64) -> Result<Leaves, 
     .bind(now)
     .fetch_one(&mut *tx)
     .await?;
+    let unexpired = unexpired_certificates(tx, now).await?;
+    let live = live_certificates(&unexpired)
+        .iter()
+        .filter(|c| c.authority_id == id)
+        .count();
     Ok(Leaves {
         unexpired: column(&row, "n")?,
         last_expiry: column(&row, "last")?,
+        live: i64::try_from(live).unwrap_or(i64::MAX),
     })
+}
+
+/// Every unexpired workload certificate at `now` (JWT-SVIDs, which have an audience, are not
+/// certificates). Bounded by the longest lifetime in the log, so the notBefore index does the
+/// work.
+async fn unexpired_certificates(
+    tx: &mut AnyConnection,
+    now: i64,
+) -> Result<Vec<UnexpiredCertificate>, StoreError> {
+    let rows = sqlx::query(
+        "SELECT seq, spiffe_id, pod_uid, authority_id, not_after FROM audit_events \
+         WHERE kind = 'issued' AND spiffe_id IS NOT NULL AND audience IS NULL \
+         AND authority_id IS NOT NULL AND not_after > $1 AND not_before <= $1 \
+         AND not_before >= $1 - (SELECT max_lifetime FROM audit_meta WHERE id = 1) \
+         ORDER BY seq",
+    )
+    .bind(now)
+    .fetch_all(&mut *tx)
+    .await?;
+    rows.iter()
+        .map(|row| {
+            Ok(UnexpiredCertificate {
+                seq: column(row, "seq")?,
+                holder: Holder {
+                    spiffe_id: column(row, "spiffe_id")?,
+                    pod_uid: column(row, "pod_uid")?,
+                },
+                authority_id: column(row, "authority_id")?,
+                not_after: column(row, "not_after")?,
+            })
+        })
+        .collect()
 }

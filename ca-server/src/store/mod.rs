@@ -17,7 +17,9 @@ pub use authorities::{
     AuthorityKind, AuthorityRecord, AuthorityState, AuthorityVersion, BundleRows, JwtKeyRecord,
     NewAuthority, NewJwtKey,
 };
-pub use authorities::{Leaves, Standing, TransitionError};
+pub use authorities::{
+    Holder, Leaves, Standing, TaintedRow, TransitionError, UnexpiredCertificate, live_certificates,
+};
 
 /// What went wrong talking to the database.
 #[derive(Debug, thiserror::Error)]
@@ -117,7 +119,7 @@ pub fn redact_url(url: &str) -> String {
 /// The schema's migrations, in order: a name, then the SQLite and the PostgreSQL text. A
 /// schema change is a new line here and a new file in each dialect's directory, never an
 /// edit of an old one.
-const MIGRATIONS: [(&str, &str, &str); 7] = [
+const MIGRATIONS: [(&str, &str, &str); 8] = [
     (
         "init",
         include_str!("migrations/sqlite/0001_init.sql"),
@@ -152,6 +154,11 @@ const MIGRATIONS: [(&str, &str, &str); 7] = [
         "audience",
         include_str!("migrations/sqlite/0007_audience.sql"),
         include_str!("migrations/postgres/0007_audience.sql"),
+    ),
+    (
+        "taint",
+        include_str!("migrations/sqlite/0008_taint.sql"),
+        include_str!("migrations/postgres/0008_taint.sql"),
     ),
 ];
 
