@@ -58,6 +58,7 @@ fn authority(dir: &std::path::Path) -> Authority {
         retiring_at: None,
         retired_at: None,
         tainted_at: None,
+        joined_sequence: None,
     };
     Authority::load(&record, &ca_server::authority::KeyStore::files(dir)).unwrap()
 }

@@ -65,6 +65,10 @@ pub struct Metrics {
     pub authority_live_certificates: Family<AuthorityLabels, Gauge>,
     /// The share of identities whose newest certificate comes from the active authority.
     pub rotation_converged_ratio: Gauge<f64, AtomicU64>,
+    /// Bundle clients seen within their server's refresh hint (all replicas).
+    pub bundle_clients: Gauge,
+    /// Of those, the ones whose bundle lacks the newest prepared authority's root.
+    pub bundle_clients_lagging: Gauge,
     /// Token checks answered from the verified-token cache.
     pub token_cache_hits: Counter,
     /// Token checks that needed a signature verification.
@@ -147,6 +151,18 @@ impl Metrics {
              authority (1 when a rotation has reached them all)",
             rotation_converged_ratio.clone(),
         );
+        let bundle_clients = Gauge::default();
+        registry.register(
+            "bundle_clients",
+            "Clients given the trust bundle (watch or poll) within their server's refresh hint",
+            bundle_clients.clone(),
+        );
+        let bundle_clients_lagging = Gauge::default();
+        registry.register(
+            "bundle_clients_lagging",
+            "Of those, clients whose bundle lacks the newest prepared authority's root",
+            bundle_clients_lagging.clone(),
+        );
         let token_cache_hits = Counter::default();
         registry.register(
             "token_cache_hits",
@@ -187,6 +203,8 @@ impl Metrics {
             bundle_sequence,
             authority_live_certificates,
             rotation_converged_ratio,
+            bundle_clients,
+            bundle_clients_lagging,
             token_cache_hits,
             token_cache_misses,
         }

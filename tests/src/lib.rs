@@ -483,6 +483,24 @@ impl TestServer {
 }
 
 impl TestServer {
+    /// `root activate ID` as an operator runs it: once every bundle client this server has
+    /// seen holds the authority's root (the CLI refuses until then, saying so), within 20 s.
+    pub fn activate(&self, id: &str) -> String {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let out = self.cli(&["root", "activate", id]);
+            let stderr = String::from_utf8_lossy(&out.stderr).to_string();
+            if out.status.success() {
+                return stderr;
+            }
+            assert!(
+                stderr.contains("still hold a bundle without") && Instant::now() < deadline,
+                "root activate {id}: {stderr}"
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+
     /// Runs a CLI subcommand against this server's store, asserts it succeeded, and returns
     /// what it printed.
     pub fn cli_ok(&self, args: &[&str]) -> String {

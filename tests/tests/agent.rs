@@ -136,7 +136,7 @@ fn the_agent_renews_follows_the_bundle_and_survives_a_restart() {
     wait_for(Duration::from_secs(2), "the prepared root", || {
         root_count(&out) == 2
     });
-    assert!(server.cli(&["root", "activate", "2"]).status.success());
+    server.activate("2");
     wait_for(
         Duration::from_secs(6),
         "a certificate from the new root",

@@ -69,7 +69,7 @@ async fn after_a_taint_every_agent_moves_to_the_active_authority_without_an_mtls
 
     // A new authority, active; the agents' certificates (an hour long) are still from 1.
     server.cli_ok(&["root", "prepare"]);
-    server.cli_ok(&["root", "activate", "2"]);
+    server.activate("2");
     for agent in &agents {
         let deadline = Instant::now() + Duration::from_secs(10);
         while agent_proxy(&agent.socket).await.held().roots.len() != 2 {
@@ -210,7 +210,7 @@ async fn a_taint_is_published_and_bounded_by_the_rules() {
         String::from_utf8_lossy(&out.stderr)
     );
     server.cli_ok(&["root", "prepare"]);
-    server.cli_ok(&["root", "activate", "2"]);
+    server.activate("2");
     server.cli_ok(&["root", "taint", "1"]);
     let again = server.cli(&["root", "taint", "1"]);
     assert!(String::from_utf8_lossy(&again.stderr).contains("already tainted"));
@@ -300,7 +300,7 @@ fn an_agent_renews_at_once_when_its_root_leaves_the_bundle() {
     );
     agent.wait_ready(Duration::from_secs(10));
     server.cli_ok(&["root", "prepare"]);
-    server.cli_ok(&["root", "activate", "2"]);
+    server.activate("2");
     // The worst case: retired by force while the agent's certificate (from 1) is unexpired.
     server.cli_ok(&["root", "retire", "1", "--force"]);
     wait_for(Duration::from_secs(5), "a certificate from root 2", || {

@@ -332,7 +332,7 @@ async fn inspect_reports_each_broken_case_by_layer() {
 
     // A retired root: the certificate issued under it is reported so.
     let id = server.cli_ok(&["root", "prepare"]);
-    server.cli_ok(&["root", "activate", id.trim()]);
+    server.activate(id.trim());
     server.cli_ok(&["root", "retire", "1", "--force"]);
     let (code, out) = inspect(server, dir, "good.pem", &good);
     assert_eq!(code, 1, "{out}");

@@ -815,7 +815,7 @@ async fn an_auditor_of_a_retired_authority_is_refused_on_its_open_connection() {
     assert!(list(&mut open).await.is_ok());
     // A compromise: authority 1 is replaced and retired at once.
     f.server.cli_ok(&["root", "prepare"]);
-    f.server.cli_ok(&["root", "activate", "2"]);
+    f.server.activate("2");
     f.server.cli_ok(&["root", "retire", "1", "--force"]);
     let status = refused_within_5s("the retired authority's auditor reads the log", || {
         let mut open = open.clone();
@@ -845,7 +845,7 @@ async fn only_this_cas_authorities_vouch_for_an_auditor_not_their_corporate_root
     );
     f.server
         .cli_ok(&["root", "prepare", "--import-dir", cacerts.to_str().unwrap()]);
-    f.server.cli_ok(&["root", "activate", "2"]);
+    f.server.activate("2");
     tokio::time::sleep(Duration::from_millis(2200)).await;
     assert!(f.server.bundle_pem().contains(pki.root_pem.trim()));
 

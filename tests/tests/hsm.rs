@@ -146,7 +146,7 @@ async fn root_keys_live_in_the_token() {
     let mut prepare = vec!["root", "prepare", "--key-type", "ec-p384"];
     prepare.extend(&token_flags);
     let id = server.cli_ok(&prepare);
-    server.cli_ok(&["root", "activate", id.trim()]);
+    server.activate(id.trim());
     server.restart();
     let chain = create_certificate(&mut server.client().await, Some(&token), &csr, 0)
         .await
@@ -350,7 +350,7 @@ async fn an_intermediate_key_made_in_the_token_is_signed_offline_and_imported() 
 
     // Imported with its own key, activated, it signs leaves that chain to the offline root.
     let id = server.cli_ok(&[&args[..], &["--pkcs11-object", &object]].concat());
-    server.cli_ok(&["root", "activate", id.trim()]);
+    server.activate(id.trim());
     let status = server.cli_ok(&["root", "status", "--format", "json"]);
     assert!(
         status.contains(&format!("pkcs11:token=ca;object={object}")),

@@ -78,7 +78,7 @@ fn each_authority_publishes_a_jwt_svid_key_that_comes_and_goes_with_it() {
     assert!(prepared["spiffe_sequence"].as_i64() > first["spiffe_sequence"].as_i64());
 
     // Retired, authority 1's key leaves the bundle.
-    server.cli_ok(&["root", "activate", "2"]);
+    server.activate("2");
     server.cli_ok(&["root", "retire", "1", "--force"]);
     let after = jwks(&server);
     assert_eq!(jwt_kids(&after), vec![both[1].clone()]);

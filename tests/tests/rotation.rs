@@ -87,7 +87,7 @@ async fn rotation_never_breaks_mtls_between_proxies_that_follow_the_bundle() {
     eprintln!("prepare reached the proxies in {took:?}");
 
     // 2. Activate: new certificates come from the new root as the proxies renew.
-    server.cli_ok(&["root", "activate", "2"]);
+    server.activate("2");
     let activated = Instant::now();
     within(
         Duration::from_secs(ttl as u64 + 4),
@@ -263,7 +263,7 @@ async fn the_bundle_is_published_as_pem_jwks_and_a_stream() {
     let (msg, took) = next(&mut stream).await;
     assert_eq!((msg.sequence, msg.root_certificates.len()), (2, 2));
     eprintln!("prepare delivered in {took:?}");
-    server.cli_ok(&["root", "activate", "2"]);
+    server.activate("2");
     // Activation leaves the roots alone: no message, no new sequence.
     assert!(
         tokio::time::timeout(Duration::from_millis(2500), stream.message())

@@ -50,7 +50,7 @@ async fn authority_keys_sealed_under_a_kek_live_in_the_store() {
     // A root prepared through the CLI with the same KEK is sealed too, and the server
     // signs with it once it is activated.
     let id = server.cli_ok(&["root", "prepare", "--key-encryption-key-file", kek_arg]);
-    server.cli_ok(&["root", "activate", id.trim()]);
+    server.activate(id.trim());
     let new_root = format!("root {}", id.trim());
     let token = issuer.token("shop", "web");
     let (csr, _) = csr(&rcgen::PKCS_ECDSA_P256_SHA256, &[]);
@@ -198,7 +198,7 @@ async fn two_replicas_share_authorities_the_bundle_and_the_audit_chain() {
     .await;
     let reached = prepared.elapsed();
 
-    a.cli_ok(&["root", "activate", id.trim()]);
+    a.activate(id.trim());
     let activated = Instant::now();
     let token = issuer.token("shop", "probe");
     let (csr, _) = csr(&rcgen::PKCS_ECDSA_P256_SHA256, &[]);

@@ -106,7 +106,7 @@ fn py_spiffe_x509_source_follows_renewals_and_a_root_rotation() {
         "the prepared root in the bundle",
         |v| v["roots"].as_array().unwrap().len() == 2,
     );
-    assert!(server.cli(&["root", "activate", "2"]).status.success());
+    server.activate("2");
     let rotated = source.wait_for(Duration::from_secs(10), "an SVID from root 2", |v| {
         v["issuer"].as_str().unwrap().contains("root 2")
     });
@@ -522,7 +522,7 @@ fn two_workloads_make_mtls_with_spiffe_tls_through_a_root_rotation() {
     wait_until(Duration::from_secs(5), "root 2 in both bundles", || {
         roots(&web) == 2 && roots(&api) == 2
     });
-    assert!(server.cli(&["root", "activate", "2"]).status.success());
+    server.activate("2");
     // Both sides move to root 2 at their next renewal; the connections keep working.
     dialer.wait_for(
         Duration::from_secs(15),

@@ -5,7 +5,7 @@
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 
-use crate::store::{UnexpiredCertificate, live_certificates};
+use crate::store::{SeenClient, UnexpiredCertificate, live_certificates};
 
 /// What one authority's certificates are doing now.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -82,6 +82,46 @@ pub fn convergence(unexpired: &[UnexpiredCertificate], active: Option<i64>) -> C
     }
 }
 
+/// A client that, as last seen, holds a bundle older than some sequence.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Lagging {
+    /// Its address (or `(others)`).
+    pub client: String,
+    /// How it was last given the newest bundle it holds.
+    pub via: String,
+    /// That bundle's sequence.
+    pub sequence: i64,
+}
+
+/// The clients in `seen` (each address once: the newest bundle any server gave it by any
+/// means) whose bundle is older than `joined`, the sequence a root joined the bundle at.
+pub fn lagging(seen: &[SeenClient], joined: i64) -> Vec<Lagging> {
+    let mut newest: BTreeMap<&str, &SeenClient> = BTreeMap::new();
+    for s in seen {
+        let slot = newest.entry(s.client.as_str()).or_insert(s);
+        if s.sequence > slot.sequence {
+            *slot = s;
+        }
+    }
+    newest
+        .into_values()
+        .filter(|s| s.sequence < joined)
+        .map(|s| Lagging {
+            client: s.client.clone(),
+            via: s.via.clone(),
+            sequence: s.sequence,
+        })
+        .collect()
+}
+
+/// How many distinct clients `seen` holds.
+pub fn clients(seen: &[SeenClient]) -> usize {
+    seen.iter()
+        .map(|s| s.client.as_str())
+        .collect::<HashSet<_>>()
+        .len()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -137,5 +177,33 @@ mod tests {
         assert_eq!(done.of(2).identities, 2);
         // Nothing issued: nothing to converge.
         assert_eq!(convergence(&[], Some(2)).ratio(), 1.0);
+    }
+
+    #[test]
+    fn a_client_lags_until_any_server_gives_it_the_bundle_with_the_root() {
+        let seen = |client: &str, via: &str, sequence| SeenClient {
+            client: client.into(),
+            via: via.into(),
+            sequence,
+            seen_at: 0,
+        };
+        let all = vec![
+            seen("10.0.0.1", "poll", 3),
+            seen("10.0.0.1", "watch", 5),
+            seen("10.0.0.2", "poll", 4),
+            seen("10.0.0.3", "poll", 6),
+        ];
+        assert_eq!(clients(&all), 3);
+        let behind = lagging(&all, 5);
+        assert_eq!(
+            behind,
+            vec![Lagging {
+                client: "10.0.0.2".into(),
+                via: "poll".into(),
+                sequence: 4
+            }]
+        );
+        assert!(lagging(&all, 4).is_empty());
+        assert_eq!(lagging(&all, 7).len(), 3);
     }
 }

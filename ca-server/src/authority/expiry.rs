@@ -114,6 +114,7 @@ mod tests {
             retiring_at: None,
             retired_at: None,
             tainted_at: None,
+            joined_sequence: None,
         }
     }
 

@@ -82,10 +82,15 @@ pub(super) enum RootCommand {
         #[arg(long)]
         trust_domain: Option<String>,
     },
-    /// Make an authority the one that signs; the one active before starts retiring
+    /// Make an authority the one that signs; the one active before starts retiring.
+    /// Refused while a client seen within its server's refresh hint still holds a bundle
+    /// without this authority's root
     Activate {
         /// The authority's id (see `root status`)
         id: i64,
+        /// Activate even though some clients do not trust its root yet
+        #[arg(long)]
+        force: bool,
     },
     /// Mark a prepared or retiring authority compromised: its root stays in the bundle for
     /// now, the bundle names it, agents holding its certificates renew at once, and it may
@@ -187,7 +192,36 @@ async fn run(cmd: RootCommand, common: &Common, store: &Store) -> anyhow::Result
             println!("{id}");
             Ok(ExitCode::SUCCESS)
         }
-        RootCommand::Activate { id } => {
+        RootCommand::Activate { id, force } => {
+            let behind = clients_without_root(store, id).await?;
+            if !behind.is_empty() {
+                let named: Vec<String> = behind
+                    .iter()
+                    .take(10)
+                    .map(|l| format!("{} ({}, sequence {})", l.client, l.via, l.sequence))
+                    .collect();
+                let more = behind.len().saturating_sub(named.len());
+                let list = if more > 0 {
+                    format!("{} and {more} more", named.join(", "))
+                } else {
+                    named.join(", ")
+                };
+                if !force {
+                    eprintln!(
+                        "error: {} client(s) seen within the refresh hint still hold a bundle \
+                         without authority {id}'s root: {list}. Activating now would give them \
+                         peers they do not trust. Wait until they fetch the bundle again \
+                         (`ca-server root status` counts them), or pass --force",
+                        behind.len()
+                    );
+                    return Ok(ExitCode::FAILURE);
+                }
+                eprintln!(
+                    "warning: activating with --force while {} client(s) do not trust authority \
+                     {id}'s root yet: {list}",
+                    behind.len()
+                );
+            }
             let previous =
                 crate::authority::lifecycle::activate(store, id, authority_event()).await?;
             match previous {
@@ -214,6 +248,33 @@ async fn run(cmd: RootCommand, common: &Common, store: &Store) -> anyhow::Result
             Ok(ExitCode::SUCCESS)
         }
     }
+}
+
+/// The clients seen within their window whose bundle predates authority `id`'s root (none if
+/// it is unknown when that root joined, or the rules refuse the activation anyway).
+async fn clients_without_root(
+    store: &Store,
+    id: i64,
+) -> anyhow::Result<Vec<crate::authority::convergence::Lagging>> {
+    let authorities = store.authorities().await?;
+    // An activation the rules refuse anyway (retired, tainted, already active) is not told
+    // to wait: the transition says why.
+    let Some(joined) = authorities
+        .iter()
+        .find(|a| a.id == id)
+        .filter(|a| {
+            a.tainted_at.is_none()
+                && matches!(a.state, AuthorityState::Prepared | AuthorityState::Retiring)
+        })
+        .and_then(|a| a.joined_sequence)
+    else {
+        return Ok(Vec::new());
+    };
+    let now = OffsetDateTime::now_utc().unix_timestamp();
+    Ok(crate::authority::convergence::lagging(
+        &store.seen_clients(now).await?,
+        joined,
+    ))
 }
 
 /// `--trust-domain`, else the trust domain of the authorities there are.
@@ -265,11 +326,22 @@ async fn status(
         .find(|a| a.state == AuthorityState::Active)
         .map(|a| a.id);
     let converging = convergence(&store.unexpired_certificates(now).await?, active);
+    let seen = store.seen_clients(now).await?;
     let mut out = std::io::stdout().lock();
     match format {
         StatusFormat::Json => {
             for a in &authorities {
-                writeln!(out, "{}", status_json(a, &expiring, &converging))?;
+                let mut json = status_json(a, &expiring, &converging);
+                if a.state == AuthorityState::Prepared {
+                    json["bundle_clients"] = crate::authority::convergence::clients(&seen).into();
+                    json["clients_without_root"] = a
+                        .joined_sequence
+                        .map_or(0, |joined| {
+                            crate::authority::convergence::lagging(&seen, joined).len()
+                        })
+                        .into();
+                }
+                writeln!(out, "{json}")?;
             }
         }
         StatusFormat::Table if authorities.is_empty() => writeln!(
@@ -279,6 +351,27 @@ async fn status(
         StatusFormat::Table => {
             write_status_table(&mut out, &authorities, &expiring, &converging)?;
             writeln!(out, "\nbundle sequence {sequence}")?;
+            let count = crate::authority::convergence::clients(&seen);
+            writeln!(out, "bundle clients seen within the refresh hint: {count}")?;
+            for a in authorities
+                .iter()
+                .filter(|a| a.state == AuthorityState::Prepared)
+            {
+                if let Some(joined) = a.joined_sequence {
+                    let behind = crate::authority::convergence::lagging(&seen, joined);
+                    writeln!(
+                        out,
+                        "prepared authority {}: {} of them still hold a bundle without its root{}",
+                        a.id,
+                        behind.len(),
+                        if behind.is_empty() {
+                            " (ready to activate)"
+                        } else {
+                            ""
+                        }
+                    )?;
+                }
+            }
             if let Some(active) = active {
                 writeln!(
                     out,

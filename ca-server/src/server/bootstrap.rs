@@ -384,6 +384,7 @@ pub(super) fn routes(
     ca: Arc<CertificateAuthority>,
     store: &Store,
     active: &watch::Receiver<Arc<Active>>,
+    clients: &Arc<super::propagation::BundleClients>,
 ) -> Result<(axum::Router, tonic_health::server::HealthReporter), StartError> {
     let (reporter, health) = tonic_health::server::health_reporter();
     let hint = settings.bundle_refresh_hint.whole_seconds();
@@ -407,6 +408,7 @@ pub(super) fn routes(
             active.clone(),
             settings.trust_domain.clone(),
             hint,
+            Arc::clone(clients),
         ))
         .max_decoding_message_size(MAX_REQUEST_BYTES),
     )
@@ -421,7 +423,11 @@ pub(super) fn routes(
     .add_service(health)
     .add_service(reflection)
     .into_axum_router()
-    .merge(publish::bundle_routes(active.clone(), hint))
+    .merge(publish::bundle_routes(
+        active.clone(),
+        hint,
+        Arc::clone(clients),
+    ))
     .merge(publish::oidc_routes(
         active.clone(),
         settings.jwt_issuer.clone(),

@@ -19,10 +19,12 @@ use tokio_stream::StreamExt;
 use tokio_stream::wrappers::WatchStream;
 use tonic::{Request, Response, Status};
 
+use super::propagation::BundleClients;
 use super::status;
 use crate::class::{Class, Classify};
 use crate::issuance::{Active, Caller, CertificateAuthority, CsrRequest, JwtRequest};
 use crate::spiffe::TrustDomain;
+use crate::store::Via;
 
 /// The caller's address, put into each request's extensions by the connection handler.
 #[derive(Debug, Clone, Copy)]
@@ -244,6 +246,7 @@ pub(super) struct BundleService {
     active: watch::Receiver<Arc<Active>>,
     trust_domain: TrustDomain,
     refresh_hint_secs: i64,
+    clients: Arc<BundleClients>,
 }
 
 impl BundleService {
@@ -252,11 +255,13 @@ impl BundleService {
         active: watch::Receiver<Arc<Active>>,
         trust_domain: TrustDomain,
         refresh_hint_secs: i64,
+        clients: Arc<BundleClients>,
     ) -> Self {
         Self {
             active,
             trust_domain,
             refresh_hint_secs,
+            clients,
         }
     }
 
@@ -296,9 +301,11 @@ type BundleStream = Pin<Box<dyn Stream<Item = Result<TrustBundle, Status>> + Sen
 impl TrustBundleService for BundleService {
     async fn get_trust_bundle(
         &self,
-        _request: Request<GetTrustBundleRequest>,
+        request: Request<GetTrustBundleRequest>,
     ) -> Result<Response<TrustBundle>, Status> {
         let active = Arc::clone(&self.active.borrow());
+        let peer = request.extensions().get::<PeerAddr>().map(|p| p.0);
+        self.clients.saw(peer, Via::Poll, active.bundle.sequence);
         Ok(Response::new(self.message(&active)))
     }
 
@@ -306,10 +313,12 @@ impl TrustBundleService for BundleService {
 
     async fn watch_trust_bundle(
         &self,
-        _request: Request<WatchTrustBundleRequest>,
+        request: Request<WatchTrustBundleRequest>,
     ) -> Result<Response<Self::WatchTrustBundleStream>, Status> {
         let trust_domain = self.trust_domain.to_string();
         let hint = self.refresh_hint_secs;
+        let peer = request.extensions().get::<PeerAddr>().map(|p| p.0);
+        let clients = Arc::clone(&self.clients);
         let mut last_sequence = None;
         // The current bundle at once, then each change of its contents (an activation
         // changes the signer, not the bundle: those updates are skipped).
@@ -318,6 +327,7 @@ impl TrustBundleService for BundleService {
                 return None;
             }
             last_sequence = Some(active.bundle.sequence);
+            clients.saw(peer, Via::Watch, active.bundle.sequence);
             Some(Ok(bundle_message(&trust_domain, &active, hint)))
         });
         Ok(Response::new(Box::pin(stream)))

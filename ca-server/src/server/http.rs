@@ -139,6 +139,12 @@ async fn refresh_convergence(store: &Store, now: i64) {
         .find(|a| a.state == crate::store::AuthorityState::Active)
         .map(|a| a.id);
     let converging = crate::authority::convergence::convergence(&unexpired, active);
+    // Whose root the fleet must hold before the next activation.
+    let newest_prepared = authorities
+        .iter()
+        .rev()
+        .find(|a| a.state == crate::store::AuthorityState::Prepared)
+        .and_then(|a| a.joined_sequence);
     let m = crate::metrics::metrics();
     m.authority_live_certificates.clear();
     for a in authorities {
@@ -154,6 +160,14 @@ async fn refresh_convergence(store: &Store, now: i64) {
             .set(i64::try_from(converging.of(a.id).live).unwrap_or(i64::MAX));
     }
     m.rotation_converged_ratio.set(converging.ratio());
+    if let Ok(seen) = store.seen_clients(now).await {
+        use crate::authority::convergence::{clients, lagging};
+        m.bundle_clients
+            .set(i64::try_from(clients(&seen)).unwrap_or(i64::MAX));
+        let behind = newest_prepared.map_or(0, |joined| lagging(&seen, joined).len());
+        m.bundle_clients_lagging
+            .set(i64::try_from(behind).unwrap_or(i64::MAX));
+    }
 }
 
 async fn readyz(State(readiness): State<Arc<Readiness>>) -> (StatusCode, String) {

@@ -9,6 +9,7 @@ pub mod configmap;
 mod grpc;
 mod http;
 mod listener;
+pub mod propagation;
 mod publish;
 pub mod status;
 mod tasks;
@@ -104,8 +105,9 @@ pub async fn start(settings: Settings) -> Result<RunningServer, StartError> {
         )
         .with_jwt_issuer(settings.jwt_issuer.clone()),
     );
+    let clients = Arc::new(propagation::BundleClients::default());
     let (app, health_reporter) =
-        bootstrap::routes(&settings, Arc::clone(&ca), &opened.store, &active)?;
+        bootstrap::routes(&settings, Arc::clone(&ca), &opened.store, &active, &clients)?;
     let configmaps = bootstrap::configmap_client(&settings)?;
 
     let (shutdown, stop) = watch::channel(false);
@@ -131,6 +133,15 @@ pub async fn start(settings: Settings) -> Result<RunningServer, StartError> {
         tasks.spawn(publish.instrument(info_span!("configmaps")));
     }
     tasks.spawn(tasks::refresh_keys(authn, stop.clone()).instrument(info_span!("token_keys")));
+    tasks.spawn(
+        clients
+            .flush(
+                opened.store.clone(),
+                settings.bundle_refresh_hint.whole_seconds(),
+                stop.clone(),
+            )
+            .instrument(info_span!("bundle_clients")),
+    );
     tasks.spawn(tasks::flush_refusals(ca, stop.clone()));
     let health = tasks::Health {
         reporter: health_reporter,

@@ -4,6 +4,7 @@
 
 use std::sync::Arc;
 
+use axum::Extension;
 use axum::Router;
 use axum::extract::State;
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
@@ -11,18 +12,23 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use tokio::sync::watch;
 
+use super::grpc::PeerAddr;
+use super::propagation::BundleClients;
 use crate::issuance::Active;
+use crate::store::Via;
 
 #[derive(Clone)]
 struct PublishState {
     active: watch::Receiver<Arc<Active>>,
     refresh_hint_secs: i64,
+    clients: Arc<BundleClients>,
 }
 
-/// The bundle routes.
+/// The bundle routes; each answer is a sighting of its client in `clients`.
 pub(super) fn bundle_routes(
     active: watch::Receiver<Arc<Active>>,
     refresh_hint_secs: i64,
+    clients: Arc<BundleClients>,
 ) -> Router {
     Router::new()
         .route("/trust-bundle", get(jwks))
@@ -30,7 +36,13 @@ pub(super) fn bundle_routes(
         .with_state(PublishState {
             active,
             refresh_hint_secs,
+            clients,
         })
+}
+
+/// The client's address, as the connection handler put it in the request.
+fn peer_of(peer: Option<Extension<PeerAddr>>) -> Option<std::net::SocketAddr> {
+    peer.map(|Extension(PeerAddr(addr))| addr)
 }
 
 /// OIDC discovery for the JWT-SVIDs this CA signs, so cloud providers and Vault can verify
@@ -122,8 +134,13 @@ fn respond(
     response
 }
 
-async fn jwks(State(state): State<PublishState>, headers: HeaderMap) -> Response {
+async fn jwks(
+    State(state): State<PublishState>,
+    peer: Option<Extension<PeerAddr>>,
+    headers: HeaderMap,
+) -> Response {
     let bundle = state.active.borrow().bundle.clone();
+    state.clients.saw(peer_of(peer), Via::Poll, bundle.sequence);
     match bundle.to_spiffe_jwks(state.refresh_hint_secs) {
         Ok(json) => respond(
             &headers,
@@ -135,8 +152,13 @@ async fn jwks(State(state): State<PublishState>, headers: HeaderMap) -> Response
     }
 }
 
-async fn pem(State(state): State<PublishState>, headers: HeaderMap) -> Response {
+async fn pem(
+    State(state): State<PublishState>,
+    peer: Option<Extension<PeerAddr>>,
+    headers: HeaderMap,
+) -> Response {
     let bundle = state.active.borrow().bundle.clone();
+    state.clients.saw(peer_of(peer), Via::Poll, bundle.sequence);
     respond(
         &headers,
         bundle.sequence,

@@ -127,6 +127,9 @@ pub struct AuthorityRecord {
     pub retired_at: Option<i64>,
     /// When it was tainted (marked compromised), if it was.
     pub tainted_at: Option<i64>,
+    /// The bundle sequence its root joined the bundle at (none for authorities from before
+    /// that was recorded).
+    pub joined_sequence: Option<i64>,
 }
 
 /// What a running server compares to notice that the authorities changed: the bundle's
@@ -332,12 +335,14 @@ fn record_from_row(row: &AnyRow) -> Result<AuthorityRecord, StoreError> {
         retiring_at: column(row, "retiring_at")?,
         retired_at: column(row, "retired_at")?,
         tainted_at: column(row, "tainted_at")?,
+        joined_sequence: column(row, "joined_sequence")?,
     })
 }
 
 const SELECT_AUTHORITIES: &str = "SELECT id, state, subject, cert_pem, chain_pem, root_pem, \
      key_ref, sealed_key, not_before, not_after, fingerprint_sha256, kind, created_at, \
-     activated_at, retiring_at, retired_at, tainted_at FROM authorities ORDER BY id";
+     activated_at, retiring_at, retired_at, tainted_at, joined_sequence FROM authorities \
+     ORDER BY id";
 
 impl Store {
     /// The next authority id (ids are never reused, so subjects `root <n>` stay unique).
@@ -383,6 +388,14 @@ impl Store {
         .await?;
         insert_jwt_key(&mut tx, id, &new.jwt, now).await?;
         bump_if_changed(&mut tx, &before).await?;
+        // A client holding this sequence or a later one trusts its root.
+        sqlx::query(
+            "UPDATE authorities SET joined_sequence = (SELECT sequence FROM bundle WHERE id = 1) \
+             WHERE id = $1",
+        )
+        .bind(id)
+        .execute(&mut *tx)
+        .await?;
         announce(&mut tx, self.dialect()).await?;
         event.authority_id = Some(id);
         append_in_tx(&mut tx, std::slice::from_mut(&mut event)).await?;

@@ -4,6 +4,7 @@
 
 mod audit;
 mod authorities;
+mod bundle_clients;
 
 use std::borrow::Cow;
 use std::time::Duration;
@@ -20,6 +21,7 @@ pub use authorities::{
 pub use authorities::{
     Holder, Leaves, Standing, TaintedRow, TransitionError, UnexpiredCertificate, live_certificates,
 };
+pub use bundle_clients::{SeenClient, Sighting, Via};
 
 /// What went wrong talking to the database.
 #[derive(Debug, thiserror::Error)]
@@ -119,7 +121,7 @@ pub fn redact_url(url: &str) -> String {
 /// The schema's migrations, in order: a name, then the SQLite and the PostgreSQL text. A
 /// schema change is a new line here and a new file in each dialect's directory, never an
 /// edit of an old one.
-const MIGRATIONS: [(&str, &str, &str); 8] = [
+const MIGRATIONS: [(&str, &str, &str); 9] = [
     (
         "init",
         include_str!("migrations/sqlite/0001_init.sql"),
@@ -159,6 +161,11 @@ const MIGRATIONS: [(&str, &str, &str); 8] = [
         "taint",
         include_str!("migrations/sqlite/0008_taint.sql"),
         include_str!("migrations/postgres/0008_taint.sql"),
+    ),
+    (
+        "bundle clients",
+        include_str!("migrations/sqlite/0009_bundle_clients.sql"),
+        include_str!("migrations/postgres/0009_bundle_clients.sql"),
     ),
 ];
 

@@ -26,7 +26,7 @@ pub(super) use refusals::flush_refusals;
 pub(super) use renew::renew_server_cert;
 
 /// Sleeps for `period`; `false` if shutdown was asked first.
-async fn tick(period: Duration, shutdown: &mut watch::Receiver<bool>) -> bool {
+pub(super) async fn tick(period: Duration, shutdown: &mut watch::Receiver<bool>) -> bool {
     tokio::select! {
         _ = tokio::time::sleep(period) => true,
         _ = shutdown.wait_for(|stop| *stop) => false,
