@@ -162,7 +162,7 @@ async fn after_a_taint_every_agent_moves_to_the_active_authority_without_an_mtls
     );
     // And /metrics.
     wait_for(
-        Duration::from_secs(10),
+        Duration::from_secs(25),
         "the convergence in /metrics",
         || {
             let (_, metrics) = http_get(server.http, "/metrics").unwrap();

@@ -105,7 +105,7 @@ async fn activation_waits_for_every_client_seen_to_hold_the_new_root() {
         "nothing changed"
     );
     // /metrics says the same.
-    eventually(Duration::from_secs(10), "the lag in /metrics", || {
+    eventually(Duration::from_secs(25), "the lag in /metrics", || {
         let (_, metrics) = http_get(server.http, "/metrics").unwrap();
         metrics.contains("ca_bundle_clients 2") && metrics.contains("ca_bundle_clients_lagging 1")
     });
@@ -114,7 +114,7 @@ async fn activation_waits_for_every_client_seen_to_hold_the_new_root() {
     assert_eq!(poll_from(server, loopback(2), Some("\"1\"")).await, 200);
     let said = server.activate("2");
     assert!(said.contains("authority 2 is active"), "{said}");
-    eventually(Duration::from_secs(10), "no lag in /metrics", || {
+    eventually(Duration::from_secs(25), "no lag in /metrics", || {
         let (_, metrics) = http_get(server.http, "/metrics").unwrap();
         metrics.contains("ca_bundle_clients_lagging 0")
     });

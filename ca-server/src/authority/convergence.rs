@@ -5,7 +5,7 @@
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 
-use crate::store::{SeenClient, UnexpiredCertificate, live_certificates};
+use crate::store::{NewestByHolder, SeenClient, UnexpiredCertificate};
 
 /// What one authority's certificates are doing now.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -47,39 +47,76 @@ impl Convergence {
     }
 }
 
-/// The convergence of `unexpired` towards `active`.
-pub fn convergence(unexpired: &[UnexpiredCertificate], active: Option<i64>) -> Convergence {
-    let mut by_authority: BTreeMap<i64, AuthorityUse> = BTreeMap::new();
-    for cert in unexpired {
-        let use_ = by_authority.entry(cert.authority_id).or_default();
+/// Gathers the unexpired certificates one at a time, then says how they stand.
+#[derive(Debug, Default)]
+pub struct Tally {
+    by_authority: BTreeMap<i64, AuthorityUse>,
+    newest: NewestByHolder,
+}
+
+impl Tally {
+    /// Takes in one unexpired certificate.
+    pub fn add(&mut self, cert: UnexpiredCertificate) {
+        let use_ = self.by_authority.entry(cert.authority_id).or_default();
         use_.unexpired += 1;
         use_.last_not_after = use_.last_not_after.max(Some(cert.not_after));
+        self.newest.add(cert);
     }
-    let live = live_certificates(unexpired);
-    let mut identities: HashMap<i64, HashSet<&str>> = HashMap::new();
-    // Each identity's newest certificate, across its holders.
-    let mut newest: HashMap<&str, &UnexpiredCertificate> = HashMap::new();
-    for cert in &live {
-        let id = cert.holder.spiffe_id.as_str();
-        by_authority.entry(cert.authority_id).or_default().live += 1;
-        identities.entry(cert.authority_id).or_default().insert(id);
-        let slot = newest.entry(id).or_insert(cert);
-        if cert.seq > slot.seq {
-            *slot = cert;
+
+    /// How they converge towards `active`.
+    pub fn finish(self, active: Option<i64>) -> Convergence {
+        let Self {
+            mut by_authority,
+            newest,
+        } = self;
+        let mut identities: HashMap<i64, HashSet<&str>> = HashMap::new();
+        // Each identity's newest certificate, across its holders.
+        let mut newest_of: HashMap<&str, &UnexpiredCertificate> = HashMap::new();
+        for cert in newest.live() {
+            let id = cert.holder.spiffe_id.as_str();
+            by_authority.entry(cert.authority_id).or_default().live += 1;
+            identities.entry(cert.authority_id).or_default().insert(id);
+            let slot = newest_of.entry(id).or_insert(cert);
+            if cert.seq > slot.seq {
+                *slot = cert;
+            }
+        }
+        for (authority, ids) in identities {
+            by_authority.entry(authority).or_default().identities = ids.len();
+        }
+        let on_active = newest_of
+            .values()
+            .filter(|c| Some(c.authority_id) == active)
+            .count();
+        Convergence {
+            by_authority,
+            identities: newest_of.len(),
+            on_active,
         }
     }
-    for (authority, ids) in identities {
-        by_authority.entry(authority).or_default().identities = ids.len();
+}
+
+/// The convergence of `unexpired` towards `active`.
+pub fn convergence(unexpired: &[UnexpiredCertificate], active: Option<i64>) -> Convergence {
+    let mut tally = Tally::default();
+    for cert in unexpired {
+        tally.add(cert.clone());
     }
-    let on_active = newest
-        .values()
-        .filter(|c| Some(c.authority_id) == active)
-        .count();
-    Convergence {
-        by_authority,
-        identities: newest.len(),
-        on_active,
-    }
+    tally.finish(active)
+}
+
+/// The convergence of the store's unexpired certificates at `now` towards `active`, read one
+/// row at a time.
+pub async fn from_store(
+    store: &crate::store::Store,
+    now: i64,
+    active: Option<i64>,
+) -> Result<Convergence, crate::store::StoreError> {
+    let mut tally = Tally::default();
+    store
+        .each_unexpired_certificate(now, |cert| tally.add(cert))
+        .await?;
+    Ok(tally.finish(active))
 }
 
 /// A client that, as last seen, holds a bundle older than some sequence.

@@ -11,7 +11,7 @@ use time::OffsetDateTime;
 use super::Common;
 use crate::audit::{AuditKey, operator_name, record_checkpoint};
 use crate::audit::{EventKind, EventRow};
-use crate::authority::convergence::{Convergence, convergence};
+use crate::authority::convergence::Convergence;
 use crate::authority::{self, KeyType};
 use crate::rfc3339::secs_text as rfc3339;
 use crate::spiffe::{SpiffeId, TrustDomain};
@@ -325,7 +325,7 @@ async fn status(
         .iter()
         .find(|a| a.state == AuthorityState::Active)
         .map(|a| a.id);
-    let converging = convergence(&store.unexpired_certificates(now).await?, active);
+    let converging = crate::authority::convergence::from_store(store, now, active).await?;
     let seen = store.seen_clients(now).await?;
     let mut out = std::io::stdout().lock();
     match format {

@@ -111,15 +111,15 @@ pub(super) async fn refresh_store_gauges(store: &Store, expiry_warning: time::Du
     if let Ok(version) = store.authority_version().await {
         m.bundle_sequence.set(version.sequence);
     }
-    refresh_convergence(store, now).await;
 }
 
 /// How often the convergence gauges are computed: they read every unexpired certificate.
-const CONVERGENCE_EVERY: std::time::Duration = std::time::Duration::from_secs(5);
+const CONVERGENCE_EVERY: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// Sets `ca_authority_live_certificates` and `ca_rotation_converged_ratio`, at most every
 /// [`CONVERGENCE_EVERY`].
-async fn refresh_convergence(store: &Store, now: i64) {
+pub(super) async fn refresh_convergence(store: &Store) {
+    let now = time::OffsetDateTime::now_utc().unix_timestamp();
     static LAST: std::sync::Mutex<Option<std::time::Instant>> = std::sync::Mutex::new(None);
     {
         let mut last = LAST.lock().unwrap_or_else(|e| e.into_inner());
@@ -128,17 +128,16 @@ async fn refresh_convergence(store: &Store, now: i64) {
         }
         *last = Some(std::time::Instant::now());
     }
-    let (Ok(authorities), Ok(unexpired)) = (
-        store.authorities().await,
-        store.unexpired_certificates(now).await,
-    ) else {
+    let Ok(authorities) = store.authorities().await else {
         return;
     };
     let active = authorities
         .iter()
         .find(|a| a.state == crate::store::AuthorityState::Active)
         .map(|a| a.id);
-    let converging = crate::authority::convergence::convergence(&unexpired, active);
+    let Ok(converging) = crate::authority::convergence::from_store(store, now, active).await else {
+        return;
+    };
     // Whose root the fleet must hold before the next activation.
     let newest_prepared = authorities
         .iter()

@@ -193,19 +193,27 @@ pub struct UnexpiredCertificate {
     pub not_after: i64,
 }
 
-/// The live certificates among `unexpired`: each holder's newest.
-pub fn live_certificates(unexpired: &[UnexpiredCertificate]) -> Vec<&UnexpiredCertificate> {
-    let mut newest: std::collections::HashMap<&Holder, &UnexpiredCertificate> =
-        std::collections::HashMap::new();
-    for cert in unexpired {
-        let slot = newest.entry(&cert.holder).or_insert(cert);
-        if cert.seq > slot.seq {
-            *slot = cert;
+/// Each holder's newest unexpired certificate (its live one), gathered one certificate at a
+/// time: memory for the holders, not for every certificate.
+#[derive(Debug, Default)]
+pub struct NewestByHolder(std::collections::HashMap<Holder, UnexpiredCertificate>);
+
+impl NewestByHolder {
+    /// Takes in `cert`; it replaces its holder's older one.
+    pub fn add(&mut self, cert: UnexpiredCertificate) {
+        match self.0.get_mut(&cert.holder) {
+            Some(kept) if kept.seq >= cert.seq => {}
+            Some(kept) => *kept = cert,
+            None => {
+                self.0.insert(cert.holder.clone(), cert);
+            }
         }
     }
-    let mut live: Vec<_> = newest.into_values().collect();
-    live.sort_by_key(|c| c.seq);
-    live
+
+    /// The live certificates, in no order.
+    pub fn live(&self) -> impl Iterator<Item = &UnexpiredCertificate> {
+        self.0.values()
+    }
 }
 
 /// Why a transition did not happen: its rule refused (`E`), or the store failed.
@@ -522,15 +530,17 @@ impl Store {
         Ok(())
     }
 
-    /// Every unexpired workload certificate at `now` (see [`live_certificates`]).
-    pub async fn unexpired_certificates(
+    /// Calls `f` with every unexpired workload certificate at `now`, oldest first, one row at
+    /// a time (see [`NewestByHolder`]).
+    pub async fn each_unexpired_certificate(
         &self,
         now: i64,
-    ) -> Result<Vec<UnexpiredCertificate>, StoreError> {
+        f: impl FnMut(UnexpiredCertificate),
+    ) -> Result<(), StoreError> {
         let mut tx = self.begin_read().await?;
-        let certificates = unexpired_certificates(&mut tx, now).await?;
+        each_unexpired(&mut tx, now, f).await?;
         tx.commit().await?;
-        Ok(certificates)
+        Ok(())
     }
 
     /// The bundle: its sequence, roots, JWT keys and taints, read in one transaction so they
@@ -781,11 +791,9 @@ async fn leaves_of(tx: &mut AnyConnection, id: i64, now: i64) -> Result<Leaves, 
     .bind(now)
     .fetch_one(&mut *tx)
     .await?;
-    let unexpired = unexpired_certificates(tx, now).await?;
-    let live = live_certificates(&unexpired)
-        .iter()
-        .filter(|c| c.authority_id == id)
-        .count();
+    let mut newest = NewestByHolder::default();
+    each_unexpired(tx, now, |cert| newest.add(cert)).await?;
+    let live = newest.live().filter(|c| c.authority_id == id).count();
     Ok(Leaves {
         unexpired: column(&row, "n")?,
         last_expiry: column(&row, "last")?,
@@ -793,14 +801,16 @@ async fn leaves_of(tx: &mut AnyConnection, id: i64, now: i64) -> Result<Leaves, 
     })
 }
 
-/// Every unexpired workload certificate at `now` (JWT-SVIDs, which have an audience, are not
-/// certificates). Bounded by the longest lifetime in the log, so the notBefore index does the
-/// work.
-async fn unexpired_certificates(
+/// Calls `f` with every unexpired workload certificate at `now`, oldest first, streaming
+/// (JWT-SVIDs, which have an audience, are not certificates). Bounded by the longest lifetime
+/// in the log, so the notBefore index does the work.
+async fn each_unexpired(
     tx: &mut AnyConnection,
     now: i64,
-) -> Result<Vec<UnexpiredCertificate>, StoreError> {
-    let rows = sqlx::query(
+    mut f: impl FnMut(UnexpiredCertificate),
+) -> Result<(), StoreError> {
+    use futures_util::TryStreamExt;
+    let mut rows = sqlx::query(
         "SELECT seq, spiffe_id, pod_uid, authority_id, not_after FROM audit_events \
          WHERE kind = 'issued' AND spiffe_id IS NOT NULL AND audience IS NULL \
          AND authority_id IS NOT NULL AND not_after > $1 AND not_before <= $1 \
@@ -808,19 +818,17 @@ async fn unexpired_certificates(
          ORDER BY seq",
     )
     .bind(now)
-    .fetch_all(&mut *tx)
-    .await?;
-    rows.iter()
-        .map(|row| {
-            Ok(UnexpiredCertificate {
-                seq: column(row, "seq")?,
-                holder: Holder {
-                    spiffe_id: column(row, "spiffe_id")?,
-                    pod_uid: column(row, "pod_uid")?,
-                },
-                authority_id: column(row, "authority_id")?,
-                not_after: column(row, "not_after")?,
-            })
-        })
-        .collect()
+    .fetch(&mut *tx);
+    while let Some(row) = rows.try_next().await? {
+        f(UnexpiredCertificate {
+            seq: column(&row, "seq")?,
+            holder: Holder {
+                spiffe_id: column(&row, "spiffe_id")?,
+                pod_uid: column(&row, "pod_uid")?,
+            },
+            authority_id: column(&row, "authority_id")?,
+            not_after: column(&row, "not_after")?,
+        });
+    }
+    Ok(())
 }

@@ -19,7 +19,7 @@ pub use authorities::{
     NewAuthority, NewJwtKey,
 };
 pub use authorities::{
-    Holder, Leaves, Standing, TaintedRow, TransitionError, UnexpiredCertificate, live_certificates,
+    Holder, Leaves, NewestByHolder, Standing, TaintedRow, TransitionError, UnexpiredCertificate,
 };
 pub use bundle_clients::{SeenClient, Sighting, Via};
 

@@ -63,6 +63,9 @@ impl Health {
             }
             readiness.check(&store, &audit).await;
             http::refresh_store_gauges(&store, expiry_warning).await;
+            // Not before the first tick: it reads every unexpired certificate, and start-up
+            // should not wait for it.
+            http::refresh_convergence(&store).await;
             crate::metrics::metrics()
                 .connections_open
                 .set(i64::try_from(grpc_connections.open()).unwrap_or(i64::MAX));
