@@ -473,7 +473,7 @@ impl Store {
         let mut tx = self.begin_write().await?;
         let standing = standing_of(&mut tx, id).await?;
         let leaves = match &standing {
-            Some(_) => leaves_of(&mut tx, id, now).await?,
+            Some(_) => leaves_of(&mut tx, self.dialect(), id, now).await?,
             None => Leaves::default(),
         };
         rule(standing.as_ref(), &leaves).map_err(TransitionError::Refused)?;
@@ -530,15 +530,16 @@ impl Store {
         Ok(())
     }
 
-    /// Calls `f` with every unexpired workload certificate at `now`, oldest first, one row at
-    /// a time (see [`NewestByHolder`]).
+    /// Calls `f` with every unexpired workload certificate at `now`, in no order, one row at
+    /// a time (see [`NewestByHolder`]). It reads the validity index over the longest lifetime
+    /// ever issued, not every certificate the log has.
     pub async fn each_unexpired_certificate(
         &self,
         now: i64,
         f: impl FnMut(UnexpiredCertificate),
     ) -> Result<(), StoreError> {
         let mut tx = self.begin_read().await?;
-        each_unexpired(&mut tx, now, f).await?;
+        each_unexpired(&mut tx, self.dialect(), now, f).await?;
         tx.commit().await?;
         Ok(())
     }
@@ -781,7 +782,12 @@ async fn standing_of(tx: &mut AnyConnection, id: i64) -> Result<Option<Standing>
 /// The unexpired workload SVIDs signed by `id` at `now`, and how many of its certificates
 /// are live. The server's own TLS certificates (no SPIFFE ID) are re-minted on activation, so
 /// they do not count.
-async fn leaves_of(tx: &mut AnyConnection, id: i64, now: i64) -> Result<Leaves, StoreError> {
+async fn leaves_of(
+    tx: &mut AnyConnection,
+    dialect: Dialect,
+    id: i64,
+    now: i64,
+) -> Result<Leaves, StoreError> {
     let row = sqlx::query(
         "SELECT COUNT(*) AS n, MAX(not_after) AS last FROM audit_events \
          WHERE kind = 'issued' AND authority_id = $1 AND not_after > $2 \
@@ -792,7 +798,7 @@ async fn leaves_of(tx: &mut AnyConnection, id: i64, now: i64) -> Result<Leaves, 
     .fetch_one(&mut *tx)
     .await?;
     let mut newest = NewestByHolder::default();
-    each_unexpired(tx, now, |cert| newest.add(cert)).await?;
+    each_unexpired(tx, dialect, now, |cert| newest.add(cert)).await?;
     let live = newest.live().filter(|c| c.authority_id == id).count();
     Ok(Leaves {
         unexpired: column(&row, "n")?,
@@ -801,24 +807,38 @@ async fn leaves_of(tx: &mut AnyConnection, id: i64, now: i64) -> Result<Leaves, 
     })
 }
 
-/// Calls `f` with every unexpired workload certificate at `now`, oldest first, streaming
-/// (JWT-SVIDs, which have an audience, are not certificates). Bounded by the longest lifetime
-/// in the log, so the notBefore index does the work.
+/// The unexpired workload certificates' rows (JWT-SVIDs, which have an audience, are not
+/// certificates), the `kind` column's name spliced in. Bounded by the longest lifetime in the
+/// log, so the notBefore index does the work; SQLite would rather walk the kind index (every
+/// certificate ever issued) unless `+kind` keeps it off it. PostgreSQL has statistics, and no
+/// unary `+` on text.
+macro_rules! unexpired_sql {
+    ($kind:literal) => {
+        concat!(
+            "SELECT seq, spiffe_id, pod_uid, authority_id, not_after FROM audit_events \
+             WHERE not_before <= $1 \
+             AND not_before >= $1 - (SELECT max_lifetime FROM audit_meta WHERE id = 1) \
+             AND ",
+            $kind,
+            " = 'issued' AND spiffe_id IS NOT NULL AND audience IS NULL \
+             AND authority_id IS NOT NULL AND not_after > $1"
+        )
+    };
+}
+
+/// Calls `f` with every unexpired workload certificate at `now`, in no order, streaming.
 async fn each_unexpired(
     tx: &mut AnyConnection,
+    dialect: Dialect,
     now: i64,
     mut f: impl FnMut(UnexpiredCertificate),
 ) -> Result<(), StoreError> {
     use futures_util::TryStreamExt;
-    let mut rows = sqlx::query(
-        "SELECT seq, spiffe_id, pod_uid, authority_id, not_after FROM audit_events \
-         WHERE kind = 'issued' AND spiffe_id IS NOT NULL AND audience IS NULL \
-         AND authority_id IS NOT NULL AND not_after > $1 AND not_before <= $1 \
-         AND not_before >= $1 - (SELECT max_lifetime FROM audit_meta WHERE id = 1) \
-         ORDER BY seq",
-    )
-    .bind(now)
-    .fetch(&mut *tx);
+    let sql = match dialect {
+        Dialect::Sqlite => unexpired_sql!("+kind"),
+        Dialect::Postgres => unexpired_sql!("kind"),
+    };
+    let mut rows = sqlx::query(sql).bind(now).fetch(&mut *tx);
     while let Some(row) = rows.try_next().await? {
         f(UnexpiredCertificate {
             seq: column(&row, "seq")?,
