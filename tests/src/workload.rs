@@ -133,24 +133,85 @@ pub struct AgentProcess {
     log: PathBuf,
 }
 
+/// What an agent's `--ca-bundle` is.
+enum Bootstrap {
+    /// A copy of this bundle, written to the agent's directory.
+    Copy(String),
+    /// The server's own `trust-bundle.pem`, which it rewrites on every change (as a
+    /// ConfigMap the server publishes is, mounted in the agent's pod).
+    Follow,
+}
+
 impl AgentProcess {
-    /// Starts an agent in `dir` against `server`, with `token` (a JWT) and `extra` flags.
+    /// Starts an agent in `dir` against `server`, with `token` (a JWT) and `extra` flags; its
+    /// `--ca-bundle` is a copy of the server's bundle as it is now.
     pub fn start(server: &TestServer, dir: &Path, token: &str, extra: &[&str]) -> Self {
-        Self::launch(server, dir, token, extra, false)
+        Self::launch(
+            server,
+            dir,
+            token,
+            extra,
+            false,
+            Bootstrap::Copy(server.bundle_pem()),
+        )
+    }
+
+    /// [`AgentProcess::start`] with `bundle` (PEM) as its `--ca-bundle` (an old bundle, say).
+    pub fn start_with_bundle(
+        server: &TestServer,
+        dir: &Path,
+        token: &str,
+        bundle: &str,
+        extra: &[&str],
+    ) -> Self {
+        Self::launch(
+            server,
+            dir,
+            token,
+            extra,
+            false,
+            Bootstrap::Copy(bundle.to_owned()),
+        )
+    }
+
+    /// [`AgentProcess::start`] with the server's `trust-bundle.pem` itself as its
+    /// `--ca-bundle`, following the bundle as it is published.
+    pub fn start_following(server: &TestServer, dir: &Path, token: &str, extra: &[&str]) -> Self {
+        Self::launch(server, dir, token, extra, false, Bootstrap::Follow)
     }
 
     /// [`AgentProcess::start`], naming the socket in `SPIFFE_ENDPOINT_SOCKET` rather than
     /// with `--socket`.
     pub fn start_from_env(server: &TestServer, dir: &Path, token: &str, extra: &[&str]) -> Self {
-        Self::launch(server, dir, token, extra, true)
+        Self::launch(
+            server,
+            dir,
+            token,
+            extra,
+            true,
+            Bootstrap::Copy(server.bundle_pem()),
+        )
     }
 
-    fn launch(server: &TestServer, dir: &Path, token: &str, extra: &[&str], env: bool) -> Self {
+    fn launch(
+        server: &TestServer,
+        dir: &Path,
+        token: &str,
+        extra: &[&str],
+        env: bool,
+        bootstrap: Bootstrap,
+    ) -> Self {
         std::fs::create_dir_all(dir).expect("agent dir");
         let token_file = dir.join("token");
         std::fs::write(&token_file, token).expect("token file");
-        let bootstrap = dir.join("bootstrap.pem");
-        std::fs::write(&bootstrap, server.bundle_pem()).expect("bootstrap bundle");
+        let bootstrap = match bootstrap {
+            Bootstrap::Copy(pem) => {
+                let file = dir.join("bootstrap.pem");
+                std::fs::write(&file, pem).expect("bootstrap bundle");
+                file
+            }
+            Bootstrap::Follow => server.data_dir.join("trust-bundle.pem"),
+        };
         let socket = dir.join("agent.sock");
         let out = dir.join("out");
         let log = dir.join("agent.log");

@@ -72,8 +72,19 @@ async fn an_imported_intermediate_signs_leaves_that_openssl_verifies() {
         "O=Example Corp, CN=Example Corp Mesh CA"
     );
 
-    // The server's own certificate now chains through the intermediate too, which it
-    // presents (the corporate root it leaves to the client's bundle).
+    // The server still presents the certificate the outgoing authority signed (for clients
+    // whose bundle predates the corporate root) while that root is in the bundle; once it is
+    // retired, its own chains through the intermediate, which it presents (the corporate
+    // root it leaves to the client's bundle).
+    let served = server.served_chain();
+    assert_eq!(
+        served.len(),
+        1,
+        "[the outgoing authority's server certificate]"
+    );
+    let (ok, _, err) = cli(&server, &["root", "retire", "1", "--force"]);
+    assert!(ok, "{err}");
+    tokio::time::sleep(std::time::Duration::from_millis(2200)).await;
     let served = server.served_chain();
     assert_eq!(served.len(), 2, "[server certificate, intermediate]");
     assert_eq!(served[1].as_ref(), der(&intermediate));

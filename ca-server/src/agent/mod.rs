@@ -41,6 +41,10 @@ pub struct AgentConfig {
     pub server: String,
     /// The bundle to verify the CA with at first (PEM); the watched bundle replaces it.
     pub ca_bundle_pem: String,
+    /// Where that came from: read again at each connection and trusted beside the watched
+    /// bundle, so that an agent whose bundle predates a new root (the old one expired, or
+    /// was abandoned at once) finds it there, as published to a ConfigMap, without a restart.
+    pub ca_bundle_file: PathBuf,
     /// The service-account token, read again for every request.
     pub token_file: PathBuf,
     /// Where the files go (`cert-chain.pem`, `key.pem`, `root-cert.pem`).
@@ -209,6 +213,36 @@ fn roots_pem(roots: &Roots) -> String {
         .collect()
 }
 
+/// The roots the CA channel verifies with: `bundle`, the last one received, and the
+/// certificates the `--ca-bundle` file holds now that it lacks (what does not parse is left
+/// out: a half-written file must not cost the agent the CA).
+fn with_file(bundle: &str, file: &std::path::Path) -> String {
+    let text = match std::fs::read_to_string(file) {
+        Ok(text) => text,
+        Err(e) => {
+            warn!(file = %file.display(), error = %e, "Cannot read the --ca-bundle file; verifying the CA with the last bundle received");
+            return bundle.to_owned();
+        }
+    };
+    let held: Vec<_> = crate::x509::split_pem(bundle)
+        .iter()
+        .filter_map(|pem| pem_to_der(pem).ok())
+        .collect();
+    let mut out = bundle.to_owned();
+    for der in crate::x509::split_pem(&text)
+        .iter()
+        .filter_map(|pem| pem_to_der(pem).ok())
+    {
+        if !held.contains(&der) {
+            if !out.is_empty() && !out.ends_with('\n') {
+                out.push('\n');
+            }
+            out.push_str(&crate::x509::pem("CERTIFICATE", &der));
+        }
+    }
+    out
+}
+
 /// What the CA answered, as served.
 fn svid_of(obtained: &Obtained) -> anyhow::Result<Svid> {
     let spiffe_id = SpiffeId::parse(&obtained.spiffe_id)
@@ -254,6 +288,9 @@ fn replace_now(svid: &Svid, roots: &Roots) -> Option<&'static str> {
     None
 }
 
+/// How often a renewal is asked for while renewing gains nothing.
+const NO_GAIN_RETRY: Duration = Duration::from_secs(10);
+
 /// One connection's worth of work: follow the bundle, renew when due.
 async fn session(
     config: &AgentConfig,
@@ -264,7 +301,8 @@ async fn session(
     life: &mut Option<Life>,
     backoff: &mut Backoff,
 ) -> anyhow::Result<()> {
-    let channel = client::connect(&config.server, bundle).await?;
+    let channel =
+        client::connect(&config.server, &with_file(bundle, &config.ca_bundle_file)).await?;
     let mut stream = TrustBundleServiceClient::new(channel.clone())
         .watch_trust_bundle(WatchTrustBundleRequest {})
         .await
@@ -274,9 +312,15 @@ async fn session(
     minter.connected(channel.clone());
     *backoff = Backoff(Backoff::FIRST);
     let jitter: f64 = rand::random();
+    // Set when a renewal ended no later than the certificate it replaced (the active
+    // authority's own end clamps both): renewing at half the life left would then ask again
+    // and again as that end nears, for nothing, so the next asks wait this long at least.
+    let mut no_gain = Duration::ZERO;
     loop {
         let wait = match life {
-            Some((from, to)) => renew_in(*from, *to, OffsetDateTime::now_utc(), jitter),
+            Some((from, to)) => {
+                renew_in(*from, *to, OffsetDateTime::now_utc(), jitter).max(no_gain)
+            }
             None => Duration::ZERO,
         };
         tokio::select! {
@@ -290,6 +334,11 @@ async fn session(
                 // notBefore for skewed clocks, and a short certificate would otherwise look
                 // half-spent the moment it arrives.
                 let received = OffsetDateTime::now_utc().max(obtained.not_before);
+                let gained = life.is_none_or(|(_, until)| obtained.not_after > until);
+                if !gained && no_gain.is_zero() {
+                    warn!(not_after = %crate::rfc3339::text(obtained.not_after), "The renewed certificate ends no later than the one before: the CA's active authority ends then. Asking again every 10 s until another is active");
+                }
+                no_gain = if gained { Duration::ZERO } else { NO_GAIN_RETRY };
                 *life = Some((received, obtained.not_after));
             }
             message = stream.message() => {

@@ -38,6 +38,7 @@ pub(super) async fn agent(args: AgentArgs) -> anyhow::Result<ExitCode> {
     let request = args.request;
     let config = AgentConfig {
         ca_bundle_pem: read_text(&request.ca_bundle, "--ca-bundle")?,
+        ca_bundle_file: request.ca_bundle.clone(),
         ttl_secs: request.ttl_secs()?,
         jwt_ttl_secs: match &args.jwt_ttl {
             Some(text) => parse_duration(text)

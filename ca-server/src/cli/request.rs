@@ -20,7 +20,9 @@ pub(super) struct RequestArgs {
     /// The server, e.g. https://127.0.0.1:15012
     #[arg(long, default_value = "https://127.0.0.1:15012")]
     pub(super) server: String,
-    /// CA bundle (PEM) to verify the server with at first, e.g. <data-dir>/trust-bundle.pem
+    /// CA bundle (PEM) to verify the server with, e.g. <data-dir>/trust-bundle.pem or a
+    /// mounted ConfigMap's file (`agent` reads it again at each reconnection, beside the
+    /// bundle it last received)
     #[arg(long)]
     pub(super) ca_bundle: PathBuf,
     /// File holding the service-account token (read again for every request, so a rotated

@@ -70,6 +70,12 @@ pub(super) enum RootCommand {
         /// config file's, else cluster.local]
         #[arg(long)]
         trust_domain: Option<String>,
+        /// Break glass: activate it at once, as `root activate ID --force` (the active root
+        /// expired, or must be abandoned now). Servers keep serving the outgoing root's
+        /// certificate while that root is in the bundle and valid, and agents read their
+        /// --ca-bundle again when they reconnect, so both kinds of laggard recover
+        #[arg(long)]
+        activate: bool,
     },
     /// Generate an intermediate CA's key in the PKCS#11 token and print a CSR for it, to be
     /// signed by an offline root; then `root prepare --import-dir DIR --pkcs11-object LABEL`
@@ -171,6 +177,7 @@ async fn run(cmd: RootCommand, common: &Common, store: &Store) -> anyhow::Result
             pkcs11_object,
             key_type,
             trust_domain,
+            activate: activate_now,
         } => {
             let id = match import_dir {
                 Some(dir) => prepare_import(common, store, &dir, pkcs11_object.as_deref()).await?,
@@ -190,49 +197,12 @@ async fn run(cmd: RootCommand, common: &Common, store: &Store) -> anyhow::Result
                 }
             };
             println!("{id}");
-            Ok(ExitCode::SUCCESS)
-        }
-        RootCommand::Activate { id, force } => {
-            let behind = clients_without_root(store, id).await?;
-            if !behind.is_empty() {
-                let named: Vec<String> = behind
-                    .iter()
-                    .take(10)
-                    .map(|l| format!("{} ({}, sequence {})", l.client, l.via, l.sequence))
-                    .collect();
-                let more = behind.len().saturating_sub(named.len());
-                let list = if more > 0 {
-                    format!("{} and {more} more", named.join(", "))
-                } else {
-                    named.join(", ")
-                };
-                if !force {
-                    eprintln!(
-                        "error: {} client(s) seen within the refresh hint still hold a bundle \
-                         without authority {id}'s root: {list}. Activating now would give them \
-                         peers they do not trust. Wait until they fetch the bundle again \
-                         (`ca-server root status` counts them), or pass --force",
-                        behind.len()
-                    );
-                    return Ok(ExitCode::FAILURE);
-                }
-                eprintln!(
-                    "warning: activating with --force while {} client(s) do not trust authority \
-                     {id}'s root yet: {list}",
-                    behind.len()
-                );
-            }
-            let previous =
-                crate::authority::lifecycle::activate(store, id, authority_event()).await?;
-            match previous {
-                Some(prev) => eprintln!(
-                    "authority {id} is active; authority {prev} is retiring. Retire it with \
-                     `ca-server root retire {prev}` once its certificates have expired."
-                ),
-                None => eprintln!("authority {id} is active"),
+            if activate_now {
+                return activate(store, id, true).await;
             }
             Ok(ExitCode::SUCCESS)
         }
+        RootCommand::Activate { id, force } => activate(store, id, force).await,
         RootCommand::Taint { id } => {
             crate::authority::lifecycle::taint(store, id, authority_event()).await?;
             eprintln!(
@@ -248,6 +218,49 @@ async fn run(cmd: RootCommand, common: &Common, store: &Store) -> anyhow::Result
             Ok(ExitCode::SUCCESS)
         }
     }
+}
+
+/// Makes authority `id` the one that signs, refusing while clients seen within the refresh
+/// hint lack its root unless `force`.
+async fn activate(store: &Store, id: i64, force: bool) -> anyhow::Result<ExitCode> {
+    let behind = clients_without_root(store, id).await?;
+    if !behind.is_empty() {
+        let named: Vec<String> = behind
+            .iter()
+            .take(10)
+            .map(|l| format!("{} ({}, sequence {})", l.client, l.via, l.sequence))
+            .collect();
+        let more = behind.len().saturating_sub(named.len());
+        let list = if more > 0 {
+            format!("{} and {more} more", named.join(", "))
+        } else {
+            named.join(", ")
+        };
+        if !force {
+            eprintln!(
+                "error: {} client(s) seen within the refresh hint still hold a bundle \
+                 without authority {id}'s root: {list}. Activating now would give them \
+                 peers they do not trust. Wait until they fetch the bundle again \
+                 (`ca-server root status` counts them), or pass --force",
+                behind.len()
+            );
+            return Ok(ExitCode::FAILURE);
+        }
+        eprintln!(
+            "warning: activating with --force while {} client(s) do not trust authority \
+             {id}'s root yet: {list}",
+            behind.len()
+        );
+    }
+    let previous = crate::authority::lifecycle::activate(store, id, authority_event()).await?;
+    match previous {
+        Some(prev) => eprintln!(
+            "authority {id} is active; authority {prev} is retiring. Retire it with \
+             `ca-server root retire {prev}` once its certificates have expired."
+        ),
+        None => eprintln!("authority {id} is active"),
+    }
+    Ok(ExitCode::SUCCESS)
 }
 
 /// The clients seen within their window whose bundle predates authority `id`'s root (none if

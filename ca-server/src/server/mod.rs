@@ -87,9 +87,10 @@ pub async fn start(settings: Settings) -> Result<RunningServer, StartError> {
     let listeners = bootstrap::Listeners::bind(&settings)?;
     let opened = bootstrap::open(&settings).await?;
     let active = opened.active_tx.subscribe();
-    let (cert_tx, cert_rx) = watch::channel(Arc::clone(&opened.server_cert.certified));
+    let (cert_tx, cert_rx) = watch::channel(Arc::new(tls::Served::only(&opened.server_cert)));
     let tls_config = tls::server_config(
         cert_rx,
+        active.clone(),
         Arc::new(tls::AuthorityClientVerifier::new(active.clone())),
     );
     let pool = CryptoPool::per_core(CRYPTO_QUEUE).map_err(StartError::Threads)?;
@@ -184,7 +185,7 @@ async fn spawn_background(
     settings: &Settings,
     opened: bootstrap::Opened,
     health: tasks::Health,
-    cert_tx: watch::Sender<Arc<rustls::sign::CertifiedKey>>,
+    cert_tx: watch::Sender<Arc<tls::Served>>,
     stop: &watch::Receiver<bool>,
     tasks: &mut JoinSet<()>,
 ) -> (Store, AuditLog, Arc<Readiness>) {

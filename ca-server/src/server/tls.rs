@@ -1,6 +1,8 @@
 //! The server's own TLS: a certificate minted by the active authority (recorded in the audit
-//! log like any other), renewed before half its life, served through a resolver that always
-//! hands out the latest one.
+//! log like any other), renewed before half its life, served through a resolver that hands out
+//! the latest one, or, after an activation, the one the outgoing authority signed while its
+//! root is in the bundle and it is valid: a client whose bundle predates the new root (an
+//! agent restarting after a break-glass activation) can still connect and fetch the bundle.
 
 use std::sync::Arc;
 
@@ -49,6 +51,58 @@ pub(super) struct ServerCert {
     /// When it was minted: its life for renewal counts from here, not from the backdated
     /// notBefore.
     pub minted_at: OffsetDateTime,
+    /// The root it chains to (its authority's, PEM, as the bundle holds it).
+    pub root_pem: String,
+}
+
+/// How long before its notAfter the outgoing authority's certificate stops being served.
+const OUTGOING_MARGIN: Duration = Duration::minutes(5);
+
+/// What the listener serves.
+#[derive(Debug, Clone)]
+pub(super) struct Served {
+    /// The active authority's certificate.
+    pub current: Arc<CertifiedKey>,
+    /// The certificate the authority active before signed, from the activation until its
+    /// root leaves the bundle or it is about to expire.
+    pub outgoing: Option<Outgoing>,
+}
+
+impl Served {
+    /// Serving `cert` alone.
+    pub(super) fn only(cert: &ServerCert) -> Self {
+        Self {
+            current: Arc::clone(&cert.certified),
+            outgoing: None,
+        }
+    }
+}
+
+/// The certificate served for clients whose bundle predates the active authority's root.
+#[derive(Debug, Clone)]
+pub(super) struct Outgoing {
+    certified: Arc<CertifiedKey>,
+    root_pem: String,
+    /// Unix seconds: served before this, [`OUTGOING_MARGIN`] before its notAfter.
+    until: i64,
+}
+
+impl Outgoing {
+    /// `cert`, kept for the clients of the authority that minted it, if it is not about to
+    /// expire at `now`.
+    pub(super) fn keep(cert: &ServerCert, now: OffsetDateTime) -> Option<Self> {
+        let until = cert.validity.not_after - OUTGOING_MARGIN;
+        (now < until).then(|| Self {
+            certified: Arc::clone(&cert.certified),
+            root_pem: cert.root_pem.clone(),
+            until: until.unix_timestamp(),
+        })
+    }
+
+    /// Whether it is served at `now` (Unix seconds) beside the bundle `roots_pem`.
+    fn serves(&self, now: i64, roots_pem: &[String]) -> bool {
+        now < self.until && roots_pem.contains(&self.root_pem)
+    }
 }
 
 /// Mints a certificate for `names` (DNS names or IP addresses) with a fresh P-256 key, signed
@@ -97,6 +151,7 @@ pub(super) async fn mint_server_cert(
         certified: Arc::new(CertifiedKey::new(chain, signing_key)),
         validity,
         minted_at: now,
+        root_pem: authority.root_pem().to_owned(),
     })
 }
 
@@ -117,13 +172,31 @@ pub fn renew_in(
     }
 }
 
-/// Serves whatever certificate is current.
-#[derive(Debug)]
-pub(super) struct CurrentCert(pub watch::Receiver<Arc<CertifiedKey>>);
+/// Serves the outgoing authority's certificate while [`Outgoing::serves`], else the active
+/// one's. Every client holding a bundle verifies the first: it has both roots, or only the
+/// old one; a client that trusts only the new root (given it by hand) waits for the old one's
+/// retirement.
+pub(super) struct CurrentCert {
+    served: watch::Receiver<Arc<Served>>,
+    active: watch::Receiver<Arc<Active>>,
+}
+
+impl std::fmt::Debug for CurrentCert {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("CurrentCert")
+    }
+}
 
 impl ResolvesServerCert for CurrentCert {
     fn resolve(&self, _hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
-        Some(Arc::clone(&self.0.borrow()))
+        let served = Arc::clone(&self.served.borrow());
+        if let Some(outgoing) = &served.outgoing {
+            let now = OffsetDateTime::now_utc().unix_timestamp();
+            if outgoing.serves(now, &self.active.borrow().bundle.roots_pem) {
+                return Some(Arc::clone(&outgoing.certified));
+            }
+        }
+        Some(Arc::clone(&served.current))
     }
 }
 
@@ -239,9 +312,11 @@ impl ClientCertVerifier for AuthorityClientVerifier {
 }
 
 /// The TLS configuration of the gRPC/HTTPS listener: TLS 1.2+, ALPN `h2` then `http/1.1`,
-/// client certificates optional and checked against the bundle.
+/// client certificates optional and checked against the bundle, the certificate chosen by
+/// [`CurrentCert`].
 pub(super) fn server_config(
-    current: watch::Receiver<Arc<CertifiedKey>>,
+    served: watch::Receiver<Arc<Served>>,
+    active: watch::Receiver<Arc<Active>>,
     client_verifier: Arc<dyn ClientCertVerifier>,
 ) -> Arc<rustls::ServerConfig> {
     // TLS 1.3 and 1.2 only, with the provider's suites: all AEAD with forward secrecy
@@ -251,7 +326,7 @@ pub(super) fn server_config(
         &rustls::version::TLS12,
     ])
     .with_client_cert_verifier(client_verifier)
-    .with_cert_resolver(Arc::new(CurrentCert(current)));
+    .with_cert_resolver(Arc::new(CurrentCert { served, active }));
     config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
     Arc::new(config)
 }

@@ -10,17 +10,19 @@ use crate::issuance::Active;
 use crate::server::tls::{self, renew_in};
 
 /// Renews the server's certificate at half its life (retrying every 30 s on failure), and
-/// re-mints it whenever another authority becomes active, so that clients that trust only the
-/// new root can connect once the old one is retired.
+/// re-mints it whenever another authority becomes active, keeping the outgoing one's beside it
+/// (see [`tls::CurrentCert`]) so that clients whose bundle predates the new root still
+/// connect, and clients that trust only the new root can once the old one is retired.
 pub(in crate::server) async fn renew_server_cert(
     mut current: tls::ServerCert,
     mut active: watch::Receiver<Arc<Active>>,
     names: Vec<String>,
     audit: AuditLog,
-    certs: watch::Sender<Arc<rustls::sign::CertifiedKey>>,
+    certs: watch::Sender<Arc<tls::Served>>,
     mut shutdown: watch::Receiver<bool>,
 ) {
     let mut signer = active.borrow().authority.id();
+    let mut outgoing = None;
     let mut wait = renew_in(
         current.minted_at,
         &current.validity,
@@ -43,8 +45,17 @@ pub(in crate::server) async fn renew_server_cert(
         match tls::mint_server_cert(&authority, &names, &audit).await {
             Ok(cert) => {
                 info!(authority_id = authority.id(), not_after = %crate::rfc3339::text(cert.validity.not_after), "Minted a new server certificate");
+                if authority.id() != signer {
+                    outgoing = tls::Outgoing::keep(&current, time::OffsetDateTime::now_utc());
+                    if outgoing.is_some() {
+                        info!(authority_id = signer, not_after = %crate::rfc3339::text(current.validity.not_after), "Serving the outgoing authority's certificate while its root is in the bundle");
+                    }
+                }
                 signer = authority.id();
-                certs.send_replace(Arc::clone(&cert.certified));
+                certs.send_replace(Arc::new(tls::Served {
+                    current: Arc::clone(&cert.certified),
+                    outgoing: outgoing.clone(),
+                }));
                 current = cert;
                 wait = renew_in(
                     current.minted_at,
