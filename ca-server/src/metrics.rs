@@ -29,6 +29,14 @@ pub struct ConnectionLabels {
     pub limit: &'static str,
 }
 
+/// A TokenReview's outcome.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReviewLabels {
+    /// `authenticated`, `refused` (the API server said no), `failed` (it could not be asked
+    /// or did not answer) or `busy` (too many reviews waiting: not asked).
+    pub outcome: &'static str,
+}
+
 /// An authority's labels.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct AuthorityLabels {
@@ -77,6 +85,10 @@ pub struct Metrics {
     pub connections_refused: Family<ConnectionLabels, Counter>,
     /// Connections open on the gRPC/HTTPS listener.
     pub connections_open: Gauge,
+    /// TokenReviews, by outcome.
+    pub token_reviews: Family<ReviewLabels, Counter>,
+    /// 1 while the audit log takes writes (the last health check found no failure), else 0.
+    pub audit_writable: Gauge,
 }
 
 impl Metrics {
@@ -176,6 +188,9 @@ impl Metrics {
             token_cache_misses.clone(),
         );
         let connections_refused = Family::<ConnectionLabels, Counter>::default();
+        for limit in ["max_connections", "max_connections_per_ip"] {
+            drop(connections_refused.get_or_create(&ConnectionLabels { limit }));
+        }
         registry.register(
             "connections_refused",
             "Connections closed at accept because --max-connections or \
@@ -188,8 +203,28 @@ impl Metrics {
             "Connections open on the gRPC/HTTPS listener",
             connections_open.clone(),
         );
+        let token_reviews = Family::<ReviewLabels, Counter>::default();
+        // Every outcome from the start, at 0 (as every connection limit above): an alert's
+        // rate() needs the series before the first failure, not after it.
+        for outcome in ["authenticated", "refused", "failed", "busy"] {
+            drop(token_reviews.get_or_create(&ReviewLabels { outcome }));
+        }
+        registry.register(
+            "token_reviews",
+            "TokenReviews asked of the Kubernetes API server, by outcome (failed: it could not \
+             be asked or did not answer)",
+            token_reviews.clone(),
+        );
+        let audit_writable = Gauge::default();
+        registry.register(
+            "audit_writable",
+            "1 while the audit log takes writes, 0 once a write failed (nothing is issued then)",
+            audit_writable.clone(),
+        );
         Self {
             registry,
+            token_reviews,
+            audit_writable,
             connections_refused,
             connections_open,
             issuances,

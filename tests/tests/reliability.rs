@@ -360,12 +360,17 @@ async fn a_store_locked_by_another_writer_refuses_then_recovers() {
     refused_for_the_store(&f, cause).await;
     let body = readyz_becomes(&f, 503).await;
     assert!(body.contains("audit log not writable"), "{body}");
+    // /metrics says so too, for the alert.
+    let (_, metrics) = http_get(f.server.http, "/metrics").unwrap();
+    assert!(metrics.contains("ca_audit_writable 0"), "{metrics}");
     // gRPC health follows /readyz within a second.
     let csr_service = "istio.v1.auth.IstioCertificateService";
     assert!(grpc_health_becomes(&f, csr_service, ServingStatus::NotServing).await);
 
     sqlx::query("COMMIT").execute(&mut other).await.unwrap();
     assert!(grpc_health_becomes(&f, "", ServingStatus::Serving).await);
+    let (_, metrics) = http_get(f.server.http, "/metrics").unwrap();
+    assert!(metrics.contains("ca_audit_writable 1"), "{metrics}");
     resumes_with_every_record(&f, before).await;
 }
 

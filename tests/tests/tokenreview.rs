@@ -106,6 +106,19 @@ async fn the_api_server_reviews_tokens_and_its_answer_is_remembered() {
         status.message()
     );
 
+    // /metrics counts each review by outcome, for the TokenReview alert: one each (the
+    // renewal was answered from memory, with no review).
+    let (_, metrics) = http_get(server.http, "/metrics").unwrap();
+    for outcome in ["authenticated", "refused", "failed"] {
+        assert!(
+            metrics.contains(&format!(
+                "ca_token_reviews_total{{outcome=\"{outcome}\"}} 1"
+            )),
+            "{outcome}: {metrics}"
+        );
+    }
+    assert!(metrics.contains("ca_token_reviews_total{outcome=\"busy\"} 0"));
+
     // Neither token reached the log.
     let log = server.stderr();
     for t in [&token, &other, &third] {

@@ -99,10 +99,22 @@ impl TokenReviewer {
         {
             return Err(refusal.clone());
         }
+        let counted = |outcome| {
+            crate::metrics::metrics()
+                .token_reviews
+                .get_or_create(&crate::metrics::ReviewLabels { outcome })
+                .inc();
+        };
         let Ok(_permit) = self.outstanding.try_acquire() else {
+            counted("busy");
             return Err(AuthError::ReviewsBusy(self.max_outstanding));
         };
         let answer = self.ask(token).await;
+        counted(match &answer {
+            Ok(_) => "authenticated",
+            Err(AuthError::ReviewUnavailable(_)) => "failed",
+            Err(_) => "refused",
+        });
         if let Err(refusal @ (AuthError::ReviewRefused(_) | AuthError::WrongAudience { .. })) =
             &answer
         {

@@ -34,7 +34,11 @@ impl Readiness {
         if let Err(e) = store.ping().await {
             problems.push(format!("store: {e}"));
         }
-        if let Some(e) = audit.failure() {
+        let failure = audit.failure();
+        crate::metrics::metrics()
+            .audit_writable
+            .set(i64::from(failure.is_none()));
+        if let Some(e) = failure {
             problems.push(format!("audit log not writable: {e}"));
         }
         *self
