@@ -146,14 +146,7 @@ impl AgentProcess {
     /// Starts an agent in `dir` against `server`, with `token` (a JWT) and `extra` flags; its
     /// `--ca-bundle` is a copy of the server's bundle as it is now.
     pub fn start(server: &TestServer, dir: &Path, token: &str, extra: &[&str]) -> Self {
-        Self::launch(
-            server,
-            dir,
-            token,
-            extra,
-            false,
-            Bootstrap::Copy(server.bundle_pem()),
-        )
+        Self::start_with_bundle(server, dir, token, &server.bundle_pem(), extra)
     }
 
     /// [`AgentProcess::start`] with `bundle` (PEM) as its `--ca-bundle` (an old bundle, say).
