@@ -249,10 +249,15 @@ impl AgentProcess {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
 
-    /// Waits until the socket exists and the agent logged its first certificate.
+    /// Waits until the socket exists and the agent serves its first certificate and bundle.
     pub fn wait_ready(&self, limit: Duration) {
         let start = Instant::now();
-        while !(self.socket.exists() && self.out.join("cert-chain.pem").exists()) {
+        let ready = || {
+            self.socket.exists()
+                && self.out.join("cert-chain.pem").exists()
+                && self.out.join("root-cert.pem").exists()
+        };
+        while !ready() {
             assert!(
                 start.elapsed() < limit,
                 "agent not ready within {limit:?}:\n{}",

@@ -327,8 +327,9 @@ async fn session(
             _ = tokio::time::sleep(wait) => {
                 let token = persist::read_token(&config.token_file)?;
                 let obtained = client::obtain(channel.clone(), &token, config.key_type, config.ttl_secs).await?;
-                persist::write_credentials(&config.out_dir, &obtained)?;
+                // The socket serves it first: a reader that finds the files finds it served.
                 shelf.set_svid(svid_of(&obtained)?);
+                persist::write_credentials(&config.out_dir, &obtained)?;
                 info!(spiffe_id = %obtained.spiffe_id, serial = %obtained.serial, not_after = %crate::rfc3339::text(obtained.not_after), "Renewed the certificate");
                 // The life is measured from receipt, not from notBefore: the server backdates
                 // notBefore for skewed clocks, and a short certificate would otherwise look
@@ -346,8 +347,6 @@ async fn session(
                     .map_err(|s| anyhow::anyhow!("trust bundle stream: {}", s.message()))?
                     .ok_or_else(|| anyhow::anyhow!("the server closed the trust bundle stream"))?;
                 *bundle = message.root_certificates.concat();
-                persist::write_roots(&config.out_dir, bundle)?;
-                persist::write_jwt_bundle(&config.out_dir, &message.jwt_authorities_jwks)?;
                 let ders = |pems: &mut dyn Iterator<Item = &String>| {
                     pems.map(|pem| pem_to_der(pem).map(|der| der.to_vec()))
                         .collect::<Result<Vec<_>, _>>()
@@ -375,7 +374,10 @@ async fn session(
                     info!(spiffe_id = %svid.spiffe_id, why, "Renewing the certificate now");
                     *life = None;
                 }
+                let jwks = roots.jwt_jwks.clone();
                 shelf.set_roots(roots);
+                persist::write_roots(&config.out_dir, bundle)?;
+                persist::write_jwt_bundle(&config.out_dir, &jwks)?;
                 info!(sequence = message.sequence, roots = message.root_certificates.len(), tainted = message.tainted_authorities.len(), "Updated the trust bundle");
             }
         }
