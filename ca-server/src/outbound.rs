@@ -148,6 +148,31 @@ impl Client {
         }
     }
 
+    /// Sends `request` and returns as soon as the answer's head arrives (within
+    /// `head_timeout`): its status and its body, to be read as it comes (a watch). The
+    /// caller bounds what it reads and for how long.
+    pub async fn open(
+        &self,
+        request: http::Request<Full<Bytes>>,
+        head_timeout: Duration,
+    ) -> Result<http::Response<hyper::body::Incoming>, Error> {
+        let method = request.method().clone();
+        let url = request.uri().to_string();
+        match tokio::time::timeout(head_timeout, self.inner.request(request)).await {
+            Ok(Ok(response)) => Ok(response),
+            Ok(Err(e)) => Err(Error::Failed {
+                method,
+                url,
+                cause: cause(&e),
+            }),
+            Err(_) => Err(Error::TimedOut {
+                method,
+                url,
+                after: head_timeout,
+            }),
+        }
+    }
+
     /// GETs `url`.
     pub async fn get(&self, url: &str, bounds: Bounds) -> Result<Response, Error> {
         let uri: http::Uri = url

@@ -303,6 +303,10 @@ audit_event! {
     /// one (their `serial` is the token's `jti`, `not_before` and `not_after` its `iat` and
     /// `exp`; they certify no key, so `public_key_sha256` and `csr_sha256` are empty).
     audience: Text, AsIs, WhenSet;
+    /// For a pod certificate: the PodCertificateRequest answered, `<namespace>/<name>`.
+    request: Text, AsIs, WhenSet;
+    /// That request's `metadata.uid`.
+    request_uid: Text, AsIs, WhenSet;
 }
 
 #[cfg(test)]

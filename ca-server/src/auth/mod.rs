@@ -90,6 +90,10 @@ pub enum IssuerId {
     Jwt(String),
     /// The TokenReview API of the cluster at this URL.
     TokenReview(String),
+    /// The API server at this URL, through a PodCertificateRequest: it admitted the request
+    /// only for a pod running as that service account on the node whose kubelet asked, and
+    /// checked the key's proof of possession.
+    PodCertificateRequest(String),
 }
 
 impl IssuerId {
@@ -105,6 +109,7 @@ impl fmt::Display for IssuerId {
         match self {
             Self::Jwt(iss) => f.write_str(iss),
             Self::TokenReview(api) => write!(f, "TokenReview {api}"),
+            Self::PodCertificateRequest(api) => write!(f, "PodCertificateRequest {api}"),
         }
     }
 }

@@ -95,7 +95,14 @@ pub fn check_csr(pem: &str) -> Result<CheckedCsr, CsrError> {
     }
     let der = rustls_pki_types::CertificateSigningRequestDer::from_pem_slice(pem.as_bytes())
         .map_err(|_| CsrError::NotPem)?;
-    let der = der.as_ref();
+    check_csr_der(der.as_ref())
+}
+
+/// Parses and checks a DER CSR (as [`check_csr`], past the PEM).
+pub fn check_csr_der(der: &[u8]) -> Result<CheckedCsr, CsrError> {
+    if der.len() > MAX_CSR_BYTES {
+        return Err(CsrError::TooLarge(der.len()));
+    }
     let (rest, csr) = X509CertificationRequest::from_der(der)
         .map_err(|e| CsrError::Unparseable(e.to_string()))?;
     if !rest.is_empty() {
@@ -141,6 +148,30 @@ pub fn check_csr(pem: &str) -> Result<CheckedCsr, CsrError> {
         requested_sans,
         csr_sha256: sha256_hex(der),
         public_key_sha256: sha256_hex(spki.raw),
+    })
+}
+
+/// Checks a bare SubjectPublicKeyInfo (DER) whose possession someone else has proven (the
+/// Kubernetes API server, for a PodCertificateRequest's `pkixPublicKey`): the key type and
+/// size as for a CSR; no SANs are requested and there is no CSR to hash (`csr_sha256` is
+/// empty).
+pub fn check_spki(der: &[u8]) -> Result<CheckedCsr, CsrError> {
+    if der.len() > MAX_CSR_BYTES {
+        return Err(CsrError::TooLarge(der.len()));
+    }
+    let (rest, spki) = x509_parser::x509::SubjectPublicKeyInfo::from_der(der)
+        .map_err(|e| CsrError::Unparseable(format!("the public key: {e}")))?;
+    if !rest.is_empty() {
+        return Err(CsrError::Unparseable(
+            "trailing bytes after the public key".into(),
+        ));
+    }
+    Ok(CheckedCsr {
+        key: key_kind(&spki)?,
+        spki_der: der.to_vec(),
+        requested_sans: Vec::new(),
+        csr_sha256: String::new(),
+        public_key_sha256: sha256_hex(der),
     })
 }
 

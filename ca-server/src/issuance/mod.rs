@@ -8,6 +8,7 @@ mod active;
 pub mod csr;
 pub mod jwt_svid;
 mod pipeline;
+pub mod pod;
 pub mod pool;
 pub mod profile;
 mod refusal;
@@ -17,7 +18,7 @@ pub mod selfcheck;
 use time::OffsetDateTime;
 
 pub use active::Active;
-pub use csr::{CheckedCsr, CsrError, KeyKind, MAX_CSR_BYTES, check_csr};
+pub use csr::{CheckedCsr, CsrError, KeyKind, MAX_CSR_BYTES, check_csr, check_csr_der, check_spki};
 pub use jwt_svid::{JwtRequest, MintedJwt};
 pub use pipeline::{Caller, CertificateAuthority, CsrRequest, LimitSettings};
 pub use profile::{LeafPolicy, Validity, ValidityError, leaf_validity, resolve_ttl};

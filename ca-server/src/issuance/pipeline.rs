@@ -73,7 +73,7 @@ pub struct CertificateAuthority {
     authn: Arc<Authenticator>,
     impersonation: ImpersonationPolicy,
     pub(super) audit: AuditLog,
-    policy: LeafPolicy,
+    pub(super) policy: LeafPolicy,
     pub(super) active: watch::Receiver<Arc<Active>>,
     pub(super) pool: CryptoPool,
     limits: Limits,

@@ -5,7 +5,10 @@
 use serde::de::DeserializeOwned;
 use zeroize::Zeroizing;
 
-use super::types::{NamespaceList, Pod, PodList, TokenReview};
+use super::types::{
+    ClusterTrustBundle, List, NamespaceList, Pod, PodCertificateRequest, PodList, Status,
+    TokenReview,
+};
 use super::{Answer, Error, KubeClient};
 
 /// Where TokenReviews are created.
@@ -22,6 +25,12 @@ pub enum Permission {
     ListNamespaces,
     /// `get`, `create` and `update` on `configmaps`.
     WriteConfigMaps,
+    /// `list` and `watch` on `podcertificaterequests` (`certificates.k8s.io`).
+    WatchPodCertificateRequests,
+    /// `update` on `podcertificaterequests/status`, and `sign` on the signer.
+    SignPodCertificateRequests,
+    /// `get`, `create` and `update` on `clustertrustbundles`, and `attest` on the signer.
+    WriteClusterTrustBundles,
 }
 
 impl std::fmt::Display for Permission {
@@ -31,6 +40,15 @@ impl std::fmt::Display for Permission {
             Self::ReadPods => "get and list pods",
             Self::ListNamespaces => "list namespaces",
             Self::WriteConfigMaps => "get, create and update configmaps",
+            Self::WatchPodCertificateRequests => {
+                "list and watch podcertificaterequests (certificates.k8s.io)"
+            }
+            Self::SignPodCertificateRequests => {
+                "update podcertificaterequests/status and sign for the signer (certificates.k8s.io signers)"
+            }
+            Self::WriteClusterTrustBundles => {
+                "get, create and update clustertrustbundles and attest for the signer (certificates.k8s.io signers)"
+            }
         })
     }
 }
@@ -128,35 +146,163 @@ impl KubeClient {
         self.write(http::Method::PUT, &path, object).await
     }
 
+    /// One page of the PodCertificateRequests for `signer` in every namespace, from
+    /// `continue_token`, in API group version `version` (`v1beta1`, or `v1` from 1.37). Each
+    /// request is kept as JSON too: a status write sends the object back whole.
+    pub async fn pod_certificate_requests(
+        &self,
+        version: &str,
+        signer: &str,
+        page_size: usize,
+        continue_token: Option<&str>,
+    ) -> Result<List<serde_json::Value>, Error> {
+        let mut path = format!(
+            "/apis/certificates.k8s.io/{version}/podcertificaterequests?fieldSelector={}&limit={page_size}",
+            query_escape(&format!("spec.signerName={signer}"))
+        );
+        if let Some(token) = continue_token {
+            path.push_str("&continue=");
+            path.push_str(&query_escape(token));
+        }
+        let answer = self.call(http::Method::GET, &path, None).await?;
+        self.parse(&path, answer, Permission::WatchPodCertificateRequests)
+    }
+
+    /// The path of a watch on the PodCertificateRequests for `signer`, from
+    /// `resource_version`, ended by the API server after `timeout_secs`.
+    pub fn pod_certificate_watch_path(
+        version: &str,
+        signer: &str,
+        resource_version: &str,
+        timeout_secs: u64,
+    ) -> String {
+        format!(
+            "/apis/certificates.k8s.io/{version}/podcertificaterequests?fieldSelector={}&watch=true&allowWatchBookmarks=true&resourceVersion={}&timeoutSeconds={timeout_secs}",
+            query_escape(&format!("spec.signerName={signer}")),
+            query_escape(resource_version)
+        )
+    }
+
+    /// Writes `object` (a PodCertificateRequest as read, its status set) through the
+    /// `status` subresource; the answer is the object as stored. A resourceVersion that is
+    /// no longer current is [`Error::Conflict`]; a status the API server will not take is
+    /// [`Error::Invalid`].
+    pub async fn update_pod_certificate_status(
+        &self,
+        version: &str,
+        namespace: &str,
+        name: &str,
+        object: &serde_json::Value,
+    ) -> Result<PodCertificateRequest, Error> {
+        let path = format!(
+            "/apis/certificates.k8s.io/{version}/namespaces/{namespace}/podcertificaterequests/{name}/status"
+        );
+        let body = serde_json::to_vec(object).map_err(|e| self.decode_error(&path, &e))?;
+        let answer = self.call(http::Method::PUT, &path, Some(body)).await?;
+        self.parse(&path, answer, Permission::SignPodCertificateRequests)
+    }
+
+    /// The PodCertificateRequest `namespace`/`name`, as JSON, if it exists.
+    pub async fn pod_certificate_request(
+        &self,
+        version: &str,
+        namespace: &str,
+        name: &str,
+    ) -> Result<Option<serde_json::Value>, Error> {
+        let path = format!(
+            "/apis/certificates.k8s.io/{version}/namespaces/{namespace}/podcertificaterequests/{name}"
+        );
+        let answer = self.call(http::Method::GET, &path, None).await?;
+        if answer.status == http::StatusCode::NOT_FOUND {
+            return Ok(None);
+        }
+        self.parse(&path, answer, Permission::WatchPodCertificateRequests)
+            .map(Some)
+    }
+
+    /// ClusterTrustBundle `name`, if it exists.
+    pub async fn cluster_trust_bundle(
+        &self,
+        name: &str,
+    ) -> Result<Option<(ClusterTrustBundle, serde_json::Value)>, Error> {
+        let path = format!("/apis/certificates.k8s.io/v1beta1/clustertrustbundles/{name}");
+        let answer = self.call(http::Method::GET, &path, None).await?;
+        if answer.status == http::StatusCode::NOT_FOUND {
+            return Ok(None);
+        }
+        let json: serde_json::Value =
+            self.parse(&path, answer, Permission::WriteClusterTrustBundles)?;
+        let typed =
+            serde_json::from_value(json.clone()).map_err(|e| self.decode_error(&path, &e))?;
+        Ok(Some((typed, json)))
+    }
+
+    /// Creates ClusterTrustBundle `object`.
+    pub async fn create_cluster_trust_bundle(
+        &self,
+        object: &serde_json::Value,
+    ) -> Result<(), Error> {
+        let path = "/apis/certificates.k8s.io/v1beta1/clustertrustbundles";
+        self.write_as(
+            http::Method::POST,
+            path,
+            object,
+            Permission::WriteClusterTrustBundles,
+        )
+        .await
+    }
+
+    /// Replaces ClusterTrustBundle `name` with `object` (which names the resourceVersion
+    /// read).
+    pub async fn replace_cluster_trust_bundle(
+        &self,
+        name: &str,
+        object: &serde_json::Value,
+    ) -> Result<(), Error> {
+        let path = format!("/apis/certificates.k8s.io/v1beta1/clustertrustbundles/{name}");
+        self.write_as(
+            http::Method::PUT,
+            &path,
+            object,
+            Permission::WriteClusterTrustBundles,
+        )
+        .await
+    }
+
     async fn write(
         &self,
         method: http::Method,
         path: &str,
         object: &serde_json::Value,
     ) -> Result<(), Error> {
+        self.write_as(method, path, object, Permission::WriteConfigMaps)
+            .await
+    }
+
+    async fn write_as(
+        &self,
+        method: http::Method,
+        path: &str,
+        object: &serde_json::Value,
+        needs: Permission,
+    ) -> Result<(), Error> {
         let body = serde_json::to_vec(object).map_err(|e| self.decode_error(path, &e))?;
         let answer = self.call(method, path, Some(body)).await?;
-        self.check(path, &answer, Permission::WriteConfigMaps)
+        self.check(path, &answer, needs)
     }
 
     /// An error unless `answer` is a success.
     fn check(&self, path: &str, answer: &Answer, needs: Permission) -> Result<(), Error> {
-        match answer.status {
-            s if s.is_success() => Ok(()),
-            s @ (http::StatusCode::FORBIDDEN | http::StatusCode::UNAUTHORIZED) => {
-                Err(Error::Forbidden {
-                    url: self.url().to_owned(),
-                    path: path.to_owned(),
-                    status: s,
-                    needs,
-                })
-            }
-            s => Err(Error::Status {
-                url: self.url().to_owned(),
-                path: path.to_owned(),
-                status: s,
-            }),
+        if answer.status.is_success() {
+            return Ok(());
         }
+        Err(status_error(
+            self.url(),
+            path,
+            answer.status,
+            &answer.body,
+            needs,
+        ))
     }
 
     /// `answer`'s body as a `T`, if it is a success.
@@ -176,6 +322,38 @@ impl KubeClient {
             path: path.to_owned(),
             reason: e.to_string(),
         }
+    }
+}
+
+/// The error for an answer that is not a success: an RBAC refusal names `needs`; a
+/// conflict, a resourceVersion gone and an invalid object are their own errors (the last
+/// with the API server's message, cut).
+pub(super) fn status_error(
+    url: &str,
+    path: &str,
+    status: http::StatusCode,
+    body: &[u8],
+    needs: Permission,
+) -> Error {
+    let (url, path) = (url.to_owned(), path.to_owned());
+    match status {
+        http::StatusCode::FORBIDDEN | http::StatusCode::UNAUTHORIZED => Error::Forbidden {
+            url,
+            path,
+            status,
+            needs,
+        },
+        http::StatusCode::CONFLICT => Error::Conflict { url, path },
+        http::StatusCode::GONE => Error::Gone { url, path },
+        http::StatusCode::UNPROCESSABLE_ENTITY => {
+            let said: Status = serde_json::from_slice(body).unwrap_or_default();
+            Error::Invalid {
+                url,
+                path,
+                message: crate::untrusted::cut(&said.message, 1024),
+            }
+        }
+        status => Error::Status { url, path, status },
     }
 }
 

@@ -4,6 +4,7 @@
 
 pub mod api;
 pub mod types;
+pub mod watch;
 
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
@@ -97,6 +98,34 @@ pub enum Error {
         path: String,
         /// What it answered.
         status: http::StatusCode,
+    },
+    /// A watch asked for a resourceVersion the API server no longer has (HTTP 410, or a
+    /// watch `ERROR` event with code 410): list again and watch from the list's version.
+    #[error("{url}{path}: the resourceVersion is too old to watch from (410 Gone): relisting")]
+    Gone {
+        /// The API.
+        url: String,
+        /// The path.
+        path: String,
+    },
+    /// A write named a resourceVersion that is no longer the object's: someone else wrote
+    /// it first (HTTP 409).
+    #[error("{url}{path}: HTTP 409 Conflict: the object changed since it was read")]
+    Conflict {
+        /// The API.
+        url: String,
+        /// The path.
+        path: String,
+    },
+    /// The API server refused the object as invalid (HTTP 422), saying why.
+    #[error("{url}{path}: HTTP 422 Invalid: {message}")]
+    Invalid {
+        /// The API.
+        url: String,
+        /// The path.
+        path: String,
+        /// The Status's message.
+        message: String,
     },
     /// A body that is not the object asked for.
     #[error("{url}{path}: not the object expected: {reason}")]
@@ -291,6 +320,60 @@ impl KubeClient {
         path: &str,
         body: Option<Vec<u8>>,
     ) -> Result<Answer, Error> {
+        let request = self.request(method, path, body).await?;
+        self.client.send(request, BOUNDS).await.map_err(Error::Call)
+    }
+
+    /// Opens a watch on `path` (a URL with `watch=true`): its events are read as they come,
+    /// each at most [`watch::MAX_EVENT`] bytes, and the stream ends when nothing (not even
+    /// a bookmark) arrives within `idle`.
+    pub async fn watch(&self, path: &str, idle: Duration) -> Result<watch::Watch, Error> {
+        if let Some((left, why)) = self.backoff().paused(Instant::now()) {
+            return Err(Error::Paused {
+                url: self.api.url.clone(),
+                path: path.to_owned(),
+                left,
+                why: why.to_owned(),
+            });
+        }
+        let request = self.request(http::Method::GET, path, None).await?;
+        let response = self
+            .client
+            .open(request, BOUNDS.timeout)
+            .await
+            .map_err(Error::Call)?;
+        let status = response.status();
+        if !status.is_success() {
+            // The body says why (a Status); bounded, as any answer.
+            let body = http_body_util::BodyExt::collect(http_body_util::Limited::new(
+                response.into_body(),
+                64 << 10,
+            ))
+            .await
+            .map(|b| b.to_bytes())
+            .unwrap_or_default();
+            return Err(api::status_error(
+                self.url(),
+                path,
+                status,
+                &body,
+                api::Permission::WatchPodCertificateRequests,
+            ));
+        }
+        Ok(watch::Watch::new(
+            response.into_body(),
+            idle,
+            self.url().to_owned(),
+            path.to_owned(),
+        ))
+    }
+
+    async fn request(
+        &self,
+        method: http::Method,
+        path: &str,
+        body: Option<Vec<u8>>,
+    ) -> Result<http::Request<Full<Bytes>>, Error> {
         let own = self.own_token().await?;
         let authorization = Zeroizing::new(format!("Bearer {}", own.as_str()));
         let request = http::Request::builder()
@@ -305,7 +388,7 @@ impl KubeClient {
                 path: path.to_owned(),
                 reason: e.to_string(),
             })?;
-        self.client.send(request, BOUNDS).await.map_err(Error::Call)
+        Ok(request)
     }
 }
 

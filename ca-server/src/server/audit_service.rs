@@ -160,6 +160,8 @@ fn to_proto(e: EventRow) -> AuditEvent {
         anchor_seq: e.anchor_seq,
         anchor_hash: e.anchor_hash,
         audience: e.audience,
+        request: e.request,
+        request_uid: e.request_uid,
         hash: e.hash,
         prev_hash: e.prev_hash,
     }

@@ -85,6 +85,9 @@ pub struct Settings {
     pub impersonation_without_node_check: bool,
     /// The ConfigMap to publish the bundle into, in every namespace.
     pub publish_configmap: Option<String>,
+    /// Pod certificates: the signer name this server answers PodCertificateRequests for,
+    /// and who is refused.
+    pub pod_certificates: Option<PodCertificateSettings>,
     /// How long before an authority's expiry it is warned about.
     pub expiry_warning: time::Duration,
     /// Extra CA (PEM file) trusted when fetching JWKS URLs.
@@ -198,4 +201,17 @@ pub enum StartError {
         /// The OS error.
         source: std::io::Error,
     },
+}
+
+/// `--pod-certificate-signer` and its companions.
+#[derive(Debug, Clone)]
+pub struct PodCertificateSettings {
+    /// The signer name, e.g. `example.com/spiffe`.
+    pub signer: String,
+    /// Namespaces whose pods are denied.
+    pub excluded_namespaces: Vec<String>,
+    /// Service accounts (namespace, name) denied.
+    pub excluded_accounts: Vec<(String, String)>,
+    /// Publish the bundle as a ClusterTrustBundle for the signer.
+    pub publish_cluster_trust_bundle: bool,
 }

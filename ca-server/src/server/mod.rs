@@ -4,11 +4,13 @@
 
 mod audit_service;
 pub mod bootstrap;
+pub mod cluster_trust_bundle;
 pub mod config;
 pub mod configmap;
 mod grpc;
 mod http;
 mod listener;
+pub mod pod_certificates;
 pub mod propagation;
 mod publish;
 pub mod status;
@@ -26,7 +28,7 @@ use tracing::{Instrument, error, info, info_span, warn};
 
 pub use config::{
     CRYPTO_QUEUE, IssuerApi, IssuerKeysFrom, IssuerSettings, MAX_HEADER_BYTES, MAX_REQUEST_BYTES,
-    Settings, StartError,
+    PodCertificateSettings, Settings, StartError,
 };
 pub use grpc::{PeerAddr, PeerCertificate, PeerIdentity};
 pub use http::Readiness;
@@ -132,6 +134,35 @@ pub async fn start(settings: Settings) -> Result<RunningServer, StartError> {
     if let Some((name, client)) = configmaps {
         let publish = configmap::publish_configmaps(client, name, active.clone(), stop.clone());
         tasks.spawn(publish.instrument(info_span!("configmaps")));
+    }
+    if let (Some(pods), Some(api)) = (&settings.pod_certificates, &settings.kube_api) {
+        let signer = pod_certificates::PodSigner {
+            client: crate::kube::KubeClient::new(api.clone())?,
+            signer: pods.signer.clone(),
+            ca: Arc::clone(&ca),
+            store: opened.store.clone(),
+            policy: crate::issuance::pod::PodPolicy {
+                trust_domain: Some(settings.trust_domain.clone()),
+                excluded_namespaces: pods.excluded_namespaces.clone(),
+                excluded_accounts: pods.excluded_accounts.clone(),
+                api_url: api.url.clone(),
+            },
+            replica: pod_certificates::replica_name(),
+        };
+        tasks.spawn(
+            signer
+                .run(stop.clone())
+                .instrument(info_span!("pod_certificates", signer = %pods.signer)),
+        );
+        if pods.publish_cluster_trust_bundle {
+            let publish = cluster_trust_bundle::publish(
+                crate::kube::KubeClient::new(api.clone())?,
+                pods.signer.clone(),
+                active.clone(),
+                stop.clone(),
+            );
+            tasks.spawn(publish.instrument(info_span!("cluster_trust_bundle")));
+        }
     }
     tasks.spawn(tasks::refresh_keys(authn, stop.clone()).instrument(info_span!("token_keys")));
     tasks.spawn(

@@ -5,6 +5,7 @@
 mod audit;
 mod authorities;
 mod bundle_clients;
+mod pod_claims;
 
 use std::borrow::Cow;
 use std::time::Duration;
@@ -121,7 +122,7 @@ pub fn redact_url(url: &str) -> String {
 /// The schema's migrations, in order: a name, then the SQLite and the PostgreSQL text. A
 /// schema change is a new line here and a new file in each dialect's directory, never an
 /// edit of an old one.
-const MIGRATIONS: [(&str, &str, &str); 9] = [
+const MIGRATIONS: [(&str, &str, &str); 10] = [
     (
         "init",
         include_str!("migrations/sqlite/0001_init.sql"),
@@ -166,6 +167,11 @@ const MIGRATIONS: [(&str, &str, &str); 9] = [
         "bundle clients",
         include_str!("migrations/sqlite/0009_bundle_clients.sql"),
         include_str!("migrations/postgres/0009_bundle_clients.sql"),
+    ),
+    (
+        "pod certificates",
+        include_str!("migrations/sqlite/0010_pod_certificates.sql"),
+        include_str!("migrations/postgres/0010_pod_certificates.sql"),
     ),
 ];
 

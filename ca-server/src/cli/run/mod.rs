@@ -82,6 +82,21 @@ pub(super) struct RunArgs {
     /// --token-review does
     #[arg(long)]
     publish_configmap: Option<String>,
+    /// Sign Kubernetes PodCertificateRequests (1.35+) for this signer name, a name of your
+    /// choosing under a domain you own, e.g. example.com/spiffe: each pod gets
+    /// spiffe://<trust domain>/ns/<namespace>/sa/<service account>; uses the Kubernetes API
+    #[arg(long, value_name = "DOMAIN/NAME")]
+    pod_certificate_signer: Option<String>,
+    /// Deny pod certificates to pods in this namespace (repeatable)
+    #[arg(long = "pod-certificate-exclude-namespace", value_name = "NS")]
+    pod_certificate_exclude_namespaces: Vec<String>,
+    /// Deny pod certificates to this service account (repeatable)
+    #[arg(long = "pod-certificate-exclude-service-account", value_name = "NS/SA")]
+    pod_certificate_exclude_service_accounts: Vec<String>,
+    /// Publish the trust bundle's roots as a ClusterTrustBundle for the
+    /// --pod-certificate-signer, for clusterTrustBundle projections
+    #[arg(long)]
+    publish_cluster_trust_bundle: bool,
     /// TTL of a certificate when the request asks for none [default: 1h]
     #[arg(long)]
     default_ttl: Option<String>,
@@ -160,6 +175,10 @@ pub(super) struct FileRunConfig {
     kube_token_file: Option<PathBuf>,
     kube_ca_file: Option<PathBuf>,
     publish_configmap: Option<String>,
+    pod_certificate_signer: Option<String>,
+    pod_certificate_exclude_namespace: Option<Vec<String>>,
+    pod_certificate_exclude_service_account: Option<Vec<String>>,
+    publish_cluster_trust_bundle: Option<bool>,
     expiry_warning: Option<String>,
     default_ttl: Option<String>,
     max_ttl: Option<String>,

@@ -44,7 +44,8 @@ pub(crate) fn settings(mut args: RunArgs, common: Common) -> anyhow::Result<Sett
             .map_err(|e| anyhow::anyhow!("--trusted-node-account {e}"))
     })
     .collect::<anyhow::Result<Vec<_>>>()?;
-    let kube_used = if token_review || publish_configmap.is_some() {
+    let pod_certificates = pod_certificates(&mut args, &mut file)?;
+    let kube_used = if token_review || publish_configmap.is_some() || pod_certificates.is_some() {
         KubeUse::Required
     } else if !trusted_node_accounts.is_empty() {
         KubeUse::Wanted
@@ -95,6 +96,7 @@ pub(crate) fn settings(mut args: RunArgs, common: Common) -> anyhow::Result<Sett
         impersonation_without_node_check: args.allow_impersonation_without_node_check
             || file.allow_impersonation_without_node_check.unwrap_or(false),
         publish_configmap,
+        pod_certificates,
         expiry_warning: duration(
             "--expiry-warning",
             args.expiry_warning.take().or(file.expiry_warning.take()),
@@ -385,6 +387,92 @@ fn require_https(flag: &str, url: &str) -> anyhow::Result<()> {
     )
 }
 
+/// `--pod-certificate-signer` and its companions, checked.
+fn pod_certificates(
+    args: &mut RunArgs,
+    file: &mut FileRunConfig,
+) -> anyhow::Result<Option<crate::server::PodCertificateSettings>> {
+    let signer = args
+        .pod_certificate_signer
+        .take()
+        .or(file.pod_certificate_signer.take());
+    let namespaces = or_list(
+        std::mem::take(&mut args.pod_certificate_exclude_namespaces),
+        file.pod_certificate_exclude_namespace.take(),
+        &[],
+    );
+    let accounts = or_list(
+        std::mem::take(&mut args.pod_certificate_exclude_service_accounts),
+        file.pod_certificate_exclude_service_account.take(),
+        &[],
+    );
+    let publish =
+        args.publish_cluster_trust_bundle || file.publish_cluster_trust_bundle.unwrap_or(false);
+    let Some(signer) = signer else {
+        if publish || !namespaces.is_empty() || !accounts.is_empty() {
+            bail!(
+                "--publish-cluster-trust-bundle and --pod-certificate-exclude-* need \
+                 --pod-certificate-signer (the signer name they are for)"
+            );
+        }
+        return Ok(None);
+    };
+    check_signer_name(&signer)?;
+    let excluded_accounts = accounts
+        .iter()
+        .map(|a| match a.split_once('/') {
+            Some((ns, sa)) if !ns.is_empty() && !sa.is_empty() && !sa.contains('/') => {
+                Ok((ns.to_owned(), sa.to_owned()))
+            }
+            _ => bail!("--pod-certificate-exclude-service-account {a:?}: expected NAMESPACE/NAME"),
+        })
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    Ok(Some(crate::server::PodCertificateSettings {
+        signer,
+        excluded_namespaces: namespaces,
+        excluded_accounts,
+        publish_cluster_trust_bundle: publish,
+    }))
+}
+
+/// A signer name as Kubernetes takes one: `<domain>/<name>`, the domain a DNS name with a
+/// dot and not Kubernetes' own (`kubernetes.io`, `k8s.io` and their subdomains are
+/// reserved), the name of letters, digits, `-`, `_` and `.`.
+fn check_signer_name(signer: &str) -> anyhow::Result<()> {
+    let what = format!("--pod-certificate-signer {signer:?}");
+    let Some((domain, name)) = signer.split_once('/') else {
+        bail!("{what}: expected DOMAIN/NAME, e.g. example.com/spiffe");
+    };
+    let label_ok = |l: &str| {
+        !l.is_empty()
+            && l.len() <= 63
+            && l.bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+            && !l.starts_with('-')
+            && !l.ends_with('-')
+    };
+    if !domain.contains('.') || !domain.split('.').all(label_ok) {
+        bail!("{what}: the domain must be a lowercase DNS name with a dot, e.g. example.com");
+    }
+    if ["kubernetes.io", "k8s.io"]
+        .iter()
+        .any(|k| domain == *k || domain.ends_with(&format!(".{k}")))
+    {
+        bail!("{what}: {domain} is reserved for Kubernetes' own signers; use a domain you own");
+    }
+    if name.is_empty()
+        || !name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
+    {
+        bail!("{what}: the name after the / must be letters, digits, '-', '_' or '.'");
+    }
+    if signer.len() > 253 {
+        bail!("{what}: longer than 253 characters");
+    }
+    Ok(())
+}
+
 /// Who uses the Kubernetes API.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum KubeUse {
@@ -409,7 +497,7 @@ fn kube_api(
         if url.is_some() || token_file.is_some() || ca_file.is_some() {
             bail!(
                 "--kube-api-url, --kube-token-file and --kube-ca-file need --token-review, \
-                 --publish-configmap or --trusted-node-account"
+                 --publish-configmap, --pod-certificate-signer or --trusted-node-account"
             );
         }
         return Ok(None);
