@@ -344,7 +344,7 @@ impl FakePods {
 }
 
 /// Undoes percent-encoding in a query value.
-fn percent_decode(s: &str) -> String {
+pub fn percent_decode(s: &str) -> String {
     let bytes = s.as_bytes();
     let mut out = Vec::with_capacity(bytes.len());
     let mut i = 0;

@@ -15,6 +15,7 @@ pub mod kube;
 pub mod mesh;
 pub mod peer;
 pub mod pki;
+pub mod podcert;
 pub mod workload;
 pub mod ztunnel;
 

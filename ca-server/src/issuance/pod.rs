@@ -210,10 +210,11 @@ impl CertificateAuthority {
         let coming = self.audit.expect();
         let decided = self.decide_pod(request, policy, now, &mut known).await;
         drop(coming);
-        let mut event = match &decided {
-            Ok(_) => event_for(EventKind::Issued, now, &known, None),
-            Err(_) => event_for(EventKind::Denied, now, &known, None),
+        let kind = match &decided {
+            Ok(Ok(_)) => EventKind::Issued,
+            _ => EventKind::Denied,
         };
+        let mut event = event_for(kind, now, &known, None);
         event.request = Some(format!("{}/{}", request.namespace, request.name));
         event.request_uid = Some(request.uid.clone());
         event.public_key_sha256 = known.public_key_sha256.clone();

@@ -1,0 +1,627 @@
+//! Pod certificates through the real binary against a fake Kubernetes API that enforces
+//! the API server's rules (`ca_tests::podcert`): PodCertificateRequests of 1.35 (a
+//! `pkixPublicKey`) and 1.36 (a `stubPKCS10Request`) answered with X509-SVIDs that OpenSSL
+//! verifies, each refusal with its condition, every answer in the audit log before its status
+//! write, nothing answered twice across a restart, a relist after 410 Gone, a conflict and
+//! two replicas racing; the ClusterTrustBundle through a rotation.
+
+#![allow(clippy::unwrap_used)] // Tests may unwrap: a panic is a failed assertion.
+
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+
+use ca_tests::podcert::{FakeCertificatesApi, Interference, KeyField, PodKey};
+use ca_tests::*;
+
+const SIGNER: &str = "example.com/spiffe";
+
+struct Cluster {
+    dir: tempfile::TempDir,
+    api: FakeCertificatesApi,
+    issuer: TestIssuer,
+}
+
+impl Cluster {
+    fn new() -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let api = FakeCertificatesApi::start(dir.path());
+        let issuer = TestIssuer::new(dir.path());
+        Self { dir, api, issuer }
+    }
+
+    fn flags(&self, extra: &[&str]) -> Vec<String> {
+        let mut flags = self.issuer.flags();
+        flags.extend(self.api.api_flags());
+        flags.extend(["--pod-certificate-signer".into(), SIGNER.into()]);
+        flags.extend(extra.iter().map(|s| s.to_string()));
+        flags
+    }
+
+    fn server(&self, extra: &[&str]) -> TestServer {
+        let flags = self.flags(extra);
+        let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
+        TestServer::start(&self.dir.path().join("data"), &flags)
+    }
+
+    fn key(&self, key_type: &str) -> PodKey {
+        PodKey::generate(self.dir.path(), key_type)
+    }
+}
+
+fn condition(status: &serde_json::Value) -> (String, String) {
+    let c = &status["conditions"][0];
+    (
+        c["type"].as_str().unwrap().to_owned(),
+        c["reason"].as_str().unwrap().to_owned(),
+    )
+}
+
+fn parse_time(status: &serde_json::Value, field: &str) -> time::OffsetDateTime {
+    time::OffsetDateTime::parse(
+        status[field].as_str().unwrap(),
+        &time::format_description::well_known::Rfc3339,
+    )
+    .unwrap()
+}
+
+/// The audit events answering request `uid`.
+fn events_for(server: &TestServer, uid: &str) -> Vec<serde_json::Value> {
+    audit_json(server, &[])
+        .into_iter()
+        .filter(|e| e["request_uid"] == uid)
+        .collect()
+}
+
+/// Successful status writes per request name.
+fn status_writes(api: &FakeCertificatesApi) -> BTreeMap<String, usize> {
+    let mut writes = BTreeMap::new();
+    for seen in api.seen() {
+        if seen.method == "PUT" && seen.path.ends_with("/status") && seen.status == 200 {
+            let name = seen.path.rsplit('/').nth(1).unwrap().to_owned();
+            *writes.entry(name).or_default() += 1;
+        }
+    }
+    writes
+}
+
+#[tokio::test]
+async fn every_key_type_the_projection_allows_and_our_profile_allows_is_issued_in_both_styles() {
+    let cluster = Cluster::new();
+    let server = cluster.server(&[]);
+    let api = &cluster.api;
+    let root = server.bundle_pem();
+    let cases = [
+        ("ECDSAP256", KeyField::Pkix),
+        ("ECDSAP256", KeyField::Stub),
+        ("ECDSAP384", KeyField::Stub),
+        ("ED25519", KeyField::Pkix),
+        ("RSA3072", KeyField::Stub),
+        ("RSA4096", KeyField::Pkix),
+    ];
+    let mut names = Vec::new();
+    for (i, (key_type, field)) in cases.iter().enumerate() {
+        let key = cluster.key(key_type);
+        let pod = format!("web-{i}");
+        let name = api.create_request("shop", &pod, "web", SIGNER, &key, *field, None);
+        names.push((name, key));
+    }
+    // A request for another signer is not ours to answer.
+    let other_key = cluster.key("ECDSAP256");
+    let other = api.create_request(
+        "shop",
+        "x",
+        "web",
+        "other.example/signer",
+        &other_key,
+        KeyField::Stub,
+        None,
+    );
+
+    for ((name, key), (key_type, field)) in names.iter().zip(cases) {
+        let status = api.wait_answered("shop", name, Duration::from_secs(20));
+        assert_eq!(
+            condition(&status),
+            ("Issued".into(), "Issued".into()),
+            "{key_type} {field:?}: {status}"
+        );
+        let chain = status["certificateChain"].as_str().unwrap();
+        let blocks = ca_server::x509::split_pem(chain);
+        assert_eq!(
+            blocks.len(),
+            1,
+            "the leaf alone (no intermediates here, no root)"
+        );
+        let (_, leaf) = x509_parser::pem::parse_x509_pem(blocks[0].as_bytes()).unwrap();
+        let (_, cert) = x509_parser::parse_x509_certificate(&leaf.contents).unwrap();
+        // The SPIFFE ID of the pod's service account, and the kubelet's key.
+        let san = cert.subject_alternative_name().unwrap().unwrap();
+        let uris: Vec<String> = san
+            .value
+            .general_names
+            .iter()
+            .map(|n| n.to_string())
+            .collect();
+        assert_eq!(uris, ["URI(spiffe://cluster.local/ns/shop/sa/web)"]);
+        assert_eq!(cert.public_key().raw, key.spki_der.as_slice());
+        // Lifetime: maxExpirationSeconds (a day) and --max-ttl (24h) agree; refresh at half.
+        let (nb, na) = (
+            parse_time(&status, "notBefore"),
+            parse_time(&status, "notAfter"),
+        );
+        assert_eq!(na - nb, time::Duration::hours(24), "{status}");
+        let refresh = parse_time(&status, "beginRefreshAt");
+        assert_eq!(refresh - nb, time::Duration::hours(12));
+        // OpenSSL verifies the chain to the bundle's root for both ends of mTLS.
+        let work = cluster.dir.path().join(format!("verify-{name}"));
+        std::fs::create_dir_all(&work).unwrap();
+        for purpose in ["sslclient", "sslserver"] {
+            openssl_verify(&work, &[blocks[0].clone(), root.clone()], purpose)
+                .unwrap_or_else(|e| panic!("{key_type}: {e}"));
+        }
+        // The audit log holds the issuance, with the pod, node and request.
+        let uid = format!("uid-{name}");
+        let events = events_for(&server, &uid);
+        assert_eq!(events.len(), 1, "{events:?}");
+        let e = &events[0];
+        assert_eq!(e["kind"], "issued");
+        assert_eq!(e["spiffe_id"], "spiffe://cluster.local/ns/shop/sa/web");
+        assert_eq!(e["request"], format!("shop/{name}"));
+        assert_eq!(e["node"], "node-1");
+        assert!(e["pod_name"].as_str().unwrap().starts_with("web-"));
+        assert!(e["pod_uid"].as_str().unwrap().starts_with("pod-uid-web-"));
+        assert_eq!(e["serial"], serial_of(&blocks[0]));
+        assert!(
+            e["token_issuer"]
+                .as_str()
+                .unwrap()
+                .starts_with("PodCertificateRequest https://127.0.0.1:")
+        );
+    }
+    assert!(api.rejected().is_empty(), "{:?}", api.rejected());
+    std::thread::sleep(Duration::from_millis(500));
+    assert!(api.request("shop", &other)["status"]["conditions"].is_null());
+    assert_audit_intact(&server);
+}
+
+#[tokio::test]
+async fn what_the_profile_or_the_policy_refuses_is_denied_with_its_reason_and_recorded() {
+    let cluster = Cluster::new();
+    let server = cluster.server(&[
+        "--pod-certificate-exclude-namespace",
+        "kube-system",
+        "--pod-certificate-exclude-service-account",
+        "shop/legacy",
+        "--max-ttl",
+        "8h",
+    ]);
+    let api = &cluster.api;
+    let p256 = cluster.key("ECDSAP256");
+    let p521 = cluster.key("ECDSAP521");
+    let unsupported = api.create_request("shop", "a", "web", SIGNER, &p521, KeyField::Stub, None);
+    let namespace = api.create_request(
+        "kube-system",
+        "b",
+        "coredns",
+        SIGNER,
+        &p256,
+        KeyField::Stub,
+        None,
+    );
+    let account = api.create_request("shop", "c", "legacy", SIGNER, &p256, KeyField::Pkix, None);
+    let hour = api.create_request(
+        "shop",
+        "d",
+        "web",
+        SIGNER,
+        &p256,
+        KeyField::Stub,
+        Some(3600),
+    );
+    let long = api.create_request(
+        "shop",
+        "e",
+        "web",
+        SIGNER,
+        &p256,
+        KeyField::Stub,
+        Some(7_862_400),
+    );
+
+    for (name, ns, reason) in [
+        (&unsupported, "shop", "UnsupportedKeyType"),
+        (&namespace, "kube-system", "NamespaceExcluded"),
+        (&account, "shop", "ServiceAccountExcluded"),
+    ] {
+        let status = api.wait_answered(ns, name, Duration::from_secs(20));
+        assert_eq!(
+            condition(&status),
+            ("Denied".into(), reason.into()),
+            "{status}"
+        );
+        // Only the condition: nothing else of an issued status.
+        assert!(status["certificateChain"].is_null() && status["notAfter"].is_null());
+        assert!(
+            !status["conditions"][0]["message"]
+                .as_str()
+                .unwrap()
+                .is_empty()
+        );
+        let events = events_for(&server, &format!("uid-{name}"));
+        assert_eq!(events.len(), 1, "{events:?}");
+        assert_eq!(events[0]["kind"], "denied");
+        assert!(
+            events[0]["reason"]
+                .as_str()
+                .unwrap()
+                .starts_with(&format!("Denied {reason}:")),
+            "{:?}",
+            events[0]
+        );
+        assert_eq!(events[0]["request"], format!("{ns}/{name}"));
+        assert!(events[0]["serial"].is_null());
+    }
+    // The P-521 refusal names the key types that would do.
+    let status = api.request("shop", &unsupported)["status"].clone();
+    assert!(
+        status["conditions"][0]["message"]
+            .as_str()
+            .unwrap()
+            .contains("ECDSAP256")
+    );
+
+    // The lifetime is maxExpirationSeconds, or --max-ttl when that is shorter.
+    let status = api.wait_answered("shop", &hour, Duration::from_secs(20));
+    let life = parse_time(&status, "notAfter") - parse_time(&status, "notBefore");
+    assert_eq!(life, time::Duration::hours(1));
+    let status = api.wait_answered("shop", &long, Duration::from_secs(20));
+    let life = parse_time(&status, "notAfter") - parse_time(&status, "notBefore");
+    assert_eq!(life, time::Duration::hours(8));
+    assert!(api.rejected().is_empty(), "{:?}", api.rejected());
+
+    // A --max-ttl under the hour a pod certificate needs: Failed, saying why.
+    drop(server);
+    let cluster2 = Cluster::new();
+    let server2 = cluster2.server(&["--max-ttl", "30m", "--default-ttl", "30m"]);
+    let key = cluster2.key("ECDSAP256");
+    let name = cluster2
+        .api
+        .create_request("shop", "f", "web", SIGNER, &key, KeyField::Stub, None);
+    let status = cluster2
+        .api
+        .wait_answered("shop", &name, Duration::from_secs(20));
+    assert_eq!(
+        condition(&status),
+        ("Failed".into(), "LifetimeTooShort".into())
+    );
+    assert!(
+        status["conditions"][0]["message"]
+            .as_str()
+            .unwrap()
+            .contains("--max-ttl")
+    );
+    assert_eq!(events_for(&server2, &format!("uid-{name}")).len(), 1);
+}
+
+#[tokio::test]
+async fn nothing_is_answered_before_its_audit_record_is_committed() {
+    let cluster = Cluster::new();
+    let server = cluster.server(&[]);
+    let api = &cluster.api;
+    let key = cluster.key("ECDSAP256");
+    let first = api.create_request("shop", "a", "web", SIGNER, &key, KeyField::Stub, None);
+    api.wait_answered("shop", &first, Duration::from_secs(20));
+
+    // Another writer holds the store's write lock: the audit log cannot commit.
+    use sqlx::Connection;
+    sqlx::any::install_default_drivers();
+    let mut other = sqlx::AnyConnection::connect(&server.database_url())
+        .await
+        .unwrap();
+    let lock = if postgres_admin_url().is_some() {
+        "BEGIN; LOCK TABLE audit_events, pod_certificate_claims IN EXCLUSIVE MODE"
+    } else {
+        "BEGIN EXCLUSIVE"
+    };
+    sqlx::raw_sql(lock).execute(&mut other).await.unwrap();
+    let blocked = api.create_request("shop", "b", "web", SIGNER, &key, KeyField::Stub, None);
+    std::thread::sleep(Duration::from_secs(4));
+    assert!(
+        api.request("shop", &blocked)["status"]["conditions"].is_null(),
+        "answered without a record"
+    );
+    assert!(!status_writes(api).contains_key(&blocked));
+    sqlx::query("COMMIT").execute(&mut other).await.unwrap();
+    let status = api.wait_answered("shop", &blocked, Duration::from_secs(30));
+    assert_eq!(condition(&status).0, "Issued");
+    assert_eq!(events_for(&server, &format!("uid-{blocked}")).len(), 1);
+}
+
+#[tokio::test]
+async fn a_restart_and_a_relist_after_410_answer_nothing_twice() {
+    let cluster = Cluster::new();
+    let mut server = cluster.server(&[]);
+    let api = &cluster.api;
+    let key = cluster.key("ECDSAP256");
+    let mut names: Vec<String> = (0..5)
+        .map(|i| {
+            api.create_request(
+                "shop",
+                &format!("p{i}"),
+                "web",
+                SIGNER,
+                &key,
+                KeyField::Stub,
+                None,
+            )
+        })
+        .collect();
+    for name in &names {
+        api.wait_answered("shop", name, Duration::from_secs(20));
+    }
+
+    // Down: requests pile up; the history is compacted meanwhile.
+    server.kill();
+    names.extend((5..8).map(|i| {
+        api.create_request(
+            "shop",
+            &format!("p{i}"),
+            "web",
+            SIGNER,
+            &key,
+            KeyField::Pkix,
+            None,
+        )
+    }));
+    api.compact();
+    server.restart();
+    for name in &names {
+        api.wait_answered("shop", name, Duration::from_secs(20));
+    }
+
+    // The watch's version compacted away under it: 410, a relist, and new requests still
+    // answered.
+    let lists_before = api
+        .seen()
+        .iter()
+        .filter(|s| {
+            s.method == "GET"
+                && !s.path.contains("watch=true")
+                && s.path.contains("podcertificaterequests?")
+        })
+        .count();
+    api.compact();
+    api.end_watches();
+    let late = api.create_request("shop", "late", "web", SIGNER, &key, KeyField::Stub, None);
+    names.push(late.clone());
+    api.wait_answered("shop", &late, Duration::from_secs(20));
+    let lists_after = api
+        .seen()
+        .iter()
+        .filter(|s| {
+            s.method == "GET"
+                && !s.path.contains("watch=true")
+                && s.path.contains("podcertificaterequests?")
+        })
+        .count();
+    assert!(lists_after > lists_before, "no relist after 410");
+    assert!(
+        server.stderr().contains("listing again"),
+        "{}",
+        server.stderr()
+    );
+
+    // Each request written once, and issued once in the log.
+    std::thread::sleep(Duration::from_secs(1));
+    let writes = status_writes(api);
+    for name in &names {
+        assert_eq!(writes.get(name), Some(&1), "{name}: {writes:?}");
+        let events = events_for(&server, &format!("uid-{name}"));
+        assert_eq!(events.len(), 1, "{name}: {events:?}");
+    }
+    assert!(api.rejected().is_empty(), "{:?}", api.rejected());
+    assert_audit_intact(&server);
+}
+
+#[tokio::test]
+async fn a_stale_resource_version_is_retried_and_an_answer_elsewhere_drops_ours() {
+    let cluster = Cluster::new();
+    let server = cluster.server(&[]);
+    let api = &cluster.api;
+    let key = cluster.key("ECDSAP256");
+
+    // The request changes under the signer (a label): 409, read again, written again.
+    api.interfere_before_next_write("shop", "t", Interference::Touch);
+    let touched = api.create_request("shop", "t", "web", SIGNER, &key, KeyField::Stub, None);
+    let status = api.wait_answered("shop", &touched, Duration::from_secs(20));
+    assert_eq!(condition(&status).0, "Issued");
+    let puts: Vec<u16> = api
+        .seen()
+        .iter()
+        .filter(|s| s.method == "PUT" && s.path.contains(&touched))
+        .map(|s| s.status)
+        .collect();
+    assert_eq!(puts, [409, 200]);
+    assert_eq!(events_for(&server, &format!("uid-{touched}")).len(), 1);
+
+    // Another writer answers first: our certificate is dropped and recorded as never
+    // delivered; the other answer stands.
+    api.interfere_before_next_write("shop", "r", Interference::Answer);
+    let raced = api.create_request("shop", "r", "web", SIGNER, &key, KeyField::Stub, None);
+    let status = api.wait_answered("shop", &raced, Duration::from_secs(20));
+    assert_eq!(condition(&status), ("Failed".into(), "OtherSigner".into()));
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let events = loop {
+        let events = events_for(&server, &format!("uid-{raced}"));
+        if events.len() == 2 || Instant::now() > deadline {
+            break events;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert_eq!(events.len(), 2, "{events:?}");
+    // Newest first: the drop, naming the serial the issuance recorded.
+    assert_eq!(events[1]["kind"], "issued");
+    assert_eq!(events[0]["kind"], "denied");
+    assert_eq!(events[0]["code"], "ABORTED");
+    assert_eq!(events[0]["serial"], events[1]["serial"]);
+    assert!(
+        events[0]["reason"]
+            .as_str()
+            .unwrap()
+            .contains("not delivered")
+    );
+    assert_eq!(status_writes(api).get(&raced), None);
+}
+
+#[tokio::test]
+async fn two_replicas_watching_answer_each_request_once() {
+    let cluster = Cluster::new();
+    // Replicas share their keys through the store, sealed under one KEK.
+    let kek = cluster.dir.path().join("kek");
+    std::fs::write(&kek, "07".repeat(32) + "\n").unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&kek, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let kek = ["--key-encryption-key-file", kek.to_str().unwrap()];
+    let first = cluster.server(&kek);
+    let flags = cluster.flags(&kek);
+    let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
+    let second = TestServer::start_on(
+        &cluster.dir.path().join("data-2"),
+        &first.database_url(),
+        &flags,
+    );
+    let api = &cluster.api;
+    let key = cluster.key("ECDSAP256");
+    let names: Vec<String> = (0..30)
+        .map(|i| {
+            api.create_request(
+                "shop",
+                &format!("p{i}"),
+                &format!("sa{}", i % 3),
+                SIGNER,
+                &key,
+                KeyField::Stub,
+                None,
+            )
+        })
+        .collect();
+    for name in &names {
+        api.wait_answered("shop", name, Duration::from_secs(30));
+    }
+    std::thread::sleep(Duration::from_secs(1));
+    let writes = status_writes(api);
+    let log = audit_json(&first, &[]);
+    let mut answered_by = BTreeMap::<String, usize>::new();
+    for e in log.iter().filter(|e| e["kind"] == "issued") {
+        if let Some(uid) = e["request_uid"].as_str() {
+            *answered_by.entry(uid.to_owned()).or_default() += 1;
+        }
+    }
+    for name in &names {
+        assert_eq!(writes.get(name), Some(&1), "{name}: {writes:?}");
+        assert_eq!(answered_by.get(&format!("uid-{name}")), Some(&1), "{name}");
+    }
+    assert!(api.rejected().is_empty(), "{:?}", api.rejected());
+    // Both watched (each listed and opened a watch).
+    assert!(first.stderr().contains("Signing PodCertificateRequests"));
+    assert!(second.stderr().contains("Signing PodCertificateRequests"));
+    // One chain, both replicas' checkpoints in it.
+    let second_key = second.data_dir.with_extension("audit-key.pub");
+    std::fs::write(&second_key, second.cli_ok(&["audit", "key"])).unwrap();
+    first.cli_ok(&[
+        "audit",
+        "verify",
+        "--trusted-audit-key",
+        second_key.to_str().unwrap(),
+    ]);
+}
+
+#[tokio::test]
+async fn the_cluster_trust_bundle_follows_a_rotation_and_is_written_only_when_it_changes() {
+    let cluster = Cluster::new();
+    let server = cluster.server(&["--publish-cluster-trust-bundle"]);
+    let api = &cluster.api;
+    let name = "example.com:spiffe:ca-server";
+    let roots_in = |want: usize| -> String {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            if let Some(b) = api.cluster_trust_bundles().get(name) {
+                let pem = b["spec"]["trustBundle"].as_str().unwrap().to_owned();
+                if pem.matches("BEGIN CERTIFICATE").count() == want {
+                    assert_eq!(b["spec"]["signerName"], SIGNER);
+                    assert_eq!(
+                        b["metadata"]["labels"]["app.kubernetes.io/managed-by"],
+                        "ca-server"
+                    );
+                    return pem;
+                }
+            }
+            assert!(
+                Instant::now() < deadline,
+                "no bundle of {want} roots: {:?}",
+                api.cluster_trust_bundles()
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    };
+    let one = roots_in(1);
+    assert_eq!(one.trim(), server.bundle_pem().trim());
+
+    // Prepared: both roots, so pods trust the new one before anything is signed by it.
+    server.cli_ok(&["root", "prepare"]);
+    let two = roots_in(2);
+    assert!(two.contains(one.trim()));
+    server.activate("2");
+    // The activation does not change the roots: no write.
+    let writes = || {
+        api.seen()
+            .iter()
+            .filter(|s| {
+                s.path.contains("clustertrustbundles")
+                    && matches!(s.method.as_str(), "PUT" | "POST")
+            })
+            .count()
+    };
+    std::thread::sleep(Duration::from_secs(2));
+    let before = writes();
+    std::thread::sleep(Duration::from_secs(2));
+    assert_eq!(writes(), before, "written again with nothing changed");
+    // Retired: only the new root.
+    server.cli_ok(&["root", "retire", "1", "--force"]);
+    let last = roots_in(1);
+    assert!(!last.contains(one.trim()));
+    assert_eq!(last.trim(), server.bundle_pem().trim());
+}
+
+#[test]
+fn a_signer_name_must_be_one_of_our_own() {
+    let dir = tempfile::tempdir().unwrap();
+    for (signer, says) in [
+        ("spiffe", "expected DOMAIN/NAME"),
+        ("kubernetes.io/kube-apiserver-client", "reserved"),
+        ("Example.com/x", "lowercase DNS name"),
+        ("example.com/", "letters, digits"),
+    ] {
+        let out = ca_server(&[
+            "run",
+            "--data-dir",
+            dir.path().to_str().unwrap(),
+            "--dev",
+            "--kube-api-url",
+            "https://127.0.0.1:1",
+            "--pod-certificate-signer",
+            signer,
+        ]);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{signer}: {stderr}");
+        assert!(stderr.contains(says), "{signer}: {stderr}");
+    }
+    let out = ca_server(&[
+        "run",
+        "--data-dir",
+        dir.path().to_str().unwrap(),
+        "--dev",
+        "--publish-cluster-trust-bundle",
+    ]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("need --pod-certificate-signer"));
+}
