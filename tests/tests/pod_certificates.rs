@@ -303,6 +303,51 @@ async fn what_the_profile_or_the_policy_refuses_is_denied_with_its_reason_and_re
 }
 
 #[tokio::test]
+async fn a_flood_for_one_identity_waits_for_its_budget_and_is_never_denied_for_it() {
+    let cluster = Cluster::new();
+    let server = cluster.server(&["--identity-rate", "2", "--identity-burst", "2"]);
+    let api = &cluster.api;
+    let key = cluster.key("ECDSAP256");
+    let started = Instant::now();
+    let names: Vec<String> = (0..8)
+        .map(|i| {
+            api.create_request(
+                "shop",
+                &format!("f{i}"),
+                "web",
+                SIGNER,
+                &key,
+                KeyField::Stub,
+                None,
+            )
+        })
+        .collect();
+    for name in &names {
+        let status = api.wait_answered("shop", name, Duration::from_secs(30));
+        assert_eq!(condition(&status).0, "Issued", "{status}");
+    }
+    // 2 at once, then 2 a second: the last waited for the budget.
+    assert!(
+        started.elapsed() >= Duration::from_secs(2),
+        "{:?}",
+        started.elapsed()
+    );
+    let issued = audit_json(&server, &[])
+        .into_iter()
+        .filter(|e| {
+            e["request_uid"]
+                .as_str()
+                .is_some_and(|u| u.starts_with("uid-f"))
+        })
+        .count();
+    assert_eq!(
+        issued,
+        names.len(),
+        "one event per request, no refusal recorded for waiting"
+    );
+}
+
+#[tokio::test]
 async fn nothing_is_answered_before_its_audit_record_is_committed() {
     let cluster = Cluster::new();
     let server = cluster.server(&[]);

@@ -199,7 +199,8 @@ fn check_key(key: &PodKey) -> Result<CheckedCsr, CsrError> {
 impl CertificateAuthority {
     /// Answers `request` under `policy`, the answer recorded in the audit log before this
     /// returns. An error means nothing was recorded and nothing may be written to the
-    /// request: the audit log or the crypto pool is unavailable; ask again later.
+    /// request: the audit log or the crypto pool is unavailable, or the identity is over its
+    /// budget (`--identity-rate`); ask again later.
     pub async fn answer_pod_request(
         &self,
         request: &PodRequest,
@@ -366,6 +367,13 @@ impl CertificateAuthority {
                 ),
             )));
         }
+        // A kubelet may ask again and again for its pods (a node compromised, a bug): the
+        // identity's budget holds, counted per node as a node proxy's requests are. Over
+        // it, nothing is decided: the request waits, unanswered, until there is budget.
+        self.take_identity_budget(
+            format!("{spiffe_id} (for {})", request.node_name),
+            std::time::Instant::now(),
+        )?;
         let (lifetime, backdate) = match pod_lifetime(request.max_expiration_secs, &self.policy) {
             Ok(l) => l,
             Err(message) => return Ok(Err(PodRefusal::failed("LifetimeTooShort", "ttl", message))),

@@ -17,6 +17,7 @@ use time::OffsetDateTime;
 use tokio::sync::watch;
 use tracing::{debug, info, warn};
 
+use crate::class::Classify;
 use crate::issuance::CertificateAuthority;
 use crate::issuance::pod::{PodAnswer, PodKey, PodPolicy, PodRequest};
 use crate::kube::types::{List, PodCertificateRequest};
@@ -87,6 +88,36 @@ struct Signing<'a> {
     /// Certificates recorded as issued whose status write's fate is unknown, by request uid:
     /// (serial, SPIFFE ID). Settled when the request is next seen.
     unsettled: HashMap<String, (String, String)>,
+    /// Requests this replica saw answered (its own write landed, or it read the answer),
+    /// oldest first: a watch event from before the answer is then stale, not a new request.
+    answered: Answered,
+}
+
+/// A bounded set of request uids, forgetting the oldest past [`MAX_ANSWERED`].
+#[derive(Default)]
+struct Answered {
+    set: std::collections::HashSet<String>,
+    order: std::collections::VecDeque<String>,
+}
+
+/// The most answered uids remembered (a relist reads every answer afresh anyway).
+const MAX_ANSWERED: usize = 100_000;
+
+impl Answered {
+    fn insert(&mut self, uid: &str) {
+        if self.set.insert(uid.to_owned()) {
+            self.order.push_back(uid.to_owned());
+            if self.order.len() > MAX_ANSWERED
+                && let Some(old) = self.order.pop_front()
+            {
+                self.set.remove(&old);
+            }
+        }
+    }
+
+    fn contains(&self, uid: &str) -> bool {
+        self.set.contains(uid)
+    }
 }
 
 impl PodSigner {
@@ -98,6 +129,7 @@ impl PodSigner {
             version: API_VERSIONS[0],
             deferred: HashMap::new(),
             unsettled: HashMap::new(),
+            answered: Answered::default(),
         };
         let mut backoff = BACKOFF_FIRST;
         loop {
@@ -294,7 +326,13 @@ impl Signing<'_> {
         let uid = meta.uid.clone();
         if typed.answered() {
             self.deferred.remove(&uid);
+            self.answered.insert(&uid);
             self.settle(&uid, &typed).await;
+            return;
+        }
+        if self.answered.contains(&uid) {
+            // An event from before the answer (the watch delivers in order; this one was
+            // sent before the write that answered it).
             return;
         }
         let request = to_request(&typed);
@@ -331,7 +369,12 @@ impl Signing<'_> {
         {
             Ok(answer) => answer,
             Err(e) => {
-                warn!(request = %format!("{}/{}", request.namespace, request.name), error = %e, "A PodCertificateRequest could not be answered now (nothing was recorded or written); retrying");
+                let what = format!("{}/{}", request.namespace, request.name);
+                if e.class() == crate::class::Class::Overloaded {
+                    debug!(request = %what, error = %e, "Over budget; the request waits");
+                } else {
+                    warn!(request = %what, error = %e, "A PodCertificateRequest could not be answered now (nothing was recorded or written); retrying");
+                }
                 let _ = self
                     .signer
                     .store
@@ -368,6 +411,7 @@ impl Signing<'_> {
             match written {
                 Ok(_) => {
                     self.deferred.remove(&request.uid);
+                    self.answered.insert(&request.uid);
                     match answer {
                         PodAnswer::Issued(issued) => {
                             info!(request = %what, spiffe_id = %issued.spiffe_id, serial = %issued.serial, not_after = %crate::rfc3339::text(issued.not_after), "Issued a pod certificate")
@@ -389,6 +433,7 @@ impl Signing<'_> {
                             let typed: PodCertificateRequest =
                                 serde_json::from_value(fresh.clone()).unwrap_or_default();
                             if typed.answered() {
+                                self.answered.insert(&request.uid);
                                 info!(request = %what, "Answered by another writer first; this answer is dropped");
                                 if let PodAnswer::Issued(issued) = answer {
                                     self.not_delivered(request, &issued.serial, &issued.spiffe_id)
