@@ -51,6 +51,8 @@ struct State {
     /// When set, the next status write to this request is preceded by another writer's
     /// change to it (its version moves on, it stays unanswered).
     interfere: Option<((String, String), Interference)>,
+    /// Status writes answered 403, as without the RBAC to make them.
+    forbid_status_writes: bool,
 }
 
 /// What another writer does to a request just before the signer's next status write.
@@ -312,6 +314,11 @@ impl FakeCertificatesApi {
     /// `what` to it: the write names a stale version.
     pub fn interfere_before_next_write(&self, ns: &str, pod: &str, what: Interference) {
         self.lock().interfere = Some(((ns.to_owned(), pod.to_owned()), what));
+    }
+
+    /// Status writes are refused (403) while `on`, as for a signer without its RBAC.
+    pub fn forbid_status_writes(&self, on: bool) {
+        self.lock().forbid_status_writes = on;
     }
 
     /// Forgets the history: a watch from any version given out so far is 410 Gone.
@@ -605,6 +612,16 @@ fn answer(
             ],
         ) => {
             let key = ((*ns).to_owned(), (*name).to_owned());
+            if state.forbid_status_writes {
+                return (
+                    403,
+                    status(
+                        403,
+                        "Forbidden",
+                        "user cannot update resource podcertificaterequests/status",
+                    ),
+                );
+            }
             let pod = state
                 .requests
                 .get(&key)

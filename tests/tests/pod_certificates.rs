@@ -348,6 +348,38 @@ async fn a_flood_for_one_identity_waits_for_its_budget_and_is_never_denied_for_i
 }
 
 #[tokio::test]
+async fn without_the_rbac_to_answer_the_signer_says_which_and_signs_nothing_more() {
+    let cluster = Cluster::new();
+    let server = cluster.server(&[]);
+    let api = &cluster.api;
+    let key = cluster.key("ECDSAP256");
+    api.forbid_status_writes(true);
+    let name = api.create_request("shop", "a", "web", SIGNER, &key, KeyField::Stub, None);
+    let uid = format!("uid-{name}");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !server
+        .stderr()
+        .contains("update podcertificaterequests/status and sign")
+    {
+        assert!(Instant::now() < deadline, "{}", server.stderr());
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    std::thread::sleep(Duration::from_secs(2));
+    let events = events_for(&server, &uid);
+    assert_eq!(
+        events.len(),
+        1,
+        "one decision, kept while the write is refused: {events:?}"
+    );
+    // Granted: the same certificate goes in, nothing is signed again.
+    api.forbid_status_writes(false);
+    let status = api.wait_answered("shop", &name, Duration::from_secs(45));
+    let chain = status["certificateChain"].as_str().unwrap();
+    assert_eq!(serial_of(chain), events[0]["serial"].as_str().unwrap());
+    assert_eq!(events_for(&server, &uid).len(), 1);
+}
+
+#[tokio::test]
 async fn nothing_is_answered_before_its_audit_record_is_committed() {
     let cluster = Cluster::new();
     let server = cluster.server(&[]);

@@ -77,7 +77,7 @@ pub enum Error {
     /// The API server refused: our service account lacks a permission.
     #[error(
         "{url}{path}: HTTP {status}: this server's service account may not {needs} (bind it to \
-         a ClusterRole that allows it, as deploy/kubernetes/rbac.yaml does)"
+         a ClusterRole that allows it, as those in deploy/kubernetes/ do)"
     )]
     Forbidden {
         /// The API.

@@ -42,6 +42,8 @@ const MAX_DEFERRED: usize = 10_000;
 /// The first pause after a failed list or watch, doubling to [`BACKOFF_MAX`].
 const BACKOFF_FIRST: Duration = Duration::from_millis(500);
 const BACKOFF_MAX: Duration = Duration::from_secs(30);
+/// How long an answer waits after our RBAC refused its write.
+const FORBIDDEN_RETRY: Duration = Duration::from_secs(30);
 /// Status writes tried for one answer before it is put off.
 const WRITE_TRIES: usize = 3;
 
@@ -85,9 +87,10 @@ struct Signing<'a> {
     version: &'static str,
     /// Requests put off, by uid.
     deferred: HashMap<String, Deferred>,
-    /// Certificates recorded as issued whose status write's fate is unknown, by request uid:
-    /// (serial, SPIFFE ID). Settled when the request is next seen.
-    unsettled: HashMap<String, (String, String)>,
+    /// Answers recorded whose status write did not land or whose fate is unknown, by
+    /// request uid: written again (not decided again) when the request is next seen still
+    /// unanswered, while the API server would still take them; else settled.
+    unsettled: HashMap<String, PodAnswer>,
     /// Requests this replica saw answered (its own write landed, or it read the answer),
     /// oldest first: a watch event from before the answer is then stale, not a new request.
     answered: Answered,
@@ -336,10 +339,17 @@ impl Signing<'_> {
             return;
         }
         let request = to_request(&typed);
-        if let Some((serial, spiffe_id)) = self.unsettled.remove(&uid) {
-            // Our last write did not land (the request is still unanswered): that
-            // certificate was never delivered.
-            self.not_delivered(&request, &serial, &spiffe_id).await;
+        if let Some(answer) = self.unsettled.remove(&uid) {
+            // Our last write did not land (the request is still unanswered). The same answer
+            // goes again while it may: a fresh decision would sign (and record) again.
+            if deliverable(&answer, OffsetDateTime::now_utc()) {
+                self.deliver(object, &request, &answer).await;
+                return;
+            }
+            if let PodAnswer::Issued(issued) = &answer {
+                self.not_delivered(&request, &issued.serial, &issued.spiffe_id)
+                    .await;
+            }
         }
         let now = OffsetDateTime::now_utc().unix_timestamp();
         match self
@@ -457,6 +467,18 @@ impl Signing<'_> {
                         }
                     }
                 }
+                Err(e @ KubeError::Forbidden { .. }) => {
+                    // Our RBAC: nothing to gain by asking at once; the answer is kept.
+                    warn!(request = %what, error = %e, "Not allowed to answer PodCertificateRequests; trying again in 30 s");
+                    self.unsettled.insert(request.uid.clone(), answer.clone());
+                    self.defer(
+                        &request.uid,
+                        &request.namespace,
+                        &request.name,
+                        FORBIDDEN_RETRY,
+                    );
+                    return;
+                }
                 Err(KubeError::Invalid { message, .. }) => {
                     // Not a race: the API server will never take this answer.
                     tracing::error!(alert = true, request = %what, message = %message, "ALERT: the API server refused the answer to a PodCertificateRequest as invalid");
@@ -478,24 +500,19 @@ impl Signing<'_> {
                 }
             }
         }
-        // The write's fate is unknown: look again shortly, and settle what was issued then.
-        if let PodAnswer::Issued(issued) = answer {
-            self.unsettled.insert(
-                request.uid.clone(),
-                (issued.serial.clone(), issued.spiffe_id.clone()),
-            );
-        }
+        // The write's fate is unknown: look again shortly, and settle it then.
+        self.unsettled.insert(request.uid.clone(), answer.clone());
         self.defer(&request.uid, &request.namespace, &request.name, RECHECK);
     }
 
     /// `typed` is answered: if a certificate of ours for it was unsettled and the answer is
     /// not that certificate, it was never delivered.
     async fn settle(&mut self, uid: &str, typed: &PodCertificateRequest) {
-        let Some((serial, spiffe_id)) = self.unsettled.remove(uid) else {
+        let Some(PodAnswer::Issued(issued)) = self.unsettled.remove(uid) else {
             return;
         };
-        if delivered_serial(typed).as_deref() != Some(serial.as_str()) {
-            self.not_delivered(&to_request(typed), &serial, &spiffe_id)
+        if delivered_serial(typed).as_deref() != Some(issued.serial.as_str()) {
+            self.not_delivered(&to_request(typed), &issued.serial, &issued.spiffe_id)
                 .await;
         }
     }
@@ -509,6 +526,19 @@ impl Signing<'_> {
         {
             warn!(serial, error = %e, "Could not record that a pod certificate was not delivered");
         }
+    }
+}
+
+/// Whether the API server would still take `answer` at `now`: a certificate while its
+/// notBefore is within [`MAX_BACKDATE`] + a minute of now (the API server allows 5 minutes),
+/// a refusal always.
+fn deliverable(answer: &PodAnswer, now: OffsetDateTime) -> bool {
+    match answer {
+        PodAnswer::Issued(issued) => {
+            now - issued.not_before
+                < crate::issuance::pod::MAX_BACKDATE + time::Duration::minutes(1)
+        }
+        PodAnswer::Denied { .. } | PodAnswer::Failed { .. } => true,
     }
 }
 
