@@ -417,14 +417,22 @@ impl TestServer {
     /// The chain the gRPC listener presents in a TLS handshake (verified against the bundle
     /// file), leaf first.
     pub fn served_chain(&self) -> Vec<rustls_pki_types::CertificateDer<'static>> {
+        self.try_served_chain().expect("handshake")
+    }
+
+    /// [`TestServer::served_chain`], or why the handshake failed (a chain the bundle file
+    /// does not hold the root of yet, say).
+    pub fn try_served_chain(
+        &self,
+    ) -> Result<Vec<rustls_pki_types::CertificateDer<'static>>, String> {
         let config = Arc::new(crate::ztunnel::ztunnel_tls(self));
         let name = rustls_pki_types::ServerName::try_from("localhost").expect("a DNS name");
         let mut conn = rustls::ClientConnection::new(config, name).expect("a client session");
         let mut tcp = std::net::TcpStream::connect(self.grpc).expect("connect");
         while conn.is_handshaking() {
-            conn.complete_io(&mut tcp).expect("handshake");
+            conn.complete_io(&mut tcp).map_err(|e| e.to_string())?;
         }
-        conn.peer_certificates().expect("a chain").to_vec()
+        Ok(conn.peer_certificates().expect("a chain").to_vec())
     }
 
     /// `sqlite://<data-dir>/ca.db`, or its PostgreSQL database's URL.

@@ -208,7 +208,7 @@ async fn every_filter_and_format_returns_exactly_the_right_events() {
     let rows: Vec<&str> = csv.lines().collect();
     assert_eq!(
         rows[0],
-        "seq,time,kind,spiffe_id,namespace,service_account,pod_name,pod_uid,token_issuer,serial,not_before,not_after,authority_id,public_key_sha256,csr_sha256,peer,code,reason,count,operator,caller,node,requested,anchor_seq,anchor_hash,audience,hash,prev_hash"
+        "seq,time,kind,spiffe_id,namespace,service_account,pod_name,pod_uid,token_issuer,serial,not_before,not_after,authority_id,public_key_sha256,csr_sha256,peer,code,reason,count,operator,caller,node,requested,anchor_seq,anchor_hash,audience,request,request_uid,hash,prev_hash"
     );
     assert_eq!(rows.len(), all.len() + 1);
     for (row, e) in rows[1..].iter().zip(&all) {
@@ -345,6 +345,8 @@ fn as_json(e: &ca_proto::ca::v1::AuditEvent) -> Value {
         "caller": s(&e.caller), "node": s(&e.node), "requested": s(&e.requested),
         "anchor_seq": i(e.anchor_seq), "anchor_hash": s(&e.anchor_hash),
         "audience": s(&e.audience),
+        "request": s(&e.request),
+        "request_uid": s(&e.request_uid),
         "hash": e.hash, "prev_hash": e.prev_hash,
     })
 }
@@ -545,7 +547,7 @@ async fn tampering_is_found_and_a_consistent_rewrite_fails_against_an_exported_c
             vec![
                 "UPDATE audit_events SET seq = seq + 1000 WHERE seq > 3".into(),
                 "UPDATE audit_events SET seq = seq - 999 WHERE seq > 1000".into(),
-                "INSERT INTO audit_events SELECT 4, time_ms, kind, spiffe_id, namespace, service_account, pod_name, pod_uid, token_issuer, serial, not_before, not_after, authority_id, public_key_sha256, csr_sha256, peer, code, reason, count, operator, prev_hash, hash, caller, node, requested, anchor_seq, anchor_hash, audience FROM audit_events WHERE seq = 3".into(),
+                "INSERT INTO audit_events SELECT 4, time_ms, kind, spiffe_id, namespace, service_account, pod_name, pod_uid, token_issuer, serial, not_before, not_after, authority_id, public_key_sha256, csr_sha256, peer, code, reason, count, operator, prev_hash, hash, caller, node, requested, anchor_seq, anchor_hash, audience, request, request_uid FROM audit_events WHERE seq = 3".into(),
             ],
             4,
             "",

@@ -296,6 +296,8 @@ async fn audit_list_filters_and_formats() {
             "anchor_seq",
             "anchor_hash",
             "audience",
+            "request",
+            "request_uid",
             "hash",
             "prev_hash"
         ]

@@ -249,7 +249,10 @@ impl Signing<'_> {
         })
     }
 
-    async fn list_in(&self, version: &str) -> Result<(String, Vec<serde_json::Value>), KubeError> {
+    async fn list_in(
+        &mut self,
+        version: &str,
+    ) -> Result<(String, Vec<serde_json::Value>), KubeError> {
         let mut items = Vec::new();
         let mut continue_token: Option<String> = None;
         let mut first_version = None;
@@ -265,7 +268,18 @@ impl Signing<'_> {
                 )
                 .await?;
             first_version.get_or_insert(page.metadata.resource_version);
-            items.extend(page.items);
+            // Only the unanswered are kept: answered requests (most, in a cluster that has
+            // run a while) are handled at once, so a long list costs one page of memory.
+            for item in page.items {
+                if item["status"]["conditions"]
+                    .as_array()
+                    .is_some_and(|c| !c.is_empty())
+                {
+                    self.handle(item).await;
+                } else {
+                    items.push(item);
+                }
+            }
             if page.metadata.continue_token.is_empty() {
                 return Ok((first_version.unwrap_or_default(), items));
             }
