@@ -134,6 +134,46 @@ pub fn loopback_tls(ca_name: &str) -> (Arc<rustls::ServerConfig>, String) {
     (Arc::new(config), ca_pem)
 }
 
+/// The next HTTP/1.1 request on `reader` (its body parsed as JSON, `Null` if it is not);
+/// `None` when the connection closes.
+pub fn read_request<R: BufRead>(reader: &mut R) -> Option<ApiRequest> {
+    let mut line = String::new();
+    if reader.read_line(&mut line).unwrap_or(0) == 0 {
+        return None;
+    }
+    let mut parts = line.split_whitespace();
+    let method = parts.next().unwrap_or_default().to_owned();
+    let path = parts.next().unwrap_or_default().to_owned();
+    let mut length = 0usize;
+    let mut authorization = None;
+    loop {
+        let mut header = String::new();
+        if reader.read_line(&mut header).unwrap_or(0) == 0 {
+            return None;
+        }
+        let header = header.trim_end();
+        if header.is_empty() {
+            break;
+        }
+        if let Some((name, value)) = header.split_once(':') {
+            let value = value.trim();
+            match name.to_ascii_lowercase().as_str() {
+                "content-length" => length = value.parse().unwrap_or(0),
+                "authorization" => authorization = Some(value.to_owned()),
+                _ => {}
+            }
+        }
+    }
+    let mut body = vec![0u8; length];
+    reader.read_exact(&mut body).ok()?;
+    Some(ApiRequest {
+        method,
+        path,
+        authorization,
+        body: serde_json::from_slice(&body).unwrap_or(serde_json::Value::Null),
+    })
+}
+
 /// Serves HTTP/1.1 requests on one connection until it closes.
 fn serve<S: Read + Write>(
     stream: S,
@@ -142,42 +182,8 @@ fn serve<S: Read + Write>(
 ) {
     let mut reader = BufReader::new(stream);
     loop {
-        let mut line = String::new();
-        if reader.read_line(&mut line).unwrap_or(0) == 0 {
+        let Some(request) = read_request(&mut reader) else {
             return;
-        }
-        let mut parts = line.split_whitespace();
-        let method = parts.next().unwrap_or_default().to_owned();
-        let path = parts.next().unwrap_or_default().to_owned();
-        let mut length = 0usize;
-        let mut authorization = None;
-        loop {
-            let mut header = String::new();
-            if reader.read_line(&mut header).unwrap_or(0) == 0 {
-                return;
-            }
-            let header = header.trim_end();
-            if header.is_empty() {
-                break;
-            }
-            if let Some((name, value)) = header.split_once(':') {
-                let value = value.trim();
-                match name.to_ascii_lowercase().as_str() {
-                    "content-length" => length = value.parse().unwrap_or(0),
-                    "authorization" => authorization = Some(value.to_owned()),
-                    _ => {}
-                }
-            }
-        }
-        let mut body = vec![0u8; length];
-        if reader.read_exact(&mut body).is_err() {
-            return;
-        }
-        let request = ApiRequest {
-            method,
-            path,
-            authorization,
-            body: serde_json::from_slice(&body).unwrap_or(serde_json::Value::Null),
         };
         requests.lock().expect("lock").push(request.clone());
         let answer = Arc::clone(&handler.lock().expect("lock"));

@@ -260,14 +260,7 @@ impl KubeClient {
         path: &str,
         body: Option<Vec<u8>>,
     ) -> Result<Answer, Error> {
-        if let Some((left, why)) = self.backoff().paused(Instant::now()) {
-            return Err(Error::Paused {
-                url: self.api.url.clone(),
-                path: path.to_owned(),
-                left,
-                why: why.to_owned(),
-            });
-        }
+        self.check_paused(path)?;
         let answer = self.send(method, path, body).await;
         let mut backoff = self.backoff();
         let now = Instant::now();
@@ -286,6 +279,19 @@ impl KubeClient {
             Err(e) => backoff.fail(now, None, format!("the last call failed ({e})")),
         }
         answer
+    }
+
+    /// An error while calls are paused after the API server was overloaded or away.
+    fn check_paused(&self, path: &str) -> Result<(), Error> {
+        match self.backoff().paused(Instant::now()) {
+            Some((left, why)) => Err(Error::Paused {
+                url: self.api.url.clone(),
+                path: path.to_owned(),
+                left,
+                why: why.to_owned(),
+            }),
+            None => Ok(()),
+        }
     }
 
     fn backoff(&self) -> std::sync::MutexGuard<'_, Backoff> {
@@ -328,14 +334,7 @@ impl KubeClient {
     /// each at most [`watch::MAX_EVENT`] bytes, and the stream ends when nothing (not even
     /// a bookmark) arrives within `idle`.
     pub async fn watch(&self, path: &str, idle: Duration) -> Result<watch::Watch, Error> {
-        if let Some((left, why)) = self.backoff().paused(Instant::now()) {
-            return Err(Error::Paused {
-                url: self.api.url.clone(),
-                path: path.to_owned(),
-                left,
-                why: why.to_owned(),
-            });
-        }
+        self.check_paused(path)?;
         let request = self.request(http::Method::GET, path, None).await?;
         let response = self
             .client
