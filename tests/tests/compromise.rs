@@ -82,6 +82,18 @@ async fn after_a_taint_every_agent_moves_to_the_active_authority_without_an_mtls
     assert_eq!(before[&1]["live_identities"], AGENTS);
     assert_eq!(before[&2]["converged_ratio"], 0.0);
     assert_eq!(before[&2]["identities"], AGENTS);
+    // And when the last of 1's certificates ends: an hour from their issuance.
+    let last = time::OffsetDateTime::parse(
+        before[&1]["last_certificate_not_after"].as_str().unwrap(),
+        &time::format_description::well_known::Rfc3339,
+    )
+    .unwrap();
+    let ahead = last - time::OffsetDateTime::now_utc();
+    assert!(
+        ahead > time::Duration::minutes(55) && ahead <= time::Duration::minutes(61),
+        "{before:?}"
+    );
+    assert!(before[&2]["last_certificate_not_after"].is_null());
 
     // Workloads keep making mTLS with their neighbours, with whatever their agents serve.
     let stop = Arc::new(AtomicBool::new(false));
@@ -156,6 +168,8 @@ async fn after_a_taint_every_agent_moves_to_the_active_authority_without_an_mtls
     assert_eq!(after[&2]["converged_ratio"], 1.0);
     let table = server.cli_ok(&["root", "status"]);
     assert!(table.contains("retiring TAINTED"), "{table}");
+    assert!(table.contains("LAST LEAF ENDS"), "{table}");
+    assert!(after[&2]["last_certificate_not_after"].is_string());
     assert!(
         table.contains(&format!("rotation: {AGENTS} of {AGENTS} identities (100%)")),
         "{table}"
