@@ -53,6 +53,20 @@ struct State {
     interfere: Option<((String, String), Interference)>,
     /// Status writes answered 403, as without the RBAC to make them.
     forbid_status_writes: bool,
+    /// What the next watches do instead of serving, one each.
+    watch_trouble: std::collections::VecDeque<WatchTrouble>,
+    /// Padding an endless line got into the socket before its reader hung up.
+    endless_bytes_sent: usize,
+}
+
+/// A watch gone wrong, as a broken proxy or a hostile API server would serve it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WatchTrouble {
+    /// One line that never ends: padding sent until the reader hangs up (64 MiB at most).
+    EndlessLine,
+    /// The response's headers, then nothing at all, not even the end at `timeoutSeconds`
+    /// (a connection a load balancer dropped without a word), for up to two minutes.
+    Silent,
 }
 
 /// What another writer does to a request just before the signer's next status write.
@@ -225,6 +239,33 @@ impl FakeCertificatesApi {
         field: KeyField,
         max_expiration_secs: Option<i64>,
     ) -> String {
+        let mut key_fields = serde_json::Map::new();
+        match field {
+            KeyField::Pkix => {
+                key_fields.insert("pkixPublicKey".into(), b64(&key.spki_der).into());
+                key_fields.insert(
+                    "proofOfPossession".into(),
+                    b64(b"checked-by-the-api-server").into(),
+                );
+            }
+            KeyField::Stub => {
+                key_fields.insert("stubPKCS10Request".into(), b64(&key.stub_der).into());
+            }
+        }
+        self.create_request_with_key_fields(ns, pod, sa, signer, key_fields, max_expiration_secs)
+    }
+
+    /// As [`FakeCertificatesApi::create_request`], with the key fields of the spec given as
+    /// they are (what no API server would let through: a key that is not base64, or none).
+    pub fn create_request_with_key_fields(
+        &self,
+        ns: &str,
+        pod: &str,
+        sa: &str,
+        signer: &str,
+        key_fields: serde_json::Map<String, serde_json::Value>,
+        max_expiration_secs: Option<i64>,
+    ) -> String {
         let mut state = self.lock();
         state.version += 1;
         let version = state.version;
@@ -239,12 +280,8 @@ impl FakeCertificatesApi {
             "nodeUID": "node-uid-1",
             "maxExpirationSeconds": max_expiration_secs.unwrap_or(86_400),
         });
-        match field {
-            KeyField::Pkix => {
-                spec["pkixPublicKey"] = b64(&key.spki_der).into();
-                spec["proofOfPossession"] = b64(b"checked-by-the-api-server").into();
-            }
-            KeyField::Stub => spec["stubPKCS10Request"] = b64(&key.stub_der).into(),
+        for (field, value) in key_fields {
+            spec[field] = value;
         }
         let object = serde_json::json!({
             "apiVersion": "certificates.k8s.io/v1beta1",
@@ -319,6 +356,25 @@ impl FakeCertificatesApi {
     /// Status writes are refused (403) while `on`, as for a signer without its RBAC.
     pub fn forbid_status_writes(&self, on: bool) {
         self.lock().forbid_status_writes = on;
+    }
+
+    /// The next watch opened does `what` instead of serving (once; calls queue up).
+    pub fn trouble_next_watch(&self, what: WatchTrouble) {
+        self.lock().watch_trouble.push_back(what);
+    }
+
+    /// How much of the endless lines so far got into the socket before the reader hung up.
+    pub fn endless_bytes_sent(&self) -> usize {
+        self.lock().endless_bytes_sent
+    }
+
+    /// How many watches have been opened so far.
+    pub fn watches_opened(&self) -> usize {
+        self.lock()
+            .seen
+            .iter()
+            .filter(|s| s.method == "GET" && s.path.contains("watch=true"))
+            .count()
     }
 
     /// Forgets the history: a watch from any version given out so far is 410 Gone.
@@ -468,6 +524,10 @@ fn watch<S: Write>(
         return stream.flush();
     }
     let generation = guard.watch_generation;
+    if let Some(trouble) = guard.watch_trouble.pop_front() {
+        drop(guard);
+        return troubled(stream, state, trouble, generation);
+    }
     let deadline = Instant::now() + timeout;
     let mut sent = from;
     loop {
@@ -495,6 +555,43 @@ fn watch<S: Write>(
             .wait_timeout(guard, Duration::from_millis(100))
             .expect("lock")
             .0;
+    }
+}
+
+/// A watch gone wrong; always ends the connection (an `Err`).
+fn troubled<S: Write>(
+    stream: &mut S,
+    state: &(Mutex<State>, Condvar),
+    trouble: WatchTrouble,
+    generation: u64,
+) -> std::io::Result<()> {
+    let gave_up = || std::io::Error::other("the troubled watch is over");
+    match trouble {
+        WatchTrouble::EndlessLine => {
+            let padding = vec![b'a'; 64 << 10];
+            let start = r#"{"type":"ADDED","object":{"padding":""#;
+            write!(stream, "{:x}\r\n{start}\r\n", start.len())?;
+            for _ in 0..1024 {
+                write!(stream, "{:x}\r\n", padding.len())?;
+                stream.write_all(&padding)?;
+                write!(stream, "\r\n")?;
+                stream.flush()?;
+                state.0.lock().expect("lock").endless_bytes_sent += padding.len();
+            }
+            Err(gave_up())
+        }
+        WatchTrouble::Silent => {
+            let (lock, changed) = state;
+            let until = Instant::now() + Duration::from_secs(120);
+            let mut guard = lock.lock().expect("lock");
+            while guard.watch_generation == generation && Instant::now() < until {
+                guard = changed
+                    .wait_timeout(guard, Duration::from_millis(100))
+                    .expect("lock")
+                    .0;
+            }
+            Err(gave_up())
+        }
     }
 }
 

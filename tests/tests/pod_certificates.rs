@@ -10,7 +10,7 @@
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
-use ca_tests::podcert::{FakeCertificatesApi, Interference, KeyField, PodKey};
+use ca_tests::podcert::{FakeCertificatesApi, Interference, KeyField, PodKey, WatchTrouble};
 use ca_tests::*;
 
 const SIGNER: &str = "example.com/spiffe";
@@ -82,6 +82,18 @@ fn status_writes(api: &FakeCertificatesApi) -> BTreeMap<String, usize> {
         }
     }
     writes
+}
+
+/// How many times the requests have been listed (not watched).
+fn lists(api: &FakeCertificatesApi) -> usize {
+    api.seen()
+        .iter()
+        .filter(|s| {
+            s.method == "GET"
+                && !s.path.contains("watch=true")
+                && s.path.contains("podcertificaterequests?")
+        })
+        .count()
 }
 
 #[tokio::test]
@@ -457,29 +469,13 @@ async fn a_restart_and_a_relist_after_410_answer_nothing_twice() {
 
     // The watch's version compacted away under it: 410, a relist, and new requests still
     // answered.
-    let lists_before = api
-        .seen()
-        .iter()
-        .filter(|s| {
-            s.method == "GET"
-                && !s.path.contains("watch=true")
-                && s.path.contains("podcertificaterequests?")
-        })
-        .count();
+    let lists_before = lists(api);
     api.compact();
     api.end_watches();
     let late = api.create_request("shop", "late", "web", SIGNER, &key, KeyField::Stub, None);
     names.push(late.clone());
     api.wait_answered("shop", &late, Duration::from_secs(20));
-    let lists_after = api
-        .seen()
-        .iter()
-        .filter(|s| {
-            s.method == "GET"
-                && !s.path.contains("watch=true")
-                && s.path.contains("podcertificaterequests?")
-        })
-        .count();
+    let lists_after = lists(api);
     assert!(lists_after > lists_before, "no relist after 410");
     assert!(
         server.stderr().contains("listing again"),
@@ -669,6 +665,168 @@ async fn the_cluster_trust_bundle_follows_a_rotation_and_is_written_only_when_it
     assert_eq!(last.trim(), server.bundle_pem().trim());
 }
 
+#[tokio::test]
+async fn keys_that_are_not_keys_are_denied_and_recorded() {
+    let cluster = Cluster::new();
+    let server = cluster.server(&[]);
+    let api = &cluster.api;
+    let b64 = |bytes: &[u8]| {
+        use base64::Engine;
+        base64::engine::general_purpose::STANDARD.encode(bytes)
+    };
+    let fields = |pairs: &[(&str, String)]| {
+        pairs
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), serde_json::Value::from(v.as_str())))
+            .collect::<serde_json::Map<_, _>>()
+    };
+    // A stub request whose signature does not match its key: one byte of it flipped.
+    let key = cluster.key("ECDSAP256");
+    let mut forged = key.stub_der.clone();
+    let last = forged.len() - 1;
+    forged[last] ^= 0x01;
+    let cases = [
+        (
+            "not-base64",
+            fields(&[("pkixPublicKey", "%%% not base64 %%%".into())]),
+        ),
+        (
+            "noise",
+            fields(&[("stubPKCS10Request", b64(&[0x30, 0x82, 0xff, 0xff, 1, 2, 3]))]),
+        ),
+        ("forged", fields(&[("stubPKCS10Request", b64(&forged))])),
+        ("no-key", fields(&[])),
+        // A CSR where a bare key belongs, and a key where a CSR belongs.
+        ("swapped", fields(&[("pkixPublicKey", b64(&key.stub_der))])),
+        (
+            "swapped-stub",
+            fields(&[("stubPKCS10Request", b64(&key.spki_der))]),
+        ),
+    ];
+    let names: Vec<String> = cases
+        .iter()
+        .map(|(pod, fields)| {
+            api.create_request_with_key_fields("shop", pod, "web", SIGNER, fields.clone(), None)
+        })
+        .collect();
+    // A good one after them: the bad ones cost nothing but their own answers.
+    let good = api.create_request("shop", "good", "web", SIGNER, &key, KeyField::Stub, None);
+    for (name, (pod, _)) in names.iter().zip(&cases) {
+        let status = api.wait_answered("shop", name, Duration::from_secs(20));
+        assert_eq!(
+            condition(&status),
+            ("Denied".into(), "InvalidKey".into()),
+            "{pod}: {status}"
+        );
+        assert!(status["certificateChain"].is_null(), "{pod}: {status}");
+        let events = events_for(&server, &format!("uid-{name}"));
+        assert_eq!(events.len(), 1, "{pod}: {events:?}");
+        assert_eq!(events[0]["kind"], "denied");
+        assert!(
+            events[0]["reason"]
+                .as_str()
+                .unwrap()
+                .starts_with("Denied InvalidKey:"),
+            "{pod}: {:?}",
+            events[0]
+        );
+        // Nothing of a key that is not one is recorded as if it were.
+        assert!(
+            events[0]["public_key_sha256"].is_null(),
+            "{pod}: {:?}",
+            events[0]
+        );
+    }
+    let status = api.wait_answered("shop", &good, Duration::from_secs(20));
+    assert_eq!(condition(&status).0, "Issued", "{status}");
+    assert!(api.rejected().is_empty(), "{:?}", api.rejected());
+    assert_audit_intact(&server);
+}
+
+/// Ends the open watch so that the next one, once the signer has opened it, does `trouble`.
+fn reopen_watch_with(api: &FakeCertificatesApi, trouble: WatchTrouble) {
+    let opened = api.watches_opened();
+    api.trouble_next_watch(trouble);
+    api.end_watches();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while api.watches_opened() == opened {
+        assert!(Instant::now() < deadline, "no watch reopened");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[tokio::test]
+async fn a_watch_that_floods_or_goes_silent_is_dropped_and_the_signer_keeps_answering() {
+    let cluster = Cluster::new();
+    // Watches of 8 s, so one silent for 10 s is given up: longer than the signer's own 5 s
+    // recheck timer, which must not keep a dead watch alive.
+    let server = cluster.server(&["--pod-certificate-watch-timeout", "8s"]);
+    let api = &cluster.api;
+    let key = cluster.key("ECDSAP256");
+    let first = api.create_request("shop", "first", "web", SIGNER, &key, KeyField::Stub, None);
+    api.wait_answered("shop", &first, Duration::from_secs(20));
+
+    // A line that never ends: cut at the 4 MiB cap, listed again, answered meanwhile.
+    let lists_before = lists(api);
+    reopen_watch_with(api, WatchTrouble::EndlessLine);
+    let flooded = api.create_request("shop", "flooded", "web", SIGNER, &key, KeyField::Stub, None);
+    api.wait_answered("shop", &flooded, Duration::from_secs(20));
+    assert!(
+        server
+            .stderr()
+            .contains("a watch event longer than 4194304 bytes"),
+        "{}",
+        server.stderr()
+    );
+    assert!(
+        lists(api) > lists_before,
+        "no relist after the endless line"
+    );
+    // The reader hung up near the cap: what got into the socket is the cap and the kernel's
+    // buffers, not the 64 MiB offered.
+    let sent = api.endless_bytes_sent();
+    assert!(
+        sent < 16 << 20,
+        "{sent} bytes of one line read before hanging up"
+    );
+    let rss = server.peak_rss_kib();
+    assert!(
+        rss < 128 << 10,
+        "peak RSS {rss} KiB after an endless watch line"
+    );
+
+    // A watch that sends nothing at all, not even its end: given up a quarter past its
+    // timeout, and watched again from where it was (no relist).
+    reopen_watch_with(api, WatchTrouble::Silent);
+    let lists_before = lists(api);
+    let silenced = Instant::now();
+    let late = api.create_request("shop", "late", "web", SIGNER, &key, KeyField::Stub, None);
+    api.wait_answered("shop", &late, Duration::from_secs(30));
+    let took = silenced.elapsed();
+    assert!(
+        took >= Duration::from_secs(8),
+        "answered after {took:?}: the silent watch was not the one open"
+    );
+    assert!(
+        server.stderr().contains("watch went silent"),
+        "{}",
+        server.stderr()
+    );
+    assert_eq!(
+        lists(api),
+        lists_before,
+        "a silent watch is watched again, not relisted"
+    );
+
+    std::thread::sleep(Duration::from_secs(1));
+    let writes = status_writes(api);
+    for name in [&first, &flooded, &late] {
+        assert_eq!(writes.get(name.as_str()), Some(&1), "{name}: {writes:?}");
+        assert_eq!(events_for(&server, &format!("uid-{name}")).len(), 1);
+    }
+    assert_audit_intact(&server);
+}
+
 #[test]
 fn a_signer_name_must_be_one_of_our_own() {
     let dir = tempfile::tempdir().unwrap();
@@ -701,4 +859,33 @@ fn a_signer_name_must_be_one_of_our_own() {
     ]);
     assert_eq!(out.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&out.stderr).contains("need --pod-certificate-signer"));
+    for (extra, says) in [
+        (
+            &["--pod-certificate-watch-timeout", "1m"][..],
+            "need --pod-certificate-signer",
+        ),
+        (
+            &[
+                "--pod-certificate-signer",
+                "example.com/spiffe",
+                "--pod-certificate-watch-timeout",
+                "0s",
+            ][..],
+            "--pod-certificate-watch-timeout must be at least 1s",
+        ),
+    ] {
+        let mut args = vec![
+            "run",
+            "--data-dir",
+            dir.path().to_str().unwrap(),
+            "--dev",
+            "--kube-api-url",
+            "https://127.0.0.1:1",
+        ];
+        args.extend_from_slice(extra);
+        let out = ca_server(&args);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{extra:?}: {stderr}");
+        assert!(stderr.contains(says), "{extra:?}: {stderr}");
+    }
 }

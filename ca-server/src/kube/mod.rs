@@ -108,6 +108,17 @@ pub enum Error {
         /// The path.
         path: String,
     },
+    /// A watch sent nothing, not even its end, for longer than it was asked to stay open:
+    /// the connection is taken as dead (a proxy dropping it silently) and watched anew.
+    #[error("{url}{path}: the watch sent nothing for {} s: watching again", .idle.as_secs())]
+    Stalled {
+        /// The API.
+        url: String,
+        /// The path.
+        path: String,
+        /// How long it was silent.
+        idle: Duration,
+    },
     /// A write named a resourceVersion that is no longer the object's: someone else wrote
     /// it first (HTTP 409).
     #[error("{url}{path}: HTTP 409 Conflict: the object changed since it was read")]

@@ -18,6 +18,10 @@ pub struct Watch {
     body: hyper::body::Incoming,
     pending: BytesMut,
     idle: Duration,
+    /// When the stream counts as dead: `idle` after the last bytes. Kept here rather than
+    /// started per call, so that a caller's `select!` cancelling [`Watch::next`] (a timer
+    /// beside it) does not restart it.
+    deadline: tokio::time::Instant,
     url: String,
     path: String,
 }
@@ -39,14 +43,15 @@ impl Watch {
             body,
             pending: BytesMut::new(),
             idle,
+            deadline: tokio::time::Instant::now() + idle,
             url,
             path,
         }
     }
 
-    /// The next event; `None` when the API server ended the stream (its `timeoutSeconds`)
-    /// or nothing arrived within the idle deadline: watch again from the last version seen.
-    /// A watch `ERROR` with code 410 is [`Error::Gone`].
+    /// The next event; `None` when the API server ended the stream (its `timeoutSeconds`):
+    /// watch again from the last version seen. A watch `ERROR` with code 410 is
+    /// [`Error::Gone`]; nothing within the idle deadline is [`Error::Stalled`].
     pub async fn next(&mut self) -> Result<Option<WatchEvent>, Error> {
         loop {
             if let Some(end) = self.pending.iter().position(|b| *b == b'\n') {
@@ -60,8 +65,15 @@ impl Watch {
             if self.pending.len() > MAX_EVENT {
                 return Err(self.decode(format!("a watch event longer than {MAX_EVENT} bytes")));
             }
-            let frame = match tokio::time::timeout(self.idle, self.body.frame()).await {
-                Err(_) | Ok(None) => return Ok(None),
+            let frame = match tokio::time::timeout_at(self.deadline, self.body.frame()).await {
+                Err(_) => {
+                    return Err(Error::Stalled {
+                        url: self.url.clone(),
+                        path: self.path.clone(),
+                        idle: self.idle,
+                    });
+                }
+                Ok(None) => return Ok(None),
                 Ok(Some(Err(e))) => {
                     return Err(Error::Call(crate::outbound::Error::Failed {
                         method: http::Method::GET,
@@ -71,6 +83,7 @@ impl Watch {
                 }
                 Ok(Some(Ok(frame))) => frame,
             };
+            self.deadline = tokio::time::Instant::now() + self.idle;
             if let Ok(mut data) = frame.into_data() {
                 while data.has_remaining() {
                     let chunk = data.chunk();

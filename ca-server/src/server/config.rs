@@ -214,4 +214,6 @@ pub struct PodCertificateSettings {
     pub excluded_accounts: Vec<(String, String)>,
     /// Publish the bundle as a ClusterTrustBundle for the signer.
     pub publish_cluster_trust_bundle: bool,
+    /// The `timeoutSeconds` asked of each watch (whole seconds; a second at least).
+    pub watch_timeout: std::time::Duration,
 }

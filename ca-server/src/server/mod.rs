@@ -148,6 +148,7 @@ pub async fn start(settings: Settings) -> Result<RunningServer, StartError> {
                 api_url: api.url.clone(),
             },
             replica: pod_certificates::replica_name(),
+            watch_timeout: pods.watch_timeout,
         };
         tasks.spawn(
             signer

@@ -28,11 +28,6 @@ use crate::store::Store;
 pub const API_VERSIONS: [&str; 2] = ["v1beta1", "v1"];
 /// Requests per page of a list.
 const PAGE: usize = 500;
-/// How long the API server keeps a watch open before ending it (we then watch again from
-/// the last version seen).
-const WATCH_SECS: u64 = 300;
-/// A watch with nothing (not even a bookmark) for this long is given up and reopened.
-const WATCH_IDLE: Duration = Duration::from_secs(WATCH_SECS + 30);
 /// A claim older than this may be taken over: its holder stopped before answering.
 pub const CLAIM_STALE_SECS: i64 = 60;
 /// How often requests put off (claimed elsewhere, or not answerable yet) are looked at again.
@@ -61,6 +56,17 @@ pub struct PodSigner {
     pub policy: PodPolicy,
     /// This process, in claims.
     pub replica: String,
+    /// How long the API server is asked to keep a watch open before ending it (we then
+    /// watch again from the last version seen).
+    pub watch_timeout: Duration,
+}
+
+impl PodSigner {
+    /// A watch with nothing (not even a bookmark) for this long is given up and reopened:
+    /// a quarter past the watch's own timeout, at which the API server would have ended it.
+    fn watch_idle(&self) -> Duration {
+        self.watch_timeout + self.watch_timeout / 4
+    }
 }
 
 /// This process's name in claims: the host (a pod's name) and a random part, new at each
@@ -176,9 +182,14 @@ impl Signing<'_> {
                 self.version,
                 &self.signer.signer,
                 &resource_version,
-                WATCH_SECS,
+                self.signer.watch_timeout.as_secs().max(1),
             );
-            let mut stream = match self.signer.client.watch(&path, WATCH_IDLE).await {
+            let mut stream = match self
+                .signer
+                .client
+                .watch(&path, self.signer.watch_idle())
+                .await
+            {
                 Ok(stream) => stream,
                 Err(KubeError::Gone { .. }) => return Ok(()),
                 Err(e) => return Err(e),
@@ -198,6 +209,10 @@ impl Signing<'_> {
                     Err(KubeError::Gone { .. }) => {
                         info!(resource_version = %resource_version, "The watch's resourceVersion is gone; listing again");
                         return Ok(());
+                    }
+                    Err(e @ KubeError::Stalled { .. }) => {
+                        warn!(error = %e, resource_version = %resource_version, "The PodCertificateRequest watch went silent; watching again");
+                        break;
                     }
                     Err(e) => return Err(e),
                 };

@@ -97,6 +97,12 @@ pub(super) struct RunArgs {
     /// --pod-certificate-signer, for clusterTrustBundle projections
     #[arg(long)]
     publish_cluster_trust_bundle: bool,
+    /// How long the API server is asked to keep a PodCertificateRequest watch open before
+    /// it is opened again; a watch silent for a quarter longer is given up as dead.
+    /// Shorten it when a proxy or load balancer before the API server cuts idle
+    /// connections sooner [default: 5m]
+    #[arg(long, value_name = "DURATION")]
+    pod_certificate_watch_timeout: Option<String>,
     /// TTL of a certificate when the request asks for none [default: 1h]
     #[arg(long)]
     default_ttl: Option<String>,
@@ -179,6 +185,7 @@ pub(super) struct FileRunConfig {
     pod_certificate_exclude_namespace: Option<Vec<String>>,
     pod_certificate_exclude_service_account: Option<Vec<String>>,
     publish_cluster_trust_bundle: Option<bool>,
+    pod_certificate_watch_timeout: Option<String>,
     expiry_warning: Option<String>,
     default_ttl: Option<String>,
     max_ttl: Option<String>,

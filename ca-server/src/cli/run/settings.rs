@@ -408,15 +408,26 @@ fn pod_certificates(
     );
     let publish =
         args.publish_cluster_trust_bundle || file.publish_cluster_trust_bundle.unwrap_or(false);
+    let watch_timeout = args
+        .pod_certificate_watch_timeout
+        .take()
+        .or(file.pod_certificate_watch_timeout.take());
     let Some(signer) = signer else {
-        if publish || !namespaces.is_empty() || !accounts.is_empty() {
+        if publish || !namespaces.is_empty() || !accounts.is_empty() || watch_timeout.is_some() {
             bail!(
-                "--publish-cluster-trust-bundle and --pod-certificate-exclude-* need \
-                 --pod-certificate-signer (the signer name they are for)"
+                "--publish-cluster-trust-bundle, --pod-certificate-exclude-* and \
+                 --pod-certificate-watch-timeout need --pod-certificate-signer (the signer \
+                 name they are for)"
             );
         }
         return Ok(None);
     };
+    let watch_timeout = at_least_a_second(
+        "--pod-certificate-watch-timeout",
+        watch_timeout,
+        time::Duration::minutes(5),
+    )?
+    .unsigned_abs();
     check_signer_name(&signer)?;
     let excluded_accounts = accounts
         .iter()
@@ -432,6 +443,7 @@ fn pod_certificates(
         excluded_namespaces: namespaces,
         excluded_accounts,
         publish_cluster_trust_bundle: publish,
+        watch_timeout,
     }))
 }
 
