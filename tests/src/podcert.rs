@@ -57,6 +57,9 @@ struct State {
     watch_trouble: std::collections::VecDeque<WatchTrouble>,
     /// Padding an endless line got into the socket before its reader hung up.
     endless_bytes_sent: usize,
+    /// The one version PodCertificateRequests are served in (`v1beta1` unless started
+    /// otherwise); the other is 404.
+    served_version: &'static str,
 }
 
 /// A watch gone wrong, as a broken proxy or a hostile API server would serve it.
@@ -177,8 +180,14 @@ fn status(code: u16, reason: &str, message: &str) -> serde_json::Value {
 }
 
 impl FakeCertificatesApi {
-    /// Starts it, writing its CA and token files into `dir`.
+    /// Starts it, serving PodCertificateRequests in `v1beta1` (1.35, 1.36), writing its CA
+    /// and token files into `dir`.
     pub fn start(dir: &Path) -> Self {
+        Self::start_serving(dir, "v1beta1")
+    }
+
+    /// Starts it, serving PodCertificateRequests in `version` only.
+    pub fn start_serving(dir: &Path, version: &'static str) -> Self {
         let (config, ca_pem) = crate::kube::loopback_tls("fake certificates api ca");
         let ca_file = dir.join("certs-api-ca.crt");
         std::fs::write(&ca_file, ca_pem).expect("write ca");
@@ -186,7 +195,13 @@ impl FakeCertificatesApi {
         std::fs::write(&token_file, "signer-token\n").expect("write token");
         let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
         let addr: SocketAddr = listener.local_addr().expect("addr");
-        let state = Arc::new((Mutex::new(State::default()), Condvar::new()));
+        let state = Arc::new((
+            Mutex::new(State {
+                served_version: version,
+                ..State::default()
+            }),
+            Condvar::new(),
+        ));
         {
             let state = Arc::clone(&state);
             std::thread::spawn(move || {
@@ -284,7 +299,7 @@ impl FakeCertificatesApi {
             spec[field] = value;
         }
         let object = serde_json::json!({
-            "apiVersion": "certificates.k8s.io/v1beta1",
+            "apiVersion": format!("certificates.k8s.io/{}", state.served_version),
             "kind": "PodCertificateRequest",
             "metadata": {
                 "namespace": ns,
@@ -437,8 +452,25 @@ fn serve<S: Read + Write>(stream: S, state: &(Mutex<State>, Condvar)) {
             .filter_map(|kv| kv.split_once('='))
             .map(|(k, v)| (k.to_owned(), crate::kube::percent_decode(v)))
             .collect();
-        let parts: Vec<&str> = route.trim_start_matches('/').split('/').collect();
+        let mut parts: Vec<&str> = route.trim_start_matches('/').split('/').collect();
         let stream = reader.get_mut();
+        // Routes below spell the requests' version v1beta1; the one served is answered as
+        // that, the other is not there.
+        if parts.get(3) == Some(&"podcertificaterequests")
+            || parts.get(5) == Some(&"podcertificaterequests")
+        {
+            let served = state.0.lock().expect("lock").served_version;
+            if parts.get(2) == Some(&served) {
+                parts[2] = "v1beta1";
+            } else {
+                record(state, &method, &path, 404);
+                let missing = status(404, "NotFound", "the server could not find the resource");
+                if respond(stream, 404, &missing).is_err() {
+                    return;
+                }
+                continue;
+            }
+        }
         if method == "GET"
             && params.get("watch").map(String::as_str) == Some("true")
             && matches!(
@@ -459,17 +491,20 @@ fn serve<S: Read + Write>(stream: S, state: &(Mutex<State>, Condvar)) {
         }
         let (code, json) = answer(state, &method, &parts, &params, &body);
         record(state, &method, &path, code);
-        let text = json.to_string();
-        let written = write!(
-            stream,
-            "HTTP/1.1 {code} X\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{text}",
-            text.len()
-        )
-        .and_then(|()| stream.flush());
-        if written.is_err() {
+        if respond(stream, code, &json).is_err() {
             return;
         }
     }
+}
+
+fn respond<S: Write>(stream: &mut S, code: u16, json: &serde_json::Value) -> std::io::Result<()> {
+    let text = json.to_string();
+    write!(
+        stream,
+        "HTTP/1.1 {code} X\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{text}",
+        text.len()
+    )?;
+    stream.flush()
 }
 
 fn record(state: &(Mutex<State>, Condvar), method: &str, path: &str, status: u16) {
@@ -650,7 +685,7 @@ fn answer(
             (
                 200,
                 serde_json::json!({
-                    "apiVersion": "certificates.k8s.io/v1beta1",
+                    "apiVersion": format!("certificates.k8s.io/{}", state.served_version),
                     "kind": "PodCertificateRequestList",
                     "metadata": {"resourceVersion": state.version.to_string(), "continue": cont},
                     "items": page,

@@ -666,6 +666,67 @@ async fn the_cluster_trust_bundle_follows_a_rotation_and_is_written_only_when_it
 }
 
 #[tokio::test]
+async fn where_only_v1_is_served_the_requests_are_listed_watched_and_answered_in_v1() {
+    let dir = tempfile::tempdir().unwrap();
+    let cluster = Cluster {
+        api: FakeCertificatesApi::start_serving(dir.path(), "v1"),
+        issuer: TestIssuer::new(dir.path()),
+        dir,
+    };
+    let server = cluster.server(&[]);
+    let api = &cluster.api;
+    let key = cluster.key("ECDSAP256");
+    let listed = api.create_request("shop", "early", "web", SIGNER, &key, KeyField::Stub, None);
+    let status = api.wait_answered("shop", &listed, Duration::from_secs(20));
+    assert_eq!(condition(&status).0, "Issued", "{status}");
+    // One arriving on the watch, too.
+    let watched = api.create_request("shop", "late", "web", SIGNER, &key, KeyField::Pkix, None);
+    let status = api.wait_answered("shop", &watched, Duration::from_secs(20));
+    assert_eq!(condition(&status).0, "Issued", "{status}");
+    // And after a relist (410).
+    let before = lists(api);
+    api.compact();
+    api.end_watches();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while lists(api) == before {
+        assert!(Instant::now() < deadline, "no relist after 410");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let relisted = api.create_request("shop", "later", "web", SIGNER, &key, KeyField::Stub, None);
+    let status = api.wait_answered("shop", &relisted, Duration::from_secs(20));
+    assert_eq!(condition(&status).0, "Issued", "{status}");
+
+    // v1beta1 was tried once, found missing, and never asked again.
+    let seen = api.seen();
+    let calls: Vec<&str> = seen
+        .iter()
+        .filter(|s| s.path.contains("podcertificaterequests"))
+        .map(|s| s.path.as_str())
+        .collect();
+    assert!(calls[0].contains("/v1beta1/"), "{calls:?}");
+    assert!(
+        calls[1..]
+            .iter()
+            .all(|p| p.contains("/certificates.k8s.io/v1/")),
+        "{calls:?}"
+    );
+    assert!(calls.iter().any(|p| p.contains("watch=true")), "{calls:?}");
+    let v1_lists = calls
+        .iter()
+        .filter(|p| p.contains("/v1/podcertificaterequests?") && !p.contains("watch=true"))
+        .count();
+    assert!(v1_lists >= 2, "no relist after 410: {calls:?}");
+    assert_eq!(status_writes(api).len(), 3);
+    assert!(
+        server
+            .stderr()
+            .contains("PodCertificateRequests are served in this version"),
+        "{}",
+        server.stderr()
+    );
+}
+
+#[tokio::test]
 async fn keys_that_are_not_keys_are_denied_and_recorded() {
     let cluster = Cluster::new();
     let server = cluster.server(&[]);

@@ -234,10 +234,12 @@ impl Signing<'_> {
     }
 
     /// Every request for the signer and the list's resourceVersion, page by page; the API
-    /// version is the first the API server serves.
+    /// version is the one found last time if still served, else the first served.
     async fn list(&mut self) -> Result<(String, Vec<serde_json::Value>), KubeError> {
         let mut last_error = None;
-        for version in API_VERSIONS {
+        let current = self.version;
+        let others = API_VERSIONS.into_iter().filter(|v| *v != current);
+        for version in std::iter::once(current).chain(others) {
             match self.list_in(version).await {
                 Ok(listed) => {
                     if self.version != version {
