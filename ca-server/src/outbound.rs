@@ -94,11 +94,16 @@ impl Client {
     /// A client trusting the system's roots and, if given, the CA certificates in `extra_ca`
     /// (PEM), such as a cluster's CA for its API server.
     pub fn new(extra_ca: Option<&str>) -> Result<Self, Error> {
+        // No Nagle, as Go's and curl's clients: a request that leaves in more than one
+        // segment must not wait for the peer's delayed ACK (up to 40 ms) before its last.
+        let mut tcp = HttpConnector::new();
+        tcp.set_nodelay(true);
+        tcp.enforce_http(false);
         let https = hyper_rustls::HttpsConnectorBuilder::new()
             .with_tls_config(tls_config(extra_ca)?)
             .https_only()
             .enable_http1()
-            .build();
+            .wrap_connector(tcp);
         Ok(Self {
             inner: hyper_util::client::legacy::Client::builder(TokioExecutor::new()).build(https),
         })

@@ -55,6 +55,8 @@ impl FakeKubeApi {
             let handler = Arc::clone(&handler);
             std::thread::spawn(move || {
                 for stream in listener.incoming().flatten() {
+                    // As an API server does (Go sets it on every connection).
+                    let _ = stream.set_nodelay(true);
                     let config = Arc::clone(&config);
                     let requests = Arc::clone(&requests);
                     let handler = Arc::clone(&handler);

@@ -206,6 +206,8 @@ impl FakeCertificatesApi {
             let state = Arc::clone(&state);
             std::thread::spawn(move || {
                 for stream in listener.incoming().flatten() {
+                    // As an API server does (Go sets it on every connection).
+                    let _ = stream.set_nodelay(true);
                     let config = Arc::clone(&config);
                     let state = Arc::clone(&state);
                     std::thread::spawn(move || {
