@@ -37,6 +37,22 @@ pub struct ReviewLabels {
     pub outcome: &'static str,
 }
 
+/// A PodCertificateRequest answer's label.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct PodAnswerLabels {
+    /// The condition written: `Issued`, `Denied` or `Failed`.
+    pub condition: &'static str,
+}
+
+/// Why a PodCertificateRequest watch was opened again.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct WatchRestartLabels {
+    /// `ended` (the API server's timeout: watched again), `gone` (410: listed again),
+    /// `stalled` (silent past its deadline: watched again) or `failed` (an error: listed
+    /// again after a pause).
+    pub cause: &'static str,
+}
+
 /// An authority's labels.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct AuthorityLabels {
@@ -89,6 +105,12 @@ pub struct Metrics {
     pub token_reviews: Family<ReviewLabels, Counter>,
     /// 1 while the audit log takes writes (the last health check found no failure), else 0.
     pub audit_writable: Gauge,
+    /// PodCertificateRequests answered (status written), by condition.
+    pub pod_certificate_answers: Family<PodAnswerLabels, Counter>,
+    /// PodCertificateRequests seen unanswered and not answered yet.
+    pub pod_certificate_waiting: Gauge,
+    /// PodCertificateRequest watches opened again, by cause.
+    pub pod_certificate_watch_restarts: Family<WatchRestartLabels, Counter>,
 }
 
 impl Metrics {
@@ -221,8 +243,40 @@ impl Metrics {
             "1 while the audit log takes writes, 0 once a write failed (nothing is issued then)",
             audit_writable.clone(),
         );
+        let pod_certificate_answers = Family::<PodAnswerLabels, Counter>::default();
+        for condition in ["Issued", "Denied", "Failed"] {
+            drop(pod_certificate_answers.get_or_create(&PodAnswerLabels { condition }));
+        }
+        registry.register(
+            "pod_certificate_answers",
+            "PodCertificateRequests this server answered (its status write landed), by the \
+             condition written",
+            pod_certificate_answers.clone(),
+        );
+        let pod_certificate_waiting = Gauge::default();
+        registry.register(
+            "pod_certificate_requests_waiting",
+            "PodCertificateRequests for this signer seen unanswered and not answered yet: being \
+             answered, or put off (claimed by another replica, over the identity's budget, a \
+             write to try again)",
+            pod_certificate_waiting.clone(),
+        );
+        let pod_certificate_watch_restarts = Family::<WatchRestartLabels, Counter>::default();
+        for cause in ["ended", "gone", "stalled", "failed"] {
+            drop(pod_certificate_watch_restarts.get_or_create(&WatchRestartLabels { cause }));
+        }
+        registry.register(
+            "pod_certificate_watch_restarts",
+            "PodCertificateRequest watches opened again, by cause (ended: the API server's \
+             timeout; gone: 410, listed again; stalled: silent past its deadline; failed: an \
+             error, listed again after a pause)",
+            pod_certificate_watch_restarts.clone(),
+        );
         Self {
             registry,
+            pod_certificate_answers,
+            pod_certificate_waiting,
+            pod_certificate_watch_restarts,
             token_reviews,
             audit_writable,
             connections_refused,

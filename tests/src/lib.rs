@@ -355,6 +355,28 @@ impl TestServer {
         std::fs::read_to_string(&self.stderr_path).unwrap_or_default()
     }
 
+    /// The value of the sample `series` (a metric's name with its labels, as exported,
+    /// e.g. `ca_refusals_total{code="UNAUTHENTICATED",reason="token"}`) in `/metrics`.
+    pub fn metric(&self, series: &str) -> Option<f64> {
+        let (_, text) = http_get(self.http, "/metrics").ok()?;
+        text.lines()
+            .find_map(|l| l.strip_prefix(series)?.strip_prefix(' '))
+            .and_then(|v| v.split_whitespace().next()?.parse().ok())
+    }
+
+    /// CPU time the server process has used so far (user + system), in seconds.
+    pub fn cpu_seconds(&self) -> f64 {
+        let pid = self.child.as_ref().expect("the server is running").id();
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).expect("proc stat");
+        // The fields after the command (in parentheses, which may hold spaces): utime and
+        // stime are the 12th and 13th, in clock ticks (100 a second on Linux).
+        let rest = &stat[stat.rfind(')').expect("comm") + 2..];
+        let fields: Vec<&str> = rest.split_whitespace().collect();
+        let ticks: u64 =
+            fields[11].parse::<u64>().expect("utime") + fields[12].parse::<u64>().expect("stime");
+        ticks as f64 / 100.0
+    }
+
     /// The server process's peak resident memory so far (VmHWM), in KiB.
     pub fn peak_rss_kib(&self) -> u64 {
         let pid = self.child.as_ref().expect("the server is running").id();

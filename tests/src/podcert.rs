@@ -364,6 +364,22 @@ impl FakeCertificatesApi {
         self.state.1.notify_all();
     }
 
+    /// Another writer changes `ns`/`name` (a label): a MODIFIED event, still unanswered.
+    pub fn touch(&self, ns: &str, name: &str) {
+        let mut state = self.lock();
+        state.version += 1;
+        let version = state.version;
+        let object = state
+            .requests
+            .get_mut(&(ns.to_owned(), name.to_owned()))
+            .expect("no such request");
+        object["metadata"]["labels"] = serde_json::json!({"touched": version.to_string()});
+        object["metadata"]["resourceVersion"] = version.to_string().into();
+        let object = object.clone();
+        state.events.push((version, "MODIFIED", object));
+        self.state.1.notify_all();
+    }
+
     /// Before the next status write to a request of pod `ns`/`pod`, another writer does
     /// `what` to it: the write names a stale version.
     pub fn interfere_before_next_write(&self, ns: &str, pod: &str, what: Interference) {

@@ -8,11 +8,13 @@
 //! wrote first: the request is read again, and if another writer answered it, the
 //! certificate signed here is dropped and recorded as never delivered.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use base64::Engine;
+use futures_util::future::BoxFuture;
+use futures_util::stream::{FuturesUnordered, StreamExt};
 use time::OffsetDateTime;
 use tokio::sync::watch;
 use tracing::{debug, info, warn};
@@ -100,6 +102,39 @@ struct Signing<'a> {
     /// Requests this replica saw answered (its own write landed, or it read the answer),
     /// oldest first: a watch event from before the answer is then stale, not a new request.
     answered: Answered,
+    /// Requests being answered now (at most [`MAX_IN_FLIGHT`]), each with the newest
+    /// version of it seen meanwhile, to look at once its answer is done.
+    in_flight: HashMap<String, Option<serde_json::Value>>,
+    /// Their answers: several at once, so that a storm of new pods shares audit commits
+    /// and overlaps its status writes instead of queueing behind each one.
+    work: FuturesUnordered<BoxFuture<'a, Done>>,
+    /// Requests seen while in flight, to handle again now that they are not.
+    again: VecDeque<serde_json::Value>,
+}
+
+/// Requests answered at once; more wait for a place.
+const MAX_IN_FLIGHT: usize = 32;
+
+/// A request handled: which, and what the loop must remember of it.
+struct Done {
+    uid: String,
+    namespace: String,
+    name: String,
+    outcome: Outcome,
+}
+
+/// What became of a request handled.
+enum Outcome {
+    /// Answered: our write landed, or another writer's answer was read.
+    Answered,
+    /// Look at it again after this long; `unsettled` is an answer recorded whose status
+    /// write did not land or whose fate is unknown, to write again rather than decide again.
+    Later {
+        after: Duration,
+        unsettled: Option<PodAnswer>,
+    },
+    /// Deleted meanwhile.
+    Gone,
 }
 
 /// A bounded set of request uids, forgetting the oldest past [`MAX_ANSWERED`].
@@ -139,6 +174,9 @@ impl PodSigner {
             deferred: HashMap::new(),
             unsettled: HashMap::new(),
             answered: Answered::default(),
+            in_flight: HashMap::new(),
+            work: FuturesUnordered::new(),
+            again: VecDeque::new(),
         };
         let mut backoff = BACKOFF_FIRST;
         loop {
@@ -149,6 +187,7 @@ impl PodSigner {
             match outcome {
                 Ok(()) => backoff = BACKOFF_FIRST,
                 Err(e) => {
+                    watch_restarted("failed");
                     warn!(signer = %self.signer, error = %e, retry_in_ms = backoff.as_millis(), "Watching PodCertificateRequests failed; listing again");
                     tokio::select! {
                         _ = tokio::time::sleep(backoff) => {}
@@ -163,8 +202,19 @@ impl PodSigner {
 
 impl Signing<'_> {
     /// Lists every request for the signer, answers the unanswered, then watches from the
-    /// list's version until the version is gone (`Ok`: list again) or a call fails.
+    /// list's version until the version is gone (`Ok`: list again) or a call fails. The
+    /// answers under way are finished before it returns.
     async fn list_and_watch(&mut self) -> Result<(), KubeError> {
+        let outcome = self.list_and_watch_once().await;
+        while let Some(done) = self.work.next().await {
+            self.finish(done);
+        }
+        // A relist reads them afresh.
+        self.again.clear();
+        outcome
+    }
+
+    async fn list_and_watch_once(&mut self) -> Result<(), KubeError> {
         let (version, items) = self.list().await?;
         debug!(requests = items.len(), resource_version = %version, "Listed PodCertificateRequests");
         let _ = self
@@ -191,27 +241,43 @@ impl Signing<'_> {
                 .await
             {
                 Ok(stream) => stream,
-                Err(KubeError::Gone { .. }) => return Ok(()),
+                Err(KubeError::Gone { .. }) => {
+                    watch_restarted("gone");
+                    return Ok(());
+                }
                 Err(e) => return Err(e),
             };
             loop {
+                while let Some(object) = self.again.pop_front() {
+                    self.handle(object).await;
+                }
+                self.count_waiting();
                 let event = tokio::select! {
                     event = stream.next() => event,
                     _ = recheck.tick() => {
                         self.recheck().await;
                         continue;
                     }
+                    Some(done) = self.work.next(), if !self.work.is_empty() => {
+                        self.finish(done);
+                        continue;
+                    }
                 };
                 let event = match event {
                     Ok(Some(event)) => event,
                     // The API server ended the watch: watch again from where it got to.
-                    Ok(None) => break,
+                    Ok(None) => {
+                        watch_restarted("ended");
+                        break;
+                    }
                     Err(KubeError::Gone { .. }) => {
                         info!(resource_version = %resource_version, "The watch's resourceVersion is gone; listing again");
+                        watch_restarted("gone");
                         return Ok(());
                     }
                     Err(e @ KubeError::Stalled { .. }) => {
                         warn!(error = %e, resource_version = %resource_version, "The PodCertificateRequest watch went silent; watching again");
+                        watch_restarted("stalled");
                         break;
                     }
                     Err(e) => return Err(e),
@@ -347,7 +413,8 @@ impl Signing<'_> {
         );
     }
 
-    /// Answers `object` if it is an unanswered request for this signer.
+    /// Starts answering `object` if it is an unanswered request for this signer (waiting
+    /// for a place among those in flight).
     async fn handle(&mut self, object: serde_json::Value) {
         let Ok(typed) = serde_json::from_value::<PodCertificateRequest>(object.clone()) else {
             warn!("A watch event's object is not a PodCertificateRequest; skipped");
@@ -369,43 +436,159 @@ impl Signing<'_> {
             // sent before the write that answered it).
             return;
         }
+        if let Some(newest) = self.in_flight.get_mut(&uid) {
+            // Never two answers to one request at once: this version waits for that one.
+            *newest = Some(object);
+            return;
+        }
+        while self.work.len() >= MAX_IN_FLIGHT {
+            if let Some(done) = self.work.next().await {
+                self.finish(done);
+            }
+        }
+        self.deferred.remove(&uid);
+        self.in_flight.insert(uid.clone(), None);
+        let unsettled = self.unsettled.remove(&uid);
+        let answering = Answering {
+            signer: self.signer,
+            version: self.version,
+        };
+        self.work
+            .push(Box::pin(answering.answer(object, typed, unsettled)));
+    }
+
+    /// Sets the waiting gauge: being answered, or put off.
+    fn count_waiting(&self) {
+        let waiting = self.in_flight.len()
+            + self
+                .deferred
+                .keys()
+                .filter(|uid| !self.in_flight.contains_key(*uid))
+                .count();
+        crate::metrics::metrics()
+            .pod_certificate_waiting
+            .set(i64::try_from(waiting).unwrap_or(i64::MAX));
+    }
+
+    /// Remembers what became of a request answered, and looks again at a newer version of
+    /// it seen meanwhile.
+    fn finish(&mut self, done: Done) {
+        let Done {
+            uid,
+            namespace,
+            name,
+            outcome,
+        } = done;
+        let newest = self.in_flight.remove(&uid).flatten();
+        match outcome {
+            Outcome::Answered => {
+                self.deferred.remove(&uid);
+                self.answered.insert(&uid);
+            }
+            Outcome::Later { after, unsettled } => {
+                if let Some(answer) = unsettled {
+                    self.unsettled.insert(uid.clone(), answer);
+                }
+                self.defer(&uid, &namespace, &name, after);
+            }
+            Outcome::Gone => {
+                self.deferred.remove(&uid);
+                self.unsettled.remove(&uid);
+            }
+        }
+        if let Some(object) = newest
+            && !self.answered.contains(&uid)
+        {
+            self.again.push_back(object);
+        }
+    }
+
+    /// `typed` is answered: if a certificate of ours for it was unsettled and the answer is
+    /// not that certificate, it was never delivered.
+    async fn settle(&mut self, uid: &str, typed: &PodCertificateRequest) {
+        let Some(PodAnswer::Issued(issued)) = self.unsettled.remove(uid) else {
+            return;
+        };
+        if delivered_serial(typed).as_deref() != Some(issued.serial.as_str()) {
+            not_delivered(
+                self.signer,
+                &to_request(typed),
+                &issued.serial,
+                &issued.spiffe_id,
+            )
+            .await;
+        }
+    }
+}
+
+/// One request's answer, from its claim to its status write: what runs in flight.
+#[derive(Clone, Copy)]
+struct Answering<'a> {
+    signer: &'a PodSigner,
+    version: &'static str,
+}
+
+impl<'a> Answering<'a> {
+    /// Claims, decides, records and writes the answer to an unanswered request; with
+    /// `unsettled`, writes that answer again instead (while the API server would take it).
+    async fn answer(
+        self,
+        object: serde_json::Value,
+        typed: PodCertificateRequest,
+        unsettled: Option<PodAnswer>,
+    ) -> Done {
         let request = to_request(&typed);
-        if let Some(answer) = self.unsettled.remove(&uid) {
+        let outcome = self.outcome(object, &request, unsettled).await;
+        Done {
+            uid: request.uid,
+            namespace: request.namespace,
+            name: request.name,
+            outcome,
+        }
+    }
+
+    async fn outcome(
+        self,
+        object: serde_json::Value,
+        request: &PodRequest,
+        unsettled: Option<PodAnswer>,
+    ) -> Outcome {
+        let uid = &request.uid;
+        if let Some(answer) = unsettled {
             // Our last write did not land (the request is still unanswered). The same answer
             // goes again while it may: a fresh decision would sign (and record) again.
             if deliverable(&answer, OffsetDateTime::now_utc()) {
-                self.deliver(object, &request, &answer).await;
-                return;
+                return self.deliver(object, request, &answer).await;
             }
             if let PodAnswer::Issued(issued) = &answer {
-                self.not_delivered(&request, &issued.serial, &issued.spiffe_id)
-                    .await;
+                not_delivered(self.signer, request, &issued.serial, &issued.spiffe_id).await;
             }
         }
+        let later = |after| Outcome::Later {
+            after,
+            unsettled: None,
+        };
         let now = OffsetDateTime::now_utc().unix_timestamp();
         match self
             .signer
             .store
-            .claim_pod_request(&uid, &self.signer.replica, now, CLAIM_STALE_SECS)
+            .claim_pod_request(uid, &self.signer.replica, now, CLAIM_STALE_SECS)
             .await
         {
             Ok(true) => {}
             Ok(false) => {
                 debug!(request = %format!("{}/{}", request.namespace, request.name), "Claimed by another replica");
-                let after = Duration::from_secs(CLAIM_STALE_SECS.unsigned_abs());
-                self.defer(&uid, &request.namespace, &request.name, after);
-                return;
+                return later(Duration::from_secs(CLAIM_STALE_SECS.unsigned_abs()));
             }
             Err(e) => {
                 warn!(error = %e, "Could not claim a PodCertificateRequest; retrying");
-                self.defer(&uid, &request.namespace, &request.name, RECHECK);
-                return;
+                return later(RECHECK);
             }
         }
         let answer = match self
             .signer
             .ca
-            .answer_pod_request(&request, &self.signer.policy)
+            .answer_pod_request(request, &self.signer.policy)
             .await
         {
             Ok(answer) => answer,
@@ -419,24 +602,28 @@ impl Signing<'_> {
                 let _ = self
                     .signer
                     .store
-                    .release_pod_request(&uid, &self.signer.replica)
+                    .release_pod_request(uid, &self.signer.replica)
                     .await;
-                self.defer(&uid, &request.namespace, &request.name, RECHECK);
-                return;
+                return later(RECHECK);
             }
         };
-        self.deliver(object, &request, &answer).await;
+        self.deliver(object, request, &answer).await
     }
 
     /// Writes `answer` into `object`'s status; on a conflict reads the request again and
     /// writes again while it is still unanswered.
     async fn deliver(
-        &mut self,
+        self,
         mut object: serde_json::Value,
         request: &PodRequest,
         answer: &PodAnswer,
-    ) {
+    ) -> Outcome {
         let what = format!("{}/{}", request.namespace, request.name);
+        let dropped = || async {
+            if let PodAnswer::Issued(issued) = answer {
+                not_delivered(self.signer, request, &issued.serial, &issued.spiffe_id).await;
+            }
+        };
         for _ in 0..WRITE_TRIES {
             object["status"] = status_of(answer, object["metadata"]["generation"].as_i64());
             let written = self
@@ -451,8 +638,15 @@ impl Signing<'_> {
                 .await;
             match written {
                 Ok(_) => {
-                    self.deferred.remove(&request.uid);
-                    self.answered.insert(&request.uid);
+                    let condition = match answer {
+                        PodAnswer::Issued(_) => "Issued",
+                        PodAnswer::Denied { .. } => "Denied",
+                        PodAnswer::Failed { .. } => "Failed",
+                    };
+                    crate::metrics::metrics()
+                        .pod_certificate_answers
+                        .get_or_create(&crate::metrics::PodAnswerLabels { condition })
+                        .inc();
                     match answer {
                         PodAnswer::Issued(issued) => {
                             info!(request = %what, spiffe_id = %issued.spiffe_id, serial = %issued.serial, not_after = %crate::rfc3339::text(issued.not_after), "Issued a pod certificate")
@@ -461,7 +655,7 @@ impl Signing<'_> {
                             debug!(request = %what, reason, "Wrote the refusal")
                         }
                     }
-                    return;
+                    return Outcome::Answered;
                 }
                 Err(KubeError::Conflict { .. }) => {
                     match self
@@ -474,23 +668,15 @@ impl Signing<'_> {
                             let typed: PodCertificateRequest =
                                 serde_json::from_value(fresh.clone()).unwrap_or_default();
                             if typed.answered() {
-                                self.answered.insert(&request.uid);
                                 info!(request = %what, "Answered by another writer first; this answer is dropped");
-                                if let PodAnswer::Issued(issued) = answer {
-                                    self.not_delivered(request, &issued.serial, &issued.spiffe_id)
-                                        .await;
-                                }
-                                self.deferred.remove(&request.uid);
-                                return;
+                                dropped().await;
+                                return Outcome::Answered;
                             }
                             object = fresh;
                         }
                         Ok(None) => {
-                            if let PodAnswer::Issued(issued) = answer {
-                                self.not_delivered(request, &issued.serial, &issued.spiffe_id)
-                                    .await;
-                            }
-                            return;
+                            dropped().await;
+                            return Outcome::Gone;
                         }
                         Err(e) => {
                             warn!(request = %what, error = %e, "Could not read the request again after a conflict");
@@ -501,29 +687,19 @@ impl Signing<'_> {
                 Err(e @ KubeError::Forbidden { .. }) => {
                     // Our RBAC: nothing to gain by asking at once; the answer is kept.
                     warn!(request = %what, error = %e, "Not allowed to answer PodCertificateRequests; trying again in 30 s");
-                    self.unsettled.insert(request.uid.clone(), answer.clone());
-                    self.defer(
-                        &request.uid,
-                        &request.namespace,
-                        &request.name,
-                        FORBIDDEN_RETRY,
-                    );
-                    return;
+                    return Outcome::Later {
+                        after: FORBIDDEN_RETRY,
+                        unsettled: Some(answer.clone()),
+                    };
                 }
                 Err(KubeError::Invalid { message, .. }) => {
                     // Not a race: the API server will never take this answer.
                     tracing::error!(alert = true, request = %what, message = %message, "ALERT: the API server refused the answer to a PodCertificateRequest as invalid");
-                    if let PodAnswer::Issued(issued) = answer {
-                        self.not_delivered(request, &issued.serial, &issued.spiffe_id)
-                            .await;
-                    }
-                    self.defer(
-                        &request.uid,
-                        &request.namespace,
-                        &request.name,
-                        Duration::from_secs(CLAIM_STALE_SECS.unsigned_abs()),
-                    );
-                    return;
+                    dropped().await;
+                    return Outcome::Later {
+                        after: Duration::from_secs(CLAIM_STALE_SECS.unsigned_abs()),
+                        unsettled: None,
+                    };
                 }
                 Err(e) => {
                     warn!(request = %what, error = %e, "Writing the answer to a PodCertificateRequest failed; trying again shortly");
@@ -532,31 +708,28 @@ impl Signing<'_> {
             }
         }
         // The write's fate is unknown: look again shortly, and settle it then.
-        self.unsettled.insert(request.uid.clone(), answer.clone());
-        self.defer(&request.uid, &request.namespace, &request.name, RECHECK);
-    }
-
-    /// `typed` is answered: if a certificate of ours for it was unsettled and the answer is
-    /// not that certificate, it was never delivered.
-    async fn settle(&mut self, uid: &str, typed: &PodCertificateRequest) {
-        let Some(PodAnswer::Issued(issued)) = self.unsettled.remove(uid) else {
-            return;
-        };
-        if delivered_serial(typed).as_deref() != Some(issued.serial.as_str()) {
-            self.not_delivered(&to_request(typed), &issued.serial, &issued.spiffe_id)
-                .await;
+        Outcome::Later {
+            after: RECHECK,
+            unsettled: Some(answer.clone()),
         }
     }
+}
 
-    async fn not_delivered(&self, request: &PodRequest, serial: &str, spiffe_id: &str) {
-        if let Err(e) = self
-            .signer
-            .ca
-            .record_pod_not_delivered(request, serial, spiffe_id)
-            .await
-        {
-            warn!(serial, error = %e, "Could not record that a pod certificate was not delivered");
-        }
+fn watch_restarted(cause: &'static str) {
+    crate::metrics::metrics()
+        .pod_certificate_watch_restarts
+        .get_or_create(&crate::metrics::WatchRestartLabels { cause })
+        .inc();
+}
+
+/// Records that the certificate `serial` signed for `request` never reached it.
+async fn not_delivered(signer: &PodSigner, request: &PodRequest, serial: &str, spiffe_id: &str) {
+    if let Err(e) = signer
+        .ca
+        .record_pod_not_delivered(request, serial, spiffe_id)
+        .await
+    {
+        warn!(serial, error = %e, "Could not record that a pod certificate was not delivered");
     }
 }
 
