@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 use ca_tests::*;
 
 /// The alerts the rules file must have, one per failure the operators asked to be told of.
-const ALERTS: [&str; 8] = [
+const ALERTS: [&str; 10] = [
     "CaAuthorityExpiring",
     "CaActiveAuthorityExpiresWithinADay",
     "CaNoActiveAuthority",
@@ -26,6 +26,8 @@ const ALERTS: [&str; 8] = [
     "CaRotationStalled",
     "CaBundleClientsLagging",
     "CaTokenReviewFailing",
+    "CaPodCertificatesWaiting",
+    "CaPodCertificateWatchFailing",
 ];
 
 fn deploy(path: &str) -> PathBuf {
