@@ -550,6 +550,16 @@ async fn a_stale_resource_version_is_retried_and_an_answer_elsewhere_drops_ours(
 
     // Another writer answers first: our certificate is dropped and recorded as never
     // delivered; the other answer stands.
+    let live = || {
+        let status = server.cli_ok(&["root", "status", "--format", "json"]);
+        let authority: serde_json::Value =
+            serde_json::from_str(status.lines().next().unwrap()).unwrap();
+        (
+            authority["live_certificates"].as_i64().unwrap(),
+            authority["unexpired_certificates"].as_i64().unwrap(),
+        )
+    };
+    let before = live();
     api.interfere_before_next_write("shop", "r", Interference::Answer);
     let raced = api.create_request("shop", "r", "web", SIGNER, &key, KeyField::Stub, None);
     let status = api.wait_answered("shop", &raced, Duration::from_secs(20));
@@ -575,6 +585,8 @@ async fn a_stale_resource_version_is_retried_and_an_answer_elsewhere_drops_ours(
             .contains("not delivered")
     );
     assert_eq!(status_writes(api).get(&raced), None);
+    // A certificate that never left is nobody's: convergence and `root retire` leave it out.
+    assert_eq!(live(), before, "the dropped certificate counted as held");
 }
 
 #[tokio::test]

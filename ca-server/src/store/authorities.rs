@@ -815,7 +815,7 @@ async fn leaves_of(
 macro_rules! unexpired_sql {
     ($kind:literal) => {
         concat!(
-            "SELECT seq, spiffe_id, pod_uid, authority_id, not_after FROM audit_events \
+            "SELECT seq, serial, spiffe_id, pod_uid, authority_id, not_after FROM audit_events \
              WHERE not_before <= $1 \
              AND not_before >= $1 - (SELECT max_lifetime FROM audit_meta WHERE id = 1) \
              AND ",
@@ -826,7 +826,23 @@ macro_rules! unexpired_sql {
     };
 }
 
-/// Calls `f` with every unexpired workload certificate at `now`, in no order, streaming.
+/// Certificates signed but never delivered (a pod certificate another writer answered
+/// first): the `ABORTED` "not delivered" events within the longest lifetime, by serial.
+macro_rules! undelivered_sql {
+    ($kind:literal) => {
+        concat!(
+            "SELECT serial FROM audit_events \
+             WHERE time_ms >= ($1 - (SELECT max_lifetime FROM audit_meta WHERE id = 1)) * 1000 \
+             AND ",
+            $kind,
+            " = 'denied' AND code = 'ABORTED' AND serial IS NOT NULL \
+             AND reason LIKE 'not delivered%'"
+        )
+    };
+}
+
+/// Calls `f` with every unexpired workload certificate at `now`, in no order, streaming;
+/// never one that was signed but not delivered.
 async fn each_unexpired(
     tx: &mut AnyConnection,
     dialect: Dialect,
@@ -834,12 +850,29 @@ async fn each_unexpired(
     mut f: impl FnMut(UnexpiredCertificate),
 ) -> Result<(), StoreError> {
     use futures_util::TryStreamExt;
+    let undelivered = match dialect {
+        Dialect::Sqlite => undelivered_sql!("+kind"),
+        Dialect::Postgres => undelivered_sql!("kind"),
+    };
+    let undelivered: std::collections::HashSet<String> = sqlx::query(undelivered)
+        .bind(now)
+        .fetch_all(&mut *tx)
+        .await?
+        .iter()
+        .map(|row| column(row, "serial"))
+        .collect::<Result<_, _>>()?;
     let sql = match dialect {
         Dialect::Sqlite => unexpired_sql!("+kind"),
         Dialect::Postgres => unexpired_sql!("kind"),
     };
     let mut rows = sqlx::query(sql).bind(now).fetch(&mut *tx);
     while let Some(row) = rows.try_next().await? {
+        if !undelivered.is_empty() {
+            let serial: Option<String> = column(&row, "serial")?;
+            if serial.is_some_and(|s| undelivered.contains(&s)) {
+                continue;
+            }
+        }
         f(UnexpiredCertificate {
             seq: column(&row, "seq")?,
             holder: Holder {
