@@ -350,22 +350,20 @@ impl FakeCertificatesApi {
 
     /// Another writer answers `ns`/`name` with `Failed` (its version moves on).
     pub fn answer_as_another_signer(&self, ns: &str, name: &str) {
-        let mut state = self.lock();
-        state.version += 1;
-        let version = state.version;
-        let object = state
-            .requests
-            .get_mut(&(ns.to_owned(), name.to_owned()))
-            .expect("no such request");
-        object["status"] = serde_json::json!({"conditions": [{"type": "Failed", "status": "True", "reason": "OtherSigner", "message": "answered elsewhere", "lastTransitionTime": now_text()}]});
-        object["metadata"]["resourceVersion"] = version.to_string().into();
-        let object = object.clone();
-        state.events.push((version, "MODIFIED", object));
-        self.state.1.notify_all();
+        self.modify(ns, name, |object, _| {
+            object["status"] = serde_json::json!({"conditions": [{"type": "Failed", "status": "True", "reason": "OtherSigner", "message": "answered elsewhere", "lastTransitionTime": now_text()}]});
+        });
     }
 
     /// Another writer changes `ns`/`name` (a label): a MODIFIED event, still unanswered.
     pub fn touch(&self, ns: &str, name: &str) {
+        self.modify(ns, name, |object, version| {
+            object["metadata"]["labels"] = serde_json::json!({"touched": version.to_string()});
+        });
+    }
+
+    /// Another writer's change to `ns`/`name`: `change`, a new version, a MODIFIED event.
+    fn modify(&self, ns: &str, name: &str, change: impl FnOnce(&mut serde_json::Value, u64)) {
         let mut state = self.lock();
         state.version += 1;
         let version = state.version;
@@ -373,7 +371,7 @@ impl FakeCertificatesApi {
             .requests
             .get_mut(&(ns.to_owned(), name.to_owned()))
             .expect("no such request");
-        object["metadata"]["labels"] = serde_json::json!({"touched": version.to_string()});
+        change(object, version);
         object["metadata"]["resourceVersion"] = version.to_string().into();
         let object = object.clone();
         state.events.push((version, "MODIFIED", object));

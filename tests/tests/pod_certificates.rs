@@ -72,6 +72,22 @@ fn events_for(server: &TestServer, uid: &str) -> Vec<serde_json::Value> {
         .collect()
 }
 
+/// The one audit event of request `name`: a refusal with `reason`.
+fn the_refusal(server: &TestServer, name: &str, reason: &str) -> serde_json::Value {
+    let mut events = events_for(server, &format!("uid-{name}"));
+    assert_eq!(events.len(), 1, "{name}: {events:?}");
+    let event = events.remove(0);
+    assert_eq!(event["kind"], "denied", "{event}");
+    assert!(
+        event["reason"]
+            .as_str()
+            .unwrap()
+            .starts_with(&format!("Denied {reason}:")),
+        "{event}"
+    );
+    event
+}
+
 /// Successful status writes per request name.
 fn status_writes(api: &FakeCertificatesApi) -> BTreeMap<String, usize> {
     let mut writes = BTreeMap::new();
@@ -266,19 +282,9 @@ async fn what_the_profile_or_the_policy_refuses_is_denied_with_its_reason_and_re
                 .unwrap()
                 .is_empty()
         );
-        let events = events_for(&server, &format!("uid-{name}"));
-        assert_eq!(events.len(), 1, "{events:?}");
-        assert_eq!(events[0]["kind"], "denied");
-        assert!(
-            events[0]["reason"]
-                .as_str()
-                .unwrap()
-                .starts_with(&format!("Denied {reason}:")),
-            "{:?}",
-            events[0]
-        );
-        assert_eq!(events[0]["request"], format!("{ns}/{name}"));
-        assert!(events[0]["serial"].is_null());
+        let event = the_refusal(&server, name, reason);
+        assert_eq!(event["request"], format!("{ns}/{name}"));
+        assert!(event["serial"].is_null());
     }
     // The P-521 refusal names the key types that would do.
     let status = api.request("shop", &unsupported)["status"].clone();
@@ -817,23 +823,9 @@ async fn keys_that_are_not_keys_are_denied_and_recorded() {
             "{pod}: {status}"
         );
         assert!(status["certificateChain"].is_null(), "{pod}: {status}");
-        let events = events_for(&server, &format!("uid-{name}"));
-        assert_eq!(events.len(), 1, "{pod}: {events:?}");
-        assert_eq!(events[0]["kind"], "denied");
-        assert!(
-            events[0]["reason"]
-                .as_str()
-                .unwrap()
-                .starts_with("Denied InvalidKey:"),
-            "{pod}: {:?}",
-            events[0]
-        );
+        let event = the_refusal(&server, name, "InvalidKey");
         // Nothing of a key that is not one is recorded as if it were.
-        assert!(
-            events[0]["public_key_sha256"].is_null(),
-            "{pod}: {:?}",
-            events[0]
-        );
+        assert!(event["public_key_sha256"].is_null(), "{pod}: {event}");
     }
     let status = api.wait_answered("shop", &good, Duration::from_secs(20));
     assert_eq!(condition(&status).0, "Issued", "{status}");
@@ -959,50 +951,30 @@ async fn a_watch_that_floods_or_goes_silent_is_dropped_and_the_signer_keeps_answ
 #[test]
 fn a_signer_name_must_be_one_of_our_own() {
     let dir = tempfile::tempdir().unwrap();
-    for (signer, says) in [
-        ("spiffe", "expected DOMAIN/NAME"),
-        ("kubernetes.io/kube-apiserver-client", "reserved"),
-        ("Example.com/x", "lowercase DNS name"),
-        ("example.com/", "letters, digits"),
-    ] {
-        let out = ca_server(&[
-            "run",
-            "--data-dir",
-            dir.path().to_str().unwrap(),
-            "--dev",
-            "--kube-api-url",
-            "https://127.0.0.1:1",
-            "--pod-certificate-signer",
-            signer,
-        ]);
-        let stderr = String::from_utf8_lossy(&out.stderr);
-        assert_eq!(out.status.code(), Some(1), "{signer}: {stderr}");
-        assert!(stderr.contains(says), "{signer}: {stderr}");
-    }
-    let out = ca_server(&[
-        "run",
-        "--data-dir",
-        dir.path().to_str().unwrap(),
-        "--dev",
-        "--publish-cluster-trust-bundle",
-    ]);
-    assert_eq!(out.status.code(), Some(1));
-    assert!(String::from_utf8_lossy(&out.stderr).contains("need --pod-certificate-signer"));
-    for (extra, says) in [
+    let signer = |name| vec!["--pod-certificate-signer", name];
+    let cases: [(Vec<&str>, &str); 7] = [
+        (signer("spiffe"), "expected DOMAIN/NAME"),
+        (signer("kubernetes.io/kube-apiserver-client"), "reserved"),
+        (signer("Example.com/x"), "lowercase DNS name"),
+        (signer("example.com/"), "letters, digits"),
         (
-            &["--pod-certificate-watch-timeout", "1m"][..],
+            vec!["--publish-cluster-trust-bundle"],
             "need --pod-certificate-signer",
         ),
         (
-            &[
-                "--pod-certificate-signer",
-                "example.com/spiffe",
-                "--pod-certificate-watch-timeout",
-                "0s",
-            ][..],
+            vec!["--pod-certificate-watch-timeout", "1m"],
+            "need --pod-certificate-signer",
+        ),
+        (
+            [
+                signer("example.com/spiffe"),
+                vec!["--pod-certificate-watch-timeout", "0s"],
+            ]
+            .concat(),
             "--pod-certificate-watch-timeout must be at least 1s",
         ),
-    ] {
+    ];
+    for (extra, says) in cases {
         let mut args = vec![
             "run",
             "--data-dir",
@@ -1011,7 +983,7 @@ fn a_signer_name_must_be_one_of_our_own() {
             "--kube-api-url",
             "https://127.0.0.1:1",
         ];
-        args.extend_from_slice(extra);
+        args.extend_from_slice(&extra);
         let out = ca_server(&args);
         let stderr = String::from_utf8_lossy(&out.stderr);
         assert_eq!(out.status.code(), Some(1), "{extra:?}: {stderr}");
