@@ -70,6 +70,9 @@ pub enum WatchTrouble {
     /// The response's headers, then nothing at all, not even the end at `timeoutSeconds`
     /// (a connection a load balancer dropped without a word), for up to two minutes.
     Silent,
+    /// Events no API server sends: objects of the wrong shape (a number for the signer, a
+    /// string for the object, an unknown type), then a line nested 100,000 deep.
+    Garbage,
 }
 
 /// What another writer does to a request just before the signer's next status write.
@@ -628,6 +631,21 @@ fn troubled<S: Write>(
                 write!(stream, "\r\n")?;
                 stream.flush()?;
                 state.0.lock().expect("lock").endless_bytes_sent += padding.len();
+            }
+            Err(gave_up())
+        }
+        WatchTrouble::Garbage => {
+            let lines = [
+                r#"{"type":"ADDED","object":{"metadata":{"uid":"x"},"spec":{"signerName":5}}}"#
+                    .to_owned(),
+                r#"{"type":"MODIFIED","object":"a string"}"#.to_owned(),
+                r#"{"type":"SOMETHING","object":{}}"#.to_owned(),
+                format!(r#"{{"type":"ADDED","object":{}"#, "[".repeat(100_000)),
+            ];
+            for line in lines {
+                let line = format!("{line}\n");
+                write!(stream, "{:x}\r\n{line}\r\n", line.len())?;
+                stream.flush()?;
             }
             Err(gave_up())
         }

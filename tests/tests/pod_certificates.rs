@@ -906,6 +906,20 @@ async fn a_watch_that_floods_or_goes_silent_is_dropped_and_the_signer_keeps_answ
         "peak RSS {rss} KiB after an endless watch line"
     );
 
+    // Objects of the wrong shape are skipped; a line nested too deep ends that watch (listed
+    // again), and nothing of either is answered or recorded.
+    let lists_before = lists(api);
+    let events_before = audit_json(&server, &[]).len();
+    reopen_watch_with(api, WatchTrouble::Garbage);
+    let after_garbage =
+        api.create_request("shop", "garbage", "web", SIGNER, &key, KeyField::Stub, None);
+    api.wait_answered("shop", &after_garbage, Duration::from_secs(20));
+    assert!(lists(api) > lists_before, "no relist after the nested line");
+    let log = server.stderr();
+    assert!(log.contains("is not a PodCertificateRequest"), "{log}");
+    assert!(log.contains("recursion limit"), "{log}");
+    assert_eq!(audit_json(&server, &[]).len(), events_before + 1);
+
     // A watch that sends nothing at all, not even its end: given up a quarter past its
     // timeout, and watched again from where it was (no relist).
     reopen_watch_with(api, WatchTrouble::Silent);
@@ -941,7 +955,7 @@ async fn a_watch_that_floods_or_goes_silent_is_dropped_and_the_signer_keeps_answ
 
     std::thread::sleep(Duration::from_secs(1));
     let writes = status_writes(api);
-    for name in [&first, &flooded, &late] {
+    for name in [&first, &flooded, &after_garbage, &late] {
         assert_eq!(writes.get(name.as_str()), Some(&1), "{name}: {writes:?}");
         assert_eq!(events_for(&server, &format!("uid-{name}")).len(), 1);
     }
