@@ -902,3 +902,12 @@ pub fn assert_audit_intact(server: &TestServer) {
         String::from_utf8_lossy(&verify.stderr)
     );
 }
+
+/// Polls `done` every 50 ms until it holds; fails naming `what` after `limit`.
+pub fn wait_until(limit: Duration, what: &str, mut done: impl FnMut() -> bool) {
+    let start = Instant::now();
+    while !done() {
+        assert!(start.elapsed() < limit, "{what}: not within {limit:?}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}

@@ -5,7 +5,7 @@
 
 use std::path::Path;
 use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use ca_tests::*;
 
@@ -15,14 +15,6 @@ impl Drop for Agent {
     fn drop(&mut self) {
         let _ = self.0.kill();
         let _ = self.0.wait();
-    }
-}
-
-fn wait_for(limit: Duration, what: &str, mut done: impl FnMut() -> bool) {
-    let start = Instant::now();
-    while !done() {
-        assert!(start.elapsed() < limit, "{what}: not within {limit:?}");
-        std::thread::sleep(Duration::from_millis(50));
     }
 }
 
@@ -83,7 +75,7 @@ fn the_agent_renews_follows_the_bundle_and_survives_a_restart() {
     );
     let agent_log = || read(&dir.path().join("agent.log"));
 
-    wait_for(Duration::from_secs(10), "first certificate", || {
+    wait_until(Duration::from_secs(10), "first certificate", || {
         out.join("cert-chain.pem").exists()
     });
     use std::os::unix::fs::PermissionsExt;
@@ -96,13 +88,13 @@ fn the_agent_renews_follows_the_bundle_and_survives_a_restart() {
         0o600
     );
     let first = serial_of(&read(&out.join("cert-chain.pem")));
-    wait_for(Duration::from_secs(3), "root-cert.pem", || {
+    wait_until(Duration::from_secs(3), "root-cert.pem", || {
         root_count(&out) == 1
     });
 
     // Renewed at 40-50% of the life left on receipt (4 s, less up to 1 s because notAfter
     // has whole seconds): within 3 s, and (by the audit log's clock) not before 1.1 s.
-    wait_for(Duration::from_secs(3), "a renewal", || {
+    wait_until(Duration::from_secs(3), "a renewal", || {
         serial_of(&read(&out.join("cert-chain.pem"))) != first
     });
     let issued = audit_json(
@@ -133,11 +125,11 @@ fn the_agent_renews_follows_the_bundle_and_survives_a_restart() {
     // renewal comes from it.
     let out_prepare = server.cli(&["root", "prepare"]);
     assert!(out_prepare.status.success());
-    wait_for(Duration::from_secs(2), "the prepared root", || {
+    wait_until(Duration::from_secs(2), "the prepared root", || {
         root_count(&out) == 2
     });
     server.activate("2");
-    wait_for(
+    wait_until(
         Duration::from_secs(6),
         "a certificate from the new root",
         || leaf_issuer(&out).ends_with("root 2"),
@@ -146,12 +138,12 @@ fn the_agent_renews_follows_the_bundle_and_survives_a_restart() {
     // The server goes away and comes back: the agent reconnects (trusting the bundle it
     // followed, which the server's new certificate chains to) and keeps renewing.
     server.kill();
-    wait_for(Duration::from_secs(5), "the agent notices", || {
+    wait_until(Duration::from_secs(5), "the agent notices", || {
         agent_log().contains("Agent lost the server")
     });
     server.restart();
     let before = serial_of(&read(&out.join("cert-chain.pem")));
-    wait_for(
+    wait_until(
         Duration::from_secs(15),
         "a renewal after the restart",
         || serial_of(&read(&out.join("cert-chain.pem"))) != before,
@@ -163,7 +155,7 @@ fn the_agent_renews_follows_the_bundle_and_survives_a_restart() {
             .status
             .success()
     );
-    wait_for(
+    wait_until(
         Duration::from_secs(3),
         "the retired root leaves root-cert.pem",
         || root_count(&out) == 1,

@@ -40,14 +40,6 @@ async fn served_issuer(agent: &AgentProcess) -> String {
     agent_proxy(&agent.socket).await.held().leaf_issuer
 }
 
-fn wait_for(limit: Duration, what: &str, mut done: impl FnMut() -> bool) {
-    let start = Instant::now();
-    while !done() {
-        assert!(start.elapsed() < limit, "{what}: not within {limit:?}");
-        std::thread::sleep(Duration::from_millis(100));
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn after_a_taint_every_agent_moves_to_the_active_authority_without_an_mtls_failure() {
     const AGENTS: usize = 20;
@@ -175,7 +167,7 @@ async fn after_a_taint_every_agent_moves_to_the_active_authority_without_an_mtls
         "{table}"
     );
     // And /metrics.
-    wait_for(
+    wait_until(
         Duration::from_secs(25),
         "the convergence in /metrics",
         || {
@@ -317,7 +309,7 @@ fn an_agent_renews_at_once_when_its_root_leaves_the_bundle() {
     server.activate("2");
     // The worst case: retired by force while the agent's certificate (from 1) is unexpired.
     server.cli_ok(&["root", "retire", "1", "--force"]);
-    wait_for(Duration::from_secs(5), "a certificate from root 2", || {
+    wait_until(Duration::from_secs(5), "a certificate from root 2", || {
         std::fs::read_to_string(agent.out.join("cert-chain.pem"))
             .ok()
             .and_then(|pem| {

@@ -100,14 +100,6 @@ fn status_writes(api: &FakeCertificatesApi) -> BTreeMap<String, usize> {
     writes
 }
 
-fn wait_until(limit: Duration, what: &str, mut done: impl FnMut() -> bool) {
-    let start = Instant::now();
-    while !done() {
-        assert!(start.elapsed() < limit, "{what}: not within {limit:?}");
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}
-
 /// How many times the requests have been listed (not watched).
 fn lists(api: &FakeCertificatesApi) -> usize {
     api.seen()
@@ -847,11 +839,9 @@ fn relist_after_410(api: &FakeCertificatesApi) {
     let before = lists(api);
     api.compact();
     api.end_watches();
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while lists(api) == before {
-        assert!(Instant::now() < deadline, "no relist after 410");
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    wait_until(Duration::from_secs(10), "a relist after 410", || {
+        lists(api) != before
+    });
 }
 
 /// Ends the open watch so that the next one, once the signer has opened it, does `trouble`.
@@ -859,11 +849,9 @@ fn reopen_watch_with(api: &FakeCertificatesApi, trouble: WatchTrouble) {
     let opened = api.watches_opened();
     api.trouble_next_watch(trouble);
     api.end_watches();
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while api.watches_opened() == opened {
-        assert!(Instant::now() < deadline, "no watch reopened");
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    wait_until(Duration::from_secs(10), "the watch reopened", || {
+        api.watches_opened() != opened
+    });
 }
 
 #[tokio::test]

@@ -6,7 +6,7 @@
 #![allow(clippy::unwrap_used)] // Tests may unwrap: a panic is a failed assertion.
 
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use ca_tests::peer::{channel_with, loopback, tls_config, tls_from};
 use ca_tests::*;
@@ -42,14 +42,6 @@ fn prepared(server: &TestServer, id: i64) -> serde_json::Value {
         .unwrap()
 }
 
-fn eventually(limit: Duration, what: &str, mut done: impl FnMut() -> bool) {
-    let start = Instant::now();
-    while !done() {
-        assert!(start.elapsed() < limit, "{what}: not within {limit:?}");
-        std::thread::sleep(Duration::from_millis(100));
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn activation_waits_for_every_client_seen_to_hold_the_new_root() {
     let f = Fixture::start(&[]);
@@ -74,7 +66,7 @@ async fn activation_waits_for_every_client_seen_to_hold_the_new_root() {
         .unwrap()
         .unwrap();
     assert_eq!(pushed.sequence, 2);
-    eventually(Duration::from_secs(5), "the push recorded", || {
+    wait_until(Duration::from_secs(5), "the push recorded", || {
         let status = prepared(server, 2);
         status["bundle_clients"] == 2 && status["clients_without_root"] == 1
     });
@@ -105,7 +97,7 @@ async fn activation_waits_for_every_client_seen_to_hold_the_new_root() {
         "nothing changed"
     );
     // /metrics says the same.
-    eventually(Duration::from_secs(25), "the lag in /metrics", || {
+    wait_until(Duration::from_secs(25), "the lag in /metrics", || {
         let (_, metrics) = http_get(server.http, "/metrics").unwrap();
         metrics.contains("ca_bundle_clients 2") && metrics.contains("ca_bundle_clients_lagging 1")
     });
@@ -114,14 +106,14 @@ async fn activation_waits_for_every_client_seen_to_hold_the_new_root() {
     assert_eq!(poll_from(server, loopback(2), Some("\"1\"")).await, 200);
     let said = server.activate("2");
     assert!(said.contains("authority 2 is active"), "{said}");
-    eventually(Duration::from_secs(25), "no lag in /metrics", || {
+    wait_until(Duration::from_secs(25), "no lag in /metrics", || {
         let (_, metrics) = http_get(server.http, "/metrics").unwrap();
         metrics.contains("ca_bundle_clients_lagging 0")
     });
 
     // With --force it goes ahead, and says whom it leaves behind.
     server.cli_ok(&["root", "prepare"]);
-    eventually(Duration::from_secs(5), "the poller behind again", || {
+    wait_until(Duration::from_secs(5), "the poller behind again", || {
         prepared(server, 3)["clients_without_root"] == 1
     });
     let out = server.cli(&["root", "activate", "3", "--force"]);

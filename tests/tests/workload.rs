@@ -198,14 +198,6 @@ async fn with_no_identity_yet_the_socket_says_so() {
     assert_eq!(status.message(), "no identity issued");
 }
 
-fn wait_until(limit: Duration, what: &str, mut done: impl FnMut() -> bool) {
-    let start = std::time::Instant::now();
-    while !done() {
-        assert!(start.elapsed() < limit, "{what}: not within {limit:?}");
-        std::thread::sleep(Duration::from_millis(100));
-    }
-}
-
 #[tokio::test]
 async fn through_a_ca_outage_the_agent_serves_what_it_holds_even_after_a_restart() {
     use ca_tests::workload::{agent_health, served_svid};
