@@ -827,7 +827,8 @@ macro_rules! unexpired_sql {
 }
 
 /// Certificates signed but never delivered (a pod certificate another writer answered
-/// first): the `ABORTED` "not delivered" events within the longest lifetime, by serial.
+/// first): the `ABORTED` "not delivered" events within the longest lifetime, by serial
+/// (through the partial index `audit_events_undelivered`, on exactly `code = 'ABORTED'`).
 macro_rules! undelivered_sql {
     ($kind:literal) => {
         concat!(

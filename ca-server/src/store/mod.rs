@@ -122,7 +122,7 @@ pub fn redact_url(url: &str) -> String {
 /// The schema's migrations, in order: a name, then the SQLite and the PostgreSQL text. A
 /// schema change is a new line here and a new file in each dialect's directory, never an
 /// edit of an old one.
-const MIGRATIONS: [(&str, &str, &str); 10] = [
+const MIGRATIONS: [(&str, &str, &str); 11] = [
     (
         "init",
         include_str!("migrations/sqlite/0001_init.sql"),
@@ -172,6 +172,11 @@ const MIGRATIONS: [(&str, &str, &str); 10] = [
         "pod certificates",
         include_str!("migrations/sqlite/0010_pod_certificates.sql"),
         include_str!("migrations/postgres/0010_pod_certificates.sql"),
+    ),
+    (
+        "undelivered index",
+        include_str!("migrations/sqlite/0011_undelivered_index.sql"),
+        include_str!("migrations/postgres/0011_undelivered_index.sql"),
     ),
 ];
 
